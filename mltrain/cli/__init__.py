@@ -1,0 +1,130 @@
+"""``python -m mltrain [train|info|bench|jobscript] [--config F] [--set k=v ...]``.
+
+With no subcommand it trains the built-in default. User errors (config, data, checkpoint)
+end every rank with the same one-line message and exit code 2; any other exception on any
+rank aborts the whole job (exit 1), never a hang.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_USER_ERROR = 2
+_USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "CollectiveError")
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", metavar="FILE.toml", help="TOML config (default: built-in)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="mltrain", parents=[common],
+        description="MPI-native training of PyTorch models. Run under mpiexec/srun.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    t = sub.add_parser("train", parents=[common], help="train (the default command)")
+    t.add_argument("--summary", metavar="OUT.json", help="write the run summary as JSON")
+    i = sub.add_parser("info", parents=[common], help="versions, MPI libraries, ranks, threads")
+    i.add_argument("--check-mpi", action="store_true",
+                   help="exit 1 unless mpi4py and PETSc load the same MPI library")
+    b = sub.add_parser("bench", parents=[common], help="benchmarks against a baseline")
+    b.add_argument("what", choices=["dp"], help="dp: data-parallel step vs DDP, reducer vs "
+                   "raw allreduce")
+    b.add_argument("--json", metavar="OUT.json", help="write the figures as JSON")
+    b.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    b.add_argument("--reps", type=int, default=20, help="timed reductions per variant")
+    j = sub.add_parser("jobscript", parents=[common], help="print a SLURM batch script")
+    j.add_argument("--nodes", type=int, required=True)
+    j.add_argument("--ntasks-per-node", type=int, required=True)
+    j.add_argument("--cpus-per-task", type=int, default=0, help="0 = leave to the cluster")
+    j.add_argument("--time", default="01:00:00")
+    j.add_argument("--partition", default="")
+    j.add_argument("--account", default="")
+    j.add_argument("--job-name", default="mltrain")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. Collective on COMM_WORLD for every command but ``jobscript``."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    command = args.command or "train"
+    if command == "jobscript":  # no MPI needed to write a script
+        from mltrain.cli.jobscript import jobscript
+        from mltrain.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(args.config, args.overrides)
+            print(jobscript(cfg, args), end="")
+        except ConfigError as e:
+            print(f"mltrain: error: {e}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return 0
+
+    from mpi4py import MPI
+
+    from mltrain.comm import CollectiveError, agree, install_abort_hook
+
+    comm = MPI.COMM_WORLD
+    install_abort_hook(comm)
+    try:
+        if command == "info":
+            from mltrain.cli.info import run_info
+
+            return run_info(args.check_mpi)
+        from mltrain.config import load_config
+
+        cfg = agree(comm, lambda: load_config(args.config, args.overrides), what="config")
+        if command == "bench":
+            from mltrain.cli.bench import run_bench
+
+            return run_bench(args.what, cfg, args, comm)
+        return _train(cfg, args, comm)
+    except CollectiveError as e:
+        if e.kind not in _USER_ERRORS:
+            raise
+        if comm.Get_rank() == 0:
+            print(f"mltrain: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def check_writable(path: str | None, what: str) -> None:
+    """Raises ConfigError unless ``path`` can be created (checked before any training, so a
+    typo does not cost the run). Not collective."""
+    import os
+
+    from mltrain.config import ConfigError
+
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ConfigError(f"{what} {path}: folder {folder} does not exist or is not writable")
+
+
+def _train(cfg, args, comm) -> int:
+    from mltrain.comm import agree
+    from mltrain.train import Trainer
+
+    agree(comm, lambda: check_writable(args.summary, "--summary"), what="config")
+    trainer = Trainer(cfg, comm, quiet=args.quiet)
+    summary = trainer.train()
+    trainer.close()
+    if comm.Get_rank() == 0:
+        if args.summary:
+            with open(args.summary, "w") as f:
+                json.dump(summary, f, indent=2)
+        acc = summary["test_accuracy"]
+        print(f"mltrain: {summary['steps']} steps ({summary['epochs']:.1f} epochs) on "
+              f"{summary['ranks']} ranks in {summary['wall_s']:.1f} s "
+              f"({summary['samples_per_s']:.0f} samples/s) | loss {summary['final_loss']:.4f}"
+              f" | train acc {summary['train_accuracy']:.2%}"
+              + (f" | test acc {acc:.2%}" if acc is not None else "")
+              + f" | comm {summary['comm_bytes'] / 2**20:.1f} MiB")
+    return 0

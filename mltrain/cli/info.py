@@ -1,0 +1,116 @@
+"""``mltrain info``: versions, the MPI library each component loads, threads and ranks."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+# Run in a clean interpreter: load petsc4py's compiled module (and so libpetsc and the MPI
+# it links) WITHOUT mpi4py loaded first, which would otherwise satisfy libpetsc's libmpi
+# dependency by soname and hide a PETSc bound to another MPI. dlopen runs no init code.
+_PROBE = r"""
+import ctypes, sys
+ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
+seen = []
+for line in open("/proc/self/maps"):
+    p = line.split()[-1]
+    if ("libmpi" in p or "libpetsc" in p) and p not in seen:
+        seen.append(p)
+print("\n".join(seen))
+"""
+
+
+def mapped_libraries(*needles: str) -> list[str]:
+    """Shared objects of this process whose path contains one of ``needles``."""
+    out: list[str] = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                p = line.split()[-1]
+                if any(n in p for n in needles) and p.startswith("/") and p not in out:
+                    out.append(p)
+    except OSError:
+        pass
+    return out
+
+
+def _mpi_of(paths: list[str]) -> str | None:
+    for p in paths:
+        if os.path.basename(p).startswith("libmpi"):
+            return os.path.realpath(p)
+    return None
+
+
+def petsc_mpi_libraries() -> tuple[list[str], str]:
+    """(libraries that loading petsc4py maps, error text). Not collective."""
+    from mltrain.linalg.petsc import extension_path
+
+    ext = extension_path()
+    if ext is None:
+        return [], "petsc4py is not installed"
+    # Launcher variables must not leak into the probe (it must not look like a rank).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "PMIX_"))}
+    r = subprocess.run([sys.executable, "-c", _PROBE, ext], capture_output=True, text=True,
+                       env=env, timeout=60)
+    if r.returncode != 0:
+        return [], r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "probe failed"
+    return r.stdout.split(), ""
+
+
+def gather_info() -> dict:
+    """Everything ``mltrain info`` prints, as a dict. Not collective."""
+    import h5py
+    import mpi4py
+    import numpy
+    import torch
+    from mpi4py import MPI
+
+    from mltrain import __version__, ops
+    from mltrain.linalg import has_petsc
+
+    comm = MPI.COMM_WORLD
+    info = {
+        "mltrain": __version__,
+        "python": sys.version.split()[0],
+        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
+        "mpi_standard": "{}.{}".format(*MPI.Get_version()),
+        "mpi4py": mpi4py.__version__,
+        "mpi4py_libmpi": _mpi_of(mapped_libraries("libmpi")),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "cxx_extension": ops.ext_status(),
+        "ranks": comm.Get_size(),
+        "torch_threads": torch.get_num_threads(),
+        "petsc": None, "petsc4py": None, "petsc_libmpi": None, "same_mpi": None,
+    }
+    if has_petsc:
+        from mltrain.linalg.petsc import versions
+
+        libs, err = petsc_mpi_libraries()
+        info["petsc_libmpi"] = _mpi_of(libs) or (f"(not found: {err})" if err else None)
+        info["same_mpi"] = info["petsc_libmpi"] == info["mpi4py_libmpi"]
+        v = versions()
+        info["petsc"] = v["petsc"]
+        info["petsc4py"] = v["petsc4py"]
+        info["petsc_dir"] = v["petsc_dir"]
+    return info
+
+
+def run_info(check_mpi: bool = False) -> int:
+    """Prints the report on rank 0. With ``check_mpi``, exits 1 unless mpi4py and PETSc
+    load the same MPI library."""
+    from mpi4py import MPI
+
+    info = gather_info()
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        width = max(map(len, info))
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v}")
+    if check_mpi and not info["same_mpi"]:
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            print("error: mpi4py and PETSc load different MPI libraries (or PETSc is "
+                  "missing); see mpi4py_libmpi and petsc_libmpi above", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,190 @@
+"""Zero-copy collectives on torch tensors.
+
+Contiguous CPU tensors are handed to mpi4py's buffer (upper-case) methods as NumPy views
+of the same memory: no pickling and no copies. Tensors on a GPU are staged through host
+memory unless ``MLTRAIN_CUDA_AWARE_MPI=1`` says the MPI library reads device memory, in
+which case mpi4py receives the tensor itself (it understands ``__cuda_array_interface__``).
+
+Every call counts its payload in ``STATS`` (bytes this rank handed to collectives, and the
+number of calls), which the trainer reports as ``comm_bytes`` / ``comm_calls``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mltrain.comm.errors import collective
+
+__all__ = ["STATS", "CommStats", "allreduce_", "iallreduce_", "broadcast_", "allgather",
+           "reduce_", "allreduce_scalar", "Handle", "mpi_buffer"]
+
+
+@dataclass
+class CommStats:
+    """Payload bytes this rank passed to collectives, and how many calls it made.
+
+    Payload, not wire bytes: an allreduce of n bytes counts n whatever algorithm the MPI
+    library picks (a ring sends about 2n(P-1)/P). Single-rank communicators count nothing.
+    """
+
+    bytes: int = 0
+    calls: int = 0
+
+    def add(self, comm: MPI.Comm, nbytes: int) -> None:
+        if comm.Get_size() > 1:
+            self.bytes += int(nbytes)
+            self.calls += 1
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.bytes, self.calls
+
+
+STATS = CommStats()
+
+_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
+_REDUCIBLE = {torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8, torch.int8,
+              torch.int16, torch.bool}
+_CUDA_AWARE = os.environ.get("MLTRAIN_CUDA_AWARE_MPI") == "1"
+
+
+def _op(op: str):
+    try:
+        return _OPS[op]
+    except KeyError:
+        raise ValueError(f"unknown reduction {op!r} (one of {', '.join(_OPS)})") from None
+
+
+def mpi_buffer(t: torch.Tensor, *, reduce: bool = False):
+    """The object mpi4py should read/write for ``t`` (a NumPy view sharing its memory).
+
+    Types without a NumPy or MPI counterpart (bfloat16, float16) travel as raw bytes,
+    which is right for broadcasts and gathers and refused for reductions.
+    """
+    if not t.is_contiguous():
+        raise ValueError("collectives need contiguous tensors (call .contiguous() first)")
+    if reduce and t.dtype not in _REDUCIBLE:
+        raise TypeError(f"MPI reductions on {t.dtype} are not supported; reduce in float32")
+    if t.is_cuda:  # only reached when the MPI is CUDA-aware
+        return t.detach() if t.dtype in _REDUCIBLE else t.detach().view(torch.uint8)
+    t = t.detach()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.uint8)
+    return t.numpy()
+
+
+class _Staged:
+    """A host copy of a device tensor, written back after the collective."""
+
+    def __init__(self, t: torch.Tensor):
+        self.device_tensor = t
+        self.host = t.detach().to("cpu", copy=True) if (t.is_cuda and not _CUDA_AWARE) else t
+
+    def writeback(self) -> None:
+        if self.host is not self.device_tensor:
+            self.device_tensor.copy_(self.host)
+
+
+class Handle:
+    """A pending non-blocking collective; ``wait()`` completes it (and writes back)."""
+
+    def __init__(self, req: MPI.Request, staged: _Staged):
+        self.req = req
+        self._staged = staged
+
+    def test(self) -> bool:
+        """True once complete; drives MPI progress. Not collective."""
+        return self.req.Test()
+
+    def wait(self) -> torch.Tensor:
+        self.req.Wait()
+        self._staged.writeback()
+        return self._staged.device_tensor
+
+
+@collective("any")
+def allreduce_(t: torch.Tensor, comm: MPI.Comm, op: str = "sum") -> torch.Tensor:
+    """In-place allreduce of ``t``. Collective on ``comm``."""
+    mpi_op = _op(op)
+    s = _Staged(t)
+    buf = mpi_buffer(s.host, reduce=True)
+    STATS.add(comm, s.host.nbytes)
+    if comm.Get_size() > 1:
+        comm.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
+    s.writeback()
+    return t
+
+
+@collective("any")
+def iallreduce_(t: torch.Tensor, comm: MPI.Comm, op: str = "sum") -> Handle:
+    """Starts an in-place non-blocking allreduce; call ``.wait()`` on the result.
+
+    ``t`` must not be read or written until then. Collective on ``comm``.
+    """
+    mpi_op = _op(op)
+    s = _Staged(t)
+    buf = mpi_buffer(s.host, reduce=True)
+    STATS.add(comm, s.host.nbytes)
+    req = comm.Iallreduce(MPI.IN_PLACE, buf, op=mpi_op) if comm.Get_size() > 1 else MPI.REQUEST_NULL
+    return Handle(req, s)
+
+
+@collective("any")
+def broadcast_(t: torch.Tensor, comm: MPI.Comm, root: int = 0) -> torch.Tensor:
+    """In-place broadcast of ``t`` from ``root``. Collective on ``comm``."""
+    s = _Staged(t)
+    STATS.add(comm, s.host.nbytes)
+    if comm.Get_size() > 1:
+        comm.Bcast(mpi_buffer(s.host), root=root)
+    s.writeback()
+    return t
+
+
+@collective("any")
+def allgather(t: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:
+    """Returns a new tensor of shape ``[P, *t.shape]`` with every rank's ``t``.
+
+    Collective on ``comm``.
+    """
+    s = _Staged(t)
+    out = torch.empty((comm.Get_size(), *t.shape), dtype=t.dtype)
+    STATS.add(comm, s.host.nbytes)
+    if comm.Get_size() > 1:
+        comm.Allgather(mpi_buffer(s.host), mpi_buffer(out))
+    else:
+        out[0].copy_(s.host)
+    return out.to(t.device)
+
+
+@collective("any")
+def reduce_(t: torch.Tensor, comm: MPI.Comm, root: int = 0, op: str = "sum") -> torch.Tensor:
+    """In-place reduction onto ``root``; other ranks' ``t`` is left unchanged.
+
+    Collective on ``comm``.
+    """
+    mpi_op = _op(op)
+    s = _Staged(t)
+    buf = mpi_buffer(s.host, reduce=True)
+    STATS.add(comm, s.host.nbytes)
+    if comm.Get_size() > 1:
+        if comm.Get_rank() == root:
+            comm.Reduce(MPI.IN_PLACE, buf, op=mpi_op, root=root)
+        else:
+            comm.Reduce(buf, None, op=mpi_op, root=root)
+    if comm.Get_rank() == root:
+        s.writeback()
+    return t
+
+
+@collective("any")
+def allreduce_scalar(x: float, comm: MPI.Comm, op: str = "sum") -> float:
+    """Allreduce of one Python number, in float64. Collective on ``comm``."""
+    mpi_op = _op(op)
+    buf = np.array([x], dtype=np.float64)
+    STATS.add(comm, buf.nbytes)
+    if comm.Get_size() > 1:
+        comm.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
+    return float(buf[0])

@@ -1,0 +1,131 @@
+"""Process grid: degree arithmetic in plain Python, communicator creation in ``build``.
+
+Axes, slowest to fastest varying in the world rank: ``trial``, ``data``, ``pipe``, ``layer``.
+Fast axes get neighbouring ranks, which launchers place on the same node, so the
+point-to-point heavy axes (layer, pipe) stay inside a node as long as they fit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+
+from mpi4py import MPI
+
+from mltrain.config import ConfigError
+
+AXES = ("trial", "data", "pipe", "layer")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Degrees of each axis. Pure arithmetic; nothing here communicates."""
+
+    trial: int = 1
+    data: int = 1
+    pipe: int = 1
+    layer: int = 1
+
+    def __post_init__(self) -> None:
+        for ax in AXES:
+            d = getattr(self, ax)
+            if not isinstance(d, int) or d < 1:
+                raise ConfigError(f"parallel.{ax}: degree must be a positive integer, got {d!r}")
+
+    @classmethod
+    def for_world(cls, world_size: int, *, data: int = 0, pipe: int = 1, layer: int = 1,
+                  trial: int = 1) -> "Grid":
+        """The grid for ``world_size`` ranks; ``data=0`` takes all ranks the others leave.
+
+        Raises ConfigError when the degrees do not multiply to the world size.
+        """
+        fixed = pipe * layer * trial
+        if fixed < 1:
+            raise ConfigError("parallel: degrees must be positive")
+        if data == 0:
+            if world_size % fixed:
+                raise ConfigError(
+                    f"parallel: {world_size} ranks cannot be split into trial={trial} x "
+                    f"pipe={pipe} x layer={layer} (= {fixed}) groups")
+            data = world_size // fixed
+        g = cls(trial=trial, data=data, pipe=pipe, layer=layer)
+        if g.size != world_size:
+            raise ConfigError(
+                f"parallel: trial={trial} x data={data} x pipe={pipe} x layer={layer} = "
+                f"{g.size} ranks, but the job has {world_size}")
+        return g
+
+    @property
+    def size(self) -> int:
+        return prod(getattr(self, ax) for ax in AXES)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, ax) for ax in AXES)
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """Axis coordinates of a world rank."""
+        if not 0 <= rank < self.size:
+            raise ValueError(f"rank {rank} outside a grid of {self.size}")
+        out = {}
+        for ax in reversed(AXES):
+            d = getattr(self, ax)
+            out[ax] = rank % d
+            rank //= d
+        return {ax: out[ax] for ax in AXES}
+
+    def rank_of(self, **coords: int) -> int:
+        """World rank at the given coordinates (missing axes are 0)."""
+        rank = 0
+        for ax in AXES:
+            c = coords.get(ax, 0)
+            d = getattr(self, ax)
+            if not 0 <= c < d:
+                raise ValueError(f"{ax} coordinate {c} outside degree {d}")
+            rank = rank * d + c
+        return rank
+
+    def axis_ranks(self, axis: str, rank: int) -> list[int]:
+        """World ranks that share every coordinate of ``rank`` except ``axis``, in axis order."""
+        if axis not in AXES:
+            raise ValueError(f"unknown axis {axis!r}")
+        c = self.coords(rank)
+        return [self.rank_of(**{**c, axis: i}) for i in range(getattr(self, axis))]
+
+    def build(self, comm: MPI.Comm) -> "GridComm":
+        """Splits one communicator per axis.
+
+        Collective on ``comm``.
+        """
+        if comm.Get_size() != self.size:
+            raise ConfigError(f"parallel: grid of {self.size} ranks on a communicator of "
+                              f"{comm.Get_size()}")
+        rank = comm.Get_rank()
+        coords = self.coords(rank)
+        comms = {}
+        for ax in AXES:
+            # color: the rank with this axis' coordinate zeroed identifies the group.
+            color = self.rank_of(**{**coords, ax: 0})
+            comms[ax] = comm.Split(color, coords[ax])
+        return GridComm(grid=self, world=comm, rank=rank, coords=coords, comms=comms)
+
+
+@dataclass
+class GridComm:
+    """A built grid: the world communicator and one sub-communicator per axis."""
+
+    grid: Grid
+    world: MPI.Comm
+    rank: int
+    coords: dict[str, int]
+    comms: dict[str, MPI.Comm] = field(repr=False)
+
+    @property
+    def data(self) -> MPI.Comm:
+        return self.comms["data"]
+
+    def free(self) -> None:
+        """Frees the axis communicators. Collective on the world communicator."""
+        for c in self.comms.values():
+            if c != MPI.COMM_NULL:
+                c.Free()
+        self.comms = {}

@@ -1,0 +1,234 @@
+"""Bucketed, overlapped gradient averaging over the data-parallel communicator.
+
+Parameters are grouped into buckets of about ``bucket_bytes`` in reverse registration
+order (the order in which backward produces their gradients). A post-accumulate-grad hook
+marks each parameter ready; when a bucket is complete its non-blocking allreduce starts,
+while autograd goes on computing the earlier layers' gradients.
+
+Buckets are always launched in index order, on every rank, whatever order the hooks fire
+in: MPI matches collectives by call order, and a rank whose graph skipped a parameter
+(unused on this batch) must not reorder its calls. Unused parameters contribute zeros.
+
+Two modes (``grad_as_bucket_view``):
+
+* view (default): each ``param.grad`` is a view into its bucket, so autograd accumulates
+  straight into the buffer that MPI sends; no copies.
+* copy: gradients are packed into the bucket with the fused pack kernel (scaled by 1/P
+  on the way) and unpacked after the allreduce.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from mpi4py import MPI
+
+from mltrain import ops
+from mltrain.comm.collectives import Handle, iallreduce_
+
+__all__ = ["GradReducer", "broadcast_parameters"]
+
+
+@dataclass
+class _Bucket:
+    index: int
+    params: list[torch.nn.Parameter]
+    offsets: list[int]
+    flat: torch.Tensor
+    ready: set[int] = field(default_factory=set)
+    handle: Handle | None = None
+
+    def view(self, i: int) -> torch.Tensor:
+        p = self.params[i]
+        return self.flat[self.offsets[i]:self.offsets[i] + p.numel()].view(p.shape)
+
+
+class GradReducer:
+    """Averages the gradients of ``params`` over ``comm`` during backward.
+
+    Use per step: ``prepare()`` before the forward pass, ``backward()``, then ``finish()``
+    before ``optimizer.step()``. Construction broadcasts nothing; call
+    ``broadcast_parameters`` once so every rank starts from rank 0's weights.
+
+    Collective on ``comm`` (``finish`` and the allreduces the hooks start).
+    """
+
+    def __init__(self, params, comm: MPI.Comm, bucket_bytes: int = 8 << 20,
+                 grad_as_bucket_view: bool = True):
+        self.comm = comm
+        self.size = comm.Get_size()
+        self.scale = 1.0 / self.size
+        self.views = grad_as_bucket_view
+        params = [p for p in params if p.requires_grad]
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("GradReducer: a parameter appears twice")
+        self.buckets: list[_Bucket] = []
+        self._slot: dict[int, tuple[_Bucket, int]] = {}
+        self._build(params, max(1, int(bucket_bytes)))
+        self._next = 0        # index of the next bucket to launch
+        self._active = False  # between prepare() and finish()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    # -- construction ---------------------------------------------------------------------
+    def _build(self, params, bucket_bytes: int) -> None:
+        # Group by (dtype, device): a bucket is one contiguous MPI buffer.
+        groups: dict[tuple, list] = {}
+        for p in reversed(params):
+            groups.setdefault((p.dtype, p.device), []).append(p)
+        for (dtype, device), plist in groups.items():
+            cur: list = []
+            nbytes = 0
+            for p in plist:
+                cur.append(p)
+                nbytes += p.numel() * p.element_size()
+                if nbytes >= bucket_bytes:
+                    self._add_bucket(cur, dtype, device)
+                    cur, nbytes = [], 0
+            if cur:
+                self._add_bucket(cur, dtype, device)
+
+    def _add_bucket(self, plist, dtype, device) -> None:
+        offsets, n = [], 0
+        for p in plist:
+            offsets.append(n)
+            n += p.numel()
+        b = _Bucket(len(self.buckets), list(plist), offsets,
+                    torch.zeros(n, dtype=dtype, device=device))
+        for i, p in enumerate(plist):
+            self._slot[id(p)] = (b, i)
+        self.buckets.append(b)
+
+    @property
+    def num_elements(self) -> int:
+        return sum(b.flat.numel() for b in self.buckets)
+
+    # -- per step -------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Arms the hooks for one backward pass. Not collective."""
+        if self._active:
+            raise RuntimeError("GradReducer.prepare() called twice without finish()")
+        for b in self.buckets:
+            b.ready.clear()
+            b.handle = None
+            if self.views:
+                b.flat.zero_()
+                for i, p in enumerate(b.params):
+                    # No other reference may hold the view, or autograd accumulates
+                    # out of place (it checks the grad's use count).
+                    p.grad = b.view(i)
+            else:
+                for p in b.params:
+                    p.grad = None  # autograd then writes fresh gradients, no zeroing pass
+        self._next = 0
+        self._active = True
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if not self._active:
+            return
+        b, i = self._slot[id(p)]
+        if self.views:
+            view = b.view(i)
+            if p.grad.data_ptr() != view.data_ptr():
+                # Autograd replaced the grad (e.g. a user zero_grad(set_to_none=True) or a
+                # second reference to it): bring it back into the bucket.
+                view.copy_(p.grad)
+                p.grad = view
+        b.ready.add(i)
+        if len(b.ready) == len(b.params) and b.index == self._next:
+            self._launch_ready()
+
+    def _launch(self, b: _Bucket) -> None:
+        if self.views:
+            if self.size > 1:
+                b.flat.mul_(self.scale)
+        else:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
+            ops.pack(grads, b.flat, self.scale)
+        b.handle = iallreduce_(b.flat, self.comm)
+        self._next = b.index + 1
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets):
+            b = self.buckets[self._next]
+            if len(b.ready) < len(b.params):
+                break
+            self._launch(b)
+        # Give the MPI library a chance to progress earlier buckets while backward runs.
+        for b in self.buckets[:self._next]:
+            if b.handle is not None:
+                b.handle.test()
+
+    def finish(self) -> None:
+        """Launches what is left (unused parameters count as zero), waits, and leaves the
+        averaged gradient in every ``param.grad``.
+
+        Collective on ``comm``.
+        """
+        if not self._active:
+            raise RuntimeError("GradReducer.finish() without prepare()")
+        for b in self.buckets[self._next:]:
+            if self.views:
+                for i, p in enumerate(b.params):
+                    if i not in b.ready:
+                        p.grad = b.view(i)  # unused on this rank: its zeros join the sum
+            self._launch(b)
+        for b in self.buckets:
+            b.handle.wait()
+            if self.views:
+                for i, p in enumerate(b.params):
+                    if p.grad is None or p.grad.data_ptr() != b.view(i).data_ptr():
+                        p.grad = b.view(i)
+            else:
+                for p in b.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                ops.unpack(b.flat, [p.grad for p in b.params])
+        self._active = False
+
+    def reduce(self) -> None:
+        """Averages whatever is in ``param.grad`` now (no hooks: grads already computed).
+
+        Collective on ``comm``.
+        """
+        if self.views:
+            for b in self.buckets:
+                for i, p in enumerate(b.params):
+                    v = b.view(i)
+                    if p.grad is None:
+                        v.zero_()
+                    elif p.grad.data_ptr() != v.data_ptr():
+                        v.copy_(p.grad)
+        self._active = True
+        self._next = 0
+        for b in self.buckets:
+            b.ready = set(range(len(b.params)))
+            b.handle = None
+        self.finish()
+
+    def remove(self) -> None:
+        """Removes the autograd hooks. Not collective."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def broadcast_parameters(module: torch.nn.Module, comm: MPI.Comm, root: int = 0) -> None:
+    """Overwrites every parameter and buffer with ``root``'s, one Bcast per dtype.
+
+    Collective on ``comm``.
+    """
+    from mltrain.comm.collectives import broadcast_
+
+    if comm.Get_size() == 1:
+        return
+    tensors = list(module.parameters()) + list(module.buffers())
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for (dtype, device), ts in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        data = [t.detach() for t in ts]
+        flat = torch.empty(sum(t.numel() for t in data), dtype=dtype, device=device)
+        with torch.no_grad():
+            ops.pack(data, flat)
+            broadcast_(flat, comm, root=root)
+            ops.unpack(flat, data)

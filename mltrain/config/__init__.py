@@ -1,0 +1,240 @@
+"""Typed configuration: TOML files and ``--set section.key=value`` overrides.
+
+Every key lives in a dataclass field below, with its type, default and allowed values, so
+this module is also the reference for ``docs/configuration.md`` (a test keeps the two in
+step). Loading is pure Python and identical on every rank; nothing here communicates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError", "Config", "load_config", "parse_override", "to_toml", "to_dict",
+    "describe_keys",
+]
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the message names the offending key."""
+
+
+def _f(default, doc, *, choices=None, min=None, max=None):
+    """A config field with its documentation and constraints in the metadata."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "min": min, "max": max})
+
+
+@dataclass
+class RunConfig:
+    seed: int = _f(0, "seed of every random choice (initial weights, partitions, shuffles)", min=0)
+    steps: int = _f(0, "optimizer steps; 0 = use run.epochs", min=0)
+    epochs: int = _f(30, "passes over the training set when run.steps = 0", min=0)
+    dtype: str = _f("float32", "floating-point type of parameters and data",
+                    choices=("float32", "float64"))
+    threads: int = _f(0, "torch threads per rank; 0 = cores per node / ranks per node", min=0)
+    out_dir: str = _f("runs", "folder for per-run outputs (metrics JSONL)")
+    log_every: int = _f(10, "steps between metrics records (the loss is reduced over ranks then)",
+                        min=1)
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("digits", "dataset", choices=("digits", "idx", "hdf5", "synthetic"))
+    path: str = _f("", "IDX folder (MNIST file names) or HDF5 file with datasets x, y")
+    batch_size: int = _f(64, "GLOBAL batch size, split evenly across data-parallel ranks", min=1)
+    partition: str = _f("iid", "how the training set is split across data-parallel ranks",
+                        choices=("contiguous", "strided", "iid"))
+    shuffle: bool = _f(True, "reshuffle each rank's partition every epoch")
+    num_samples: int = _f(4096, "training samples of the synthetic dataset", min=1)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("resnet", "architecture", choices=("mlp", "resnet", "cnn"))
+    width: int = _f(64, "hidden features (mlp, resnet) or channels (cnn)", min=1)
+    depth: int = _f(4, "hidden layers (mlp), residual blocks (resnet), conv blocks (cnn)", min=1)
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("adam", "optimizer", choices=("sgd", "adam"))
+    lr: float = _f(3e-3, "learning rate", min=0.0)
+    momentum: float = _f(0.9, "SGD momentum (heavy ball)", min=0.0, max=1.0)
+    weight_decay: float = _f(0.0, "L2 weight decay", min=0.0)
+
+
+@dataclass
+class ParallelConfig:
+    data: int = _f(0, "data-parallel degree; 0 = all ranks", min=0)
+
+
+@dataclass
+class CommConfig:
+    bucket_mb: float = _f(8.0, "gradient bucket size in MiB (reverse parameter order)", min=0.0)
+    grad_as_bucket_view: bool = _f(True, "let .grad live inside the bucket (no pack/unpack copies)")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = _f("", "folder for HDF5 checkpoints; empty = no checkpoints")
+    every: int = _f(0, "steps between checkpoints; 0 = only at the end", min=0)
+    resume: bool = _f(False, "resume from the newest checkpoint in checkpoint.dir")
+    keep: int = _f(0, "keep only the newest N checkpoints; 0 = keep all", min=0)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_fields(section_obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(section_obj)}
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Checks one value against its field's type and constraints."""
+    typ = f.type
+    if typ == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif typ == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif typ == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    elif typ == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    else:  # pragma: no cover - a new field type without a rule is a programming error
+        raise AssertionError(f"no coercion rule for {typ}")
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        allowed = ", ".join(map(repr, meta["choices"]))
+        raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {meta['min']}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {meta['max']}")
+    return value
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
+    full = f"{section}.{key}"
+    if section not in _SECTIONS:
+        raise ConfigError(f"{full}: unknown section {section!r} "
+                          f"(known: {', '.join(sorted(_SECTIONS))})")
+    sec = getattr(cfg, section)
+    fields = _section_fields(sec)
+    if key not in fields:
+        raise ConfigError(f"{full}: unknown key (known in [{section}]: "
+                          f"{', '.join(sorted(fields))})")
+    setattr(sec, key, _coerce(full, fields[key], value))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Splits ``section.key=value``; the value is read as a TOML value, else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    lhs, raw = text.split("=", 1)
+    parts = lhs.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words and paths: --set data.path=/scratch/mnist
+    return parts[0], parts[1], value
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-key checks that do not depend on the rank count."""
+    if cfg.run.steps == 0 and cfg.run.epochs == 0:
+        raise ConfigError("run.steps and run.epochs are both 0: nothing to train")
+    if cfg.data.name in ("idx", "hdf5") and not cfg.data.path:
+        raise ConfigError(f"data.path: required when data.name = {cfg.data.name!r}")
+    if cfg.checkpoint.resume and not cfg.checkpoint.dir:
+        raise ConfigError("checkpoint.resume: needs checkpoint.dir")
+    if cfg.checkpoint.every and not cfg.checkpoint.dir:
+        raise ConfigError("checkpoint.every: needs checkpoint.dir")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Reads a TOML file (or the built-in default when None) and applies overrides.
+
+    Not collective: every rank calls it and gets the same result or the same error.
+    """
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from None
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section}: expected a [{section}] table, got a value")
+            for key, value in table.items():
+                _apply(cfg, section, key, value)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        sec = getattr(cfg, section, None)
+        field_ = _section_fields(sec).get(key) if sec is not None else None
+        if field_ is not None and field_.type == "str" and not isinstance(value, str):
+            value = text.split("=", 1)[1].strip()  # --set checkpoint.dir=2024 is a string
+        _apply(cfg, section, key, value)
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(cfg: Config) -> str:
+    """The configuration as TOML text that load_config reads back to an equal Config."""
+    lines = []
+    for section, table in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def describe_keys() -> list[tuple[str, str, Any, str, tuple | None]]:
+    """(key, type, default, doc, choices) for every key, in declaration order."""
+    out = []
+    for sec_field in dataclasses.fields(Config):
+        sec = sec_field.default_factory()
+        for f in dataclasses.fields(sec):
+            out.append((f"{sec_field.name}.{f.name}", f.type, getattr(sec, f.name),
+                        f.metadata["doc"], f.metadata["choices"]))
+    return out

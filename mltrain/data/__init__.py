@@ -1,0 +1,7 @@
+"""Layer 2: datasets, partitions, per-rank loaders."""
+from mltrain.data.datasets import DataError, Dataset, IdxFile, open_dataset
+from mltrain.data.loader import ShardLoader, steps_per_epoch
+from mltrain.data.partition import PARTITIONS, partition, partition_all
+
+__all__ = ["DataError", "Dataset", "IdxFile", "open_dataset", "ShardLoader", "steps_per_epoch",
+           "PARTITIONS", "partition", "partition_all"]

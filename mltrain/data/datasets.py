@@ -1,0 +1,252 @@
+"""Datasets that read only what a rank asks for.
+
+``open_dataset`` returns a handle that knows the sizes and shapes (from headers only);
+``read_train(indices)`` / ``read_test(indices)`` return float features scaled to [0, 1]
+and int64 labels for exactly those samples. Not collective.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DataError", "Dataset", "open_dataset", "IdxFile"]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read as configured; the message names the file."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    num_train: int
+    num_test: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def read_train(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def read_test(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class ArrayDataset(Dataset):
+    """A dataset held in memory (digits, synthetic)."""
+
+    def __init__(self, name, x_train, y_train, x_test, y_test, input_shape, num_classes):
+        super().__init__(name, len(x_train), len(x_test), tuple(input_shape), num_classes)
+        self._train = (x_train, y_train)
+        self._test = (x_test, y_test)
+
+    def read_train(self, indices):
+        x, y = self._train
+        return x[indices], y[indices]
+
+    def read_test(self, indices):
+        x, y = self._test
+        return x[indices], y[indices]
+
+
+# -- digits (scikit-learn's bundled copy of the UCI 8x8 digits; no download) ---------------
+def _digits() -> ArrayDataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = d.target.astype(np.int64)
+    # A fixed split (seed independent of run.seed) so every run is scored on the same 360.
+    perm = np.random.default_rng(20240611).permutation(len(x))
+    n_test = len(x) // 5
+    test, train = perm[:n_test], np.sort(perm[n_test:])
+    return ArrayDataset("digits", x[train], y[train], x[np.sort(test)], y[np.sort(test)],
+                        (1, 8, 8), 10)
+
+
+# -- synthetic (Gaussian class clusters; the same data for every run) ----------------------
+def _synthetic(num_samples: int) -> ArrayDataset:
+    rng = np.random.default_rng(7)
+    k, shape = 10, (1, 8, 8)
+    d = int(np.prod(shape))
+    centres = rng.normal(0.0, 1.0, (k, d))
+    n_test = max(k, num_samples // 4)
+
+    def make(n):
+        y = rng.integers(0, k, n)
+        x = centres[y] + rng.normal(0.0, 1.2, (n, d))
+        return x.astype(np.float32).reshape(n, *shape), y.astype(np.int64)
+
+    xtr, ytr = make(num_samples)
+    xte, yte = make(n_test)
+    return ArrayDataset("synthetic", xtr, ytr, xte, yte, shape, k)
+
+
+# -- IDX (MNIST layout) ---------------------------------------------------------------------
+_IDX_NAMES = {
+    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+class IdxFile:
+    """One IDX file (optionally gzip-compressed). Uncompressed files are memory-mapped, so
+    a rank pages in only the samples it reads; compressed ones must be inflated whole
+    (gzip streams cannot be entered in the middle)."""
+
+    def __init__(self, path: Path, expect_magic: int):
+        self.path = path
+        try:
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rb") as f:
+                head = f.read(4)
+                if len(head) < 4:
+                    raise DataError(f"{path}: too short to be an IDX file")
+                zero, dtype_code, ndim = struct.unpack(">HBB", head)
+                magic = (dtype_code << 8) | ndim
+                if zero != 0 or magic != expect_magic:
+                    raise DataError(f"{path}: not an IDX file with magic {expect_magic} "
+                                    f"(found {struct.unpack('>I', head)[0]})")
+                if dtype_code != 0x08:
+                    raise DataError(f"{path}: only unsigned-byte IDX data is supported")
+                dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+        except (OSError, EOFError, struct.error) as e:
+            raise DataError(f"{path}: cannot read IDX header ({e})") from None
+        self.dims = dims
+        self.offset = 4 + 4 * ndim
+        self._data: np.ndarray | None = None
+
+    @property
+    def count(self) -> int:
+        return self.dims[0]
+
+    def array(self) -> np.ndarray:
+        if self._data is None:
+            n_bytes = int(np.prod(self.dims))
+            if self.path.suffix == ".gz":
+                try:
+                    with gzip.open(self.path, "rb") as f:
+                        raw = f.read()
+                except (OSError, EOFError) as e:
+                    raise DataError(f"{self.path}: corrupt gzip stream ({e})") from None
+                if len(raw) < self.offset + n_bytes:
+                    raise DataError(f"{self.path}: truncated ({len(raw) - self.offset} of "
+                                    f"{n_bytes} data bytes)")
+                data = np.frombuffer(raw, np.uint8, n_bytes, self.offset)
+            else:
+                if os.path.getsize(self.path) < self.offset + n_bytes:
+                    raise DataError(f"{self.path}: truncated")
+                data = np.memmap(self.path, np.uint8, "r", self.offset, (n_bytes,))
+            self._data = data.reshape(self.dims)
+        return self._data
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx")):
+        if (folder / name).exists():
+            return folder / name
+    raise DataError(f"data.path: {folder} has no {stem} (or {stem}.gz)")
+
+
+class IdxDataset(Dataset):
+    def __init__(self, folder: Path):
+        if not folder.is_dir():
+            raise DataError(f"data.path: {folder} is not a folder of IDX files")
+        f = {k: _find_idx(folder, v) for k, v in _IDX_NAMES.items()}
+        self._tri = IdxFile(f["train_images"], 0x0803)
+        self._trl = IdxFile(f["train_labels"], 0x0801)
+        self._tei = IdxFile(f["test_images"], 0x0803)
+        self._tel = IdxFile(f["test_labels"], 0x0801)
+        for img, lab in ((self._tri, self._trl), (self._tei, self._tel)):
+            if img.count != lab.count:
+                raise DataError(f"{img.path}: {img.count} images but {lab.path} has "
+                                f"{lab.count} labels")
+        rows, cols = self._tri.dims[1:]
+        labels = self._trl.array()  # small (one byte per sample): read whole for num_classes
+        super().__init__("idx", self._tri.count, self._tei.count, (1, rows, cols),
+                         int(labels.max()) + 1)
+
+    @staticmethod
+    def _read(img: IdxFile, lab: IdxFile, indices: np.ndarray):
+        order = np.argsort(indices, kind="stable")  # sorted reads page in sequentially
+        x = np.empty((len(indices), 1, *img.dims[1:]), np.float32)
+        x[order] = img.array()[indices[order]][:, None].astype(np.float32) / np.float32(255)
+        return x, lab.array()[indices].astype(np.int64)
+
+    def read_train(self, indices):
+        return self._read(self._tri, self._trl, np.asarray(indices))
+
+    def read_test(self, indices):
+        return self._read(self._tei, self._tel, np.asarray(indices))
+
+
+# -- HDF5 ----------------------------------------------------------------------------------
+class Hdf5Dataset(Dataset):
+    """Datasets ``x`` (N, ...) and ``y`` (N,), and optionally ``x_test``/``y_test``.
+    Integer features are scaled by 1/255; float features are used as they are."""
+
+    def __init__(self, path: Path):
+        import h5py
+
+        self.path = path
+        try:
+            with h5py.File(path, "r") as f:
+                for k in ("x", "y"):
+                    if k not in f:
+                        raise DataError(f"data.path: {path} has no dataset {k!r}")
+                n = f["x"].shape[0]
+                if f["y"].shape != (n,):
+                    raise DataError(f"{path}: y has shape {f['y'].shape}, expected ({n},)")
+                shape = tuple(f["x"].shape[1:])
+                n_test = f["x_test"].shape[0] if "x_test" in f and "y_test" in f else 0
+                k = int(np.max(f["y"][...])) + 1
+        except OSError as e:
+            raise DataError(f"data.path: {path} is not a readable HDF5 file ({e})") from None
+        super().__init__("hdf5", n, n_test, shape if len(shape) != 1 else (shape[0],), k)
+
+    def _read(self, xk: str, yk: str, indices: np.ndarray):
+        import h5py
+
+        indices = np.asarray(indices)
+        order = np.argsort(indices, kind="stable")
+        with h5py.File(self.path, "r") as f:
+            xs, ys = f[xk], f[yk]
+            srt = indices[order]
+            # h5py wants increasing indices; a contiguous run is read as one slice.
+            if len(srt) and srt[-1] - srt[0] + 1 == len(srt):
+                xr, yr = xs[srt[0]:srt[-1] + 1], ys[srt[0]:srt[-1] + 1]
+            else:
+                xr, yr = xs[srt], ys[srt]
+        x = np.empty((len(indices), *xr.shape[1:]), np.float32)
+        y = np.empty(len(indices), np.int64)
+        x[order] = xr.astype(np.float32)
+        if np.issubdtype(xr.dtype, np.integer):
+            x /= np.float32(255)
+        y[order] = yr
+        return x, y
+
+    def read_train(self, indices):
+        return self._read("x", "y", indices)
+
+    def read_test(self, indices):
+        return self._read("x_test", "y_test", indices)
+
+
+def open_dataset(name: str, path: str = "", num_samples: int = 4096) -> Dataset:
+    """The dataset named by ``data.name``; raises DataError naming the file on bad input."""
+    if name == "digits":
+        return _digits()
+    if name == "synthetic":
+        return _synthetic(num_samples)
+    if name == "idx":
+        return IdxDataset(Path(path))
+    if name == "hdf5":
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"data.path: {p} does not exist")
+        return Hdf5Dataset(p)
+    raise DataError(f"data.name: unknown dataset {name!r}")

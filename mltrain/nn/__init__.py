@@ -1,0 +1,103 @@
+"""Models only: plain PyTorch modules that know nothing of MPI.
+
+``ResNet`` is a residual network read as a forward-Euler discretisation of an ODE:
+``x_{k+1} = x_k + h * f(x_k; theta_k)`` with ``h = T / depth``. It exposes the residual-
+block protocol that the layer-parallel and multilevel code (later layers) rely on:
+``opening`` (input -> state), ``blocks`` (a ModuleList of blocks, each with a step ``h``),
+``closing`` (state -> logits).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["MLP", "ResNet", "ResidualBlock", "CNN", "build_model"]
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, width: int, depth: int, num_classes: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        d = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), nn.ReLU()]
+            d = width
+        layers.append(nn.Linear(d, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ResidualBlock(nn.Module):
+    """One forward-Euler step ``x + h * relu(W x + b)``."""
+
+    def __init__(self, width: int, h: float):
+        super().__init__()
+        self.h = h
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.h * torch.relu(self.linear(x))
+
+
+class ResNet(nn.Module):
+    """Opening layer, ``depth`` residual blocks with step ``T / depth``, closing layer."""
+
+    def __init__(self, in_features: int, width: int, depth: int, num_classes: int,
+                 T: float = 1.0):
+        super().__init__()
+        self.T = T
+        self.opening = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
+        self.blocks = nn.ModuleList(ResidualBlock(width, T / depth) for _ in range(depth))
+        self.closing = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.opening(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.closing(x)
+
+
+class CNN(nn.Module):
+    """``depth`` conv-ReLU blocks (halving the image while it is at least 4 wide),
+    global average pooling, linear classifier."""
+
+    def __init__(self, input_shape: tuple[int, ...], width: int, depth: int, num_classes: int):
+        super().__init__()
+        c, h, w = input_shape
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU()]
+            c = width
+            if min(h, w) >= 4:
+                layers.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, width: int,
+                depth: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model named by ``model.name`` for inputs of ``input_shape`` (C, H, W).
+
+    Initialisation uses torch's global RNG: seed it identically on every rank, or
+    broadcast the parameters afterwards. Not collective.
+    """
+    in_features = math.prod(input_shape)
+    if name == "mlp":
+        model = MLP(in_features, width, depth, num_classes)
+    elif name == "resnet":
+        model = ResNet(in_features, width, depth, num_classes)
+    elif name == "cnn":
+        if len(input_shape) != 3:
+            raise ValueError(f"model.name = 'cnn' needs image inputs (C, H, W), got {input_shape}")
+        model = CNN(input_shape, width, depth, num_classes)
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    return model.to(dtype)

@@ -1,0 +1,231 @@
+"""The Trainer: data-parallel training from a Config, end to end.
+
+Everything that can fail because of user input (config against the rank count, dataset
+files, checkpoints) is checked with ``agree`` before the first training collective, so a
+bad input ends every rank with the same message instead of a hang.
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from mltrain.comm import (STATS, Grid, GradReducer, agree, allreduce_, allreduce_scalar,
+                          broadcast_parameters)
+from mltrain.config import Config, ConfigError, to_toml
+from mltrain.data import ShardLoader, open_dataset, partition, steps_per_epoch
+from mltrain.io import MetricsWriter, latest_checkpoint, load_checkpoint, save_checkpoint
+from mltrain.nn import build_model
+from mltrain.optim import build_optimizer
+from mltrain.utils import get_logger, seed_everything, set_threads, torch_dtype
+
+__all__ = ["Trainer"]
+
+
+class Trainer:
+    """Builds everything a run needs from ``cfg`` on ``comm``.
+
+    Collective on ``comm`` (construction, ``train`` and ``evaluate``).
+    """
+
+    def __init__(self, cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, *, quiet: bool = False,
+                 metrics: bool = True):
+        self.cfg = cfg
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.quiet = quiet
+        self.log = get_logger(rank=self.rank)
+        self.dtype = torch_dtype(cfg.run.dtype)
+
+        self.grid = agree(comm, self._check_grid, what="config")
+        self.gc = self.grid.build(comm)
+        dcomm = self.gc.data
+        self.dp_size, self.dp_rank = dcomm.Get_size(), dcomm.Get_rank()
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.threads = set_threads(cfg.run.threads, local.Get_size())
+        local.Free()
+
+        self.dataset = agree(comm, lambda: open_dataset(cfg.data.name, cfg.data.path,
+                                                        cfg.data.num_samples), what="data")
+        self.steps_per_epoch = agree(comm, self._check_sizes, what="config")
+        self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
+
+        # Same seed everywhere gives the same initial weights; the broadcast makes it true
+        # even across torch builds whose initialisers differ.
+        seed_everything(cfg.run.seed)
+        self.model = build_model(cfg.model.name, self.dataset.input_shape,
+                                 self.dataset.num_classes, width=cfg.model.width,
+                                 depth=cfg.model.depth, dtype=self.dtype)
+        broadcast_parameters(self.model, dcomm)
+        self.optimizer = build_optimizer(cfg.optim.name, self.model.parameters(),
+                                         lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                         weight_decay=cfg.optim.weight_decay)
+        self.reducer = GradReducer(self.model.parameters(), dcomm,
+                                   bucket_bytes=int(cfg.comm.bucket_mb * (1 << 20)),
+                                   grad_as_bucket_view=cfg.comm.grad_as_bucket_view)
+
+        idx = partition(self.dataset.num_train, self.dp_size, self.dp_rank, cfg.data.partition,
+                        cfg.run.seed)
+        x, y = agree(comm, lambda: self.dataset.read_train(idx), what="data")
+        self.loader = ShardLoader(torch.from_numpy(x).to(self.dtype), torch.from_numpy(y),
+                                  cfg.data.batch_size // self.dp_size, self.steps_per_epoch,
+                                  cfg.data.shuffle, cfg.run.seed, self.dp_rank)
+
+        self.step = 0
+        self.resumed_from: str | None = None
+        self.last_checkpoint: str | None = None
+        if cfg.checkpoint.resume:
+            self._resume()
+
+        self.run_dir: Path | None = None
+        self.metrics = MetricsWriter(None, self.rank)
+        if metrics:
+            stamp = comm.bcast(datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+                               if self.rank == 0 else None)
+            self.run_dir = Path(cfg.run.out_dir) / f"run-{stamp}"
+            self.metrics = agree(comm, lambda: MetricsWriter(self.run_dir / "metrics.jsonl",
+                                                             self.rank), what="run.out_dir")
+
+    # -- validation ----------------------------------------------------------------------
+    def _check_grid(self) -> Grid:
+        return Grid.for_world(self.comm.Get_size(), data=self.cfg.parallel.data)
+
+    def _check_sizes(self) -> int:
+        b, p = self.cfg.data.batch_size, self.grid.data
+        if b % p:
+            raise ConfigError(f"data.batch_size: the global batch {b} is not divisible by the "
+                              f"{p} data-parallel ranks")
+        spe = steps_per_epoch(self.dataset.num_train, b)
+        if spe < 1:
+            raise ConfigError(f"data.batch_size: {b} is larger than the training set "
+                              f"({self.dataset.num_train} samples)")
+        return spe
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _resume(self) -> None:
+        folder = self.cfg.checkpoint.dir
+        path = self.comm.bcast(latest_checkpoint(folder) if self.rank == 0 else None)
+        if path is None:
+            self.log.info(f"checkpoint.resume: no checkpoint in {folder}; starting fresh")
+            return
+        meta = load_checkpoint(path, self.model, self.optimizer, self.comm)
+        self.step = meta["step"]
+        self.resumed_from = str(path)
+        self.log.info(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> str:
+        """Writes a checkpoint of the current state. Collective on the world communicator."""
+        epoch, pos = divmod(self.step, self.steps_per_epoch)
+        path = save_checkpoint(self.cfg.checkpoint.dir, self.model, self.optimizer,
+                               step=self.step, epoch=epoch, position=pos,
+                               config_text=to_toml(self.cfg), comm=self.comm,
+                               keep=self.cfg.checkpoint.keep)
+        self.last_checkpoint = str(path)
+        return self.last_checkpoint
+
+    # -- training ------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on this rank's batch; returns the local loss (detached).
+
+        Collective on the data axis.
+        """
+        self.reducer.prepare()
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.reducer.finish()
+        self.optimizer.step()
+        return loss.detach()
+
+    def train(self) -> dict:
+        """Runs the remaining steps and returns the summary. Collective."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        ckpt_every = cfg.checkpoint.every if cfg.checkpoint.dir else 0
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=self.quiet or self.rank != 0, leave=False)
+        bytes0, calls0 = STATS.snapshot()
+        start_step = self.step
+        self.model.train()
+        t0 = time.perf_counter()
+        while self.step < self.total_steps:
+            epoch, pos = divmod(self.step, self.steps_per_epoch)
+            x, y = self.loader.batch(epoch, pos)
+            loss = self.train_step(x, y)
+            self.step += 1
+            if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
+                mean = allreduce_scalar(loss.item(), self.gc.data) / self.dp_size
+                self.metrics.write(step=self.step, epoch=epoch, loss=mean,
+                                   lr=self.optimizer.param_groups[0]["lr"],
+                                   time=time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
+            bar.update(1)
+            if ckpt_every and self.step % ckpt_every == 0 and self.step < self.total_steps:
+                self.save()
+        wall = time.perf_counter() - t0
+        bar.close()
+        comm_bytes, comm_calls = (a - b for a, b in zip(STATS.snapshot(), (bytes0, calls0)))
+        if cfg.checkpoint.dir:
+            self.save()
+        ev = self.evaluate()
+        steps_run = self.step - start_step
+        summary = {
+            "ranks": self.comm.Get_size(),
+            "data_parallel": self.dp_size,
+            "threads_per_rank": self.threads,
+            "steps": self.step,
+            "steps_this_run": steps_run,
+            "epochs": self.step / self.steps_per_epoch,
+            "final_loss": ev["train_loss"],
+            "train_accuracy": ev["train_accuracy"],
+            "test_accuracy": ev["test_accuracy"],
+            "wall_s": wall,
+            "samples_per_s": steps_run * cfg.data.batch_size / wall if wall > 0 else 0.0,
+            "comm_bytes": comm_bytes,
+            "comm_calls": comm_calls,
+            "checkpoint": self.last_checkpoint,
+            "resumed_from": self.resumed_from,
+            "metrics": str(self.run_dir / "metrics.jsonl") if self.run_dir else None,
+        }
+        self.metrics.write(event="summary", **summary)
+        self.metrics.close()
+        return summary
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss and accuracy on the whole training set and the test set (each rank takes
+        its partition / a strided shard, then counts are summed). Collective on data axis."""
+        self.model.eval()
+        dcomm = self.gc.data
+        x, y = self.loader.x, self.loader.y
+        train = self._score(x, y)
+        test = (0.0, 0, 0)
+        if self.dataset.num_test:
+            test_idx = np.arange(self.dp_rank, self.dataset.num_test, self.dp_size)
+            xt, yt = agree(dcomm, lambda: self.dataset.read_test(test_idx), what="data")
+            test = self._score(torch.from_numpy(xt).to(self.dtype), torch.from_numpy(yt))
+        sums = torch.tensor([*train, *test], dtype=torch.float64)
+        allreduce_(sums, dcomm)
+        tr_loss, tr_ok, tr_n, _, te_ok, te_n = sums.tolist()
+        self.model.train()
+        return {"train_loss": tr_loss / max(tr_n, 1), "train_accuracy": tr_ok / max(tr_n, 1),
+                "test_accuracy": te_ok / te_n if te_n else None}
+
+    def _score(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096):
+        loss, ok = 0.0, 0
+        for i in range(0, len(x), chunk):
+            out = self.model(x[i:i + chunk])
+            loss += F.cross_entropy(out, y[i:i + chunk], reduction="sum").item()
+            ok += int((out.argmax(1) == y[i:i + chunk]).sum())
+        return loss, ok, len(x)
+
+    def close(self) -> None:
+        """Removes hooks and frees communicators. Collective."""
+        self.reducer.remove()
+        self.metrics.close()
+        self.gc.free()

@@ -1,0 +1,88 @@
+"""Test harness shared by the serial and the MPI runs.
+
+Serial:  pytest tests                         (tests marked ``mpi`` are skipped)
+MPI:     mpiexec -n P python -m mpi4py -m pytest --with-mpi -m mpi tests   (P = 1, 2, 3, 4)
+
+Assertions that compare across ranks go through ``all_ranks`` so that one failing rank
+fails every rank (and no rank runs ahead into the next test's collectives). Each MPI test
+ends with a garbage collection and a barrier, so communicators freed by finalizers are
+freed in step on all ranks.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CI = os.environ.get("MLTRAIN_CI") == "1"
+
+# Oversubscribed ranks on a 2-core machine: one torch thread each.
+torch.set_num_threads(1)
+
+
+def all_ranks(comm, ok: bool, message: str = "") -> None:
+    """Collective assert: raises on every rank if ``ok`` is false on any rank."""
+    oks = comm.allgather((bool(ok), message))
+    bad = [(r, m) for r, (o, m) in enumerate(oks) if not o]
+    if bad:
+        raise AssertionError("; ".join(f"rank {r}: {m}" for r, m in bad))
+
+
+@pytest.fixture
+def comm():
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+@pytest.fixture
+def shared_tmp(comm, tmp_path_factory):
+    """One temporary folder that every rank of the job sees (rank 0 makes it)."""
+    path = str(tmp_path_factory.mktemp("shared")) if comm.Get_rank() == 0 else None
+    path = Path(comm.bcast(path))
+    yield path
+    comm.Barrier()
+
+
+@pytest.fixture(autouse=True)
+def _mpi_teardown(request):
+    yield
+    if request.node.get_closest_marker("mpi") is not None:
+        from mpi4py import MPI
+
+        gc.collect()
+        MPI.COMM_WORLD.Barrier()
+
+
+def mpiexec(n: int, args: list[str], *, timeout: float = 300, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Runs ``python <args>`` on ``n`` ranks in a fresh MPI job (from a serial test).
+
+    The timeout is a hang guard, not a performance limit.
+    """
+    exe = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or "mpiexec"
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # A nested launch must not inherit the outer job's process-manager wiring.
+    for k in list(full_env):
+        if k.startswith(("PMI_", "HYDRA_", "PMIX_")):
+            del full_env[k]
+    return subprocess.run([exe, "-n", str(n), sys.executable, *args], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+def require(module: str):
+    """Imports ``module``; in CI (MLTRAIN_CI=1) its absence fails instead of skipping."""
+    try:
+        return __import__(module)
+    except ImportError as e:
+        if CI:
+            pytest.fail(f"{module} is required in CI: {e}")
+        pytest.skip(f"{module} not installed")

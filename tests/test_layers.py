@@ -1,0 +1,44 @@
+"""The import rule of DESIGN.md: a module never imports from a higher layer, not even
+inside a function."""
+import ast
+
+from conftest import ROOT
+
+LAYER = {
+    "utils": 0, "config": 0, "comm": 1, "ops": 1, "_C": 1, "linalg": 2, "nn": 2, "data": 2,
+    "optim": 3, "sync": 3, "multilevel": 4, "mgrit": 4, "pipeline": 4, "planner": 4,
+    "train": 5, "io": 5, "cli": 6, "__main__": 6,
+}
+
+
+def _imports(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+            if node.module == "mltrain":
+                for a in node.names:
+                    yield f"mltrain.{a.name}"
+
+
+def test_no_upward_imports():
+    bad = []
+    pkg = ROOT / "mltrain"
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(pkg).with_suffix("")
+        top = rel.parts[0]
+        if top == "__init__":
+            continue
+        mine = LAYER[top]
+        for mod in _imports(ast.parse(path.read_text())):
+            parts = mod.split(".")
+            if parts[0] == "mltrain" and len(parts) > 1 and parts[1] in LAYER:
+                if LAYER[parts[1]] > mine:
+                    bad.append(f"{rel} (layer {mine}) imports {mod} (layer {LAYER[parts[1]]})")
+            if parts[0] == "petsc4py" and ".".join(rel.parts) != "linalg.petsc":
+                bad.append(f"{rel} imports petsc4py (only linalg/petsc.py may)")
+            if parts[0] == "mpi4py" and top in ("utils", "config", "ops", "nn"):
+                bad.append(f"{rel} imports mpi4py (layer {top} must not communicate)")
+    assert not bad, "\n".join(bad)

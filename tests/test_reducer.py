@@ -1,0 +1,112 @@
+"""The gradient reducer against the average of every rank's gradients (gathered and
+averaged in NumPy), in both modes and at bucket sizes that put boundaries everywhere."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mltrain.comm import GradReducer, broadcast_parameters
+
+from conftest import all_ranks
+
+pytestmark = pytest.mark.mpi(min_size=1)
+
+
+class Net(nn.Module):
+    """Uneven parameter sizes, and a branch that some ranks skip (unused parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(7, 13)
+        self.b = nn.Linear(13, 3, bias=False)
+        self.skip = nn.Linear(7, 3)
+        self.scalar = nn.Parameter(torch.tensor(0.5))
+        self.frozen = nn.Parameter(torch.ones(2), requires_grad=False)
+
+    def forward(self, x, use_skip):
+        out = self.b(torch.tanh(self.a(x))) * self.scalar
+        return out + self.skip(x) if use_skip else out
+
+
+def local_grads(model, rank, use_skip):
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    model.zero_grad(set_to_none=True)
+    model(x, use_skip).square().sum().backward()
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("views", [True, False])
+@pytest.mark.parametrize("bucket_bytes", [1, 100, 400, 1 << 20])
+def test_average_matches_numpy(comm, views, bucket_bytes):
+    P, rank = comm.Get_size(), comm.Get_rank()
+    torch.manual_seed(0)
+    model = Net().double()
+    broadcast_parameters(model, comm)
+    # What every rank would compute alone, then the exact average.
+    ref = model.__class__().double()
+    ref.load_state_dict(model.state_dict())
+    per_rank = [local_grads(ref, r, use_skip=(r % 2 == 0)) for r in range(P)]
+    expect = {n: np.mean([g[n].numpy() for g in per_rank], axis=0) for n in per_rank[0]}
+
+    red = GradReducer(model.parameters(), comm, bucket_bytes=bucket_bytes, grad_as_bucket_view=views)
+    for _ in range(2):  # twice: buffers must be reset between steps
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(5, 7, generator=g, dtype=torch.float64)
+        red.prepare()
+        model(x, use_skip=(rank % 2 == 0)).square().sum().backward()
+        red.finish()
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                all_ranks(comm, p.grad is None, f"{n} frozen")
+                continue
+            all_ranks(comm, np.allclose(p.grad.numpy(), expect[n], rtol=1e-13, atol=1e-15),
+                      f"{n} views={views} bucket={bucket_bytes}")
+    if bucket_bytes == 1:
+        all_ranks(comm, len(red.buckets) == 6)  # one bucket per trainable parameter
+    red.remove()
+
+
+def test_views_stay_views(comm):
+    torch.manual_seed(0)
+    model = Net().double()
+    red = GradReducer(model.parameters(), comm, bucket_bytes=1 << 20)
+    x = torch.ones(2, 7, dtype=torch.float64)
+    red.prepare()
+    model(x, True).sum().backward()
+    red.finish()
+    flat = red.buckets[0].flat
+    lo, hi = flat.data_ptr(), flat.data_ptr() + flat.numel() * 8
+    inside = all(lo <= p.grad.data_ptr() < hi for p in model.parameters() if p.requires_grad)
+    all_ranks(comm, inside and len(red.buckets) == 1)
+    red.remove()
+
+
+def test_reduce_without_hooks_and_misuse(comm):
+    P = comm.Get_size()
+    model = nn.Linear(3, 2).double()
+    red = GradReducer(model.parameters(), comm)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float(comm.Get_rank()))
+    red.reduce()
+    all_ranks(comm, all(torch.allclose(p.grad, torch.full_like(p, (P - 1) / 2))
+                        for p in model.parameters()))
+    with pytest.raises(RuntimeError, match="without prepare"):
+        red.finish()
+    red.prepare()
+    with pytest.raises(RuntimeError, match="twice"):
+        red.prepare()
+    red.finish()
+    red.remove()
+
+
+def test_broadcast_parameters(comm):
+    torch.manual_seed(comm.Get_rank())
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).double()
+    model[1].running_mean.fill_(comm.Get_rank())
+    broadcast_parameters(model, comm, root=0)
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).double()
+    all_ranks(comm, torch.equal(model[0].weight, ref[0].weight)
+              and torch.equal(model[1].running_mean, torch.zeros(4, dtype=torch.float64)))
