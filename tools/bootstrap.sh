@@ -24,7 +24,7 @@ die() { printf '[bootstrap] error: %s\n' "$*" >&2; exit 1; }
 
 # The stamp records what was installed from which inputs; any change redoes the affected part.
 inputs_hash() {
-  (cd "$here" && { find tools/bootstrap.sh tools/relocate_petsc.py requirements.txt setup.py \
+  (cd "$here" && { find tools/bootstrap.sh tools/relocate_petsc.py requirements.txt setup.py pyproject.toml \
      csrc -type f 2>/dev/null || true; } | sort | xargs -r cat) | sha256sum | cut -c1-16
 }
 want="$(inputs_hash) ${MLTRAIN_SYSTEM_MPI:-0} ${PETSC_DIR:-}/${PETSC_ARCH:-}"

@@ -23,14 +23,20 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
+def _train_opts() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--summary", metavar="OUT.json", help="write the run summary as JSON")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
+    # No subcommand means train, so the top level takes train's options too.
     parser = argparse.ArgumentParser(
-        prog="mltrain", parents=[common],
+        prog="mltrain", parents=[common, _train_opts()],
         description="MPI-native training of PyTorch models. Run under mpiexec/srun.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    t = sub.add_parser("train", parents=[common], help="train (the default command)")
-    t.add_argument("--summary", metavar="OUT.json", help="write the run summary as JSON")
+    sub.add_parser("train", parents=[common, _train_opts()], help="train (the default command)")
     i = sub.add_parser("info", parents=[common], help="versions, MPI libraries, ranks, threads")
     i.add_argument("--check-mpi", action="store_true",
                    help="exit 1 unless mpi4py and PETSc load the same MPI library")

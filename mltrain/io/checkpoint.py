@@ -210,7 +210,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     meta, shapes = layout
     received: dict[str, torch.Tensor] = {}
     for key, shape, dtype in shapes:
-        t = (torch.from_numpy(np.ascontiguousarray(arrays[key])) if rank == 0 else
+        t = (torch.from_numpy(np.array(arrays[key], order="C")) if rank == 0 else
              torch.from_numpy(np.empty(shape, dtype=np.dtype(dtype))))
         if key != "rng/torch":
             broadcast_(t, comm)
@@ -227,5 +227,5 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
     if meta["world_size"] == comm.Get_size():
         rng = comm.scatter(list(arrays["rng/torch"]) if rank == 0 else None, root=0)
-        torch.set_rng_state(torch.from_numpy(np.ascontiguousarray(rng)))
+        torch.set_rng_state(torch.from_numpy(np.array(rng, order="C")))
     return meta

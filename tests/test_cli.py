@@ -1,0 +1,104 @@
+"""The command line end to end, in real MPI jobs launched from a serial test."""
+import json
+import time
+
+import pytest
+
+from conftest import ROOT, mpiexec
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_run_reaches_95_percent(tmp_path):
+    out = tmp_path / "summary.json"
+    r = mpiexec(2, ["-m", "mltrain", "train", "--summary", str(out),
+                    "--set", f"run.out_dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(out.read_text())
+    for key in ("ranks", "steps", "epochs", "final_loss", "train_accuracy", "test_accuracy",
+                "wall_s", "samples_per_s", "comm_bytes", "checkpoint"):
+        assert key in s, key
+    assert s["ranks"] == 2 and s["test_accuracy"] >= 0.95, s
+    assert s["comm_bytes"] > 0
+    assert r.stdout.count("mltrain:") == 1 and "test acc" in r.stdout  # one summary line
+    metrics = [json.loads(line) for line in open(s["metrics"])]
+    assert {"step", "loss", "lr", "time"} <= set(metrics[0])
+
+
+def test_no_arguments_means_train(tmp_path):
+    r = mpiexec(1, ["-m", "mltrain", "--quiet", "--set", "run.steps=3",
+                    "--set", f"run.out_dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 steps" in r.stdout
+
+
+@pytest.mark.parametrize("ranks, args, message", [
+    (2, ["--set", "run.sede=1"], "run.sede: unknown key"),
+    (3, ["--set", "data.batch_size=64"], "not divisible by the 3 data-parallel ranks"),
+    (2, ["--set", "data.name=idx", "--set", "data.path=/nonexistent"], "not a folder"),
+    (2, ["--config", "/nonexistent.toml"], "cannot read"),
+    (2, ["--summary", "/nonexistent/dir/s.json"], "--summary"),
+])
+def test_user_errors_exit_cleanly_on_every_rank(ranks, args, message):
+    t0 = time.monotonic()
+    r = mpiexec(ranks, ["-m", "mltrain", "train", "--quiet", *args], timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.count("mltrain: error:") == 1, r.stderr  # once, not once per rank
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert time.monotonic() - t0 < 120
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "ckpt-00000010.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
+    r = mpiexec(2, ["-m", "mltrain", "train", "--quiet", "--set", f"checkpoint.dir={tmp_path}",
+                    "--set", "checkpoint.resume=true"], timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.count("mltrain: error:") == 1
+    assert "ckpt-00000010.h5" in r.stderr and "not a readable HDF5" in r.stderr
+
+
+@pytest.mark.parametrize("mode", ["raise", "kill"])
+def test_one_failing_rank_ends_the_job(mode):
+    # The timeout only turns a hang into a failure; a healthy abort takes seconds.
+    r = mpiexec(3, [str(ROOT / "tests" / "scripts" / "fault.py"), mode], timeout=120)
+    assert r.returncode != 0
+    if mode == "raise":
+        assert "injected failure on rank 1" in r.stderr
+        assert "aborting the job" in r.stderr
+
+
+def test_info_reports_one_mpi():
+    r = mpiexec(1, ["-m", "mltrain", "info", "--check-mpi"], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    info = dict(line.split(None, 1) for line in r.stdout.splitlines() if " " in line)
+    assert info["same_mpi"].strip() == "True", r.stdout
+    assert "MPICH" in info["mpi_library"] or "Open MPI" in info["mpi_library"]
+    for key in ("mpi4py", "petsc", "petsc4py", "torch", "h5py", "cxx_extension", "ranks",
+                "torch_threads"):
+        assert key in info, key
+
+
+def test_jobscript(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "mltrain", "jobscript", "--nodes", "2",
+           "--ntasks-per-node", "4", "--set", "data.batch_size=64", "--account", "proj1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --nodes=2" in r.stdout and "#SBATCH --account=proj1" in r.stdout
+    assert "srun python -m mltrain train" in r.stdout and "batch_size = 64" in r.stdout
+    bad = subprocess.run(cmd[:-4] + ["--set", "data.batch_size=63"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "not divisible by the 8" in bad.stderr
+
+
+def test_bench_dp_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    r = mpiexec(2, ["-m", "mltrain", "bench", "dp", "--steps", "3", "--reps", "3", "--json",
+                    str(out), "--set", "model.width=32", "--set", "model.depth=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["step_ratio_vs_ddp"] > 0 and res["bandwidth_ratio_vs_raw"] > 0
+    assert res["ranks"] == 2 and "ratio" in r.stdout

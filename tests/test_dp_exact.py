@@ -1,0 +1,56 @@
+"""Data parallelism is exact: P ranks with global batch B follow the same iterates as one
+rank with batch B (float64, strided partition, no shuffle). The serial reference runs on
+each rank itself, on COMM_SELF."""
+import pytest
+import torch
+from mpi4py import MPI
+
+from mltrain.comm import CollectiveError
+from mltrain.config import load_config
+from mltrain.train import Trainer
+
+from conftest import all_ranks
+
+pytestmark = pytest.mark.mpi(min_size=1)
+
+EXACT = ["run.dtype=float64", "data.partition=strided", "data.shuffle=false", "optim.name=sgd",
+         "optim.lr=0.05", "optim.momentum=0.9", "run.steps=20", "data.batch_size=24",
+         "model.width=16", "model.depth=3", "run.threads=1"]
+
+
+def max_rel_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    worst = 0.0
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        worst = max(worst, ((p - q).norm() / q.norm().clamp_min(1e-300)).item())
+    return worst
+
+
+@pytest.mark.parametrize("model", ["mlp", "resnet", "cnn"])
+@pytest.mark.parametrize("views", [True, False])
+def test_matches_serial_large_batch(comm, model, views):
+    cfg = load_config(None, EXACT + [f"model.name={model}", f"comm.grad_as_bucket_view={str(views).lower()}",
+                                     "comm.bucket_mb=0.001"])
+    par = Trainer(cfg, comm, quiet=True, metrics=False)
+    s_par = par.train()
+    ser = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
+    ser.train()
+    diff = max_rel_diff(par.model, ser.model)
+    all_ranks(comm, diff <= 1e-10, f"{model}: relative difference {diff:.2e}")
+    # Replicas agree bit for bit (the averaged gradient is the same on every rank).
+    flat = torch.cat([p.detach().reshape(-1) for p in par.model.parameters()])
+    all_ranks(comm, torch.equal(flat, torch.from_numpy(comm.bcast(flat.numpy()))))
+    all_ranks(comm, s_par["steps"] == 20 and s_par["ranks"] == comm.Get_size())
+    if comm.Get_size() > 1:
+        all_ranks(comm, s_par["comm_bytes"] > 0 and s_par["comm_calls"] >= 20)
+    par.close()
+    ser.close()
+
+
+def test_indivisible_batch_is_a_config_error_everywhere(comm):
+    P = comm.Get_size()
+    if P == 1:
+        pytest.skip("every batch divides among 1 rank")
+    cfg = load_config(None, [f"data.batch_size={P * 5 + 1}"])
+    with pytest.raises(CollectiveError, match="not divisible") as e:
+        Trainer(cfg, comm, quiet=True, metrics=False)
+    all_ranks(comm, e.value.kind == "ConfigError")

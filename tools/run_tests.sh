@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole suite: serial tests, then the MPI tests at 1, 2, 3 and 4 ranks (3 and 4
+# oversubscribe a 2-core machine; each rank then runs one torch thread).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${VENV:-$here/.venv}
+py=$VENV/bin/python
+mpiexec=$VENV/bin/mpiexec
+[[ -x $mpiexec ]] || mpiexec=mpiexec
+cd "$here"
+export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+
+echo "== serial tests"
+"$py" -m pytest -q -p no:cacheprovider tests
+
+for n in ${MLTRAIN_TEST_RANKS:-1 2 3 4}; do
+  echo "== MPI tests on $n ranks"
+  # `timeout` is the last line of defence against a hang the per-test timeout misses.
+  timeout 1800 "$mpiexec" -n "$n" "$py" -m mpi4py tests/mpi_pytest.py -q -p no:cacheprovider tests
+done
