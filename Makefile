@@ -5,7 +5,7 @@ VENV ?= .venv
 NP ?= 2
 PY := $(VENV)/bin/python
 # The environment's own mpiexec (MPICH wheel) when it has one, else the system's.
-MPIEXEC = $$(if [ -x $(VENV)/bin/mpiexec ]; then echo $(VENV)/bin/mpiexec; else echo mpiexec; fi)
+MPIEXEC = $(shell if [ -x $(VENV)/bin/mpiexec ]; then echo $(VENV)/bin/mpiexec; else echo mpiexec; fi)
 
 .PHONY: venv demo test bench info clean
 

@@ -1,6 +1,7 @@
 // Fused pack/unpack of a list of tensors into one flat buffer, with an optional scale.
 // Used by the gradient reducer (copy mode) and the parameter broadcast. The pure-torch
 // reference is mltrain/ops/pack.py; tests compare the two bit for bit.
+#include <ATen/OpMathType.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -49,13 +50,22 @@ std::vector<Piece> plan(const std::vector<at::Tensor>& tensors, int64_t flat_num
   return pieces;
 }
 
+void check_scale(const at::Tensor& flat, double scale) {
+  TORCH_CHECK(scale == 1.0 || at::isFloatingType(flat.scalar_type()),
+              "pack/unpack: a scale other than 1 needs a floating-point dtype, not ",
+              flat.scalar_type());
+}
+
+// Scaling happens in torch's "opmath" type (float for half/bfloat16), as torch.mul does,
+// so kernel and reference agree bit for bit.
 template <typename T>
 void copy_scaled(const T* src, T* dst, int64_t n, double scale) {
   if (scale == 1.0) {
     std::copy(src, src + n, dst);
   } else {
-    const T s = static_cast<T>(scale);
-    for (int64_t k = 0; k < n; ++k) dst[k] = src[k] * s;
+    using acc_t = at::opmath_type<T>;
+    const acc_t s = static_cast<acc_t>(scale);
+    for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<T>(static_cast<acc_t>(src[k]) * s);
   }
 }
 
@@ -73,9 +83,10 @@ void for_pieces(const std::vector<Piece>& pieces, int64_t total, F&& body) {
 // flat[offsets] = scale * tensors, returns the number of elements written.
 int64_t pack(const std::vector<at::Tensor>& tensors, at::Tensor flat, double scale) {
   auto pieces = plan(tensors, flat.numel(), flat);
+  check_scale(flat, scale);
   int64_t total = 0;
   for (const auto& t : tensors) total += t.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "pack", [&] {
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, flat.scalar_type(), "pack", [&] {
     std::vector<const scalar_t*> src;
     for (const auto& t : tensors) src.push_back(t.data_ptr<scalar_t>());
     scalar_t* dst = flat.data_ptr<scalar_t>();
@@ -89,9 +100,10 @@ int64_t pack(const std::vector<at::Tensor>& tensors, at::Tensor flat, double sca
 // tensors = scale * flat[offsets], returns the number of elements read.
 int64_t unpack(at::Tensor flat, const std::vector<at::Tensor>& tensors, double scale) {
   auto pieces = plan(tensors, flat.numel(), flat);
+  check_scale(flat, scale);
   int64_t total = 0;
   for (const auto& t : tensors) total += t.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "unpack", [&] {
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, flat.scalar_type(), "unpack", [&] {
     std::vector<scalar_t*> dst;
     for (const auto& t : tensors) dst.push_back(t.data_ptr<scalar_t>());
     const scalar_t* src = flat.data_ptr<scalar_t>();

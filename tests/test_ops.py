@@ -40,6 +40,20 @@ def test_pack_unpack_match_reference_bitwise(dtype, scale):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_and_bool_tensors(dtype):
+    ts = [torch.arange(n).to(dtype) for n in (5, 0, 70000)]
+    flat = torch.zeros(70005, dtype=dtype)
+    ops.pack(ts, flat)
+    assert torch.equal(flat, torch.cat(ts))
+    outs = [torch.zeros_like(t) for t in ts]
+    ops.unpack(flat, outs)
+    assert all(torch.equal(a, b) for a, b in zip(ts, outs))
+    if ops.has_ext:
+        with pytest.raises(RuntimeError, match="floating-point"):
+            ops._C.pack(ts, flat, 0.5)
+
+
 def test_round_trip_and_dispatch():
     ts = _tensors(torch.float64, SIZES)
     flat = torch.empty(sum(t.numel() for t in ts), dtype=torch.float64)

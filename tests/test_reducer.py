@@ -37,9 +37,10 @@ def local_grads(model, rank, use_skip):
             for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("inflight", [1, 3])
 @pytest.mark.parametrize("views", [True, False])
 @pytest.mark.parametrize("bucket_bytes", [1, 100, 400, 1 << 20])
-def test_average_matches_numpy(comm, views, bucket_bytes):
+def test_average_matches_numpy(comm, views, bucket_bytes, inflight):
     P, rank = comm.Get_size(), comm.Get_rank()
     torch.manual_seed(0)
     model = Net().double()
@@ -50,7 +51,8 @@ def test_average_matches_numpy(comm, views, bucket_bytes):
     per_rank = [local_grads(ref, r, use_skip=(r % 2 == 0)) for r in range(P)]
     expect = {n: np.mean([g[n].numpy() for g in per_rank], axis=0) for n in per_rank[0]}
 
-    red = GradReducer(model.parameters(), comm, bucket_bytes=bucket_bytes, grad_as_bucket_view=views)
+    red = GradReducer(model.parameters(), comm, bucket_bytes=bucket_bytes,
+                      grad_as_bucket_view=views, max_inflight=inflight)
     for _ in range(2):  # twice: buffers must be reset between steps
         g = torch.Generator().manual_seed(rank)
         x = torch.randn(5, 7, generator=g, dtype=torch.float64)

@@ -80,7 +80,7 @@ def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dic
 
     # (a) mltrain: bucketed overlapped reducer
     reducer = GradReducer(model.parameters(), comm, int(cfg.comm.bucket_mb * 2**20),
-                          cfg.comm.grad_as_bucket_view)
+                          cfg.comm.grad_as_bucket_view, cfg.comm.max_inflight)
     opt = build_optimizer("sgd", model.parameters(), lr=1e-3, momentum=0.9)
 
     def ml_step():

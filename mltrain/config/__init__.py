@@ -76,6 +76,8 @@ class ParallelConfig:
 class CommConfig:
     bucket_mb: float = _f(8.0, "gradient bucket size in MiB (reverse parameter order)", min=0.0)
     grad_as_bucket_view: bool = _f(True, "let .grad live inside the bucket (no pack/unpack copies)")
+    max_inflight: int = _f(1, "gradient allreduces in flight at once (MPI without an async "
+                           "progress thread runs concurrent ones slowly)", min=1)
 
 
 @dataclass

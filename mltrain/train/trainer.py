@@ -67,7 +67,8 @@ class Trainer:
                                          weight_decay=cfg.optim.weight_decay)
         self.reducer = GradReducer(self.model.parameters(), dcomm,
                                    bucket_bytes=int(cfg.comm.bucket_mb * (1 << 20)),
-                                   grad_as_bucket_view=cfg.comm.grad_as_bucket_view)
+                                   grad_as_bucket_view=cfg.comm.grad_as_bucket_view,
+                                   max_inflight=cfg.comm.max_inflight)
 
         idx = partition(self.dataset.num_train, self.dp_size, self.dp_rank, cfg.data.partition,
                         cfg.run.seed)
