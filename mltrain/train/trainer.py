@@ -30,11 +30,15 @@ __all__ = ["Trainer"]
 class Trainer:
     """Builds everything a run needs from ``cfg`` on ``comm``.
 
+    ``model`` replaces the one ``model.*`` describes: any ``torch.nn.Module`` that maps a
+    batch of inputs (shape ``[b, *dataset.input_shape]``) to class logits. Its parameters are
+    cast to ``run.dtype`` and overwritten with rank 0's, so every rank may build it alike.
+
     Collective on ``comm`` (construction, ``train`` and ``evaluate``).
     """
 
     def __init__(self, cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, *, quiet: bool = False,
-                 metrics: bool = True):
+                 metrics: bool = True, model: torch.nn.Module | None = None):
         self.cfg = cfg
         self.comm = comm
         self.rank = comm.Get_rank()
@@ -58,9 +62,11 @@ class Trainer:
         # Same seed everywhere gives the same initial weights; the broadcast makes it true
         # even across torch builds whose initialisers differ.
         seed_everything(cfg.run.seed)
-        self.model = build_model(cfg.model.name, self.dataset.input_shape,
-                                 self.dataset.num_classes, width=cfg.model.width,
-                                 depth=cfg.model.depth, dtype=self.dtype)
+        if model is None:
+            model = build_model(cfg.model.name, self.dataset.input_shape,
+                                self.dataset.num_classes, width=cfg.model.width,
+                                depth=cfg.model.depth, dtype=self.dtype)
+        self.model = model.to(self.dtype)
         broadcast_parameters(self.model, dcomm)
         self.optimizer = build_optimizer(cfg.optim.name, self.model.parameters(),
                                          lr=cfg.optim.lr, momentum=cfg.optim.momentum,

@@ -1,0 +1,24 @@
+"""Examples are tests: each script in examples/ runs at small size on 2 ranks."""
+import pytest
+
+from conftest import ROOT, mpiexec
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+
+
+def test_every_example_is_listed():
+    assert {p.name for p in EXAMPLES} >= {"train_digits.py", "custom_model.py", "hdf5_dataset.py"}
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs(script, tmp_path):
+    args = [str(script), "--steps", "30"]
+    if script.name == "hdf5_dataset.py":
+        args += ["--file", str(tmp_path / "d.h5")]
+    r = mpiexec(2, args, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "test accuracy" in r.stdout and "on 2 ranks" in r.stdout
+    acc = float(r.stdout.rsplit("test accuracy", 1)[1].split()[0])
+    assert acc > 0.5, r.stdout  # 30 steps: well above chance (0.1)
