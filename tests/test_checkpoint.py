@@ -143,3 +143,20 @@ def test_model_or_optimizer_mismatch(comm, shared_tmp):
             load_checkpoint(latest_checkpoint(ckdir), other.model, other.optimizer, comm)
         other.close()
     t.close()
+
+
+def test_written_at_p_ranks_loads_on_one(comm, shared_tmp):
+    from mpi4py import MPI
+
+    ckdir = shared_tmp / "p-to-1"
+    cfg = load_config(None, BASE + ["run.steps=3", f"checkpoint.dir={ckdir}"])
+    t = Trainer(cfg, comm, quiet=True, metrics=False)
+    t.train()
+    solo = Trainer(load_config(None, BASE + ["run.steps=5", f"checkpoint.dir={ckdir}",
+                                             "checkpoint.resume=true"]),
+                   MPI.COMM_SELF, quiet=True, metrics=False)
+    all_ranks(comm, solo.step == 3)
+    all_ranks(comm, all(torch.equal(a, b) for a, b in zip(params(t), params(solo))))
+    comm.Barrier()  # every rank has read the file before any rank's solo run writes more
+    t.close()
+    solo.close()

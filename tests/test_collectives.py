@@ -75,3 +75,16 @@ def test_scalar_and_errors(comm):
         allreduce_(torch.ones(3, 3).t(), comm)
     with pytest.raises(ValueError, match="unknown reduction"):
         allreduce_(torch.ones(3), comm, op="avg")
+
+
+def test_gpu_tensors_are_staged(comm):
+    """Runs where CUDA exists (no GPU in CI): device tensors go through host memory."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    t = torch.from_numpy(local(comm.Get_rank(), np.float32)).cuda()
+    allreduce_(t, comm)
+    expect = np.sum(np.stack(everyone(comm, np.float32)), axis=0)
+    all_ranks(comm, t.is_cuda and np.array_equal(t.cpu().numpy(), expect))
+    b = torch.full((3,), float(comm.Get_rank()), device="cuda")
+    broadcast_(b, comm, root=0)
+    all_ranks(comm, torch.equal(b.cpu(), torch.zeros(3)))

