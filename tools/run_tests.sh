@@ -11,7 +11,7 @@ cd "$here"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 
 echo "== serial tests"
-"$py" -m pytest -q -p no:cacheprovider tests
+"$py" -m pytest -q -p no:cacheprovider -m "not mpi" tests
 
 for n in ${MLTRAIN_TEST_RANKS:-1 2 3 4}; do
   echo "== MPI tests on $n ranks"

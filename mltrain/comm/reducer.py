@@ -45,6 +45,15 @@ class _Bucket:
     flat: torch.Tensor
     ready: set[int] = field(default_factory=set)
     handle: Handle | None = None
+    ptrs: list[int] = field(default_factory=list)  # address of each slot (flat never moves)
+
+    def __post_init__(self) -> None:
+        size = self.flat.element_size()
+        self.ptrs = [self.flat.data_ptr() + off * size for off in self.offsets]
+
+    def holds(self, i: int, grad: torch.Tensor | None) -> bool:
+        """Whether ``grad`` is (still) the view of slot i."""
+        return grad is not None and grad.data_ptr() == self.ptrs[i]
 
     def view(self, i: int) -> torch.Tensor:
         p = self.params[i]
@@ -139,13 +148,12 @@ class GradReducer:
         if not self._active:
             return
         b, i = self._slot[id(p)]
-        if self.views:
+        if self.views and not b.holds(i, p.grad):
+            # Autograd replaced the grad (e.g. a user zero_grad(set_to_none=True) or a
+            # second reference to it): bring it back into the bucket.
             view = b.view(i)
-            if p.grad.data_ptr() != view.data_ptr():
-                # Autograd replaced the grad (e.g. a user zero_grad(set_to_none=True) or a
-                # second reference to it): bring it back into the bucket.
-                view.copy_(p.grad)
-                p.grad = view
+            view.copy_(p.grad)
+            p.grad = view
         b.ready.add(i)
         self._pump()
 
@@ -194,7 +202,7 @@ class GradReducer:
             b.handle.wait()
             if self.views:
                 for i, p in enumerate(b.params):
-                    if p.grad is None or p.grad.data_ptr() != b.view(i).data_ptr():
+                    if not b.holds(i, p.grad):
                         p.grad = b.view(i)
             else:
                 for p in b.params:
@@ -211,11 +219,10 @@ class GradReducer:
         if self.views:
             for b in self.buckets:
                 for i, p in enumerate(b.params):
-                    v = b.view(i)
                     if p.grad is None:
-                        v.zero_()
-                    elif p.grad.data_ptr() != v.data_ptr():
-                        v.copy_(p.grad)
+                        b.view(i).zero_()
+                    elif not b.holds(i, p.grad):
+                        b.view(i).copy_(p.grad)
         self._active = True
         self._next = 0
         self._inflight.clear()

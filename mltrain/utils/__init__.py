@@ -1,4 +1,4 @@
-"""Layer 0 helpers: rank-aware logging, timers, seeding, thread settings. No MPI here: the
+"""Layer 0 helpers: rank-aware logging, seeding, thread settings. No MPI here: the
 rank is passed in (or read from the launcher's environment) so these work before MPI init.
 """
 from __future__ import annotations
@@ -7,13 +7,11 @@ import logging
 import os
 import random
 import sys
-import time
 
 import numpy as np
 import torch
 
-__all__ = ["get_logger", "launcher_rank", "Timer", "seed_everything", "set_threads",
-           "torch_dtype"]
+__all__ = ["get_logger", "launcher_rank", "seed_everything", "set_threads", "torch_dtype"]
 
 _LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID", "PMIX_RANK")
 
@@ -49,23 +47,6 @@ def get_logger(name: str = "mltrain", rank: int | None = None) -> logging.Logger
     logger.propagate = False
     logger._mltrain_configured = True
     return logger
-
-
-class Timer:
-    """Accumulating wall-clock timer: ``with t: ...`` adds the elapsed seconds to t.total."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.count = 0
-        self._t0 = 0.0
-
-    def __enter__(self) -> "Timer":
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.total += time.perf_counter() - self._t0
-        self.count += 1
 
 
 def seed_everything(seed: int) -> None:
