@@ -102,3 +102,23 @@ def test_bench_dp_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert res["step_ratio_vs_ddp"] > 0 and res["bandwidth_ratio_vs_raw"] > 0
     assert res["ranks"] == 2 and "ratio" in r.stdout
+
+
+def test_partition_command(tmp_path):
+    import subprocess
+    import sys
+
+    out, png = tmp_path / "p.json", tmp_path / "p.png"
+    cmd = [sys.executable, "-m", "mltrain", "partition", "--ranks", "5", "--set",
+           "data.partition=shards", "--json", str(out), "--plot", str(png)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert len(res["sizes"]) == 5 and sum(res["sizes"]) == 1438
+    assert [sum(h) for h in res["label_histograms"]] == res["sizes"]
+    assert 0.3 < res["skew"] < 1.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run(cmd[:6] + ["--set", "data.partition=dirichlet", "--set",
+                                    "data.min_size=1000"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert bad.returncode == 2 and "data.min_size" in bad.stderr

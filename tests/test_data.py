@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from mltrain.config import ConfigError
 from mltrain.data import (DataError, ShardLoader, open_dataset, partition, partition_all,
-                          steps_per_epoch)
+                          partition_stats, steps_per_epoch)
 
 from conftest import SHARED_DATA
 
@@ -21,6 +22,73 @@ def test_partition_disjoint_complete_balanced(kind, n, parts):
     assert max(sizes) - min(sizes) <= 1
     for p in parts_:
         assert np.all(np.diff(p) > 0)
+
+
+def _labels(n=1000, k=10, seed=3):
+    return np.random.default_rng(seed).integers(0, k, n)
+
+
+@pytest.mark.parametrize("kind, opts", [
+    ("shards", {"shards_per_rank": 2}), ("shards", {"shards_per_rank": 5}),
+    ("dirichlet", {"alpha": 0.3, "min_size": 5}), ("dirichlet", {"alpha": 50.0}),
+    ("classes", {"classes_per_rank": 4}), ("classes", {"classes_per_rank": 10}),
+    ("quantity", {"alpha": 1.0, "min_size": 5}),
+])
+@pytest.mark.parametrize("parts", [1, 3, 4])
+def test_label_partitions_disjoint_complete_deterministic(kind, opts, parts):
+    y = _labels()
+    if kind == "classes" and opts["classes_per_rank"] * parts < 10:
+        with pytest.raises(ConfigError, match="cannot cover all 10 classes"):
+            partition_all(len(y), parts, kind, 7, y, **opts)
+        return
+    groups = partition_all(len(y), parts, kind, 7, y, **opts)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(y)))
+    again = partition_all(len(y), parts, kind, 7, y, **opts)
+    assert all(np.array_equal(a, b) for a, b in zip(groups, again))
+    if parts > 1:
+        other = partition_all(len(y), parts, kind, 8, y, **opts)
+        assert not all(np.array_equal(a, b) for a, b in zip(groups, other))
+    assert all(np.array_equal(partition(len(y), parts, r, kind, 7, y, **opts), groups[r])
+               for r in range(parts))
+    if kind in ("dirichlet", "quantity"):
+        assert min(map(len, groups)) >= opts.get("min_size", 1)
+    if kind == "classes":
+        assert all(len(np.unique(y[g])) <= opts["classes_per_rank"] for g in groups)
+
+
+def test_dirichlet_skew_follows_alpha():
+    y = _labels(3000)
+    skew = {a: np.mean([partition_stats(partition_all(len(y), 5, "dirichlet", s, y, alpha=a),
+                                        y, 10)["skew"] for s in range(4)])
+            for a in (0.01, 0.1, 1.0, 10.0, 1000.0)}
+    values = list(skew.values())
+    assert all(a > b for a, b in zip(values, values[1:])), skew
+    assert skew[1000.0] < 0.05   # toward the global mix
+    # toward pathological: each class on about one rank, so a rank's mix is far from global
+    assert skew[0.01] > 0.7, skew
+    iid = partition_stats(partition_all(len(y), 5, "iid", 0), y, 10)
+    one_class = partition_stats(partition_all(len(y), 10, "classes", 0, y,
+                                              classes_per_rank=1), y, 10)
+    assert iid["skew"] < 0.05 and one_class["skew"] > 0.89
+
+
+def test_partition_option_errors():
+    y = _labels(100)
+    with pytest.raises(ConfigError, match="data.min_size"):
+        partition_all(100, 8, "dirichlet", 0, y, alpha=0.01, min_size=12)
+    with pytest.raises(ConfigError, match="data.classes_per_rank"):
+        partition_all(100, 4, "classes", 0, y, classes_per_rank=2)
+    with pytest.raises(ConfigError, match="data.shards_per_rank"):
+        partition_all(100, 4, "shards", 0, y, shards_per_rank=30)
+    with pytest.raises(ValueError, match="labels"):
+        partition_all(100, 4, "shards", 0, None)
+
+
+def test_partition_stats():
+    y = np.array([0, 0, 1, 1])
+    s = partition_stats([np.array([0, 1]), np.array([2, 3])], y, 2)
+    assert s["sizes"] == [2, 2] and s["label_histograms"] == [[2, 0], [0, 2]]
+    assert s["skew"] == pytest.approx(0.5)
 
 
 def test_partition_determinism_and_seed():
@@ -57,7 +125,19 @@ def test_loader_order_and_shuffle():
     again = ShardLoader(x, y, 4, 5, shuffle=True, seed=0, rank=0)
     assert torch.equal(again.batch(0, 2)[1], sh.batch(0, 2)[1])  # resumable
     with pytest.raises(ValueError):
-        ShardLoader(x, y, 8, 3, shuffle=False, seed=0, rank=0)
+        ShardLoader(x[:0], y[:0], 8, 3, shuffle=False, seed=0, rank=0)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_small_partition_is_cycled(shuffle):
+    """A skewed partition smaller than an epoch's batches: every sample is used, evenly."""
+    x, y = torch.arange(6.0).reshape(6, 1), torch.arange(6)
+    ld = ShardLoader(x, y, 4, 3, shuffle=shuffle, seed=1, rank=2)
+    seen = torch.cat([ld.batch(0, s)[1] for s in range(3)])
+    counts = torch.bincount(seen, minlength=6)
+    assert counts.tolist() == [2] * 6
+    if not shuffle:
+        assert seen.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]
 
 
 def test_digits_and_synthetic():

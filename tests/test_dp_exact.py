@@ -54,3 +54,18 @@ def test_indivisible_batch_is_a_config_error_everywhere(comm):
     with pytest.raises(CollectiveError, match="not divisible") as e:
         Trainer(cfg, comm, quiet=True, metrics=False)
     all_ranks(comm, e.value.kind == "ConfigError")
+
+
+@pytest.mark.parametrize("kind", ["shards", "dirichlet", "classes", "quantity"])
+def test_training_on_skewed_partitions(comm, kind):
+    P = comm.Get_size()
+    cfg = load_config(None, [f"data.partition={kind}", "run.steps=30", "data.batch_size=24",
+                             "model.width=16", f"data.classes_per_rank={max(2, -(-10 // P))}",
+                             "data.alpha=0.5", "run.threads=1"])
+    t = Trainer(cfg, comm, quiet=True, metrics=False)
+    before = t.evaluate()["train_loss"]
+    after = t.train()["final_loss"]
+    all_ranks(comm, after < before, f"{kind}: loss {before:.3f} -> {after:.3f}")
+    sizes = comm.allgather(len(t.loader.x))
+    all_ranks(comm, sum(sizes) == t.dataset.num_train, str(sizes))  # complete, disjoint
+    t.close()

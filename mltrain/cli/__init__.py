@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="OUT.json", help="write the figures as JSON")
     b.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     b.add_argument("--reps", type=int, default=20, help="timed reductions per variant")
+    pt = sub.add_parser("partition", parents=[common],
+                        help="compute a partition without MPI: sizes, label histograms, skew")
+    pt.add_argument("--ranks", type=int, required=True, help="number of data-parallel ranks")
+    pt.add_argument("--json", metavar="OUT.json", help="write sizes, label_histograms, skew")
+    pt.add_argument("--plot", metavar="OUT.png", help="stacked bar chart of labels per rank")
     j = sub.add_parser("jobscript", parents=[common], help="print a SLURM batch script")
     j.add_argument("--nodes", type=int, required=True)
     j.add_argument("--ntasks-per-node", type=int, required=True)
@@ -61,17 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point. Collective on COMM_WORLD for every command but ``jobscript``."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     command = args.command or "train"
-    if command == "jobscript":  # no MPI needed to write a script
-        from mltrain.cli.jobscript import jobscript
-        from mltrain.config import ConfigError, load_config
-
-        try:
-            cfg = load_config(args.config, args.overrides)
-            print(jobscript(cfg, args), end="")
-        except ConfigError as e:
-            print(f"mltrain: error: {e}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        return 0
+    if command in ("jobscript", "partition"):  # no MPI needed
+        return _without_mpi(command, args)
 
     from mpi4py import MPI
 
@@ -97,6 +93,27 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if comm.Get_rank() == 0:
             print(f"mltrain: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _without_mpi(command: str, args) -> int:
+    from mltrain.config import ConfigError, load_config
+    from mltrain.data import DataError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if command == "jobscript":
+            from mltrain.cli.jobscript import jobscript
+
+            print(jobscript(cfg, args), end="")
+            return 0
+        from mltrain.cli.partition import run_partition
+
+        check_writable(args.json, "--json")
+        check_writable(args.plot, "--plot")
+        return run_partition(cfg, args)
+    except (ConfigError, DataError) as e:
+        print(f"mltrain: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

@@ -47,7 +47,14 @@ class DataConfig:
     path: str = _f("", "IDX folder (MNIST file names) or HDF5 file with datasets x, y")
     batch_size: int = _f(64, "GLOBAL batch size, split evenly across data-parallel ranks", min=1)
     partition: str = _f("iid", "how the training set is split across data-parallel ranks",
-                        choices=("contiguous", "strided", "iid"))
+                        choices=("contiguous", "strided", "iid", "shards", "dirichlet",
+                                 "classes", "quantity"))
+    shards_per_rank: int = _f(2, "label-sorted shards per rank (partition = shards)", min=1)
+    alpha: float = _f(0.5, "Dirichlet concentration (partition = dirichlet, quantity); "
+                      "small = skewed", min=0.0)
+    min_size: int = _f(10, "least samples per rank (dirichlet, quantity: redrawn until met)",
+                       min=1)
+    classes_per_rank: int = _f(2, "classes each rank holds (partition = classes)", min=1)
     shuffle: bool = _f(True, "reshuffle each rank's partition every epoch")
     num_samples: int = _f(4096, "training samples of the synthetic dataset", min=1)
 
@@ -169,6 +176,8 @@ def _validate(cfg: Config) -> None:
     """Cross-key checks that do not depend on the rank count."""
     if cfg.run.steps == 0 and cfg.run.epochs == 0:
         raise ConfigError("run.steps and run.epochs are both 0: nothing to train")
+    if cfg.data.partition in ("dirichlet", "quantity") and cfg.data.alpha <= 0:
+        raise ConfigError("data.alpha: must be positive")
     if cfg.data.name in ("idx", "hdf5") and not cfg.data.path:
         raise ConfigError(f"data.path: required when data.name = {cfg.data.name!r}")
     if cfg.checkpoint.resume and not cfg.checkpoint.dir:

@@ -32,6 +32,10 @@ class Dataset:
     def read_train(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def train_labels(self) -> np.ndarray:
+        """All training labels (int64; small: what label-based partitions need)."""
+        raise NotImplementedError
+
     def read_test(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
@@ -47,6 +51,9 @@ class ArrayDataset(Dataset):
     def read_train(self, indices):
         x, y = self._train
         return x[indices], y[indices]
+
+    def train_labels(self):
+        return self._train[1]
 
     def read_test(self, indices):
         x, y = self._test
@@ -180,6 +187,9 @@ class IdxDataset(Dataset):
     def read_train(self, indices):
         return self._read(self._tri, self._trl, np.asarray(indices))
 
+    def train_labels(self):
+        return self._trl.array().astype(np.int64)
+
     def read_test(self, indices):
         return self._read(self._tei, self._tel, np.asarray(indices))
 
@@ -231,6 +241,12 @@ class Hdf5Dataset(Dataset):
 
     def read_train(self, indices):
         return self._read("x", "y", indices)
+
+    def train_labels(self):
+        import h5py
+
+        with h5py.File(self.path, "r") as f:
+            return f["y"][...].astype(np.int64)
 
     def read_test(self, indices):
         return self._read("x_test", "y_test", indices)

@@ -23,13 +23,17 @@ class ShardLoader:
     Without shuffling, step k takes local samples [k*b, (k+1)*b): with a strided partition
     the union of the ranks' batches is then exactly the serial batch k. With shuffling,
     each epoch permutes the partition with a generator seeded by (seed, epoch, rank).
+
+    Every rank takes the same ``num_steps`` per epoch (collectives must match). A partition
+    smaller than ``num_steps * local_batch`` (skewed sizes) is cycled through as often as
+    needed (reshuffled on each pass when shuffling); a larger one is not used up in one
+    epoch, and a different part of it is left over each epoch when shuffling.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, local_batch: int, num_steps: int,
                  shuffle: bool, seed: int, rank: int):
-        if num_steps * local_batch > len(x):
-            raise ValueError(f"partition of {len(x)} samples cannot serve {num_steps} batches "
-                             f"of {local_batch}")
+        if len(x) == 0:
+            raise ValueError("an empty partition cannot serve batches")
         self.x, self.y = x, y
         self.local_batch = local_batch
         self.num_steps = num_steps
@@ -38,11 +42,17 @@ class ShardLoader:
         self._perm_epoch, self._perm = None, None
 
     def _order(self, epoch: int) -> torch.Tensor | None:
-        if not self.shuffle:
+        n, need = len(self.x), self.num_steps * self.local_batch
+        if not self.shuffle and need <= n:
             return None
         if self._perm_epoch != epoch:
-            rng = np.random.default_rng([self.seed, epoch, self.rank])
-            self._perm = torch.from_numpy(rng.permutation(len(self.x)))
+            passes = -(-need // n)
+            if self.shuffle:
+                parts = [np.random.default_rng([self.seed, epoch, self.rank, j]).permutation(n)
+                         for j in range(passes)]
+            else:
+                parts = [np.arange(n)] * passes
+            self._perm = torch.from_numpy(np.concatenate(parts))
             self._perm_epoch = epoch
         return self._perm
 

@@ -18,7 +18,8 @@ from mpi4py import MPI
 from mltrain.comm import (STATS, Grid, GradReducer, agree, allreduce_, allreduce_scalar,
                           broadcast_parameters)
 from mltrain.config import Config, ConfigError, to_toml
-from mltrain.data import ShardLoader, open_dataset, partition, steps_per_epoch
+from mltrain.data import (LABEL_PARTITIONS, ShardLoader, open_dataset, partition,
+                          partition_options, steps_per_epoch)
 from mltrain.io import MetricsWriter, latest_checkpoint, load_checkpoint, save_checkpoint
 from mltrain.nn import build_model
 from mltrain.optim import build_optimizer
@@ -76,8 +77,7 @@ class Trainer:
                                    grad_as_bucket_view=cfg.comm.grad_as_bucket_view,
                                    max_inflight=cfg.comm.max_inflight)
 
-        idx = partition(self.dataset.num_train, self.dp_size, self.dp_rank, cfg.data.partition,
-                        cfg.run.seed)
+        idx = agree(comm, self._my_partition, what="config")
         x, y = agree(comm, lambda: self.dataset.read_train(idx), what="data")
         self.loader = ShardLoader(torch.from_numpy(x).to(self.dtype), torch.from_numpy(y),
                                   cfg.data.batch_size // self.dp_size, self.steps_per_epoch,
@@ -112,6 +112,12 @@ class Trainer:
             raise ConfigError(f"data.batch_size: {b} is larger than the training set "
                               f"({self.dataset.num_train} samples)")
         return spe
+
+    def _my_partition(self):
+        d = self.cfg.data
+        labels = (self.dataset.train_labels() if d.partition in LABEL_PARTITIONS else None)
+        return partition(self.dataset.num_train, self.dp_size, self.dp_rank, d.partition,
+                         self.cfg.run.seed, labels, **partition_options(d))
 
     # -- checkpoints ---------------------------------------------------------------------
     def _resume(self) -> None:
