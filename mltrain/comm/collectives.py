@@ -11,6 +11,7 @@ number of calls), which the trainer reports as ``comm_bytes`` / ``comm_calls``.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from mpi4py import MPI
 from mltrain.comm.errors import collective
 
 __all__ = ["STATS", "CommStats", "allreduce_", "iallreduce_", "broadcast_", "allgather",
-           "reduce_", "allreduce_scalar", "Handle", "mpi_buffer"]
+           "reduce_", "allreduce_scalar", "allgatherv", "isend", "irecv", "Handle", "mpi_buffer"]
 
 
 @dataclass
@@ -33,14 +34,25 @@ class CommStats:
 
     bytes: int = 0
     calls: int = 0
+    _paused: int = 0
 
     def add(self, comm: MPI.Comm, nbytes: int) -> None:
-        if comm.Get_size() > 1:
+        if comm.Get_size() > 1 and not self._paused:
             self.bytes += int(nbytes)
             self.calls += 1
 
     def snapshot(self) -> tuple[int, int]:
         return self.bytes, self.calls
+
+    @contextmanager
+    def paused(self):
+        """Traffic inside is not counted (monitoring, e.g. the consensus distance, is not
+        part of what a synchronization scheme costs)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
 
 
 STATS = CommStats()
@@ -160,6 +172,22 @@ def allgather(t: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:
 
 
 @collective("any")
+def allgatherv(t: torch.Tensor, counts: list[int], comm: MPI.Comm) -> torch.Tensor:
+    """Concatenation of every rank's 1-D ``t`` (rank r contributes ``counts[r]`` elements).
+
+    Collective on ``comm``.
+    """
+    s = _Staged(t)
+    out = torch.empty(sum(counts), dtype=t.dtype)
+    STATS.add(comm, s.host.nbytes)
+    if comm.Get_size() > 1:
+        comm.Allgatherv(mpi_buffer(s.host), [mpi_buffer(out), counts])
+    else:
+        out.copy_(s.host)
+    return out.to(t.device)
+
+
+@collective("any")
 def reduce_(t: torch.Tensor, comm: MPI.Comm, root: int = 0, op: str = "sum") -> torch.Tensor:
     """In-place reduction onto ``root``; other ranks' ``t`` is left unchanged.
 
@@ -188,3 +216,22 @@ def allreduce_scalar(x: float, comm: MPI.Comm, op: str = "sum") -> float:
     if comm.Get_size() > 1:
         comm.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
     return float(buf[0])
+
+
+def isend(t: torch.Tensor, dest: int, comm: MPI.Comm, tag: int = 0) -> Handle:
+    """Starts sending ``t`` to ``dest``; keep ``t`` unchanged until ``.wait()``.
+
+    Point to point (not collective); counted in STATS as bytes sent.
+    """
+    s = _Staged(t)
+    STATS.add(comm, s.host.nbytes)
+    return Handle(comm.Isend(mpi_buffer(s.host), dest=dest, tag=tag), s)
+
+
+def irecv(t: torch.Tensor, source: int, comm: MPI.Comm, tag: int = 0) -> Handle:
+    """Starts receiving into ``t`` from ``source``; valid after ``.wait()``.
+
+    Point to point (not collective); receiving is not counted (the sender counts).
+    """
+    s = _Staged(t)
+    return Handle(comm.Irecv(mpi_buffer(s.host), source=source, tag=tag), s)

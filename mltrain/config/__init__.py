@@ -88,6 +88,24 @@ class CommConfig:
 
 
 @dataclass
+class SyncConfig:
+    name: str = _f("allreduce", "data-parallel synchronization scheme",
+                   choices=("allreduce", "localsgd", "easgd", "sgp", "dpsgd", "hierarchical"))
+    period: int = _f(4, "steps between synchronizations (localsgd, easgd: tau, hierarchical: "
+                     "across nodes)", min=1)
+    warmup_steps: int = _f(0, "synchronous steps before local steps begin (localsgd: "
+                           "post-local SGD)", min=0)
+    alpha: float = _f(0.1, "EASGD moving rate (0 = ranks train independently)", min=0.0,
+                      max=1.0)
+    compression: str = _f("none", "gradient compression for sync.name = allreduce",
+                          choices=("none", "fp16", "bf16", "topk", "powersgd"))
+    topk_ratio: float = _f(0.01, "fraction of entries top-k sends", min=0.0, max=1.0)
+    rank: int = _f(2, "PowerSGD approximation rank", min=1)
+    ranks_per_node: int = _f(0, "hierarchical: ranks per node; 0 = MPI's shared-memory "
+                             "split (set it to fake nodes on one machine)", min=0)
+
+
+@dataclass
 class CheckpointConfig:
     dir: str = _f("", "folder for HDF5 checkpoints; empty = no checkpoints")
     every: int = _f(0, "steps between checkpoints; 0 = only at the end", min=0)
@@ -103,6 +121,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -180,6 +199,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("data.alpha: must be positive")
     if cfg.data.name in ("idx", "hdf5") and not cfg.data.path:
         raise ConfigError(f"data.path: required when data.name = {cfg.data.name!r}")
+    if cfg.sync.compression != "none" and cfg.sync.name != "allreduce":
+        raise ConfigError(f"sync.compression: applies to sync.name = 'allreduce', not "
+                          f"{cfg.sync.name!r}")
+    if cfg.sync.compression == "topk" and cfg.sync.topk_ratio <= 0:
+        raise ConfigError("sync.topk_ratio: must be positive")
+    if cfg.checkpoint.resume and cfg.sync.name not in ("allreduce",):
+        raise ConfigError(f"checkpoint.resume: not supported yet with sync.name = "
+                          f"{cfg.sync.name!r} (its checkpoints hold the consensus model, not "
+                          "every replica and the scheme's state); start a new run from it")
     if cfg.checkpoint.resume and not cfg.checkpoint.dir:
         raise ConfigError("checkpoint.resume: needs checkpoint.dir")
     if cfg.checkpoint.every and not cfg.checkpoint.dir:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from mltrain.comm import (STATS, Grid, GradReducer, agree, allreduce_, allreduce_scalar,
+from mltrain.comm import (STATS, Grid, agree, allreduce_, allreduce_scalar,
                           broadcast_parameters)
 from mltrain.config import Config, ConfigError, to_toml
 from mltrain.data import (LABEL_PARTITIONS, ShardLoader, open_dataset, partition,
@@ -23,6 +23,7 @@ from mltrain.data import (LABEL_PARTITIONS, ShardLoader, open_dataset, partition
 from mltrain.io import MetricsWriter, latest_checkpoint, load_checkpoint, save_checkpoint
 from mltrain.nn import build_model
 from mltrain.optim import build_optimizer
+from mltrain.sync import build_sync
 from mltrain.utils import get_logger, seed_everything, set_threads, torch_dtype
 
 __all__ = ["Trainer"]
@@ -72,10 +73,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim.name, self.model.parameters(),
                                          lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                          weight_decay=cfg.optim.weight_decay)
-        self.reducer = GradReducer(self.model.parameters(), dcomm,
-                                   bucket_bytes=int(cfg.comm.bucket_mb * (1 << 20)),
-                                   grad_as_bucket_view=cfg.comm.grad_as_bucket_view,
-                                   max_inflight=cfg.comm.max_inflight)
+        self.sync = agree(comm, lambda: build_sync(cfg, self.model, dcomm), what="config")
 
         idx = agree(comm, self._my_partition, what="config")
         x, y = agree(comm, lambda: self.dataset.read_train(idx), what="data")
@@ -139,10 +137,11 @@ class Trainer:
     def save(self) -> str:
         """Writes a checkpoint of the current state. Collective on the world communicator."""
         epoch, pos = divmod(self.step, self.steps_per_epoch)
-        path = save_checkpoint(self.cfg.checkpoint.dir, self.model, self.optimizer,
-                               step=self.step, epoch=epoch, position=pos,
-                               config_text=to_toml(self.cfg), comm=self.comm,
-                               keep=self.cfg.checkpoint.keep)
+        with STATS.paused(), self.sync.consensus():  # drifting replicas: their average
+            path = save_checkpoint(self.cfg.checkpoint.dir, self.model, self.optimizer,
+                                   step=self.step, epoch=epoch, position=pos,
+                                   config_text=to_toml(self.cfg), comm=self.comm,
+                                   keep=self.cfg.checkpoint.keep)
         self.last_checkpoint = str(path)
         return self.last_checkpoint
 
@@ -152,11 +151,12 @@ class Trainer:
 
         Collective on the data axis.
         """
-        self.reducer.prepare()
+        self.sync.before_forward(self.step)
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
-        self.reducer.finish()
+        self.sync.after_backward(self.step)
         self.optimizer.step()
+        self.sync.after_step(self.step)
         return loss.detach()
 
     def train(self) -> dict:
@@ -177,10 +177,13 @@ class Trainer:
             loss = self.train_step(x, y)
             self.step += 1
             if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
-                mean = allreduce_scalar(loss.item(), self.gc.data) / self.dp_size
+                with STATS.paused():
+                    mean = allreduce_scalar(loss.item(), self.gc.data) / self.dp_size
+                extra = {"consensus_distance": self.sync.distance()} if self.sync.drifts else {}
                 self.metrics.write(step=self.step, epoch=epoch, loss=mean,
                                    lr=self.optimizer.param_groups[0]["lr"],
-                                   time=time.perf_counter() - t0)
+                                   time=time.perf_counter() - t0,
+                                   comm_bytes=STATS.bytes - bytes0, **extra)
                 bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
             bar.update(1)
             if ckpt_every and self.step % ckpt_every == 0 and self.step < self.total_steps:
@@ -204,6 +207,8 @@ class Trainer:
             "test_accuracy": ev["test_accuracy"],
             "wall_s": wall,
             "samples_per_s": steps_run * cfg.data.batch_size / wall if wall > 0 else 0.0,
+            "sync": cfg.sync.name,
+            "compression": cfg.sync.compression,
             "comm_bytes": comm_bytes,
             "comm_calls": comm_calls,
             "checkpoint": self.last_checkpoint,
@@ -221,14 +226,15 @@ class Trainer:
         self.model.eval()
         dcomm = self.gc.data
         x, y = self.loader.x, self.loader.y
-        train = self._score(x, y)
-        test = (0.0, 0, 0)
-        if self.dataset.num_test:
-            test_idx = np.arange(self.dp_rank, self.dataset.num_test, self.dp_size)
-            xt, yt = agree(dcomm, lambda: self.dataset.read_test(test_idx), what="data")
-            test = self._score(torch.from_numpy(xt).to(self.dtype), torch.from_numpy(yt))
-        sums = torch.tensor([*train, *test], dtype=torch.float64)
-        allreduce_(sums, dcomm)
+        with STATS.paused(), self.sync.consensus():  # drifting replicas: their average
+            train = self._score(x, y)
+            test = (0.0, 0, 0)
+            if self.dataset.num_test:
+                test_idx = np.arange(self.dp_rank, self.dataset.num_test, self.dp_size)
+                xt, yt = agree(dcomm, lambda: self.dataset.read_test(test_idx), what="data")
+                test = self._score(torch.from_numpy(xt).to(self.dtype), torch.from_numpy(yt))
+            sums = torch.tensor([*train, *test], dtype=torch.float64)
+            allreduce_(sums, dcomm)
         tr_loss, tr_ok, tr_n, _, te_ok, te_n = sums.tolist()
         self.model.train()
         return {"train_loss": tr_loss / max(tr_n, 1), "train_accuracy": tr_ok / max(tr_n, 1),
@@ -244,6 +250,6 @@ class Trainer:
 
     def close(self) -> None:
         """Removes hooks and frees communicators. Collective."""
-        self.reducer.remove()
+        self.sync.close()
         self.metrics.close()
         self.gc.free()

@@ -1,0 +1,46 @@
+"""Layer 3: data-parallel synchronization schemes and gradient compression.
+
+A scheme is a strategy object that the trainer calls at fixed points of every step
+(``SyncStrategy``); choosing one never forks the trainer. ``build_sync`` makes the one a
+config names.
+"""
+from __future__ import annotations
+
+from mpi4py import MPI
+
+from mltrain.sync.allreduce import AllReduce
+from mltrain.sync.base import FlatParams, SyncStrategy, average_, consensus_distance
+from mltrain.sync.compression import build_compressor
+from mltrain.sync.gossip import DPSGD, SGP, PushSum, exponential_peers
+from mltrain.sync.hierarchical import Hierarchical
+from mltrain.sync.local import EASGD, LocalSGD
+
+__all__ = ["SyncStrategy", "FlatParams", "average_", "consensus_distance", "AllReduce",
+           "LocalSGD", "EASGD", "SGP", "DPSGD", "PushSum", "Hierarchical",
+           "exponential_peers", "build_sync", "build_compressor"]
+
+
+def build_sync(cfg, model, comm: MPI.Comm) -> SyncStrategy:
+    """The scheme ``cfg.sync`` names, over the data-parallel communicator ``comm``.
+
+    Collective on ``comm`` (some schemes split communicators).
+    """
+    s = cfg.sync
+    bucket = dict(bucket_bytes=int(cfg.comm.bucket_mb * (1 << 20)),
+                  views=cfg.comm.grad_as_bucket_view, max_inflight=cfg.comm.max_inflight)
+    if s.name == "allreduce":
+        comp = build_compressor(s.compression, comm, topk_ratio=s.topk_ratio, rank=s.rank,
+                                seed=cfg.run.seed)
+        return AllReduce(model, comm, compressor=comp, **bucket)
+    if s.name == "localsgd":
+        return LocalSGD(model, comm, period=s.period, warmup_steps=s.warmup_steps, **bucket)
+    if s.name == "easgd":
+        return EASGD(model, comm, alpha=s.alpha, period=s.period)
+    if s.name == "sgp":
+        return SGP(model, comm)
+    if s.name == "dpsgd":
+        return DPSGD(model, comm)
+    if s.name == "hierarchical":
+        return Hierarchical(model, comm, period=s.period, ranks_per_node=s.ranks_per_node,
+                            **bucket)
+    raise ValueError(f"sync.name: unknown scheme {s.name!r}")

@@ -1,0 +1,42 @@
+"""Synchronous gradient averaging: the bucketed, overlapped reducer, optionally compressed."""
+from __future__ import annotations
+
+from mltrain.comm import GradReducer
+from mltrain.sync.base import SyncStrategy
+
+__all__ = ["AllReduce"]
+
+
+class AllReduce(SyncStrategy):
+    """Every step, every rank's gradient is replaced by the average (replicas stay equal).
+
+    Without compression the ``GradReducer`` overlaps the allreduces with backward; with
+    ``compressor`` set, gradients are compressed, exchanged and decompressed after backward.
+    """
+
+    name = "allreduce"
+
+    def __init__(self, model, comm, *, bucket_bytes: int, views: bool, max_inflight: int,
+                 compressor=None):
+        super().__init__(model, comm)
+        self.compressor = compressor
+        self.reducer = None
+        if compressor is None:
+            self.reducer = GradReducer(model.parameters(), comm, bucket_bytes, views,
+                                       max_inflight)
+
+    def before_forward(self, step):
+        if self.reducer is not None:
+            self.reducer.prepare()
+        else:
+            self.model.zero_grad(set_to_none=True)
+
+    def after_backward(self, step):
+        if self.reducer is not None:
+            self.reducer.finish()
+        else:
+            self.compressor.average_grads(self.flat.params)
+
+    def close(self):
+        if self.reducer is not None:
+            self.reducer.remove()

@@ -1,0 +1,119 @@
+"""What every synchronization scheme shares: the step hooks, flat parameter vectors, and
+the consensus measures for schemes whose replicas drift apart."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from mpi4py import MPI
+
+from mltrain import ops
+from mltrain.comm import STATS, allreduce_
+
+__all__ = ["SyncStrategy", "FlatParams", "average_", "consensus_distance"]
+
+
+class FlatParams:
+    """The trainable parameters of a model as one flat vector (packed with the C++ kernel).
+
+    ``get()`` copies them out, ``set(flat)`` copies back. Not collective.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"synchronization schemes need one parameter dtype, got {dtypes}")
+        self.dtype = dtypes.pop()
+        self.numel = sum(p.numel() for p in self.params)
+
+    def get(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.empty(self.numel, dtype=self.dtype) if out is None else out
+        with torch.no_grad():
+            ops.pack([p.detach() for p in self.params], out)
+        return out
+
+    def set(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            ops.unpack(flat, [p.data for p in self.params])
+
+
+def average_(flat: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:
+    """In-place average of ``flat`` over ``comm``. Collective on ``comm``."""
+    allreduce_(flat, comm)
+    if comm.Get_size() > 1:
+        flat.div_(comm.Get_size())
+    return flat
+
+
+def consensus_distance(flat: torch.Tensor, comm: MPI.Comm) -> float:
+    """Mean over ranks of ||x_r - mean(x)||; not counted as the scheme's traffic.
+
+    Collective on ``comm``.
+    """
+    with STATS.paused():
+        mean = average_(flat.clone(), comm)
+        d = torch.tensor([float((flat - mean).norm())], dtype=torch.float64)
+        return float(average_(d, comm)[0])
+
+
+class SyncStrategy:
+    """Called by the trainer at fixed points of every step::
+
+        before_forward(step); loss.backward(); after_backward(step);
+        optimizer.step(); after_step(step)
+
+    ``drifts`` is True for schemes whose replicas differ between synchronizations: the
+    trainer then logs the consensus distance and evaluates ``consensus()``'s model.
+    All hooks are collective on the data axis (they may communicate).
+    """
+
+    name = "base"
+    drifts = False
+
+    def __init__(self, model: torch.nn.Module, comm: MPI.Comm):
+        self.model = model
+        self.comm = comm
+        self.size = comm.Get_size()
+        self.rank = comm.Get_rank()
+        self.flat = FlatParams(model)
+
+    def before_forward(self, step: int) -> None:
+        pass
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def consensus_params(self) -> torch.Tensor:
+        """The parameters the run stands for (the average over ranks by default).
+
+        Collective on the data axis.
+        """
+        with STATS.paused():
+            return average_(self.flat.get(), self.comm)
+
+    @contextmanager
+    def consensus(self):
+        """Swaps the consensus parameters in for evaluation, then restores this rank's.
+
+        Collective on the data axis.
+        """
+        if not self.drifts:
+            yield
+            return
+        mine = self.flat.get()
+        self.flat.set(self.consensus_params())
+        try:
+            yield
+        finally:
+            self.flat.set(mine)
+
+    def distance(self) -> float:
+        """Consensus distance of the replicas (0 for schemes that keep them equal)."""
+        return consensus_distance(self.flat.get(), self.comm) if self.drifts else 0.0
+
+    def close(self) -> None:
+        pass
