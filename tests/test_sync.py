@@ -9,7 +9,7 @@ from torch import nn
 
 from mltrain.comm import CollectiveError
 from mltrain.config import load_config
-from mltrain.sync import DPSGD, PushSum, exponential_peers
+from mltrain.sync import DPSGD, AsyncPushSum, PushSum, exponential_peers
 from mltrain.sync.compression import PowerSGD, TopK, ring_allreduce_
 from mltrain.train import Trainer
 
@@ -78,6 +78,20 @@ def test_pushsum_conserves_and_averages(comm, rounds_extra):
         all_ranks(comm, torch.equal(x / w, mean), f"{(x / w).tolist()} vs {mean.tolist()}")
     else:
         all_ranks(comm, torch.allclose(x / w, mean, rtol=0.3), "moves toward the mean")
+
+
+def test_async_pushsum_conserves_after_flush(comm):
+    P, r = comm.Get_size(), comm.Get_rank()
+    ps = AsyncPushSum(comm, 4, torch.float64, slots=2, max_pending=3)
+    x = torch.full((4,), 16.0 * (r + 1), dtype=torch.float64)
+    w = 1.0
+    total = comm.allreduce(float(x.sum()))
+    for k in range(7 + r):  # uneven round counts: ranks run ahead of each other
+        w = ps.push(x, w, k)
+    w = ps.flush(x, w)
+    all_ranks(comm, comm.allreduce(float(x.sum())) == total and comm.allreduce(w) == P,
+              f"x {comm.allreduce(float(x.sum()))} vs {total}, w {comm.allreduce(w)}")
+    ps.close()
 
 
 def test_exponential_peers():
@@ -201,6 +215,7 @@ def test_hierarchical(comm):
     ["sync.name=allreduce"], ["sync.name=localsgd", "sync.period=4"],
     ["sync.name=localsgd", "sync.period=4", "sync.warmup_steps=10"],
     ["sync.name=easgd", "sync.alpha=0.2", "sync.period=2"], ["sync.name=sgp"],
+    ["sync.name=sgp", "sync.asynchronous=true", "run.straggler=0:2"],
     ["sync.name=dpsgd"], ["sync.name=hierarchical", "sync.ranks_per_node=1"],
     ["sync.compression=fp16"], ["sync.compression=bf16"],
     ["sync.compression=topk", "sync.topk_ratio=0.05"],
@@ -228,3 +243,14 @@ def test_resume_with_drifting_scheme_is_a_config_error():
         load_config(None, ["sync.name=sgp", "checkpoint.dir=x", "checkpoint.resume=true"])
     with pytest.raises(ConfigError, match="sync.compression"):
         load_config(None, ["sync.name=sgp", "sync.compression=topk"])
+
+
+def test_straggler_option(comm):
+    from mltrain.config import ConfigError
+
+    for bad in ("1", "a:2", "0:0.5", "-1:2"):
+        with pytest.raises(ConfigError, match="run.straggler"):
+            load_config(None, [f"run.straggler={bad}"])
+    with pytest.raises(CollectiveError, match="does not exist"):
+        Trainer(load_config(None, [f"run.straggler={comm.Get_size()}:2"]), comm, quiet=True,
+                metrics=False)

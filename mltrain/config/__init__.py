@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "ConfigError", "Config", "load_config", "parse_override", "to_toml", "to_dict",
-    "describe_keys",
+    "ConfigError", "Config", "load_config", "parse_override", "parse_straggler", "to_toml",
+    "to_dict", "describe_keys",
 ]
 
 
@@ -37,6 +37,8 @@ class RunConfig:
                     choices=("float32", "float64"))
     threads: int = _f(0, "torch threads per rank; 0 = cores per node / ranks per node", min=0)
     out_dir: str = _f("runs", "folder for per-run outputs (metrics JSONL)")
+    straggler: str = _f("", "'RANK:FACTOR' slows one rank's compute by FACTOR (sleeps "
+                        "FACTOR-1 times its forward+backward time); empty = none")
     log_every: int = _f(10, "steps between metrics records (the loss is reduced over ranks then)",
                         min=1)
 
@@ -101,6 +103,8 @@ class SyncConfig:
                           choices=("none", "fp16", "bf16", "topk", "powersgd"))
     topk_ratio: float = _f(0.01, "fraction of entries top-k sends", min=0.0, max=1.0)
     rank: int = _f(2, "PowerSGD approximation rank", min=1)
+    asynchronous: bool = _f(False, "sgp: never wait for a peer (straggler-tolerant, not "
+                            "bitwise reproducible)")
     ranks_per_node: int = _f(0, "hierarchical: ranks per node; 0 = MPI's shared-memory "
                              "split (set it to fake nodes on one machine)", min=0)
 
@@ -199,6 +203,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("data.alpha: must be positive")
     if cfg.data.name in ("idx", "hdf5") and not cfg.data.path:
         raise ConfigError(f"data.path: required when data.name = {cfg.data.name!r}")
+    if cfg.run.straggler:
+        parse_straggler(cfg.run.straggler)
     if cfg.sync.compression != "none" and cfg.sync.name != "allreduce":
         raise ConfigError(f"sync.compression: applies to sync.name = 'allreduce', not "
                           f"{cfg.sync.name!r}")
@@ -212,6 +218,18 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("checkpoint.resume: needs checkpoint.dir")
     if cfg.checkpoint.every and not cfg.checkpoint.dir:
         raise ConfigError("checkpoint.every: needs checkpoint.dir")
+
+
+def parse_straggler(text: str) -> tuple[int, float]:
+    """``"RANK:FACTOR"`` -> (rank, factor); raises ConfigError naming run.straggler."""
+    try:
+        r, f = text.split(":")
+        rank, factor = int(r), float(f)
+    except ValueError:
+        raise ConfigError(f"run.straggler: expected 'RANK:FACTOR', got {text!r}") from None
+    if rank < 0 or not math.isfinite(factor) or factor < 1:
+        raise ConfigError(f"run.straggler: need RANK >= 0 and FACTOR >= 1, got {text!r}")
+    return rank, factor
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:

@@ -11,12 +11,12 @@ from mpi4py import MPI
 from mltrain.sync.allreduce import AllReduce
 from mltrain.sync.base import FlatParams, SyncStrategy, average_, consensus_distance
 from mltrain.sync.compression import build_compressor
-from mltrain.sync.gossip import DPSGD, SGP, PushSum, exponential_peers
+from mltrain.sync.gossip import DPSGD, SGP, AsyncPushSum, PushSum, exponential_peers
 from mltrain.sync.hierarchical import Hierarchical
 from mltrain.sync.local import EASGD, LocalSGD
 
 __all__ = ["SyncStrategy", "FlatParams", "average_", "consensus_distance", "AllReduce",
-           "LocalSGD", "EASGD", "SGP", "DPSGD", "PushSum", "Hierarchical",
+           "LocalSGD", "EASGD", "SGP", "DPSGD", "PushSum", "AsyncPushSum", "Hierarchical",
            "exponential_peers", "build_sync", "build_compressor"]
 
 
@@ -37,7 +37,7 @@ def build_sync(cfg, model, comm: MPI.Comm) -> SyncStrategy:
     if s.name == "easgd":
         return EASGD(model, comm, alpha=s.alpha, period=s.period)
     if s.name == "sgp":
-        return SGP(model, comm)
+        return SGP(model, comm, asynchronous=s.asynchronous)
     if s.name == "dpsgd":
         return DPSGD(model, comm)
     if s.name == "hierarchical":

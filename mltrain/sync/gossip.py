@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 
+import numpy as np
 import torch
+from mpi4py import MPI
 
-from mltrain.comm import irecv, isend
+from mltrain.comm import STATS, irecv, isend
+from mltrain.comm.collectives import mpi_buffer
 from mltrain.sync.base import SyncStrategy
 
-__all__ = ["PushSum", "SGP", "DPSGD", "exponential_peers"]
+__all__ = ["PushSum", "AsyncPushSum", "SGP", "DPSGD", "exponential_peers"]
 
 
 def exponential_peers(size: int) -> list[int]:
@@ -56,18 +60,114 @@ class PushSum:
         return w + float(self._recv[n])
 
 
+class AsyncPushSum:
+    """Push-sum that never waits for a peer: each round sends half of (x, w) to the
+    scheduled peer (non-blocking) and adds whatever messages have arrived by then.
+
+    ``slots`` receives stay posted (from any source), so a sender's message lands even
+    while the receiver computes, and a fast rank is not held back by a slow one. At most
+    ``max_pending`` sends may be unfinished; beyond that the oldest is waited for (bounds
+    memory). Mass in flight is not lost: ``flush`` (collective) receives every message
+    sent so far, after which sum(x) and sum(w) are exactly conserved. The order in which
+    messages are added depends on timing, so runs are not bitwise reproducible.
+    """
+
+    TAG = 733
+
+    def __init__(self, comm, numel: int, dtype: torch.dtype, slots: int = 4,
+                 max_pending: int = 8):
+        self.comm = comm
+        self.size, self.rank = comm.Get_size(), comm.Get_rank()
+        self.offsets = exponential_peers(self.size)
+        self.n = numel
+        self.dtype = dtype  # every message, sent or received, is numel + 1 of this type
+        self.max_pending = max_pending
+        self.sent = np.zeros(self.size, dtype=np.int64)
+        self.received = 0
+        self._pending: deque = deque()  # (handle, buffer)
+        self._free: list[torch.Tensor] = []
+        self._slots = []
+        for _ in range(slots if self.size > 1 else 0):
+            buf = torch.empty(numel + 1, dtype=dtype)
+            self._slots.append([buf, comm.Irecv(mpi_buffer(buf), MPI.ANY_SOURCE, self.TAG)])
+
+    def _take(self, slot, x: torch.Tensor, w: float) -> float:
+        buf = slot[0]
+        x.add_(buf[:self.n])
+        w += float(buf[self.n])
+        self.received += 1
+        slot[1] = self.comm.Irecv(mpi_buffer(buf), MPI.ANY_SOURCE, self.TAG)
+        return w
+
+    def _retire(self) -> None:
+        while self._pending and self._pending[0][0].test():
+            self._free.append(self._pending.popleft()[1])
+
+    def push(self, x: torch.Tensor, w: float, round_: int) -> float:
+        """Sends half of (x, w) and adds what has arrived; returns the new weight."""
+        if self.size == 1:
+            return w
+        x.mul_(0.5)
+        w *= 0.5
+        buf = self._free.pop() if self._free else torch.empty(self.n + 1, dtype=self.dtype)
+        buf[:self.n].copy_(x)
+        buf[self.n] = w
+        dest = (self.rank + self.offsets[round_ % len(self.offsets)]) % self.size
+        self._pending.append((isend(buf, dest, self.comm, self.TAG), buf))
+        self.sent[dest] += 1
+        self._retire()
+        while len(self._pending) > self.max_pending:
+            h, b = self._pending.popleft()
+            h.wait()
+            self._free.append(b)
+        for slot in self._slots:
+            if slot[1].Test():
+                w = self._take(slot, x, w)
+        return w
+
+    def flush(self, x: torch.Tensor, w: float) -> float:
+        """Receives every message sent to this rank so far. Collective on ``comm``."""
+        if self.size == 1:
+            return w
+        with STATS.paused():
+            expected = np.zeros_like(self.sent)
+            self.comm.Allreduce(self.sent, expected)
+        reqs = [s[1] for s in self._slots]
+        while self.received < expected[self.rank]:
+            i = MPI.Request.Waitany(reqs)
+            w = self._take(self._slots[i], x, w)
+            reqs[i] = self._slots[i][1]
+        while self._pending:
+            h, b = self._pending.popleft()
+            h.wait()
+            self._free.append(b)
+        return w
+
+    def close(self) -> None:
+        for slot in self._slots:
+            slot[1].Cancel()
+            slot[1].Wait()
+        self._slots = []
+
+
 class SGP(SyncStrategy):
     """Stochastic Gradient Push: local optimizer steps on the de-biased parameters
-    z = x / w, then one push-sum round on (x, w) (non-blocking send and receive)."""
+    z = x / w, then one push-sum round on (x, w) with non-blocking sends.
+
+    Synchronous (default): each round waits for its one incoming message; deterministic.
+    ``asynchronous``: never waits (``AsyncPushSum``), so one slow rank does not slow the
+    others; the state is flushed before the consensus model is evaluated or saved.
+    """
 
     name = "sgp"
     drifts = True
 
-    def __init__(self, model, comm):
+    def __init__(self, model, comm, asynchronous: bool = False):
         super().__init__(model, comm)
         self.x = self.flat.get()
         self.w = 1.0
-        self.pushsum = PushSum(comm, self.flat.numel, self.flat.dtype)
+        cls = AsyncPushSum if asynchronous else PushSum
+        self.pushsum = cls(comm, self.flat.numel, self.flat.dtype)
         self._z = torch.empty_like(self.x)
 
     def before_forward(self, step):
@@ -77,8 +177,22 @@ class SGP(SyncStrategy):
         # The optimizer moved z to z'; push-sum applies the same update to x: x += z' - z.
         z_new = self.flat.get(self._z)
         self.x.add_(z_new - self.x / self.w)
-        self.w = self.pushsum.mix(self.x, self.w, step)
+        if isinstance(self.pushsum, AsyncPushSum):
+            self.w = self.pushsum.push(self.x, self.w, step)
+        else:
+            self.w = self.pushsum.mix(self.x, self.w, step)
         self.flat.set(torch.div(self.x, self.w, out=self._z))
+
+    def consensus_params(self):
+        if isinstance(self.pushsum, AsyncPushSum):
+            self.w = self.pushsum.flush(self.x, self.w)
+            self.flat.set(torch.div(self.x, self.w, out=self._z))
+        return super().consensus_params()
+
+    def close(self):
+        if isinstance(self.pushsum, AsyncPushSum):
+            self.w = self.pushsum.flush(self.x, self.w)
+            self.pushsum.close()
 
 
 class DPSGD(SyncStrategy):

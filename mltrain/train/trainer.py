@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 from mltrain.comm import (STATS, Grid, agree, allreduce_, allreduce_scalar,
                           broadcast_parameters)
-from mltrain.config import Config, ConfigError, to_toml
+from mltrain.config import Config, ConfigError, parse_straggler, to_toml
 from mltrain.data import (LABEL_PARTITIONS, ShardLoader, open_dataset, partition,
                           partition_options, steps_per_epoch)
 from mltrain.io import MetricsWriter, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -81,6 +81,11 @@ class Trainer:
                                   cfg.data.batch_size // self.dp_size, self.steps_per_epoch,
                                   cfg.data.shuffle, cfg.run.seed, self.dp_rank)
 
+        self.slowdown = 1.0  # run.straggler: this rank's compute takes this many times longer
+        if cfg.run.straggler:
+            rank, factor = parse_straggler(cfg.run.straggler)
+            self.slowdown = factor if rank == self.rank else 1.0
+
         self.step = 0
         self.resumed_from: str | None = None
         self.last_checkpoint: str | None = None
@@ -98,7 +103,13 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------
     def _check_grid(self) -> Grid:
-        return Grid.for_world(self.comm.Get_size(), data=self.cfg.parallel.data)
+        grid = Grid.for_world(self.comm.Get_size(), data=self.cfg.parallel.data)
+        if self.cfg.run.straggler:
+            rank, _ = parse_straggler(self.cfg.run.straggler)
+            if rank >= self.comm.Get_size():
+                raise ConfigError(f"run.straggler: rank {rank} does not exist in a job of "
+                                  f"{self.comm.Get_size()} ranks")
+        return grid
 
     def _check_sizes(self) -> int:
         b, p = self.cfg.data.batch_size, self.grid.data
@@ -152,8 +163,11 @@ class Trainer:
         Collective on the data axis.
         """
         self.sync.before_forward(self.step)
+        t0 = time.perf_counter()
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
+        if self.slowdown > 1.0:  # an emulated slow machine, for comparing schemes
+            time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
         self.sync.after_backward(self.step)
         self.optimizer.step()
         self.sync.after_step(self.step)
