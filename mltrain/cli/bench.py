@@ -142,13 +142,105 @@ def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dic
     }
 
 
+# Schemes compared by `bench sync`: (label, config overrides).
+SYNC_SCHEMES = [
+    ("allreduce", []),
+    ("localsgd-16", ["sync.name=localsgd", "sync.period=16"]),
+    ("easgd-4", ["sync.name=easgd", "sync.period=4"]),
+    ("sgp", ["sync.name=sgp"]),
+    ("sgp-async", ["sync.name=sgp", "sync.asynchronous=true"]),
+    ("dpsgd", ["sync.name=dpsgd"]),
+    ("hierarchical-8", ["sync.name=hierarchical", "sync.period=8", "sync.ranks_per_node=1"]),
+    ("allreduce+fp16", ["sync.compression=fp16"]),
+    ("allreduce+bf16", ["sync.compression=bf16"]),
+    ("allreduce+topk-0.01", ["sync.compression=topk", "sync.topk_ratio=0.01"]),
+    ("allreduce+powersgd-2", ["sync.compression=powersgd", "sync.rank=2"]),
+]
+
+
+def bench_sync(cfg, steps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dict:
+    """Step time and bytes per step of every scheme relative to allreduce, without and
+    with a 2x straggler on the last rank. Collective on ``comm``."""
+    from mltrain.comm import STATS
+    from mltrain.config import load_config, to_toml
+    from mltrain.train import Trainer
+
+    P = comm.Get_size()
+    base_text = to_toml(cfg)
+    default = type(cfg.model)()
+    width = cfg.model.width if cfg.model.width != default.width else _BENCH_DEFAULTS["width"]
+    depth = cfg.model.depth if cfg.model.depth != default.depth else _BENCH_DEFAULTS["depth"]
+    batch = (cfg.data.batch_size if cfg.data.batch_size != type(cfg.data)().batch_size
+             else _BENCH_DEFAULTS["batch_size"])
+    import tempfile
+
+    rows = []
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(base_text)
+        f.flush()
+        for label, extra in SYNC_SCHEMES:
+            row = {"scheme": label}
+            for tag, straggle in (("", []), ("_straggler", [f"run.straggler={P - 1}:2"])):
+                c = load_config(f.name, [f"model.width={width}", f"model.depth={depth}",
+                                         f"data.batch_size={batch}", "data.name=synthetic",
+                                         "optim.name=sgd", "optim.lr=0.01",
+                                         f"run.steps={steps + 3}", "checkpoint.dir=",
+                                         "checkpoint.every=0", "checkpoint.resume=false"]
+                                + extra + straggle)
+                t = Trainer(c, comm, quiet=True, metrics=False)
+                for _ in range(3):  # warm-up
+                    x, y = t.loader.batch(0, t.step % t.steps_per_epoch)
+                    t.train_step(x, y)
+                    t.step += 1
+                comm.Barrier()
+                b0 = STATS.bytes
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    x, y = t.loader.batch(t.step // t.steps_per_epoch,
+                                          t.step % t.steps_per_epoch)
+                    t.train_step(x, y)
+                    t.step += 1
+                mine = (time.perf_counter() - t0) / steps
+                sent = (STATS.bytes - b0) / steps
+                t.close()
+                comm.Barrier()
+                # Mean over ranks: a scheme that lets fast ranks run on shows it here.
+                row["step_s" + tag] = comm.allreduce(mine) / P
+                row["bytes_per_step" + tag] = comm.allreduce(sent) / P
+            row["straggler_growth"] = row["step_s_straggler"] / row["step_s"]
+            rows.append(row)
+    ref = rows[0]
+    for row in rows:
+        row["step_ratio"] = row["step_s"] / ref["step_s"]
+        row["bytes_ratio"] = (row["bytes_per_step"] / ref["bytes_per_step"]
+                              if ref["bytes_per_step"] else float("nan"))
+    return {"ranks": P, "model": f"resnet width {width} depth {depth}", "global_batch": batch,
+            "steps": steps, "schemes": rows}
+
+
 def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
     """Runs one benchmark, prints its figures on rank 0, writes --json. Collective."""
     from mltrain.cli import check_writable
     from mltrain.comm import agree
 
     agree(comm, lambda: check_writable(args.json, "--json"), what="config")
-    res = bench_dp(cfg, args.steps, args.reps, comm)
+    if what == "sync":
+        # A whole number of every scheme's period (16, 8, 4) in the timed window.
+        res = bench_sync(cfg, args.steps or 32, comm)
+        if comm.Get_rank() == 0:
+            print(f"bench sync: {res['ranks']} ranks, {res['model']}, global batch "
+                  f"{res['global_batch']}, {res['steps']} timed steps; ratios vs allreduce")
+            print(f"  {'scheme':<22}{'step ms':>9}{'ratio':>7}{'MB/step':>10}{'bytes ratio':>13}"
+                  f"{'2x straggler ms':>17}{'growth':>8}")
+            for r in res["schemes"]:
+                print(f"  {r['scheme']:<22}{r['step_s'] * 1e3:>9.1f}{r['step_ratio']:>7.2f}"
+                      f"{r['bytes_per_step'] / 1e6:>10.3f}{r['bytes_ratio']:>13.4f}"
+                      f"{r['step_s_straggler'] * 1e3:>17.1f}{r['straggler_growth']:>8.2f}")
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"bench": what, **res}, f, indent=2)
+        return 0
+    res = bench_dp(cfg, args.steps or 30, args.reps, comm)
     if comm.Get_rank() == 0:
         print(f"bench dp: {res['ranks']} ranks x {res['threads_per_rank']} threads, "
               f"{res['model']} {res['parameters'] / 1e6:.2f} M parameters, global batch "

@@ -48,15 +48,14 @@ class PushSum:
             return w
         off = self.offsets[round_ % len(self.offsets)]
         n = x.numel()
-        x.mul_(0.5)
         w *= 0.5
-        self._send[:n].copy_(x)
+        torch.mul(x, 0.5, out=self._send[:n])
         self._send[n] = w
         rreq = irecv(self._recv, (self.rank - off) % self.size, self.comm, self.TAG)
         sreq = isend(self._send, (self.rank + off) % self.size, self.comm, self.TAG)
         rreq.wait()
         sreq.wait()
-        x.add_(self._recv[:n])
+        torch.add(self._recv[:n], x, alpha=0.5, out=x)  # x/2 + received, one pass
         return w + float(self._recv[n])
 
 
@@ -174,9 +173,10 @@ class SGP(SyncStrategy):
         self.model.zero_grad(set_to_none=True)
 
     def after_step(self, step):
-        # The optimizer moved z to z'; push-sum applies the same update to x: x += z' - z.
+        # The optimizer moved z to z'; push-sum applies the same update to x:
+        # x + (z' - x / w) = z' + (1 - 1/w) x, one pass.
         z_new = self.flat.get(self._z)
-        self.x.add_(z_new - self.x / self.w)
+        torch.add(z_new, self.x, alpha=1.0 - 1.0 / self.w, out=self.x)
         if isinstance(self.pushsum, AsyncPushSum):
             self.w = self.pushsum.push(self.x, self.w, step)
         else:
