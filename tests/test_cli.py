@@ -122,3 +122,42 @@ def test_partition_command(tmp_path):
                                     "data.min_size=1000"], capture_output=True, text=True,
                          cwd=ROOT)
     assert bad.returncode == 2 and "data.min_size" in bad.stderr
+
+
+def test_study(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "mltrain", "study", "--grid",
+           "sync.name=allreduce,localsgd;data.partition=iid", "--ranks", "1,2", "--out",
+           str(out), "--set", "run.epochs=2", "--set", "model.width=16"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(x["sync.name"], x["ranks"]) for x in rows] == [
+        ("allreduce", "1"), ("allreduce", "2"), ("localsgd", "1"), ("localsgd", "2")]
+    assert all(x["status"] == "ok" and float(x["test_accuracy"]) > 0.3 for x in rows)
+    assert "| run |" in (out / "results.md").read_text()
+    for png in ("test_accuracy_vs_epochs.png", "test_accuracy_vs_bytes.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    evals = [json.loads(line) for line in
+             open(next((out / "runs" / "name-localsgd_partition-iid_P2").rglob("metrics.jsonl")))
+             if '"eval"' in line]
+    assert [e["epoch"] for e in evals] == [1.0, 2.0]  # study.eval_every = 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "data.partition=iid,bogus"], "data.partition"),
+    (["--grid", "nokey"], "--grid"),
+    (["--grid", "sync.name=sgp", "--ranks", "1,x"], "--ranks"),
+])
+def test_study_rejects_bad_input_before_running(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mltrain", "study", "--out", str(tmp_path / "s"),
+                        *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "s" / "runs").exists()

@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--ranks", type=int, required=True, help="number of data-parallel ranks")
     pt.add_argument("--json", metavar="OUT.json", help="write sizes, label_histograms, skew")
     pt.add_argument("--plot", metavar="OUT.png", help="stacked bar chart of labels per rank")
+    st = sub.add_parser("study", parents=[common],
+                        help="run every combination of a parameter grid at several rank "
+                        "counts (one MPI job each); write CSV, markdown and plots")
+    st.add_argument("--grid", default="", help='e.g. "data.partition=iid,dirichlet;'
+                    'sync.name=allreduce,localsgd" (default: study.grid)')
+    st.add_argument("--ranks", default="", help="e.g. 1,2,4 (default: study.ranks)")
+    st.add_argument("--out", default="", help="output folder (default: study.out_dir)")
+    st.add_argument("--launcher", default=None,
+                    help='launch command with {ranks}, e.g. "srun -n {ranks}" (default: '
+                    "the environment's mpiexec -n {ranks})")
     j = sub.add_parser("jobscript", parents=[common], help="print a SLURM batch script")
     j.add_argument("--nodes", type=int, required=True)
     j.add_argument("--ntasks-per-node", type=int, required=True)
@@ -68,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point. Collective on COMM_WORLD for every command but ``jobscript``."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     command = args.command or "train"
-    if command in ("jobscript", "partition"):  # no MPI needed
+    if command in ("jobscript", "partition", "study"):  # no MPI in this process
         return _without_mpi(command, args)
 
     from mpi4py import MPI
@@ -109,6 +119,10 @@ def _without_mpi(command: str, args) -> int:
 
             print(jobscript(cfg, args), end="")
             return 0
+        if command == "study":
+            from mltrain.cli.study import run_study
+
+            return run_study(args)
         from mltrain.cli.partition import run_partition
 
         check_writable(args.json, "--json")

@@ -39,6 +39,8 @@ class RunConfig:
     out_dir: str = _f("runs", "folder for per-run outputs (metrics JSONL)")
     straggler: str = _f("", "'RANK:FACTOR' slows one rank's compute by FACTOR (sleeps "
                         "FACTOR-1 times its forward+backward time); empty = none")
+    eval_every: int = _f(0, "epochs between test evaluations recorded in the metrics "
+                         "(0 = only at the end)", min=0)
     log_every: int = _f(10, "steps between metrics records (the loss is reduced over ranks then)",
                         min=1)
 
@@ -118,6 +120,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class StudyConfig:
+    grid: str = _f("", "parameter grid of `mltrain study`, e.g. "
+                   "\"data.partition=iid,dirichlet;sync.name=allreduce,localsgd\"")
+    ranks: str = _f("1,2", "rank counts of `mltrain study`, comma-separated")
+    out_dir: str = _f("", "folder for the study's runs, tables and plots (empty = "
+                      "study-<time>)")
+    eval_every: int = _f(1, "epochs between test evaluations in study runs", min=1)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -127,6 +139,7 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}

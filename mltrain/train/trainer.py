@@ -200,6 +200,15 @@ class Trainer:
                                    comm_bytes=STATS.bytes - bytes0, **extra)
                 bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
             bar.update(1)
+            if (cfg.run.eval_every and self.step % (cfg.run.eval_every * self.steps_per_epoch) == 0
+                    and self.step < self.total_steps):
+                ev = self.evaluate()
+                self.metrics.write(event="eval", step=self.step,
+                                   epoch=self.step / self.steps_per_epoch,
+                                   train_loss=ev["train_loss"],
+                                   test_accuracy=ev["test_accuracy"],
+                                   comm_bytes=STATS.bytes - bytes0,
+                                   time=time.perf_counter() - t0)
             if ckpt_every and self.step % ckpt_every == 0 and self.step < self.total_steps:
                 self.save()
         wall = time.perf_counter() - t0
@@ -229,6 +238,9 @@ class Trainer:
             "resumed_from": self.resumed_from,
             "metrics": str(self.run_dir / "metrics.jsonl") if self.run_dir else None,
         }
+        self.metrics.write(event="eval", step=self.step, epoch=summary["epochs"],
+                           train_loss=ev["train_loss"], test_accuracy=ev["test_accuracy"],
+                           comm_bytes=comm_bytes, time=wall)
         self.metrics.write(event="summary", **summary)
         self.metrics.close()
         return summary
