@@ -22,3 +22,15 @@ def test_example_runs(script, tmp_path):
     assert "test accuracy" in r.stdout and "on 2 ranks" in r.stdout
     acc = float(r.stdout.rsplit("test accuracy", 1)[1].split()[0])
     assert acc > 0.5, r.stdout  # 30 steps: well above chance (0.1)
+
+
+def test_partition_study_config_plans():
+    """The study example is a config, not a script: every run it describes must validate."""
+    from mltrain.cli.study import plan
+    from mltrain.config import load_config
+
+    cfg_path = str(ROOT / "examples" / "partition_study" / "study.toml")
+    cfg = load_config(cfg_path, ["data.path=/some/mnist"])
+    runs = plan(cfg_path, ["data.path=/some/mnist"], cfg.study.grid, cfg.study.ranks)
+    assert len(runs) == 3 * 3 * 2
+    assert {r for _, r, _ in runs} == {2, 4}

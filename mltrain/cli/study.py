@@ -138,17 +138,26 @@ def write_plots(out: Path, curves: dict[str, list[dict]]) -> None:
 
     for xkey, label, fname in (("epoch", "epochs", "test_accuracy_vs_epochs.png"),
                                ("comm_bytes", "MiB sent per rank", "test_accuracy_vs_bytes.png")):
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
-        for name, pts in sorted(curves.items()):
+        fig, ax = plt.subplots(figsize=(10, 5))
+        cmap = plt.get_cmap("tab20")
+        lowest = float("inf")
+        for i, (name, pts) in enumerate(sorted(curves.items())):
             pts = [p for p in pts if p.get("test_accuracy") is not None]
             xs = [p[xkey] / (2**20 if xkey == "comm_bytes" else 1) for p in pts]
-            ax.plot(xs, [p["test_accuracy"] for p in pts], marker="o", ms=3, label=name)
+            lowest = min([lowest, *xs])
+            # 20 distinct colours, then the same colours dashed, then dotted.
+            ax.plot(xs, [p["test_accuracy"] for p in pts], marker="o", ms=3, label=name,
+                    color=cmap(i % 20), linestyle=("-", "--", ":")[(i // 20) % 3])
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
         if xkey == "comm_bytes":
-            ax.set_xscale("symlog", linthresh=1.0)
+            if lowest > 0:
+                ax.set_xscale("log")
+            else:  # single-rank runs send nothing
+                ax.set_xscale("symlog", linthresh=1.0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right", ncol=1 + len(curves) // 12)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  ncol=1 + len(curves) // 25)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
