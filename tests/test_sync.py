@@ -254,3 +254,20 @@ def test_straggler_option(comm):
     with pytest.raises(CollectiveError, match="does not exist"):
         Trainer(load_config(None, [f"run.straggler={comm.Get_size()}:2"]), comm, quiet=True,
                 metrics=False)
+
+
+def test_async_pushsum_large_messages_no_deadlock(comm):
+    """Large messages go by rendezvous: a sender's wait needs the receiver to keep
+    receiving. Ranks that stop at different rounds and hit the pending-send bound must
+    still flush without deadlock."""
+    P, r = comm.Get_size(), comm.Get_rank()
+    n = 1 << 18  # 2 MiB in float64: far above any eager threshold
+    ps = AsyncPushSum(comm, n, torch.float64, slots=1, max_pending=1)
+    x = torch.full((n,), float(r + 1), dtype=torch.float64)
+    w = 1.0
+    total = comm.allreduce(float(x.sum()))
+    for k in range(3 + 4 * r):
+        w = ps.push(x, w, k)
+    w = ps.flush(x, w)
+    all_ranks(comm, comm.allreduce(float(x.sum())) == total and comm.allreduce(w) == P)
+    ps.close()

@@ -102,6 +102,21 @@ class AsyncPushSum:
         while self._pending and self._pending[0][0].test():
             self._free.append(self._pending.popleft()[1])
 
+    def _drain(self, x: torch.Tensor, w: float) -> float:
+        """Adds every message that has arrived (and reposts its receive)."""
+        for slot in self._slots:
+            if slot[1].Test():
+                w = self._take(slot, x, w)
+        return w
+
+    def _wait(self, done, x: torch.Tensor, w: float) -> float:
+        """Waits until ``done()`` while receiving: a peer's large send completes only once
+        this rank has a receive posted for it, so waiting without draining can deadlock
+        two ranks that each wait for their own send to the other."""
+        while not done():
+            w = self._drain(x, w)
+        return w
+
     def push(self, x: torch.Tensor, w: float, round_: int) -> float:
         """Sends half of (x, w) and adds what has arrived; returns the new weight."""
         if self.size == 1:
@@ -117,12 +132,9 @@ class AsyncPushSum:
         self._retire()
         while len(self._pending) > self.max_pending:
             h, b = self._pending.popleft()
-            h.wait()
+            w = self._wait(h.test, x, w)
             self._free.append(b)
-        for slot in self._slots:
-            if slot[1].Test():
-                w = self._take(slot, x, w)
-        return w
+        return self._drain(x, w)
 
     def flush(self, x: torch.Tensor, w: float) -> float:
         """Receives every message sent to this rank so far. Collective on ``comm``."""
@@ -130,15 +142,13 @@ class AsyncPushSum:
             return w
         with STATS.paused():
             expected = np.zeros_like(self.sent)
-            self.comm.Allreduce(self.sent, expected)
-        reqs = [s[1] for s in self._slots]
-        while self.received < expected[self.rank]:
-            i = MPI.Request.Waitany(reqs)
-            w = self._take(self._slots[i], x, w)
-            reqs[i] = self._slots[i][1]
+            counted = self.comm.Iallreduce(self.sent, expected)
+        w = self._wait(counted.Test, x, w)
+        # Every rank has stopped sending now; take what is still due, then finish sends.
+        w = self._wait(lambda: self.received >= expected[self.rank], x, w)
         while self._pending:
             h, b = self._pending.popleft()
-            h.wait()
+            w = self._wait(h.test, x, w)
             self._free.append(b)
         return w
 
