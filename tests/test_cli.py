@@ -161,3 +161,16 @@ def test_study_rejects_bad_input_before_running(tmp_path, args, message):
                         *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "s" / "runs").exists()
+
+
+def test_bench_sync_smoke(tmp_path):
+    out = tmp_path / "sync.json"
+    r = mpiexec(2, ["-m", "mltrain", "bench", "sync", "--steps", "4", "--json", str(out),
+                    "--set", "model.width=16", "--set", "model.depth=2"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rows = {x["scheme"]: x for x in res["schemes"]}
+    assert rows["allreduce"]["bytes_ratio"] == 1.0 and rows["allreduce"]["step_ratio"] == 1.0
+    assert rows["allreduce+fp16"]["bytes_ratio"] == pytest.approx(0.5, rel=1e-3)
+    assert rows["allreduce+powersgd-2"]["bytes_ratio"] < 0.5
+    assert all(x["step_s_straggler"] > 0 for x in rows.values())

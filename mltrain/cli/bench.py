@@ -10,6 +10,7 @@ import copy
 import json
 import socket
 import statistics
+import tempfile
 import time
 
 import numpy as np
@@ -26,6 +27,16 @@ from mltrain.utils import seed_everything, set_threads, torch_dtype
 # The benchmark's model when the config keeps the built-in default (which is too small to
 # say anything about communication): a residual MLP of about 8.4 M parameters.
 _BENCH_DEFAULTS = {"width": 1024, "depth": 8, "batch_size": 128}
+
+
+def _bench_shape(cfg) -> tuple[int, int, int]:
+    """(width, depth, global batch): the config's where it departs from the built-in
+    default, the benchmark's defaults otherwise."""
+    model_default, data_default = type(cfg.model)(), type(cfg.data)()
+    pick = lambda value, default, key: value if value != default else _BENCH_DEFAULTS[key]  # noqa: E731
+    return (pick(cfg.model.width, model_default.width, "width"),
+            pick(cfg.model.depth, model_default.depth, "depth"),
+            pick(cfg.data.batch_size, data_default.batch_size, "batch_size"))
 
 
 def _init_gloo(comm: MPI.Comm):
@@ -61,11 +72,7 @@ def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dic
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     threads = set_threads(cfg.run.threads, local.Get_size())
     local.Free()
-    default = type(cfg.model)()
-    width = cfg.model.width if cfg.model.width != default.width else _BENCH_DEFAULTS["width"]
-    depth = cfg.model.depth if cfg.model.depth != default.depth else _BENCH_DEFAULTS["depth"]
-    batch = (cfg.data.batch_size if cfg.data.batch_size != type(cfg.data)().batch_size
-             else _BENCH_DEFAULTS["batch_size"])
+    width, depth, batch = _bench_shape(cfg)
     if batch % P:
         raise ConfigError(f"data.batch_size: {batch} is not divisible by {P} ranks")
     dtype = torch_dtype(cfg.run.dtype)
@@ -167,13 +174,7 @@ def bench_sync(cfg, steps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dict:
 
     P = comm.Get_size()
     base_text = to_toml(cfg)
-    default = type(cfg.model)()
-    width = cfg.model.width if cfg.model.width != default.width else _BENCH_DEFAULTS["width"]
-    depth = cfg.model.depth if cfg.model.depth != default.depth else _BENCH_DEFAULTS["depth"]
-    batch = (cfg.data.batch_size if cfg.data.batch_size != type(cfg.data)().batch_size
-             else _BENCH_DEFAULTS["batch_size"])
-    import tempfile
-
+    width, depth, batch = _bench_shape(cfg)
     rows = []
     with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
         f.write(base_text)
