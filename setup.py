@@ -16,8 +16,10 @@ if os.environ.get("MLTRAIN_NO_EXT") != "1":
     ext_modules = [
         CppExtension(
             "mltrain._C",
-            sources=["csrc/pack.cpp"],
-            extra_compile_args=["-O3", "-fopenmp"],
+            sources=["csrc/module.cpp", "csrc/pack.cpp", "csrc/transfer.cpp",
+                     "csrc/reduce.cpp"],
+            # No FMA contraction: the kernels must round like their torch references.
+            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp"],
         )
     ]

@@ -1,24 +1,22 @@
-// Fused pack/unpack of a list of tensors into one flat buffer, with an optional scale.
-// Used by the gradient reducer (copy mode) and the parameter broadcast. The pure-torch
-// reference is mltrain/ops/pack.py; tests compare the two bit for bit.
+// Fused pack/unpack of a list of tensors into one flat buffer, with an optional scale and
+// dtype conversion (float32 <-> bfloat16 / float16, or any floating pair). Used by the
+// gradient reducer (copy mode), parameter broadcasts and the synchronization schemes. The
+// pure-torch reference is mltrain/ops/pack.py; tests compare the two bit for bit.
 #include <ATen/OpMathType.h>
-#include <torch/extension.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
+#include <type_traits>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "kernels.h"
 
+namespace mltrain {
 namespace {
 
 // Work is split into chunks of at most this many elements so that one large tensor is
 // shared between threads as well as many small ones.
 constexpr int64_t kChunk = 1 << 15;
-// Below this many elements in total the threads cost more than they save.
-constexpr int64_t kParallelMin = 1 << 17;
 
 struct Piece {
   int64_t tensor;  // index into the list
@@ -27,99 +25,119 @@ struct Piece {
   int64_t offset;  // first element within the flat buffer
 };
 
-std::vector<Piece> plan(const std::vector<at::Tensor>& tensors, int64_t flat_numel,
-                        const at::Tensor& flat) {
+std::vector<Piece> plan(const std::vector<at::Tensor>& tensors, const at::Tensor& flat,
+                        int64_t* total) {
   TORCH_CHECK(flat.device().is_cpu(), "pack/unpack: the flat buffer must be on the CPU");
   TORCH_CHECK(flat.is_contiguous(), "pack/unpack: the flat buffer must be contiguous");
   std::vector<Piece> pieces;
   int64_t offset = 0;
+  const auto st = tensors.empty() ? flat.scalar_type() : tensors[0].scalar_type();
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
     TORCH_CHECK(t.device().is_cpu(), "pack/unpack: tensor ", i, " is not on the CPU");
     TORCH_CHECK(t.is_contiguous(), "pack/unpack: tensor ", i, " is not contiguous");
-    TORCH_CHECK(t.scalar_type() == flat.scalar_type(), "pack/unpack: tensor ", i, " has dtype ",
-                t.scalar_type(), " but the flat buffer has ", flat.scalar_type());
+    TORCH_CHECK(t.scalar_type() == st, "pack/unpack: tensor ", i, " has dtype ",
+                t.scalar_type(), " but tensor 0 has ", st);
     const int64_t n = t.numel();
     for (int64_t b = 0; b < n; b += kChunk) {
       pieces.push_back({static_cast<int64_t>(i), b, std::min(kChunk, n - b), offset + b});
     }
     offset += n;
   }
-  TORCH_CHECK(offset <= flat_numel, "pack/unpack: tensors hold ", offset,
-              " elements but the flat buffer only ", flat_numel);
+  TORCH_CHECK(offset <= flat.numel(), "pack/unpack: tensors hold ", offset,
+              " elements but the flat buffer only ", flat.numel());
+  *total = offset;
   return pieces;
 }
 
-void check_scale(const at::Tensor& flat, double scale) {
-  TORCH_CHECK(scale == 1.0 || at::isFloatingType(flat.scalar_type()),
-              "pack/unpack: a scale other than 1 needs a floating-point dtype, not ",
-              flat.scalar_type());
+void check_types(at::ScalarType src, at::ScalarType dst, double scale) {
+  const bool fs = at::isFloatingType(src), fd = at::isFloatingType(dst);
+  TORCH_CHECK(src == dst || (fs && fd), "pack/unpack: dtype conversion only between "
+              "floating-point types, not ", src, " -> ", dst);
+  TORCH_CHECK(scale == 1.0 || fs, "pack/unpack: a scale other than 1 needs a floating-point "
+              "dtype, not ", src);
 }
 
-// Scaling happens in torch's "opmath" type (float for half/bfloat16), as torch.mul does,
-// so kernel and reference agree bit for bit.
-template <typename T>
-void copy_scaled(const T* src, T* dst, int64_t n, double scale) {
-  if (scale == 1.0) {
-    std::copy(src, src + n, dst);
-  } else {
-    using acc_t = at::opmath_type<T>;
+// dst = cast(src * scale). The product is formed in the wider of the two types' "opmath"
+// (float for half/bfloat16, double if either side is double) and rounded once, as the
+// reference (src.to(acc) * scale).to(dst) does.
+template <typename S, typename D>
+void convert(const S* src, D* dst, int64_t n, double scale) {
+  if constexpr (std::is_same_v<S, D>) {
+    if (scale == 1.0) {
+      std::copy(src, src + n, dst);
+      return;
+    }
+  }
+  using acc_t = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<D, double>,
+                                   double, float>;
+  if constexpr (std::is_floating_point_v<S> || std::is_same_v<S, at::Half> ||
+                std::is_same_v<S, at::BFloat16>) {
     const acc_t s = static_cast<acc_t>(scale);
-    for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<T>(static_cast<acc_t>(src[k]) * s);
+    if (scale == 1.0) {
+      for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<D>(static_cast<acc_t>(src[k]));
+    } else {
+      for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<D>(static_cast<acc_t>(src[k]) * s);
+    }
+  } else {  // integers and bool: plain copies (check_types allows no conversion)
+    for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<D>(src[k]);
   }
 }
 
 template <typename F>
 void for_pieces(const std::vector<Piece>& pieces, int64_t total, F&& body) {
   const int64_t np = static_cast<int64_t>(pieces.size());
-#ifdef _OPENMP
-  // Follow torch.set_num_threads so ranks that share a node do not oversubscribe it.
-  const int threads = std::max(1, at::get_num_threads());
-#pragma omp parallel for schedule(static) num_threads(threads) if (total >= kParallelMin)
-#endif
-  for (int64_t k = 0; k < np; ++k) body(pieces[k]);
+  const int64_t grain = total >= kParallelMin ? 1 : np + 1;
+  at::parallel_for(0, np, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) body(pieces[k]);
+  });
 }
 
-// flat[offsets] = scale * tensors, returns the number of elements written.
-int64_t pack(const std::vector<at::Tensor>& tensors, at::Tensor flat, double scale) {
-  auto pieces = plan(tensors, flat.numel(), flat);
-  check_scale(flat, scale);
-  int64_t total = 0;
-  for (const auto& t : tensors) total += t.numel();
-  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, flat.scalar_type(), "pack", [&] {
-    std::vector<const scalar_t*> src;
-    for (const auto& t : tensors) src.push_back(t.data_ptr<scalar_t>());
-    scalar_t* dst = flat.data_ptr<scalar_t>();
-    for_pieces(pieces, total, [&](const Piece& p) {
-      copy_scaled(src[p.tensor] + p.begin, dst + p.offset, p.len, scale);
-    });
-  });
-  return total;
-}
-
-// tensors = scale * flat[offsets], returns the number of elements read.
-int64_t unpack(at::Tensor flat, const std::vector<at::Tensor>& tensors, double scale) {
-  auto pieces = plan(tensors, flat.numel(), flat);
-  check_scale(flat, scale);
-  int64_t total = 0;
-  for (const auto& t : tensors) total += t.numel();
-  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, flat.scalar_type(), "unpack", [&] {
-    std::vector<scalar_t*> dst;
-    for (const auto& t : tensors) dst.push_back(t.data_ptr<scalar_t>());
-    const scalar_t* src = flat.data_ptr<scalar_t>();
-    for_pieces(pieces, total, [&](const Piece& p) {
-      copy_scaled(src + p.offset, dst[p.tensor] + p.begin, p.len, scale);
-    });
-  });
-  return total;
-}
+#define MLTRAIN_DISPATCH_ALL(TYPE, NAME, ...) \
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, TYPE, NAME, __VA_ARGS__)
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "mltrain C++ kernels";
-  m.def("pack", &pack, "flat[...] = scale * concat(tensors)", py::arg("tensors"),
-        py::arg("flat"), py::arg("scale") = 1.0);
-  m.def("unpack", &unpack, "tensors = scale * split(flat)", py::arg("flat"),
-        py::arg("tensors"), py::arg("scale") = 1.0);
+int num_threads() { return std::max(1, at::get_num_threads()); }
+
+int64_t pack(const std::vector<at::Tensor>& tensors, at::Tensor flat, double scale) {
+  int64_t total = 0;
+  auto pieces = plan(tensors, flat, &total);
+  if (tensors.empty()) return 0;
+  const auto st = tensors[0].scalar_type(), dt = flat.scalar_type();
+  check_types(st, dt, scale);
+  MLTRAIN_DISPATCH_ALL(st, "pack_src", [&] {
+    using S = scalar_t;
+    std::vector<const S*> src;
+    for (const auto& t : tensors) src.push_back(t.data_ptr<S>());
+    MLTRAIN_DISPATCH_ALL(dt, "pack_dst", [&] {
+      scalar_t* dst = flat.data_ptr<scalar_t>();
+      for_pieces(pieces, total, [&](const Piece& p) {
+        convert<S, scalar_t>(src[p.tensor] + p.begin, dst + p.offset, p.len, scale);
+      });
+    });
+  });
+  return total;
 }
+
+int64_t unpack(at::Tensor flat, const std::vector<at::Tensor>& tensors, double scale) {
+  int64_t total = 0;
+  auto pieces = plan(tensors, flat, &total);
+  if (tensors.empty()) return 0;
+  const auto st = flat.scalar_type(), dt = tensors[0].scalar_type();
+  check_types(st, dt, scale);
+  MLTRAIN_DISPATCH_ALL(st, "unpack_src", [&] {
+    using S = scalar_t;
+    const S* src = flat.data_ptr<S>();
+    MLTRAIN_DISPATCH_ALL(dt, "unpack_dst", [&] {
+      std::vector<scalar_t*> dst;
+      for (const auto& t : tensors) dst.push_back(t.data_ptr<scalar_t>());
+      for_pieces(pieces, total, [&](const Piece& p) {
+        convert<S, scalar_t>(src + p.offset, dst[p.tensor] + p.begin, p.len, scale);
+      });
+    });
+  });
+  return total;
+}
+
+}  // namespace mltrain

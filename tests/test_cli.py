@@ -174,3 +174,22 @@ def test_bench_sync_smoke(tmp_path):
     assert rows["allreduce+fp16"]["bytes_ratio"] == pytest.approx(0.5, rel=1e-3)
     assert rows["allreduce+powersgd-2"]["bytes_ratio"] < 0.5
     assert all(x["step_s_straggler"] > 0 for x in rows.values())
+
+
+def test_bench_kernels_smoke(tmp_path):
+    import subprocess
+    import sys
+
+    from mltrain import ops
+
+    if not ops.has_ext:
+        pytest.skip(ops.ext_status())
+    out = tmp_path / "k.json"
+    r = subprocess.run([sys.executable, "-m", "mltrain", "bench", "kernels", "--sizes",
+                        "1e3,2e4", "--json", str(out)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert {"pack_fp32_to_bf16", "restrict_full_weighting", "prolong_linear", "sum_4_buffers",
+            "axpby"} <= set(res["speedup_at_largest"])
+    assert all(v > 0 for v in res["speedup_at_largest"].values())

@@ -68,7 +68,148 @@ def test_errors_are_clear():
         pytest.skip(ops.ext_status())
     with pytest.raises(RuntimeError, match="only"):
         ops._C.pack([torch.ones(5)], torch.empty(4), 1.0)
-    with pytest.raises(RuntimeError, match="dtype"):
-        ops._C.pack([torch.ones(2, dtype=torch.float64)], torch.empty(4), 1.0)
+    with pytest.raises(RuntimeError, match="conversion only between floating"):
+        ops._C.pack([torch.ones(2, dtype=torch.int64)], torch.empty(4), 1.0)
+    with pytest.raises(RuntimeError, match="has dtype"):
+        ops._C.pack([torch.ones(2), torch.ones(2, dtype=torch.float64)], torch.empty(4), 1.0)
     with pytest.raises(RuntimeError, match="contiguous"):
         ops._C.pack([torch.ones(4, 4).t()], torch.empty(16), 1.0)
+
+
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def need_ext():
+    if not ops.has_ext:
+        pytest.skip(ops.ext_status())
+
+
+@pytest.mark.parametrize("src, dst", [
+    (torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float32),
+    (torch.float64, torch.float32), (torch.float32, torch.float64), (torch.float16, torch.bfloat16),
+    (torch.float64, torch.bfloat16),
+])
+@pytest.mark.parametrize("scale", [1.0, 0.25, 1 / 3])
+def test_pack_with_cast_matches_reference(src, dst, scale):
+    need_ext()
+    ts = _tensors(src, SIZES)
+    n = sum(t.numel() for t in ts)
+    ext, ref = torch.zeros(n, dtype=dst), torch.zeros(n, dtype=dst)
+    ops._C.pack(ts, ext, scale)
+    ops.pack_reference(ts, ref, scale)
+    assert torch.equal(ext, ref)
+    back_e = [torch.empty_like(t) for t in ts]
+    back_r = [torch.empty_like(t) for t in ts]
+    ops._C.unpack(ext, back_e, scale)
+    ops.unpack_reference(ref, back_r, scale)
+    assert all(torch.equal(a, b) for a, b in zip(back_e, back_r))
+
+
+def _layers(n, inner, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *inner, generator=g, dtype=torch.float64).to(dtype)
+
+
+INNER = [(), (7,), (3, 5), (1, 40000)]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("cf", [2, 3, 4])
+@pytest.mark.parametrize("inner", INNER, ids=str)
+def test_transfer_kernels_match_reference(dtype, cf, inner):
+    need_ext()
+    for nc in (1, 2, 5):
+        fine = _layers(nc * cf, inner, dtype)
+        for mode in ops.RESTRICTIONS:
+            assert torch.equal(ops._C.restrict_depth(fine, cf, mode),
+                               ops.restrict_reference(fine, cf, mode)), (mode, nc)
+        coarse = _layers(nc, inner, dtype, seed=1)
+        for mode in ops.PROLONGATIONS:
+            assert torch.equal(ops._C.prolong_depth(coarse, cf, mode, 0),
+                               ops.prolong_reference(coarse, cf, mode)), (mode, nc)
+
+
+@pytest.mark.parametrize("cf", [2, 3, 4])
+def test_transfer_properties(cf):
+    coarse = _layers(5, (3,), torch.float64)
+    for mode in ops.PROLONGATIONS:  # R o P = I for injection
+        assert torch.equal(ops.restrict(ops.prolong(coarse, cf, mode), cf, "injection"), coarse)
+    const = torch.full((4 * cf, 3), 2.5, dtype=torch.float64)
+    for mode in ops.RESTRICTIONS:  # constants survive restriction ...
+        assert torch.allclose(ops.restrict(const, cf, mode), const[:4], rtol=1e-15)
+    for mode in ops.PROLONGATIONS:  # ... and prolongation
+        assert torch.allclose(ops.prolong(const[:4], cf, mode), const, rtol=1e-15)
+    # Weights linear in depth are reproduced by linear prolongation, everywhere.
+    depth = torch.arange(5 * cf, dtype=torch.float64)
+    w = (0.5 + 0.25 * depth)[:, None] * torch.tensor([[1.0, -2.0, 3.0]], dtype=torch.float64)
+    assert torch.allclose(ops.prolong(w[::cf], cf, "linear"), w, rtol=1e-14, atol=1e-14)
+    # Full weighting with cf = 2 is the [1/4, 1/2, 1/4] stencil inside.
+    if cf == 2:
+        x = _layers(8, (2,), torch.float64)
+        r = ops.restrict(x, 2, "full_weighting")
+        assert torch.allclose(r[1], 0.25 * x[1] + 0.5 * x[2] + 0.25 * x[3], rtol=1e-15)
+
+
+@pytest.mark.parametrize("mode", ["injection", "full_weighting"])
+def test_restrict_gradcheck(mode):
+    x = _layers(6, (2,), torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: ops.restrict(t, 3, mode), (x,))
+
+
+@pytest.mark.parametrize("mode", ["constant", "linear"])
+def test_prolong_gradcheck(mode):
+    x = _layers(3, (2,), torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: ops.prolong(t, 2, mode), (x,))
+
+
+def test_transfer_errors():
+    x = _layers(6, (2,), torch.float32)
+    with pytest.raises(ValueError, match="not divisible"):
+        ops.restrict(x, 4, "injection")
+    with pytest.raises(ValueError, match="mode"):
+        ops.restrict(x, 2, "average")
+    with pytest.raises(ValueError, match="mode"):
+        ops.prolong(x, 2, "cubic")
+    with pytest.raises(ValueError, match="coarsening factor"):
+        ops.prolong(x, 0, "constant")
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [1, 1001, 200003])
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_sum_buffers_matches_reference(dtype, n, k):
+    need_ext()
+    bufs = [_layers(n, (), dtype, seed=s) for s in range(k)]
+    ext, ref = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+    ops._C.sum_buffers(ext, bufs)
+    ops.sum_buffers_reference(ref, bufs)
+    assert torch.equal(ext, ref)
+    alias = bufs[0].clone()
+    ops.sum_buffers(alias, [alias] + bufs[1:])  # in place into the first buffer
+    assert torch.equal(alias, ref)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [1, 1001, 200003])
+def test_axpby_matches_reference(dtype, n):
+    need_ext()
+    x, y = _layers(n, (), dtype, 0), _layers(n, (), dtype, 1)
+    for a, b in ((0.5, 0.5), (1 / 3, -2.0), (1.0, 0.0)):
+        ext, ref = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+        ops._C.axpby(ext, a, x, b, y)
+        ops.axpby_reference(ref, a, x, b, y)
+        assert torch.equal(ext, ref), (a, b)
+    inplace = x.clone()
+    ops.axpby(inplace, 0.5, inplace, 0.5, y)
+    assert torch.equal(inplace, ops.axpby_reference(torch.empty_like(x), 0.5, x, 0.5, y))
+
+
+def test_reduce_errors():
+    with pytest.raises(ValueError, match="at least one"):
+        ops.sum_buffers(torch.empty(3), [])
+    if ops.has_ext:
+        with pytest.raises(RuntimeError, match="elements"):
+            ops._C.sum_buffers(torch.empty(3), [torch.empty(4)])
+        with pytest.raises(RuntimeError, match="dtype"):
+            ops._C.axpby(torch.empty(3), 1.0, torch.empty(3, dtype=torch.float64), 1.0,
+                         torch.empty(3))

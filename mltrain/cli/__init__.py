@@ -41,13 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--check-mpi", action="store_true",
                    help="exit 1 unless mpi4py and PETSc load the same MPI library")
     b = sub.add_parser("bench", parents=[common], help="benchmarks against a baseline")
-    b.add_argument("what", choices=["dp", "sync"], help="dp: data-parallel step vs DDP, "
-                   "reducer vs raw allreduce; sync: every scheme vs allreduce, with and "
-                   "without a straggler")
+    b.add_argument("what", choices=["dp", "sync", "kernels"], help="dp: data-parallel step "
+                   "vs DDP, reducer vs raw allreduce; sync: every scheme vs allreduce, with "
+                   "and without a straggler; kernels: C++ kernels vs torch references")
     b.add_argument("--json", metavar="OUT.json", help="write the figures as JSON")
     b.add_argument("--steps", type=int, default=0,
                    help="timed steps per variant (0 = 30 for dp, 32 for sync)")
     b.add_argument("--reps", type=int, default=20, help="timed reductions per variant")
+    b.add_argument("--sizes", default="", help="kernels: element counts, e.g. 1e4,1e6")
     pt = sub.add_parser("partition", parents=[common],
                         help="compute a partition without MPI: sizes, label histograms, skew")
     pt.add_argument("--ranks", type=int, required=True, help="number of data-parallel ranks")

@@ -225,6 +225,25 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
     from mltrain.comm import agree
 
     agree(comm, lambda: check_writable(args.json, "--json"), what="config")
+    if what == "kernels":
+        from mltrain.cli.bench_kernels import bench_kernels
+
+        if comm.Get_size() > 1:
+            raise ConfigError("bench kernels: run it as one process (no mpiexec -n > 1)")
+        sizes = tuple(int(float(s)) for s in args.sizes.split(",")) if args.sizes else None
+        res = bench_kernels(sizes) if sizes else bench_kernels()
+        print(f"bench kernels: {res['threads']} threads; speedup = torch reference time / "
+              "kernel time (best of several runs)")
+        names = list(res["speedup_at_largest"])
+        sizes = sorted({r["elements"] for r in res["rows"]})
+        print(f"  {'kernel':<26}" + "".join(f"{n:>10.0e}" for n in sizes))
+        for name in names:
+            cells = {r["elements"]: r["speedup"] for r in res["rows"] if r["kernel"] == name}
+            print(f"  {name:<26}" + "".join(f"{cells[n]:>10.2f}" for n in sizes))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"bench": what, **res}, f, indent=2)
+        return 0
     if what == "sync":
         # A whole number of every scheme's period (16, 8, 4) in the timed window.
         res = bench_sync(cfg, args.steps or 32, comm)

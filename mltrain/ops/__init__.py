@@ -30,5 +30,12 @@ def ext_status() -> str:
 
 
 from mltrain.ops.pack import pack, pack_reference, unpack, unpack_reference  # noqa: E402
+from mltrain.ops.reduce import (axpby, axpby_reference, sum_buffers,  # noqa: E402
+                                sum_buffers_reference)
+from mltrain.ops.transfer import (PROLONGATIONS, RESTRICTIONS, prolong,  # noqa: E402
+                                  prolong_reference, restrict, restrict_reference)
 
-__all__ = ["has_ext", "ext_status", "pack", "unpack", "pack_reference", "unpack_reference"]
+__all__ = ["has_ext", "ext_status", "pack", "unpack", "pack_reference", "unpack_reference",
+           "sum_buffers", "sum_buffers_reference", "axpby", "axpby_reference", "restrict",
+           "restrict_reference", "prolong", "prolong_reference", "RESTRICTIONS",
+           "PROLONGATIONS"]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mltrain import ops
 from mltrain.comm import STATS, irecv, isend
 from mltrain.comm.collectives import mpi_buffer
 from mltrain.sync.base import SyncStrategy
@@ -55,7 +56,7 @@ class PushSum:
         sreq = isend(self._send, (self.rank + off) % self.size, self.comm, self.TAG)
         rreq.wait()
         sreq.wait()
-        torch.add(self._recv[:n], x, alpha=0.5, out=x)  # x/2 + received, one pass
+        ops.axpby(x, 0.5, x, 1.0, self._recv[:n])  # x/2 + received, one pass
         return w + float(self._recv[n])
 
 

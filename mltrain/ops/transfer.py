@@ -1,0 +1,135 @@
+"""Depth transfer of stacked per-layer parameters ``[N, ...]`` (multilevel training).
+
+``restrict(fine, cf, mode)`` gives ``[N / cf, ...]`` by ``injection`` or
+``full_weighting``; ``prolong(coarse, cf, mode)`` gives ``[Nc * cf, ...]`` by ``constant``
+or ``linear`` interpolation in depth. The exact definitions are in csrc/transfer.cpp; the
+references below implement the same arithmetic in vectorised torch. Both directions are
+linear maps, differentiable through ``restrict``/``prolong`` (autograd uses the reference's
+graph for the backward pass). Not collective.
+"""
+from __future__ import annotations
+
+import torch
+
+from mltrain import ops
+
+RESTRICTIONS = ("injection", "full_weighting")
+PROLONGATIONS = ("constant", "linear")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(x: torch.Tensor, cf: int, what: str) -> None:
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"{what}: needs stacked layers [N, ...], got shape {tuple(x.shape)}")
+    if cf < 1:
+        raise ValueError(f"{what}: the coarsening factor must be at least 1, got {cf}")
+
+
+def restrict_reference(fine: torch.Tensor, cf: int, mode: str) -> torch.Tensor:
+    _check(fine, cf, "restrict")
+    n = fine.shape[0]
+    if n % cf:
+        raise ValueError(f"restrict: {n} layers are not divisible by cf = {cf}")
+    if mode == "injection":
+        return fine[::cf].clone()
+    if mode != "full_weighting":
+        raise ValueError(f"restrict: mode must be one of {RESTRICTIONS}, not {mode!r}")
+    nc = n // cf
+    acc_t = _acc(fine.dtype)
+    rows = torch.arange(nc) * cf
+    acc = torch.zeros((nc, *fine.shape[1:]), dtype=acc_t)
+    wsum = torch.zeros(nc, dtype=torch.int64)
+    for k in range(-(cf - 1), cf):
+        idx = rows + k
+        ok = (idx >= 0) & (idx < n)
+        w = float(cf - abs(k))
+        acc[ok] = acc[ok] + w * fine[idx[ok]].to(acc_t)
+        wsum[ok] += cf - abs(k)
+    shape = (nc,) + (1,) * (fine.dim() - 1)
+    return (acc / wsum.to(acc_t).view(shape)).to(fine.dtype)
+
+
+def prolong_reference(coarse: torch.Tensor, cf: int, mode: str) -> torch.Tensor:
+    _check(coarse, cf, "prolong")
+    nc = coarse.shape[0]
+    if mode not in PROLONGATIONS:
+        raise ValueError(f"prolong: mode must be one of {PROLONGATIONS}, not {mode!r}")
+    if mode == "constant" or nc == 1:
+        return coarse.repeat_interleave(cf, dim=0)
+    acc_t = _acc(coarse.dtype)
+    j = torch.arange(nc * cf)
+    i = torch.clamp(j // cf, max=nc - 2)
+    t = (j - i * cf).to(torch.float64) / cf
+    shape = (nc * cf,) + (1,) * (coarse.dim() - 1)
+    a, b = (1.0 - t).to(acc_t).view(shape), t.to(acc_t).view(shape)
+    c = coarse.to(acc_t)
+    return (a * c[i] + b * c[i + 1]).to(coarse.dtype)
+
+
+# Injection and constant prolongation are pure copies: torch's own copy is as fast from
+# about 1e7 elements and faster at 1e8 (bench kernels, docs/benchmarks.md), so the
+# reference runs there.
+COPY_REFERENCE_FROM = 10**7
+
+
+def _use_ext(x: torch.Tensor, mode: str) -> bool:
+    if mode in ("injection", "constant") and x.numel() >= COPY_REFERENCE_FROM:
+        return False
+    return ops.has_ext and x.device.type == "cpu" and x.is_floating_point() and x.numel() > 0
+
+
+class _Restrict(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fine, cf, mode):
+        ctx.save_for_backward(fine)
+        ctx.cf, ctx.mode = cf, mode
+        return ops._C.restrict_depth(fine.contiguous(), cf, mode)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (fine,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = fine.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(restrict_reference(x, ctx.cf, ctx.mode), x, grad)
+        return g, None, None
+
+
+class _Prolong(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, coarse, cf, mode):
+        ctx.save_for_backward(coarse)
+        ctx.cf, ctx.mode = cf, mode
+        return ops._C.prolong_depth(coarse.contiguous(), cf, mode, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (coarse,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = coarse.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(prolong_reference(x, ctx.cf, ctx.mode), x, grad)
+        return g, None, None
+
+
+def restrict(fine: torch.Tensor, cf: int, mode: str = "injection") -> torch.Tensor:
+    """Coarse layers from fine ones (see the module doc)."""
+    if _use_ext(fine, mode):
+        _check(fine, cf, "restrict")
+        try:
+            return _Restrict.apply(fine, cf, mode)
+        except RuntimeError as e:  # the kernel's argument checks: same message, ValueError
+            raise ValueError(str(e).splitlines()[0]) from None
+    return restrict_reference(fine, cf, mode)
+
+
+def prolong(coarse: torch.Tensor, cf: int, mode: str = "constant") -> torch.Tensor:
+    """Fine layers from coarse ones (see the module doc)."""
+    if _use_ext(coarse, mode):
+        _check(coarse, cf, "prolong")
+        try:
+            return _Prolong.apply(coarse, cf, mode)
+        except RuntimeError as e:
+            raise ValueError(str(e).splitlines()[0]) from None
+    return prolong_reference(coarse, cf, mode)
