@@ -72,10 +72,21 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = _f("adam", "optimizer", choices=("sgd", "adam"))
+    name: str = _f("adam", "optimizer", choices=("sgd", "adam", "tr"))
     lr: float = _f(3e-3, "learning rate", min=0.0)
     momentum: float = _f(0.9, "SGD momentum (heavy ball)", min=0.0, max=1.0)
     weight_decay: float = _f(0.0, "L2 weight decay", min=0.0)
+    radius: float = _f(0.5, "tr: initial trust-region radius", min=0.0)
+    radius_max: float = _f(10.0, "tr: largest radius", min=0.0)
+    eta1: float = _f(0.1, "tr: steps with actual/predicted reduction below this are rejected",
+                     min=0.0, max=1.0)
+    eta2: float = _f(0.75, "tr: at or above this ratio the radius grows", min=0.0, max=1.0)
+    gamma1: float = _f(0.5, "tr: radius factor after a rejected step", min=0.0, max=1.0)
+    gamma2: float = _f(2.0, "tr: radius factor after a very successful step", min=1.0)
+    curvature: str = _f("hessian", "tr: curvature model", choices=("hessian", "ggn"))
+    ksp_type: str = _f("stcg", "tr: PETSc Krylov method for the subproblem",
+                       choices=("stcg", "nash", "gltr"))
+    max_it: int = _f(50, "tr: most Krylov iterations per step", min=1)
 
 
 @dataclass
@@ -218,6 +229,18 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.path: required when data.name = {cfg.data.name!r}")
     if cfg.run.straggler:
         parse_straggler(cfg.run.straggler)
+    if cfg.optim.name == "tr":
+        o = cfg.optim
+        if not 0 < o.radius <= o.radius_max:
+            raise ConfigError(f"optim.radius: need 0 < radius <= radius_max, got {o.radius} "
+                              f"and {o.radius_max}")
+        if o.eta1 > o.eta2:
+            raise ConfigError(f"optim.eta1: {o.eta1} is above optim.eta2 = {o.eta2}")
+        if not 0 < o.gamma1 < 1:
+            raise ConfigError(f"optim.gamma1: must lie strictly between 0 and 1, got {o.gamma1}")
+        if cfg.sync.name != "allreduce" or cfg.sync.compression != "none":
+            raise ConfigError("optim.name = 'tr' averages its own gradients and curvature "
+                              "products: use sync.name = 'allreduce' without compression")
     if cfg.sync.compression != "none" and cfg.sync.name != "allreduce":
         raise ConfigError(f"sync.compression: applies to sync.name = 'allreduce', not "
                           f"{cfg.sync.name!r}")

@@ -23,7 +23,8 @@ from mltrain.data import (LABEL_PARTITIONS, ShardLoader, open_dataset, partition
 from mltrain.io import MetricsWriter, latest_checkpoint, load_checkpoint, save_checkpoint
 from mltrain.nn import build_model
 from mltrain.optim import build_optimizer
-from mltrain.sync import build_sync
+from mltrain.optim.tr import TrustRegion
+from mltrain.sync import SyncStrategy, build_sync
 from mltrain.utils import get_logger, seed_everything, set_threads, torch_dtype
 
 __all__ = ["Trainer"]
@@ -70,10 +71,19 @@ class Trainer:
                                 depth=cfg.model.depth, dtype=self.dtype)
         self.model = model.to(self.dtype)
         broadcast_parameters(self.model, dcomm)
-        self.optimizer = build_optimizer(cfg.optim.name, self.model.parameters(),
-                                         lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                         weight_decay=cfg.optim.weight_decay)
-        self.sync = agree(comm, lambda: build_sync(cfg, self.model, dcomm), what="config")
+        o = cfg.optim
+        if o.name == "tr":
+            # Second order: it averages its own gradients and curvature products.
+            self.optimizer = TrustRegion(self.model.parameters(), dcomm, radius=o.radius,
+                                         radius_max=o.radius_max, eta1=o.eta1, eta2=o.eta2,
+                                         gamma1=o.gamma1, gamma2=o.gamma2,
+                                         curvature=o.curvature, ksp_type=o.ksp_type,
+                                         max_it=o.max_it)
+            self.sync = SyncStrategy(self.model, dcomm)
+        else:
+            self.optimizer = build_optimizer(o.name, self.model.parameters(), lr=o.lr,
+                                             momentum=o.momentum, weight_decay=o.weight_decay)
+            self.sync = agree(comm, lambda: build_sync(cfg, self.model, dcomm), what="config")
 
         idx = agree(comm, self._my_partition, what="config")
         x, y = agree(comm, lambda: self.dataset.read_train(idx), what="data")
@@ -162,6 +172,8 @@ class Trainer:
 
         Collective on the data axis.
         """
+        if isinstance(self.optimizer, TrustRegion):
+            return torch.tensor(self.optimizer.tr_step(self.model, F.cross_entropy, x, y))
         self.sync.before_forward(self.step)
         t0 = time.perf_counter()
         loss = F.cross_entropy(self.model(x), y)
@@ -238,6 +250,12 @@ class Trainer:
             "resumed_from": self.resumed_from,
             "metrics": str(self.run_dir / "metrics.jsonl") if self.run_dir else None,
         }
+        if isinstance(self.optimizer, TrustRegion):
+            # Work in full-gradient equivalents over the training set.
+            c, per = self.optimizer.counts, cfg.data.batch_size / self.dataset.num_train
+            summary.update(grad_evals=c["gradients"] * per, hvp_evals=c["products"] * per,
+                           loss_evals=c["losses"] * per, accepted_steps=c["accepted"],
+                           rejected_steps=c["rejected"], radius=self.optimizer.radius)
         self.metrics.write(event="eval", step=self.step, epoch=summary["epochs"],
                            train_loss=ev["train_loss"], test_accuracy=ev["test_accuracy"],
                            comm_bytes=comm_bytes, time=wall)
@@ -277,5 +295,7 @@ class Trainer:
     def close(self) -> None:
         """Removes hooks and frees communicators. Collective."""
         self.sync.close()
+        if isinstance(self.optimizer, TrustRegion):
+            self.optimizer.close()
         self.metrics.close()
         self.gc.free()

@@ -1,0 +1,86 @@
+"""Curvature-vector products of a model's loss on one batch, on flat parameter vectors.
+
+``Curvature(model, loss_fn, x, y, kind)`` holds one batch; ``.grad()`` returns the flat
+gradient and ``.mv(v)`` the product of ``v`` with the Hessian (``"hessian"``: double
+backward) or the generalised Gauss-Newton matrix (``"ggn"``: J^T H_loss J, with the
+softmax cross-entropy Hessian H_loss = (diag(p) - p p^T) / batch, positive semi-definite).
+Pure torch; products are local to the rank. Averaging over the data axis is the caller's
+job (one allreduce per product). Not collective.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, jvp, vjp
+
+__all__ = ["Curvature", "flat_params", "set_flat_params", "CURVATURES"]
+
+CURVATURES = ("hessian", "ggn")
+
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def set_flat_params(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Copies ``flat`` into the trainable parameters (bit for bit). Not collective."""
+    off = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(flat[off:off + p.numel()].view_as(p))
+                off += p.numel()
+
+
+class Curvature:
+    def __init__(self, model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                 kind: str = "hessian"):
+        if kind not in CURVATURES:
+            raise ValueError(f"optim.curvature: {kind!r} is not one of {CURVATURES}")
+        self.model, self.loss_fn, self.x, self.y, self.kind = model, loss_fn, x, y, kind
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shapes = [p.shape for p in self.params]
+        self.numel = sum(p.numel() for p in self.params)
+        self._loss = None
+        self._grads = None
+        self.products = 0
+
+    def _split(self, v: torch.Tensor):
+        out, off = [], 0
+        for s in self.shapes:
+            n = s.numel()
+            out.append(v[off:off + n].view(s))
+            off += n
+        return out
+
+    def loss_and_grad(self) -> tuple[float, torch.Tensor]:
+        """Loss value and flat gradient at the current parameters (kept for ``mv``)."""
+        loss = self.loss_fn(self.model(self.x), self.y)
+        grads = torch.autograd.grad(loss, self.params, create_graph=self.kind == "hessian")
+        self._loss, self._grads = loss, grads
+        return float(loss.detach()), torch.cat([g.detach().reshape(-1) for g in grads])
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        """Curvature times the flat vector ``v`` (at the point of ``loss_and_grad``)."""
+        self.products += 1
+        if self.kind == "hessian":
+            if self._grads is None:
+                self.loss_and_grad()
+            dot = sum((g * vi).sum() for g, vi in zip(self._grads, self._split(v)))
+            hv = torch.autograd.grad(dot, self.params, retain_graph=True)
+            return torch.cat([h.reshape(-1) for h in hv])
+        return self._ggn_mv(v)
+
+    def _ggn_mv(self, v: torch.Tensor) -> torch.Tensor:
+        params = {n: p.detach() for n, p in zip(self.names, self.params)}
+
+        def logits_of(flat_ps):
+            return functional_call(self.model, dict(zip(self.names, flat_ps)), (self.x,))
+
+        primals = tuple(params[n] for n in self.names)
+        logits, jv = jvp(logits_of, (primals,), (tuple(self._split(v)),))
+        p = torch.softmax(logits.detach(), dim=-1)
+        hjv = (p * jv - p * (p * jv).sum(-1, keepdim=True)) / logits.shape[0]
+        _, pullback = vjp(logits_of, primals)
+        (jt,) = pullback(hjv)
+        return torch.cat([t.reshape(-1) for t in jt])

@@ -1,0 +1,115 @@
+"""Trust-region training (second order): each step minimises the quadratic model of the
+loss on the current batch inside a ball of radius Delta with a PETSc Krylov method
+(Steihaug-Toint CG by default), then accepts or rejects the step by the ratio of actual
+to predicted reduction and updates Delta:
+
+    rho = (f(x) - f(x + s)) / (-m(s))
+    rho <  eta1:  rejected, parameters restored bit for bit, Delta *= gamma1
+    rho >= eta2:  accepted, Delta = min(gamma2 * Delta, radius_max)
+    otherwise:    accepted, Delta kept
+
+Gradients and curvature products are averaged over the data axis (one allreduce each),
+so every rank solves the same subproblem and takes the same step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from mpi4py import MPI
+
+from mltrain.comm import allreduce_
+from mltrain.linalg.curvature import Curvature, flat_params, set_flat_params
+from mltrain.linalg.petsc import NonFiniteError, TRSubproblem
+
+__all__ = ["TrustRegion", "NonFiniteError"]
+
+
+class TrustRegion(torch.optim.Optimizer):
+    """A torch Optimizer for the bookkeeping (parameter groups, checkpointable state:
+    the radius lives in ``state[first parameter]["radius"]``); ``tr_step`` does the work.
+    """
+
+    def __init__(self, params, comm: MPI.Comm, *, radius: float, radius_max: float,
+                 eta1: float, eta2: float, gamma1: float, gamma2: float,
+                 curvature: str = "hessian", ksp_type: str = "stcg", max_it: int = 50,
+                 options_prefix: str = "mltrain_tr_"):
+        super().__init__(list(params), {"lr": 0.0})
+        self.comm = comm
+        self.P = comm.Get_size()
+        self.eta1, self.eta2, self.gamma1, self.gamma2 = eta1, eta2, gamma1, gamma2
+        self.radius_max = radius_max
+        self.curvature = curvature
+        first = self.param_groups[0]["params"][0]
+        self.state[first]["radius"] = torch.tensor(float(radius), dtype=torch.float64)
+        self._first = first
+        n = sum(p.numel() for g in self.param_groups for p in g["params"])
+        self.solver = TRSubproblem(n, ksp_type=ksp_type, max_it=max_it,
+                                   options_prefix=options_prefix)
+        self.counts = {"gradients": 0, "products": 0, "losses": 0, "accepted": 0,
+                       "rejected": 0}
+
+    @property
+    def radius(self) -> float:
+        return float(self.state[self._first]["radius"])
+
+    @radius.setter
+    def radius(self, value: float) -> None:
+        self.state[self._first]["radius"].fill_(value)
+
+    def _mean(self, t: torch.Tensor) -> torch.Tensor:
+        allreduce_(t, self.comm)
+        return t.div_(self.P) if self.P > 1 else t
+
+    def _loss(self, model, loss_fn, x, y) -> float:
+        with torch.no_grad():
+            value = torch.tensor([float(loss_fn(model(x), y))], dtype=torch.float64)
+        self.counts["losses"] += 1
+        return float(self._mean(value)[0])
+
+    def load_state_dict(self, state_dict) -> None:
+        """As torch's, but the radius keeps float64 (torch casts state to the parameters'
+        dtype, which would change the bits of a float32 run's radius on resume)."""
+        saved = state_dict["state"].get(0, {}).get("radius")
+        super().load_state_dict(state_dict)
+        if saved is not None:
+            self.state[self._first]["radius"] = torch.as_tensor(saved).to(torch.float64).clone()
+
+    def step(self, closure=None):  # noqa: D102 - torch API; use tr_step
+        raise RuntimeError("TrustRegion needs the batch: call tr_step(model, loss_fn, x, y)")
+
+    def tr_step(self, model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One trust-region iteration on this rank's batch; returns the averaged loss at
+        the point it started from. Collective on the data-axis communicator."""
+        curv = Curvature(model, loss_fn, x, y, self.curvature)
+        loss, g = curv.loss_and_grad()
+        packed = torch.cat([g.to(torch.float64), torch.tensor([loss], dtype=torch.float64)])
+        self._mean(packed)
+        g, loss = packed[:-1], float(packed[-1])
+        self.counts["gradients"] += 1
+        if not (math.isfinite(loss) and bool(torch.isfinite(g).all())):
+            raise NonFiniteError("loss or gradient is not finite at the current parameters")
+
+        dtype = next(model.parameters()).dtype
+
+        def product(v64: torch.Tensor) -> torch.Tensor:
+            self.counts["products"] += 1
+            return self._mean(curv.mv(v64.to(dtype)).to(torch.float64))
+
+        s, predicted, _ = self.solver.solve(g, self.radius, product)
+        x0 = flat_params(model)
+        set_flat_params(model, x0 + s.to(dtype))
+        trial = self._loss(model, loss_fn, x, y)
+        rho = (loss - trial) / predicted if predicted > 0 else -math.inf
+        if not math.isfinite(trial) or rho < self.eta1:
+            set_flat_params(model, x0)  # bit-for-bit restore
+            self.radius = self.radius * self.gamma1
+            self.counts["rejected"] += 1
+        else:
+            if rho >= self.eta2:
+                self.radius = min(self.radius * self.gamma2, self.radius_max)
+            self.counts["accepted"] += 1
+        return loss
+
+    def close(self) -> None:
+        self.solver.destroy()

@@ -1,0 +1,201 @@
+"""Trust-region training: the PETSc subproblem solver, curvature products, the optimizer."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mltrain.config import ConfigError, load_config
+from mltrain.linalg.curvature import Curvature, flat_params, set_flat_params
+from mltrain.linalg.petsc import NonFiniteError, TRSubproblem
+from mltrain.train import Trainer
+
+from conftest import all_ranks, require
+
+
+def _problem(n, definite, seed):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eig = rng.uniform(0.5, 3.0, n) if definite else rng.uniform(-2.0, 3.0, n)
+    return torch.tensor(q @ np.diag(eig) @ q.T), torch.tensor(rng.standard_normal(n))
+
+
+def _model_value(H, g, s):
+    return float(g @ s + 0.5 * s @ H @ s)
+
+
+def _cauchy_value(H, g, radius):
+    """The model at the Cauchy point: the minimiser along -g inside the ball."""
+    gn = float(g.norm())
+    gHg = float(g @ H @ g)
+    t = radius / gn if gHg <= 0 else min(gn**2 / gHg, radius / gn)
+    return _model_value(H, g, -t * g)
+
+
+@pytest.mark.parametrize("ksp_type", ["stcg", "nash", "gltr"])
+@pytest.mark.parametrize("definite", [True, False])
+@pytest.mark.parametrize("radius", [0.05, 0.5, 100.0])
+def test_subproblem_against_dense_solution(ksp_type, definite, radius):
+    require("petsc4py")
+    H, g = _problem(8, definite, seed=int(radius * 100) + definite)
+    sol = TRSubproblem(8, ksp_type=ksp_type, max_it=200, rtol=1e-12,
+                       options_prefix=f"t_{ksp_type}_")
+    s, predicted, _ = sol.solve(g, radius, lambda v: H @ v)
+    assert float(s.norm()) <= radius * (1 + 1e-6)  # GLTR solves its boundary equation iteratively
+    m = _model_value(H, g, s)
+    assert predicted == pytest.approx(-m, rel=1e-8, abs=1e-12)
+    assert m <= _cauchy_value(H, g, radius) + 1e-12  # at least the Cauchy decrease
+    newton = -torch.linalg.solve(H, g)
+    if definite and float(newton.norm()) < radius:  # interior: the Newton step
+        assert torch.allclose(s, newton, rtol=1e-8, atol=1e-10)
+    sol.destroy()
+
+
+def test_subproblem_reports_non_finite_products():
+    require("petsc4py")
+    sol = TRSubproblem(4, options_prefix="t_nan_")
+    with pytest.raises(NonFiniteError, match="curvature product"):
+        sol.solve(torch.ones(4, dtype=torch.float64), 1.0, lambda v: v * float("nan"))
+    sol.destroy()
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    return model, x, y
+
+
+def test_hessian_products_against_autograd_and_differences():
+    model, x, y = _tiny()
+    curv = Curvature(model, nn.functional.cross_entropy, x, y, "hessian")
+    _, g0 = curv.loss_and_grad()
+    v = torch.randn(curv.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    hv = curv.mv(v)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss_of(flat):
+        ps, off = {}, 0
+        for n, s in zip(names, shapes):
+            ps[n] = flat[off:off + s.numel()].view(s)
+            off += s.numel()
+        return nn.functional.cross_entropy(torch.func.functional_call(model, ps, (x,)), y)
+
+    x0 = flat_params(model)
+    _, ref = torch.autograd.functional.hvp(loss_of, x0, v)
+    assert torch.allclose(hv, ref, rtol=1e-10, atol=1e-12)
+    eps = 1e-6  # central differences of the gradient
+    set_flat_params(model, x0 + eps * v)
+    _, gp = Curvature(model, nn.functional.cross_entropy, x, y).loss_and_grad()
+    set_flat_params(model, x0 - eps * v)
+    _, gm = Curvature(model, nn.functional.cross_entropy, x, y).loss_and_grad()
+    set_flat_params(model, x0)
+    assert torch.allclose(hv, (gp - gm) / (2 * eps), rtol=1e-5, atol=1e-7)
+
+
+def test_ggn_against_explicit_jacobian():
+    model, x, y = _tiny()
+    curv = Curvature(model, nn.functional.cross_entropy, x, y, "ggn")
+    curv.loss_and_grad()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def logits_of(flat):
+        ps, off = {}, 0
+        for n, s in zip(names, shapes):
+            ps[n] = flat[off:off + s.numel()].view(s)
+            off += s.numel()
+        return torch.func.functional_call(model, ps, (x,)).reshape(-1)
+
+    x0 = flat_params(model)
+    J = torch.autograd.functional.jacobian(logits_of, x0)  # (B*K, n)
+    p = torch.softmax(logits_of(x0).view(5, 3), -1)
+    HL = torch.block_diag(*[(torch.diag(pi) - torch.outer(pi, pi)) / 5 for pi in p])
+    G = J.T @ HL @ J
+    v = torch.randn(curv.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(curv.mv(v), G @ v, rtol=1e-10, atol=1e-13)
+    assert float(torch.linalg.eigvalsh(G).min()) > -1e-12  # positive semi-definite
+
+
+TR = ["optim.name=tr", "run.dtype=float64", "data.partition=strided", "data.shuffle=false",
+      "data.batch_size=24", "model.width=16", "model.depth=2", "run.threads=1",
+      "run.steps=15"]
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_tr_is_rank_count_invariant_and_descends(comm, curvature):
+    require("petsc4py")
+    cfg = load_config(None, TR + [f"optim.curvature={curvature}"])
+    par = Trainer(cfg, comm, quiet=True, metrics=False)
+    before = par.evaluate()["train_loss"]
+    s = par.train()
+    ser = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
+    ser.train()
+    a, b = flat_params(par.model), flat_params(ser.model)
+    diff = float((a - b).norm() / b.norm())
+    all_ranks(comm, diff < 1e-10, f"{curvature}: {diff:.2e}")
+    all_ranks(comm, s["final_loss"] < before and s["accepted_steps"] > 0, str(s))
+    all_ranks(comm, s["accepted_steps"] + s["rejected_steps"] == 15 and s["hvp_evals"] > 0)
+    par.close()
+    ser.close()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_tr_rejected_step_restores_bits(comm):
+    require("petsc4py")
+    cfg = load_config(None, TR + ["optim.eta1=1.0", "optim.eta2=1.0", "run.steps=1"])
+    t = Trainer(cfg, comm, quiet=True, metrics=False)
+    x0 = flat_params(t.model)
+    r0 = t.optimizer.radius
+    s = t.train()
+    all_ranks(comm, s["rejected_steps"] == 1 and torch.equal(flat_params(t.model), x0)
+              and t.optimizer.radius == r0 * 0.5)
+    t.close()
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tr_resume_is_bit_exact(comm, shared_tmp, dtype):
+    require("petsc4py")
+    base = [x for x in TR if not x.startswith(("run.steps", "run.dtype"))] + [f"run.dtype={dtype}"]
+    straight = Trainer(load_config(None, base + ["run.steps=8"]), comm, quiet=True, metrics=False)
+    straight.train()
+    ck = shared_tmp / f"tr-{dtype}"
+    first = Trainer(load_config(None, base + ["run.steps=4", f"checkpoint.dir={ck}"]), comm,
+                    quiet=True, metrics=False)
+    first.train()
+    second = Trainer(load_config(None, base + ["run.steps=8", f"checkpoint.dir={ck}",
+                                               "checkpoint.resume=true"]), comm, quiet=True,
+                     metrics=False)
+    second.train()
+    all_ranks(comm, torch.equal(flat_params(straight.model), flat_params(second.model))
+              and straight.optimizer.radius == second.optimizer.radius)
+    for t in (straight, first, second):
+        t.close()
+
+
+def test_tr_non_finite_loss_is_a_clear_error():
+    require("petsc4py")
+    t = Trainer(load_config(None, TR + ["run.steps=1"]), MPI.COMM_SELF, quiet=True, metrics=False)
+    with torch.no_grad():
+        next(t.model.parameters()).fill_(math.nan)
+    with pytest.raises(NonFiniteError, match="not finite"):
+        t.train()
+    t.close()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["optim.radius=0"], "optim.radius"), (["optim.radius=20"], "optim.radius"),
+    (["optim.eta1=0.9", "optim.eta2=0.5"], "optim.eta1"), (["optim.gamma1=1.0"], "optim.gamma1"),
+    (["sync.name=localsgd"], "sync.name"), (["optim.curvature=exact"], "optim.curvature"),
+    (["optim.ksp_type=gmres"], "optim.ksp_type"),
+])
+def test_tr_config_errors(extra, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["optim.name=tr"] + extra)
