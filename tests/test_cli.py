@@ -193,3 +193,16 @@ def test_bench_kernels_smoke(tmp_path):
     assert {"pack_fp32_to_bf16", "restrict_full_weighting", "prolong_linear", "sum_4_buffers",
             "axpby"} <= set(res["speedup_at_largest"])
     assert all(v > 0 for v in res["speedup_at_largest"].values())
+
+
+def test_petsc_options_pass_through_and_are_checked():
+    base = ["-m", "mltrain", "train", "--quiet", "--set", "optim.name=tr", "--set", "run.steps=2"]
+    r = mpiexec(2, base + ["--petsc", "-log_view"], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for event in ("mltrain_gradient", "mltrain_curvature", "mltrain_reduce"):
+        assert event in r.stdout, event
+    bad = mpiexec(2, base + ["--petsc", "-mltrain_tr_ksp_mx_it 5"], timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("mltrain: error:") == 1
+    assert "-mltrain_tr_ksp_mx_it" in bad.stderr
+    wrong = mpiexec(2, base + ["--petsc", "-mltrain_tr_ksp_type nonsense"], timeout=300)
+    assert wrong.returncode == 2 and "nonsense" in wrong.stderr

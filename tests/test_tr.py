@@ -199,3 +199,65 @@ def test_tr_non_finite_loss_is_a_clear_error():
 def test_tr_config_errors(extra, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, ["optim.name=tr"] + extra)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_distributed_vec_norms_and_dots(comm):
+    require("petsc4py")
+    from mltrain.linalg.petsc import touched, wrap
+
+    r = comm.Get_rank()
+    a = torch.arange(r + 3, dtype=torch.float64) * (r + 1) - 2.0
+    b = torch.linspace(-1, 1, r + 3, dtype=torch.float64) ** 3
+    va, vb = wrap(a, comm), wrap(b, comm)
+    A = np.concatenate(comm.allgather(a.numpy()))
+    B = np.concatenate(comm.allgather(b.numpy()))
+    all_ranks(comm, math.isclose(va.norm(), np.linalg.norm(A), rel_tol=1e-14)
+              and math.isclose(va.dot(vb), float(A @ B), rel_tol=1e-13, abs_tol=1e-14)
+              and va.getSize() == len(A))
+    a.mul_(2.0)  # no copy: the Vec sees the tensor's memory ...
+    touched(va)  # ... once PETSc knows its cached norm is stale
+    all_ranks(comm, math.isclose(va.norm(), 2 * np.linalg.norm(A), rel_tol=1e-14))
+    seq = wrap(a)
+    all_ranks(comm, math.isclose(seq.norm(), float(a.norm()), rel_tol=1e-14))
+    for v in (va, vb, seq):
+        v.destroy()
+    with pytest.raises(ValueError, match="float64"):
+        wrap(torch.ones(3))
+
+
+@pytest.mark.parametrize("definite", [True, False])
+@pytest.mark.parametrize("radius", [0.05, 0.5, 100.0])
+def test_torch_steihaug_matches_petsc_stcg(definite, radius):
+    require("petsc4py")
+    from mltrain.linalg.reference import steihaug_cg
+
+    H, g = _problem(10, definite, seed=7 + definite)
+    sol = TRSubproblem(10, ksp_type="stcg", max_it=200, rtol=1e-10, options_prefix="t_ref_")
+    s_p, pred_p, _ = sol.solve(g, radius, lambda v: H @ v)
+    s_t, pred_t, _ = steihaug_cg(lambda v: H @ v, g, radius, max_it=200, rtol=1e-10)
+    assert torch.allclose(s_t, s_p, rtol=1e-8, atol=1e-10)
+    assert pred_t == pytest.approx(pred_p, rel=1e-8)
+    sol.destroy()
+
+
+def test_non_finite_trial_point_is_rejected():
+    require("petsc4py")
+    from mltrain.optim.tr import TrustRegion
+
+    model, x, y = _tiny()
+    opt = TrustRegion(model.parameters(), MPI.COMM_SELF, radius=1.0, radius_max=10.0,
+                      eta1=0.1, eta2=0.75, gamma1=0.25, gamma2=2.0,
+                      options_prefix="t_trial_")
+    calls = {"n": 0}
+
+    def loss_fn(out, target):  # finite at the current point, NaN at the trial point
+        calls["n"] += 1
+        loss = nn.functional.cross_entropy(out, target)
+        return loss if calls["n"] == 1 else loss * float("nan")
+
+    x0 = flat_params(model)
+    opt.tr_step(model, loss_fn, x, y)
+    assert opt.counts["rejected"] == 1 and opt.radius == 0.25
+    assert torch.equal(flat_params(model), x0)
+    opt.close()

@@ -20,6 +20,8 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--petsc", default="", metavar='"OPTIONS"',
+                   help='PETSc options, e.g. "-mltrain_tr_ksp_type gltr -log_view"')
     return p
 
 
@@ -77,7 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Collective on COMM_WORLD for every command but ``jobscript``."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    # PETSc options start with '-', which argparse takes for an option of its own:
+    # `--petsc "-log_view"` becomes `--petsc=-log_view`.
+    argv, i = [], 0
+    while i < len(raw):
+        if raw[i] == "--petsc" and i + 1 < len(raw):
+            argv.append(f"--petsc={raw[i + 1]}")
+            i += 2
+        else:
+            argv.append(raw[i])
+            i += 1
+    args = build_parser().parse_args(argv)
     command = args.command or "train"
     if command in ("jobscript", "partition", "study"):  # no MPI in this process
         return _without_mpi(command, args)
@@ -89,6 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     comm = MPI.COMM_WORLD
     install_abort_hook(comm)
     try:
+        if args.petsc:  # before anything initialises PETSc, so the options take effect
+            import shlex
+
+            from mltrain.linalg import has_petsc
+            from mltrain.linalg.petsc import init
+
+            def start_petsc():
+                if not has_petsc:
+                    from mltrain.config import ConfigError
+                    raise ConfigError("--petsc: PETSc (petsc4py) is not installed")
+                init(shlex.split(args.petsc))
+            agree(comm, start_petsc, what="config")
         if command == "info":
             from mltrain.cli.info import run_info
 

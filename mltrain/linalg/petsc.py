@@ -9,7 +9,8 @@ import glob
 import importlib.util
 import os
 
-__all__ = ["init", "versions", "extension_path"]
+__all__ = ["init", "versions", "extension_path", "wrap", "touched", "log_event", "check_options_used",
+           "TRSubproblem", "NonFiniteError"]
 
 _initialized = False
 
@@ -27,6 +28,65 @@ def init(options: list[str] | None = None):
     from petsc4py import PETSc
 
     return PETSc
+
+
+def wrap(t, comm=None):
+    """A PETSc Vec sharing ``t``'s memory (no copy): sequential when ``comm`` is None,
+    else distributed over ``comm`` with ``t`` as this rank's local part (norms and dot
+    products then reduce over ``comm``). ``t`` must be a contiguous float64 CPU tensor
+    (PETSc's scalar); keep it alive as long as the Vec. After writing to ``t`` from torch,
+    call ``touched(vec)``: PETSc caches norms and cannot see writes it did not make.
+    Collective on ``comm`` if given.
+    """
+    import torch
+
+    PETSc = init()
+    if t.dtype != torch.float64 or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("wrap: needs a contiguous float64 CPU tensor (PETSc scalars)")
+    arr = t.detach().numpy()
+    if comm is None:
+        return PETSc.Vec().createWithArray(arr, comm=PETSc.COMM_SELF)
+    return PETSc.Vec().createWithArray(arr, size=(t.numel(), PETSc.DECIDE), comm=comm)
+
+
+def touched(vec) -> None:
+    """Tells PETSc that ``vec``'s memory changed outside PETSc (drops cached norms)."""
+    vec.stateIncrease()
+
+
+class log_event:
+    """``with log_event("mltrain_gradient"):`` times a block as a PETSc log event, shown
+    by ``-log_view``. Not collective."""
+
+    _events: dict = {}
+
+    def __init__(self, name: str):
+        PETSc = init()
+        ev = self._events.get(name)
+        if ev is None:
+            ev = self._events[name] = PETSc.Log.Event(name)
+        self.ev = ev
+
+    def __enter__(self):
+        self.ev.begin()
+        return self
+
+    def __exit__(self, *exc):
+        self.ev.end()
+
+
+def check_options_used(prefix: str = "mltrain_") -> None:
+    """Raises ConfigError naming every option under ``prefix`` that no PETSc object read
+    (a misspelt option would otherwise be ignored silently). Call it after the objects
+    that read the prefix have called setFromOptions. Not collective."""
+    from mltrain.config import ConfigError
+
+    PETSc = init()
+    opts = PETSc.Options()
+    unused = sorted(k for k in opts.getAll() if k.startswith(prefix) and not opts.used(k))
+    if unused:
+        raise ConfigError("--petsc: option(s) not used by any mltrain solver (misspelt?): "
+                          + ", ".join(f"-{k}" for k in unused))
 
 
 def versions() -> dict[str, str]:
@@ -101,8 +161,17 @@ class TRSubproblem:
         self.ksp.setTolerances(rtol=rtol, max_it=max_it)
         self.b = PETSc.Vec().createSeq(n, comm=PETSc.COMM_SELF)
         self.x = self.b.duplicate()
-        self.ksp.setFromOptions()
+        self._from_options()
         self.iterations = 0
+
+    def _from_options(self) -> None:
+        from mltrain.config import ConfigError
+
+        try:
+            self.ksp.setFromOptions()
+        except self.PETSc.Error as e:  # e.g. -mltrain_tr_ksp_type nonsense
+            raise ConfigError(f"--petsc: PETSc rejected the options under -{self.prefix}: "
+                              f"{str(e).strip().splitlines()[-1]}") from None
 
     def solve(self, g, radius: float, op):
         """Returns (step s as float64 tensor, predicted reduction -m(s) >= 0, reason)."""
@@ -112,7 +181,7 @@ class TRSubproblem:
         self.ctx.bad = False
         PETSc = self.PETSc
         PETSc.Options().setValue(f"{self.prefix}ksp_cg_radius", float(radius))
-        self.ksp.setFromOptions()  # the radius, and whatever the user set under the prefix
+        self._from_options()  # the radius, and whatever the user set under the prefix
         self.b.getArray()[:] = -g.to(torch.float64).numpy()
         self.x.set(0.0)
         self.ksp.solve(self.b, self.x)

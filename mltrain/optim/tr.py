@@ -14,15 +14,38 @@ so every rank solves the same subproblem and takes the same step.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from mpi4py import MPI
 
 from mltrain.comm import allreduce_
+from mltrain.linalg import has_petsc
 from mltrain.linalg.curvature import Curvature, flat_params, set_flat_params
-from mltrain.linalg.petsc import NonFiniteError, TRSubproblem
+from mltrain.linalg.petsc import NonFiniteError, TRSubproblem, check_options_used, log_event
+from mltrain.linalg.reference import steihaug_cg
 
 __all__ = ["TrustRegion", "NonFiniteError"]
+
+
+class _TorchSolver:
+    """The pure-torch Steihaug-Toint CG, for machines without PETSc."""
+
+    def __init__(self, max_it: int, rtol: float = 1e-6):
+        self.max_it, self.rtol = max_it, rtol
+
+    def solve(self, g, radius, op):
+        s, predicted, reason = steihaug_cg(op, g, radius, self.max_it, self.rtol)
+        if not (bool(torch.isfinite(s).all()) and math.isfinite(predicted)):
+            raise NonFiniteError("curvature product is not finite (NaN or Inf)")
+        return s, predicted, reason
+
+    def destroy(self) -> None:
+        pass
+
+
+def _event(name: str):
+    return log_event(name) if has_petsc else nullcontext()
 
 
 class TrustRegion(torch.optim.Optimizer):
@@ -44,8 +67,12 @@ class TrustRegion(torch.optim.Optimizer):
         self.state[first]["radius"] = torch.tensor(float(radius), dtype=torch.float64)
         self._first = first
         n = sum(p.numel() for g in self.param_groups for p in g["params"])
-        self.solver = TRSubproblem(n, ksp_type=ksp_type, max_it=max_it,
-                                   options_prefix=options_prefix)
+        if has_petsc:
+            self.solver = TRSubproblem(n, ksp_type=ksp_type, max_it=max_it,
+                                       options_prefix=options_prefix)
+            check_options_used(options_prefix)  # a misspelt -mltrain_tr_... is an error
+        else:
+            self.solver = _TorchSolver(max_it)
         self.counts = {"gradients": 0, "products": 0, "losses": 0, "accepted": 0,
                        "rejected": 0}
 
@@ -82,9 +109,11 @@ class TrustRegion(torch.optim.Optimizer):
         """One trust-region iteration on this rank's batch; returns the averaged loss at
         the point it started from. Collective on the data-axis communicator."""
         curv = Curvature(model, loss_fn, x, y, self.curvature)
-        loss, g = curv.loss_and_grad()
+        with _event("mltrain_gradient"):
+            loss, g = curv.loss_and_grad()
         packed = torch.cat([g.to(torch.float64), torch.tensor([loss], dtype=torch.float64)])
-        self._mean(packed)
+        with _event("mltrain_reduce"):
+            self._mean(packed)
         g, loss = packed[:-1], float(packed[-1])
         self.counts["gradients"] += 1
         if not (math.isfinite(loss) and bool(torch.isfinite(g).all())):
@@ -94,7 +123,10 @@ class TrustRegion(torch.optim.Optimizer):
 
         def product(v64: torch.Tensor) -> torch.Tensor:
             self.counts["products"] += 1
-            return self._mean(curv.mv(v64.to(dtype)).to(torch.float64))
+            with _event("mltrain_curvature"):
+                hv = curv.mv(v64.to(dtype)).to(torch.float64)
+            with _event("mltrain_reduce"):
+                return self._mean(hv)
 
         s, predicted, _ = self.solver.solve(g, self.radius, product)
         x0 = flat_params(model)

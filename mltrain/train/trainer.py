@@ -74,11 +74,10 @@ class Trainer:
         o = cfg.optim
         if o.name == "tr":
             # Second order: it averages its own gradients and curvature products.
-            self.optimizer = TrustRegion(self.model.parameters(), dcomm, radius=o.radius,
-                                         radius_max=o.radius_max, eta1=o.eta1, eta2=o.eta2,
-                                         gamma1=o.gamma1, gamma2=o.gamma2,
-                                         curvature=o.curvature, ksp_type=o.ksp_type,
-                                         max_it=o.max_it)
+            self.optimizer = agree(comm, lambda: TrustRegion(
+                self.model.parameters(), dcomm, radius=o.radius, radius_max=o.radius_max,
+                eta1=o.eta1, eta2=o.eta2, gamma1=o.gamma1, gamma2=o.gamma2,
+                curvature=o.curvature, ksp_type=o.ksp_type, max_it=o.max_it), what="config")
             self.sync = SyncStrategy(self.model, dcomm)
         else:
             self.optimizer = build_optimizer(o.name, self.model.parameters(), lr=o.lr,
