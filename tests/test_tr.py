@@ -261,3 +261,68 @@ def test_non_finite_trial_point_is_rejected():
     assert opt.counts["rejected"] == 1 and opt.radius == 0.25
     assert torch.equal(flat_params(model), x0)
     opt.close()
+
+
+def test_param_buffer_is_the_petsc_vector():
+    require("petsc4py")
+    from mltrain.linalg.petsc import touched, wrap
+    from mltrain.linalg.vector import ParamBuffer
+
+    model, x, y = _tiny()
+    before = model(x).detach()
+    buf = ParamBuffer(model)
+    assert buf.views_intact() and torch.equal(model(x).detach(), before)
+    vec = wrap(buf.flat)
+    vec.scale(0.0)  # PETSc writes ...
+    assert all(bool((p == 0).all()) for p in model.parameters())  # ... the model sees it
+    with torch.no_grad():
+        next(model.parameters()).fill_(1.0)  # torch writes ...
+    touched(vec)
+    assert vec.sum() == pytest.approx(next(model.parameters()).numel())  # ... PETSc sees it
+    vec.destroy()
+
+
+def test_lsr1_recovers_a_quadratic():
+    from mltrain.linalg.lsr1 import LSR1
+
+    H, _ = _problem(6, definite=False, seed=3)
+    B = LSR1(memory=6)
+    rng = torch.Generator().manual_seed(4)
+    for _ in range(6):  # SR1 on a quadratic: exact after n independent steps
+        s = torch.randn(6, generator=rng, dtype=torch.float64)
+        B.update(s, H @ s)
+    v = torch.randn(6, generator=rng, dtype=torch.float64)
+    assert torch.allclose(B.mv(v), H @ v, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("extra", [["optim.curvature=lsr1"], ["optim.batch=full"]],
+                         ids=["lsr1", "full"])
+def test_tr_modes_rank_count_invariant(comm, extra):
+    require("petsc4py")
+    cfg = load_config(None, TR + ["run.steps=8"] + extra)
+    par = Trainer(cfg, comm, quiet=True, metrics=False)
+    before = par.evaluate()["train_loss"]
+    s = par.train()
+    ser = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
+    ser.train()
+    diff = float((flat_params(par.model) - flat_params(ser.model)).norm()
+                 / flat_params(ser.model).norm())
+    all_ranks(comm, diff < 1e-10 and s["final_loss"] < before, f"{extra}: {diff:.2e}")
+    if "optim.batch=full" in extra:
+        all_ranks(comm, s["grad_evals"] == pytest.approx(8.0), str(s["grad_evals"]))
+    par.close()
+    ser.close()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_tr_hybrid_batch_grows_when_steps_fail(comm):
+    require("petsc4py")
+    cfg = load_config(None, TR + ["optim.batch=hybrid", "optim.grow_after=2", "run.steps=4",
+                                  "optim.eta1=1.0", "optim.eta2=1.0"])
+    t = Trainer(cfg, comm, quiet=True, metrics=False)
+    s = t.train()
+    # 4 rejected steps, 2 in a row double the batch: 1 -> 2 -> 4 mini-batches per step
+    all_ranks(comm, s["rejected_steps"] == 4 and s["batch_factor"] == 4, str(s))
+    all_ranks(comm, s["grad_evals"] == pytest.approx((1 + 1 + 2 + 2) * 24 / 1438))
+    t.close()

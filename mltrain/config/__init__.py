@@ -83,7 +83,13 @@ class OptimConfig:
     eta2: float = _f(0.75, "tr: at or above this ratio the radius grows", min=0.0, max=1.0)
     gamma1: float = _f(0.5, "tr: radius factor after a rejected step", min=0.0, max=1.0)
     gamma2: float = _f(2.0, "tr: radius factor after a very successful step", min=1.0)
-    curvature: str = _f("hessian", "tr: curvature model", choices=("hessian", "ggn"))
+    curvature: str = _f("hessian", "tr: curvature model", choices=("hessian", "ggn", "lsr1"))
+    memory: int = _f(5, "tr with lsr1: curvature pairs kept", min=1)
+    batch: str = _f("minibatch", "tr: each step's data: a mini-batch, the whole training set, "
+                    "or hybrid (mini-batches grown when steps keep failing)",
+                    choices=("minibatch", "full", "hybrid"))
+    grow_after: int = _f(3, "tr with batch = hybrid: double the batch after this many "
+                         "rejected steps in a row", min=1)
     ksp_type: str = _f("stcg", "tr: PETSc Krylov method for the subproblem",
                        choices=("stcg", "nash", "gltr"))
     max_it: int = _f(50, "tr: most Krylov iterations per step", min=1)

@@ -14,7 +14,7 @@ from torch.func import functional_call, jvp, vjp
 
 __all__ = ["Curvature", "flat_params", "set_flat_params", "CURVATURES"]
 
-CURVATURES = ("hessian", "ggn")
+CURVATURES = ("hessian", "ggn", "lsr1")  # lsr1: gradients here, products from linalg.lsr1
 
 
 def flat_params(model: torch.nn.Module) -> torch.Tensor:
@@ -63,6 +63,8 @@ class Curvature:
     def mv(self, v: torch.Tensor) -> torch.Tensor:
         """Curvature times the flat vector ``v`` (at the point of ``loss_and_grad``)."""
         self.products += 1
+        if self.kind == "lsr1":
+            raise RuntimeError("Curvature('lsr1') has no products; use linalg.lsr1.LSR1")
         if self.kind == "hessian":
             if self._grads is None:
                 self.loss_and_grad()

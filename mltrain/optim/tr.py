@@ -22,6 +22,7 @@ from mpi4py import MPI
 from mltrain.comm import allreduce_
 from mltrain.linalg import has_petsc
 from mltrain.linalg.curvature import Curvature, flat_params, set_flat_params
+from mltrain.linalg.lsr1 import LSR1
 from mltrain.linalg.petsc import NonFiniteError, TRSubproblem, check_options_used, log_event
 from mltrain.linalg.reference import steihaug_cg
 
@@ -56,7 +57,7 @@ class TrustRegion(torch.optim.Optimizer):
     def __init__(self, params, comm: MPI.Comm, *, radius: float, radius_max: float,
                  eta1: float, eta2: float, gamma1: float, gamma2: float,
                  curvature: str = "hessian", ksp_type: str = "stcg", max_it: int = 50,
-                 options_prefix: str = "mltrain_tr_"):
+                 memory: int = 5, grow_after: int = 0, options_prefix: str = "mltrain_tr_"):
         super().__init__(list(params), {"lr": 0.0})
         self.comm = comm
         self.P = comm.Get_size()
@@ -65,7 +66,13 @@ class TrustRegion(torch.optim.Optimizer):
         self.curvature = curvature
         first = self.param_groups[0]["params"][0]
         self.state[first]["radius"] = torch.tensor(float(radius), dtype=torch.float64)
+        # Hybrid batches: the batch is this many mini-batches; it doubles after
+        # ``grow_after`` rejected steps in a row (0 = never).
+        self.state[first]["batch_factor"] = torch.tensor(1.0)
+        self.state[first]["rejected_streak"] = torch.tensor(0.0)
+        self.grow_after = grow_after
         self._first = first
+        self.lsr1 = LSR1(memory) if curvature == "lsr1" else None
         n = sum(p.numel() for g in self.param_groups for p in g["params"])
         if has_petsc:
             self.solver = TRSubproblem(n, ksp_type=ksp_type, max_it=max_it,
@@ -73,8 +80,11 @@ class TrustRegion(torch.optim.Optimizer):
             check_options_used(options_prefix)  # a misspelt -mltrain_tr_... is an error
         else:
             self.solver = _TorchSolver(max_it)
+        # Evaluations, and the global samples behind them (for full-gradient equivalents).
         self.counts = {"gradients": 0, "products": 0, "losses": 0, "accepted": 0,
-                       "rejected": 0}
+                       "rejected": 0, "gradient_samples": 0.0, "product_samples": 0.0,
+                       "loss_samples": 0.0}
+        self._samples = 0.0
 
     @property
     def radius(self) -> float:
@@ -84,15 +94,37 @@ class TrustRegion(torch.optim.Optimizer):
     def radius(self, value: float) -> None:
         self.state[self._first]["radius"].fill_(value)
 
+    @property
+    def batch_factor(self) -> int:
+        return int(self.state[self._first]["batch_factor"])
+
+    def _after(self, accepted: bool) -> None:
+        st = self.state[self._first]
+        st["rejected_streak"].fill_(0 if accepted else float(st["rejected_streak"]) + 1)
+        if self.grow_after and int(st["rejected_streak"]) >= self.grow_after:
+            st["batch_factor"].mul_(2)  # progress stalls: a larger, less noisy batch
+            st["rejected_streak"].fill_(0)
+
     def _mean(self, t: torch.Tensor) -> torch.Tensor:
         allreduce_(t, self.comm)
         return t.div_(self.P) if self.P > 1 else t
 
-    def _loss(self, model, loss_fn, x, y) -> float:
+    def _loss(self, model, loss_fn, x, y, weight: float) -> float:
         with torch.no_grad():
-            value = torch.tensor([float(loss_fn(model(x), y))], dtype=torch.float64)
+            value = torch.tensor([float(loss_fn(model(x), y)) * weight], dtype=torch.float64)
         self.counts["losses"] += 1
+        self.counts["loss_samples"] += self._samples
         return float(self._mean(value)[0])
+
+    def _loss_and_grad(self, curv: Curvature, weight: float):
+        with _event("mltrain_gradient"):
+            loss, g = curv.loss_and_grad()
+        packed = torch.cat([g.to(torch.float64), torch.tensor([loss], dtype=torch.float64)])
+        with _event("mltrain_reduce"):
+            self._mean(packed.mul_(weight))
+        self.counts["gradients"] += 1
+        self.counts["gradient_samples"] += self._samples
+        return float(packed[-1]), packed[:-1]
 
     def load_state_dict(self, state_dict) -> None:
         """As torch's, but the radius keeps float64 (torch casts state to the parameters'
@@ -105,17 +137,16 @@ class TrustRegion(torch.optim.Optimizer):
     def step(self, closure=None):  # noqa: D102 - torch API; use tr_step
         raise RuntimeError("TrustRegion needs the batch: call tr_step(model, loss_fn, x, y)")
 
-    def tr_step(self, model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> float:
+    def tr_step(self, model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
+                weight: float = 1.0) -> float:
         """One trust-region iteration on this rank's batch; returns the averaged loss at
-        the point it started from. Collective on the data-axis communicator."""
+        the point it started from. ``weight`` scales this rank's share (local samples x P
+        / global samples) when ranks hold batches of different sizes.
+
+        Collective on the data-axis communicator."""
+        self._samples = len(x) * self.P / weight  # the global batch behind this step
         curv = Curvature(model, loss_fn, x, y, self.curvature)
-        with _event("mltrain_gradient"):
-            loss, g = curv.loss_and_grad()
-        packed = torch.cat([g.to(torch.float64), torch.tensor([loss], dtype=torch.float64)])
-        with _event("mltrain_reduce"):
-            self._mean(packed)
-        g, loss = packed[:-1], float(packed[-1])
-        self.counts["gradients"] += 1
+        loss, g = self._loss_and_grad(curv, weight)
         if not (math.isfinite(loss) and bool(torch.isfinite(g).all())):
             raise NonFiniteError("loss or gradient is not finite at the current parameters")
 
@@ -123,17 +154,26 @@ class TrustRegion(torch.optim.Optimizer):
 
         def product(v64: torch.Tensor) -> torch.Tensor:
             self.counts["products"] += 1
+            if self.lsr1 is not None:  # built from averaged gradients: same on every rank
+                return self.lsr1.mv(v64)
+            self.counts["product_samples"] += self._samples
             with _event("mltrain_curvature"):
                 hv = curv.mv(v64.to(dtype)).to(torch.float64)
             with _event("mltrain_reduce"):
-                return self._mean(hv)
+                return self._mean(hv.mul_(weight))
 
         s, predicted, _ = self.solver.solve(g, self.radius, product)
         x0 = flat_params(model)
         set_flat_params(model, x0 + s.to(dtype))
-        trial = self._loss(model, loss_fn, x, y)
+        if self.lsr1 is not None:  # the trial gradient also feeds the SR1 memory
+            trial, g_trial = self._loss_and_grad(Curvature(model, loss_fn, x, y, "lsr1"), weight)
+            if math.isfinite(trial) and bool(torch.isfinite(g_trial).all()):
+                self.lsr1.update(s, g_trial - g)
+        else:
+            trial = self._loss(model, loss_fn, x, y, weight)
         rho = (loss - trial) / predicted if predicted > 0 else -math.inf
-        if not math.isfinite(trial) or rho < self.eta1:
+        accepted = math.isfinite(trial) and rho >= self.eta1
+        if not accepted:
             set_flat_params(model, x0)  # bit-for-bit restore
             self.radius = self.radius * self.gamma1
             self.counts["rejected"] += 1
@@ -141,6 +181,7 @@ class TrustRegion(torch.optim.Optimizer):
             if rho >= self.eta2:
                 self.radius = min(self.radius * self.gamma2, self.radius_max)
             self.counts["accepted"] += 1
+        self._after(accepted)
         return loss
 
     def close(self) -> None:

@@ -77,7 +77,8 @@ class Trainer:
             self.optimizer = agree(comm, lambda: TrustRegion(
                 self.model.parameters(), dcomm, radius=o.radius, radius_max=o.radius_max,
                 eta1=o.eta1, eta2=o.eta2, gamma1=o.gamma1, gamma2=o.gamma2,
-                curvature=o.curvature, ksp_type=o.ksp_type, max_it=o.max_it), what="config")
+                curvature=o.curvature, ksp_type=o.ksp_type, max_it=o.max_it, memory=o.memory,
+                grow_after=o.grow_after if o.batch == "hybrid" else 0), what="config")
             self.sync = SyncStrategy(self.model, dcomm)
         else:
             self.optimizer = build_optimizer(o.name, self.model.parameters(), lr=o.lr,
@@ -172,7 +173,9 @@ class Trainer:
         Collective on the data axis.
         """
         if isinstance(self.optimizer, TrustRegion):
-            return torch.tensor(self.optimizer.tr_step(self.model, F.cross_entropy, x, y))
+            x, y, weight = self._tr_batch(x, y)
+            return torch.tensor(self.optimizer.tr_step(self.model, F.cross_entropy, x, y,
+                                                       weight))
         self.sync.before_forward(self.step)
         t0 = time.perf_counter()
         loss = F.cross_entropy(self.model(x), y)
@@ -183,6 +186,22 @@ class Trainer:
         self.optimizer.step()
         self.sync.after_step(self.step)
         return loss.detach()
+
+    def _tr_batch(self, x, y):
+        """The trust-region step's data: the mini-batch, the whole partition (full), or
+        ``batch_factor`` consecutive mini-batches (hybrid). Returns (x, y, weight) where
+        weight = local samples x ranks / global samples (1 for equal shares)."""
+        mode = self.cfg.optim.batch
+        f = self.optimizer.batch_factor if mode == "hybrid" else 1
+        spe = self.steps_per_epoch
+        if mode == "full" or f >= spe:
+            x, y = self.loader.x, self.loader.y
+            return x, y, len(x) * self.dp_size / self.dataset.num_train
+        if f > 1:
+            epoch, pos = divmod(self.step, spe)
+            parts = [self.loader.batch(epoch, (pos + j) % spe) for j in range(f)]
+            x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return x, y, 1.0
 
     def train(self) -> dict:
         """Runs the remaining steps and returns the summary. Collective."""
@@ -250,11 +269,13 @@ class Trainer:
             "metrics": str(self.run_dir / "metrics.jsonl") if self.run_dir else None,
         }
         if isinstance(self.optimizer, TrustRegion):
-            # Work in full-gradient equivalents over the training set.
-            c, per = self.optimizer.counts, cfg.data.batch_size / self.dataset.num_train
-            summary.update(grad_evals=c["gradients"] * per, hvp_evals=c["products"] * per,
-                           loss_evals=c["losses"] * per, accepted_steps=c["accepted"],
-                           rejected_steps=c["rejected"], radius=self.optimizer.radius)
+            # Work in full-gradient equivalents: samples evaluated / training-set size.
+            c, n = self.optimizer.counts, self.dataset.num_train
+            summary.update(grad_evals=c["gradient_samples"] / n,
+                           hvp_evals=c["product_samples"] / n, loss_evals=c["loss_samples"] / n,
+                           accepted_steps=c["accepted"], rejected_steps=c["rejected"],
+                           radius=self.optimizer.radius,
+                           batch_factor=self.optimizer.batch_factor)
         self.metrics.write(event="eval", step=self.step, epoch=summary["epochs"],
                            train_loss=ev["train_loss"], test_accuracy=ev["test_accuracy"],
                            comm_bytes=comm_bytes, time=wall)

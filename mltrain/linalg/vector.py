@@ -1,0 +1,34 @@
+"""A model's trainable parameters as views of one flat buffer, so that the optimizers'
+vector (a PETSc Vec made with ``linalg.petsc.wrap``) and the torch parameters are the same
+memory: a step PETSc writes is the model's new weights, with no copy in between.
+Pure torch; not collective."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ParamBuffer"]
+
+
+class ParamBuffer:
+    """After construction every trainable ``p`` of ``model`` is ``flat[off:off+n].view(p.shape)``
+    (same Parameter objects, so optimizers and hooks that hold them keep working)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"ParamBuffer: parameters have several dtypes {dtypes}")
+        self.flat = torch.empty(sum(p.numel() for p in self.params), dtype=dtypes.pop())
+        off = 0
+        with torch.no_grad():
+            for p in self.params:
+                view = self.flat[off:off + p.numel()].view(p.shape)
+                view.copy_(p)
+                p.data = view
+                off += p.numel()
+
+    def views_intact(self) -> bool:
+        """False if something replaced a parameter's storage (e.g. ``model.to(...)``)."""
+        lo = self.flat.data_ptr()
+        hi = lo + self.flat.numel() * self.flat.element_size()
+        return all(lo <= p.data_ptr() < hi for p in self.params if p.numel())
