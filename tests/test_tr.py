@@ -326,3 +326,31 @@ def test_tr_hybrid_batch_grows_when_steps_fail(comm):
     all_ranks(comm, s["rejected_steps"] == 4 and s["batch_factor"] == 4, str(s))
     all_ranks(comm, s["grad_evals"] == pytest.approx((1 + 1 + 2 + 2) * 24 / 1438))
     t.close()
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("cf", [2, 3])
+@pytest.mark.parametrize("kind, mode", [("R", "injection"), ("R", "full_weighting"),
+                                        ("P", "constant"), ("P", "linear")])
+def test_transfer_matrices_match_kernels(comm, kind, mode, cf):
+    """R and P as distributed AIJ matrices give what the kernels give."""
+    require("petsc4py")
+    from mltrain import ops
+    from mltrain.linalg.petsc import transfer_matrix
+
+    n_fine, width = 4 * cf, 5
+    A = transfer_matrix(kind, n_fine, cf, mode, width, comm)
+    layers = (n_fine if kind == "R" else n_fine // cf)
+    g = torch.Generator().manual_seed(9)
+    src = torch.randn(layers, width, generator=g, dtype=torch.float64)  # same on every rank
+    expect = (ops.restrict(src, cf, mode) if kind == "R" else ops.prolong(src, cf, mode))
+    x, y = A.createVecs()
+    lo, hi = x.getOwnershipRange()
+    x.getArray()[:] = src.reshape(-1)[lo:hi].numpy()
+    A.mult(x, y)
+    lo, hi = y.getOwnershipRange()
+    got = torch.from_numpy(y.getArray(readonly=True).copy())
+    all_ranks(comm, torch.allclose(got, expect.reshape(-1)[lo:hi], rtol=1e-14, atol=1e-15)
+              and y.getSize() == expect.numel())
+    for obj in (A, x, y):
+        obj.destroy()

@@ -9,7 +9,7 @@ import glob
 import importlib.util
 import os
 
-__all__ = ["init", "versions", "extension_path", "wrap", "touched", "log_event", "check_options_used",
+__all__ = ["init", "versions", "extension_path", "wrap", "touched", "log_event", "transfer_matrix", "check_options_used",
            "TRSubproblem", "NonFiniteError"]
 
 _initialized = False
@@ -197,3 +197,39 @@ class TRSubproblem:
     def destroy(self) -> None:
         for obj in (self.ksp, self.mat, self.b, self.x):
             obj.destroy()
+
+
+def transfer_matrix(kind: str, n_fine: int, cf: int, mode: str, width: int, comm=None):
+    """The depth transfer as an assembled AIJ matrix acting on stacked layers flattened
+    layer-major (``[N, width]`` -> a vector of N*width): restriction (``kind="R"``,
+    (N/cf * width) x (N * width)) or prolongation (``kind="P"``, the other shape). Its
+    depth weights are the reference kernels applied to the identity, so matrix and kernel
+    agree to rounding. Rows are distributed over ``comm`` (PETSc's default layout), so it
+    applies to distributed Vecs. Collective on ``comm`` if given.
+    """
+    import torch
+
+    from mltrain.ops import prolong_reference, restrict_reference
+
+    PETSc = init()
+    if n_fine % cf:
+        raise ValueError(f"transfer_matrix: {n_fine} layers are not divisible by cf = {cf}")
+    nc = n_fine // cf
+    if kind == "R":
+        W = restrict_reference(torch.eye(n_fine, dtype=torch.float64), cf, mode)  # nc x N
+    elif kind == "P":
+        W = prolong_reference(torch.eye(nc, dtype=torch.float64), cf, mode)  # N x nc
+    else:
+        raise ValueError(f"transfer_matrix: kind must be 'R' or 'P', not {kind!r}")
+    rows, cols = W.shape
+    pcomm = PETSc.COMM_SELF if comm is None else comm
+    A = PETSc.Mat().createAIJ([rows * width, cols * width], comm=pcomm)
+    nnz_row = int((W != 0).sum(1).max())
+    A.setPreallocationNNZ(nnz_row)
+    lo, hi = A.getOwnershipRange()
+    for r in range(lo, hi):
+        i, m = divmod(r, width)
+        js = torch.nonzero(W[i]).flatten().tolist()
+        A.setValues([r], [j * width + m for j in js], [float(W[i, j]) for j in js])
+    A.assemble()
+    return A
