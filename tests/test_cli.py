@@ -206,3 +206,15 @@ def test_petsc_options_pass_through_and_are_checked():
     assert "-mltrain_tr_ksp_mx_it" in bad.stderr
     wrong = mpiexec(2, base + ["--petsc", "-mltrain_tr_ksp_type nonsense"], timeout=300)
     assert wrong.returncode == 2 and "nonsense" in wrong.stderr
+
+
+def test_bench_tr_smoke(tmp_path):
+    out, png = tmp_path / "tr.json", tmp_path / "tr.png"
+    r = mpiexec(2, ["-m", "mltrain", "bench", "tr", "--budget", "0.5", "--json", str(out),
+                    "--plot", str(png), "--set", "model.width=16"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    names = [m["method"] for m in res["methods"]]
+    assert {"sgd", "adam", "tr-hessian", "tr-ggn", "tr-lsr1"} <= set(names)
+    assert all(m["work"] >= 0.5 and m["curve"][0]["work"] == 0.0 for m in res["methods"])
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -225,6 +225,26 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
     from mltrain.comm import agree
 
     agree(comm, lambda: check_writable(args.json, "--json"), what="config")
+    if what == "tr":
+        from mltrain.cli import check_writable as writable
+        from mltrain.cli.bench_tr import bench_tr, plot
+
+        agree(comm, lambda: writable(args.plot, "--plot"), what="config")
+        res = bench_tr(args.config, args.overrides, comm, budget=args.budget)
+        if comm.Get_rank() == 0:
+            print(f"bench tr: {res['dataset']}, {res['model']}, {res['ranks']} rank(s), "
+                  f"{res['budget']:g} gradient equivalents of work each")
+            print(f"  {'method':<12}{'steps':>7}{'work':>8}{'wall s':>9}{'train loss':>12}"
+                  f"{'test acc':>10}")
+            for r in res["methods"]:
+                print(f"  {r['method']:<12}{r['steps']:>7}{r['work']:>8.2f}{r['wall_s']:>9.2f}"
+                      f"{r['train_loss']:>12.4f}{r['test_accuracy']:>10.4f}")
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"bench": what, **res}, f, indent=2)
+            if args.plot:
+                plot(res, args.plot)
+        return 0
     if what == "kernels":
         from mltrain.cli.bench_kernels import bench_kernels
 
