@@ -279,7 +279,16 @@ def test_param_buffer_is_the_petsc_vector():
         next(model.parameters()).fill_(1.0)  # torch writes ...
     touched(vec)
     assert vec.sum() == pytest.approx(next(model.parameters()).numel())  # ... PETSc sees it
+    gvec = wrap(buf.grad)
+    for _ in range(2):  # backward accumulates straight into the buffer PETSc reads
+        buf.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        touched(gvec)
+        expect = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        assert gvec.norm() == pytest.approx(float(expect.norm()), rel=1e-14)
+        assert float(buf.grad.norm()) > 0
     vec.destroy()
+    gvec.destroy()
 
 
 def test_lsr1_recovers_a_quadratic():

@@ -11,7 +11,9 @@ __all__ = ["ParamBuffer"]
 
 class ParamBuffer:
     """After construction every trainable ``p`` of ``model`` is ``flat[off:off+n].view(p.shape)``
-    (same Parameter objects, so optimizers and hooks that hold them keep working)."""
+    and its ``.grad`` the same slice of ``grad`` (same Parameter objects, so optimizers and
+    hooks that hold them keep working). Backward accumulates into ``grad`` in place; call
+    ``zero_grad()`` (not the optimizer's, which would drop the views) between steps."""
 
     def __init__(self, model: torch.nn.Module):
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -19,13 +21,23 @@ class ParamBuffer:
         if len(dtypes) != 1:
             raise ValueError(f"ParamBuffer: parameters have several dtypes {dtypes}")
         self.flat = torch.empty(sum(p.numel() for p in self.params), dtype=dtypes.pop())
+        self.grad = torch.zeros_like(self.flat)
+        self._offsets = []
         off = 0
         with torch.no_grad():
             for p in self.params:
                 view = self.flat[off:off + p.numel()].view(p.shape)
                 view.copy_(p)
                 p.data = view
+                self._offsets.append(off)
                 off += p.numel()
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        """Zeroes the gradient buffer and (re)attaches every ``.grad`` to its slice."""
+        self.grad.zero_()
+        for p, off in zip(self.params, self._offsets):
+            p.grad = self.grad[off:off + p.numel()].view(p.shape)
 
     def views_intact(self) -> bool:
         """False if something replaced a parameter's storage (e.g. ``model.to(...)``)."""

@@ -57,7 +57,7 @@ def ring_allreduce_(flat: torch.Tensor, comm: MPI.Comm, wire: torch.dtype) -> to
     for s in range(P - 1):
         send_c, recv_c = chunks[(r - s) % P], chunks[(r - s - 1) % P]
         sb, rb = sbuf[:send_c.numel()], rbuf[:recv_c.numel()]
-        sb.copy_(send_c)
+        ops.pack([send_c], sb)  # fused cast into the 16-bit message
         reqs = [irecv(rb, left, comm, 741), isend(sb, right, comm, 741)]
         for q in reqs:
             q.wait()
@@ -68,7 +68,7 @@ def ring_allreduce_(flat: torch.Tensor, comm: MPI.Comm, wire: torch.dtype) -> to
     for s in range(P - 1):
         send_c, recv_c = chunks[(r + 1 - s) % P], chunks[(r - s) % P]
         sb, rb = sbuf[:send_c.numel()], rbuf[:recv_c.numel()]
-        sb.copy_(send_c)
+        ops.pack([send_c], sb)  # fused cast into the 16-bit message
         reqs = [irecv(rb, left, comm, 742), isend(sb, right, comm, 742)]
         for q in reqs:
             q.wait()

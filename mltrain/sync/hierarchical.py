@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
+from mltrain import ops
 from mltrain.comm import GradReducer, allgather, allgatherv
 from mltrain.config import ConfigError
 from mltrain.sync.base import SyncStrategy
@@ -63,8 +64,9 @@ class Hierarchical(SyncStrategy):
         x = self.flat.get()
         ref = self.ref[self.lo:self.hi]
         delta = (x[self.lo:self.hi] - ref).to(torch.bfloat16)
-        deltas = allgather(delta, self.cross)  # [nodes, slice] in bfloat16
-        mine = ref + deltas.to(torch.float32).sum(0).div_(self.num_nodes).to(ref.dtype)
+        deltas = allgather(delta, self.cross).to(torch.float32)  # [nodes, slice]
+        total = ops.sum_buffers(torch.empty_like(deltas[0]), list(deltas))  # rank order
+        mine = ref + total.div_(self.num_nodes).to(ref.dtype)
         self.ref = allgatherv(mine, self.counts, self.node)
         self.flat.set(self.ref)
 
