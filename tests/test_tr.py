@@ -70,21 +70,25 @@ def _tiny(seed=0):
     return model, x, y
 
 
+def _as_params(model, flat):
+    """A flat vector as the model's named parameters (for torch.func.functional_call)."""
+    ps, off = {}, 0
+    for n, p in model.named_parameters():
+        ps[n] = flat[off:off + p.numel()].view(p.shape)
+        off += p.numel()
+    return ps
+
+
 def test_hessian_products_against_autograd_and_differences():
     model, x, y = _tiny()
     curv = Curvature(model, nn.functional.cross_entropy, x, y, "hessian")
     _, g0 = curv.loss_and_grad()
     v = torch.randn(curv.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     hv = curv.mv(v)
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
 
     def loss_of(flat):
-        ps, off = {}, 0
-        for n, s in zip(names, shapes):
-            ps[n] = flat[off:off + s.numel()].view(s)
-            off += s.numel()
-        return nn.functional.cross_entropy(torch.func.functional_call(model, ps, (x,)), y)
+        out = torch.func.functional_call(model, _as_params(model, flat), (x,))
+        return nn.functional.cross_entropy(out, y)
 
     x0 = flat_params(model)
     _, ref = torch.autograd.functional.hvp(loss_of, x0, v)
@@ -102,15 +106,9 @@ def test_ggn_against_explicit_jacobian():
     model, x, y = _tiny()
     curv = Curvature(model, nn.functional.cross_entropy, x, y, "ggn")
     curv.loss_and_grad()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
 
     def logits_of(flat):
-        ps, off = {}, 0
-        for n, s in zip(names, shapes):
-            ps[n] = flat[off:off + s.numel()].view(s)
-            off += s.numel()
-        return torch.func.functional_call(model, ps, (x,)).reshape(-1)
+        return torch.func.functional_call(model, _as_params(model, flat), (x,)).reshape(-1)
 
     x0 = flat_params(model)
     J = torch.autograd.functional.jacobian(logits_of, x0)  # (B*K, n)

@@ -81,55 +81,43 @@ def _use_ext(x: torch.Tensor, mode: str) -> bool:
     return ops.has_ext and x.device.type == "cpu" and x.is_floating_point() and x.numel() > 0
 
 
-class _Restrict(torch.autograd.Function):
+class _Transfer(torch.autograd.Function):
+    """The kernel forward; the backward through the reference's autograd graph (both maps
+    are linear, so this is exact)."""
+
     @staticmethod
-    def forward(ctx, fine, cf, mode):
-        ctx.save_for_backward(fine)
-        ctx.cf, ctx.mode = cf, mode
-        return ops._C.restrict_depth(fine.contiguous(), cf, mode)
+    def forward(ctx, x, cf, mode, kernel, reference):
+        ctx.save_for_backward(x)
+        ctx.args = (cf, mode, reference)
+        return kernel(x.contiguous(), cf, mode)
 
     @staticmethod
     def backward(ctx, grad):
-        (fine,) = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
+        cf, mode, reference = ctx.args
         with torch.enable_grad():
-            x = fine.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(restrict_reference(x, ctx.cf, ctx.mode), x, grad)
-        return g, None, None
+            leaf = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(reference(leaf, cf, mode), leaf, grad)
+        return g, None, None, None, None
 
 
-class _Prolong(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, coarse, cf, mode):
-        ctx.save_for_backward(coarse)
-        ctx.cf, ctx.mode = cf, mode
-        return ops._C.prolong_depth(coarse.contiguous(), cf, mode, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (coarse,) = ctx.saved_tensors
-        with torch.enable_grad():
-            x = coarse.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(prolong_reference(x, ctx.cf, ctx.mode), x, grad)
-        return g, None, None
+def _run(x, cf, mode, kernel, reference, what):
+    if _use_ext(x, mode):
+        _check(x, cf, what)
+        try:
+            return _Transfer.apply(x, cf, mode, kernel, reference)
+        except RuntimeError as e:  # the kernel's argument checks: same message, ValueError
+            raise ValueError(str(e).splitlines()[0]) from None
+    return reference(x, cf, mode)
 
 
 def restrict(fine: torch.Tensor, cf: int, mode: str = "injection") -> torch.Tensor:
     """Coarse layers from fine ones (see the module doc)."""
-    if _use_ext(fine, mode):
-        _check(fine, cf, "restrict")
-        try:
-            return _Restrict.apply(fine, cf, mode)
-        except RuntimeError as e:  # the kernel's argument checks: same message, ValueError
-            raise ValueError(str(e).splitlines()[0]) from None
-    return restrict_reference(fine, cf, mode)
+    kernel = (lambda x, c, m: ops._C.restrict_depth(x, c, m)) if ops.has_ext else None
+    return _run(fine, cf, mode, kernel, restrict_reference, "restrict")
 
 
 def prolong(coarse: torch.Tensor, cf: int, mode: str = "constant") -> torch.Tensor:
     """Fine layers from coarse ones (see the module doc)."""
-    if _use_ext(coarse, mode):
-        _check(coarse, cf, "prolong")
-        try:
-            return _Prolong.apply(coarse, cf, mode)
-        except RuntimeError as e:
-            raise ValueError(str(e).splitlines()[0]) from None
-    return prolong_reference(coarse, cf, mode)
+    kernel = (lambda x, c, m: ops._C.prolong_depth(x, c, m, 0)) if ops.has_ext else None
+    return _run(coarse, cf, mode, kernel, prolong_reference, "prolong")
