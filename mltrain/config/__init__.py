@@ -39,6 +39,8 @@ class RunConfig:
     out_dir: str = _f("runs", "folder for per-run outputs (metrics JSONL)")
     straggler: str = _f("", "'RANK:FACTOR' slows one rank's compute by FACTOR (sleeps "
                         "FACTOR-1 times its forward+backward time); empty = none")
+    target_loss: float = _f(0.0, "stop once the loss over the whole training set reaches this "
+                            "(checked every run.log_every steps; 0 = off)", min=0.0)
     eval_every: int = _f(0, "epochs between test evaluations recorded in the metrics "
                          "(0 = only at the end)", min=0)
     log_every: int = _f(10, "steps between metrics records (the loss is reduced over ranks then)",
@@ -90,6 +92,16 @@ class OptimConfig:
                     choices=("minibatch", "full", "hybrid"))
     grow_after: int = _f(3, "tr with batch = hybrid: double the batch after this many "
                          "rejected steps in a row", min=1)
+    levels: int = _f(1, "multilevel: levels of the depth hierarchy (level l has "
+                     "model.depth / cf^l residual blocks)", min=1)
+    cf: int = _f(2, "multilevel: coarsening factor in depth", min=2)
+    transfer: str = _f("injection", "multilevel: restriction of block parameters",
+                       choices=("injection", "full_weighting"))
+    prolongation: str = _f("constant", "multilevel: prolongation of block parameters",
+                           choices=("constant", "linear"))
+    nested: bool = _f(False, "nested iteration: train the coarsest network first, prolong "
+                      "its weights to the next finer, up to the full depth (run.steps "
+                      "shared equally by the levels)")
     ksp_type: str = _f("stcg", "tr: PETSc Krylov method for the subproblem",
                        choices=("stcg", "nash", "gltr"))
     max_it: int = _f(50, "tr: most Krylov iterations per step", min=1)
@@ -235,6 +247,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.path: required when data.name = {cfg.data.name!r}")
     if cfg.run.straggler:
         parse_straggler(cfg.run.straggler)
+    if cfg.optim.nested and cfg.optim.levels < 2:
+        raise ConfigError("optim.nested: needs optim.levels >= 2")
+    if cfg.optim.nested and cfg.checkpoint.resume:
+        raise ConfigError("checkpoint.resume: not supported yet with optim.nested")
+    if cfg.optim.levels > 1 and cfg.model.name != "resnet" and cfg.optim.nested:
+        raise ConfigError(f"optim.levels: model.name = {cfg.model.name!r} has no depth "
+                          "hierarchy (use resnet, or pass your own residual network)")
     if cfg.optim.name == "tr":
         o = cfg.optim
         if not 0 < o.radius <= o.radius_max:

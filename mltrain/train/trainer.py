@@ -21,6 +21,7 @@ from mltrain.config import Config, ConfigError, parse_straggler, to_toml
 from mltrain.data import (LABEL_PARTITIONS, ShardLoader, open_dataset, partition,
                           partition_options, steps_per_epoch)
 from mltrain.io import MetricsWriter, latest_checkpoint, load_checkpoint, save_checkpoint
+from mltrain.multilevel import Hierarchy
 from mltrain.nn import build_model
 from mltrain.optim import build_optimizer
 from mltrain.optim.tr import TrustRegion
@@ -71,19 +72,14 @@ class Trainer:
                                 depth=cfg.model.depth, dtype=self.dtype)
         self.model = model.to(self.dtype)
         broadcast_parameters(self.model, dcomm)
-        o = cfg.optim
-        if o.name == "tr":
-            # Second order: it averages its own gradients and curvature products.
-            self.optimizer = agree(comm, lambda: TrustRegion(
-                self.model.parameters(), dcomm, radius=o.radius, radius_max=o.radius_max,
-                eta1=o.eta1, eta2=o.eta2, gamma1=o.gamma1, gamma2=o.gamma2,
-                curvature=o.curvature, ksp_type=o.ksp_type, max_it=o.max_it, memory=o.memory,
-                grow_after=o.grow_after if o.batch == "hybrid" else 0), what="config")
-            self.sync = SyncStrategy(self.model, dcomm)
-        else:
-            self.optimizer = build_optimizer(o.name, self.model.parameters(), lr=o.lr,
-                                             momentum=o.momentum, weight_decay=o.weight_decay)
-            self.sync = agree(comm, lambda: build_sync(cfg, self.model, dcomm), what="config")
+        self.optimizer, self.sync = self._optimizer_and_sync(self.model)
+        self.hierarchy = None
+        if cfg.optim.nested:
+            o = cfg.optim
+            self.hierarchy = agree(comm, lambda: Hierarchy(self.model, o.levels, o.cf,
+                                                           o.transfer, o.prolongation),
+                                   what="config")
+        self.level_steps = [0] * (cfg.optim.levels if cfg.optim.nested else 1)
 
         idx = agree(comm, self._my_partition, what="config")
         x, y = agree(comm, lambda: self.dataset.read_train(idx), what="data")
@@ -110,6 +106,53 @@ class Trainer:
             self.run_dir = Path(cfg.run.out_dir) / f"run-{stamp}"
             self.metrics = agree(comm, lambda: MetricsWriter(self.run_dir / "metrics.jsonl",
                                                              self.rank), what="run.out_dir")
+
+    def _optimizer_and_sync(self, model):
+        """The configured optimizer and synchronization scheme for ``model``. Collective."""
+        o, comm, dcomm = self.cfg.optim, self.comm, self.gc.data
+        if o.name == "tr":
+            # Second order: it averages its own gradients and curvature products.
+            opt = agree(comm, lambda: TrustRegion(
+                model.parameters(), dcomm, radius=o.radius, radius_max=o.radius_max,
+                eta1=o.eta1, eta2=o.eta2, gamma1=o.gamma1, gamma2=o.gamma2,
+                curvature=o.curvature, ksp_type=o.ksp_type, max_it=o.max_it, memory=o.memory,
+                grow_after=o.grow_after if o.batch == "hybrid" else 0), what="config")
+            return opt, SyncStrategy(model, dcomm)
+        opt = build_optimizer(o.name, model.parameters(), lr=o.lr, momentum=o.momentum,
+                              weight_decay=o.weight_decay)
+        return opt, agree(comm, lambda: build_sync(self.cfg, model, dcomm), what="config")
+
+    def _coarse_phases(self, bar) -> float:
+        """Nested iteration: trains levels L-1 .. 1 for run.steps / L steps each, prolonging
+        the weights to the next finer level after each; returns their work in fine-gradient
+        equivalents. Collective."""
+        h, per = self.hierarchy, self.total_steps // self.hierarchy.levels
+        fine = (self.model, self.optimizer, self.sync)
+        work = 0.0
+        for level in range(h.levels - 1, 0, -1):
+            self.model = h.models[level]
+            self.optimizer, self.sync = self._optimizer_and_sync(self.model)
+            for _ in range(per):
+                epoch, pos = divmod(self.step, self.steps_per_epoch)
+                self.train_step(*self.loader.batch(epoch, pos))
+                self.step += 1
+                self.level_steps[level] += 1
+                bar.update(1)
+            work += self._work(per) * h.cost[level]
+            self.sync.close()
+            if isinstance(self.optimizer, TrustRegion):
+                self.optimizer.close()
+            h.prolong_to(level - 1)
+        self.model, self.optimizer, self.sync = fine
+        return work
+
+    def _work(self, steps: int) -> float:
+        """The current optimizer's work, in gradient equivalents of its own network:
+        counted samples for trust region, ``steps`` batches for first-order methods."""
+        if isinstance(self.optimizer, TrustRegion):
+            c = self.optimizer.counts
+            return (c["gradient_samples"] + c["product_samples"]) / self.dataset.num_train
+        return steps * self.cfg.data.batch_size / self.dataset.num_train
 
     # -- validation ----------------------------------------------------------------------
     def _check_grid(self) -> Grid:
@@ -213,22 +256,33 @@ class Trainer:
                    disable=self.quiet or self.rank != 0, leave=False)
         bytes0, calls0 = STATS.snapshot()
         start_step = self.step
+        reached_at = None
         self.model.train()
         t0 = time.perf_counter()
+        coarse_work = 0.0
+        if self.hierarchy is not None and self.step == 0:
+            coarse_work = self._coarse_phases(bar)
         while self.step < self.total_steps:
             epoch, pos = divmod(self.step, self.steps_per_epoch)
             x, y = self.loader.batch(epoch, pos)
             loss = self.train_step(x, y)
             self.step += 1
+            self.level_steps[0] += 1
             if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
                 with STATS.paused():
                     mean = allreduce_scalar(loss.item(), self.gc.data) / self.dp_size
                 extra = {"consensus_distance": self.sync.distance()} if self.sync.drifts else {}
+                if cfg.run.target_loss:  # the whole training set's loss, not the batch's
+                    extra["train_loss"] = self.evaluate()["train_loss"]
                 self.metrics.write(step=self.step, epoch=epoch, loss=mean,
                                    lr=self.optimizer.param_groups[0]["lr"],
                                    time=time.perf_counter() - t0,
                                    comm_bytes=STATS.bytes - bytes0, **extra)
                 bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
+                if cfg.run.target_loss and extra["train_loss"] <= cfg.run.target_loss:
+                    reached_at = self.step
+                    bar.update(1)
+                    break
             bar.update(1)
             if (cfg.run.eval_every and self.step % (cfg.run.eval_every * self.steps_per_epoch) == 0
                     and self.step < self.total_steps):
@@ -260,6 +314,12 @@ class Trainer:
             "test_accuracy": ev["test_accuracy"],
             "wall_s": wall,
             "samples_per_s": steps_run * cfg.data.batch_size / wall if wall > 0 else 0.0,
+            "target_loss": cfg.run.target_loss or None,
+            "target_reached": (ev["train_loss"] <= cfg.run.target_loss
+                               if cfg.run.target_loss else None),
+            "target_reached_at_step": reached_at,
+            "level_steps": self.level_steps,
+            "fine_grad_evals": coarse_work + self._work(self.level_steps[0]),
             "sync": cfg.sync.name,
             "compression": cfg.sync.compression,
             "comm_bytes": comm_bytes,

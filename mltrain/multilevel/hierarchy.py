@@ -1,0 +1,115 @@
+"""Depth hierarchies of residual networks.
+
+A network that follows the residual-block protocol (``opening``, ``blocks``: a ModuleList
+of N blocks of one structure, each with a step ``h``, ``closing``) is read as a forward-
+Euler discretisation of an ODE. Level l has N / cf^l blocks with step h cf^l; the opening
+and closing layers are the same on every level (transferred as they are). Block parameters
+are stacked over depth and moved between levels by the depth-transfer kernels of
+``mltrain.ops`` (restriction: injection or full weighting; prolongation: constant or
+linear). Not collective.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from mltrain import ops
+from mltrain.config import ConfigError
+
+__all__ = ["check_protocol", "coarsen", "Hierarchy"]
+
+
+def check_protocol(model: torch.nn.Module) -> None:
+    """Raises ConfigError unless ``model`` exposes the residual-block protocol."""
+    missing = [a for a in ("opening", "blocks", "closing") if not hasattr(model, a)]
+    if missing:
+        raise ConfigError(f"multilevel training needs a residual network with opening, blocks "
+                          f"and closing (see examples/custom_model.py); {type(model).__name__} "
+                          f"lacks {', '.join(missing)}")
+    blocks = model.blocks
+    if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
+        raise ConfigError("multilevel training: model.blocks must be a non-empty ModuleList")
+    names = [tuple(n for n, _ in b.named_parameters()) for b in blocks]
+    if len(set(names)) != 1 or not all(hasattr(b, "h") for b in blocks):
+        raise ConfigError("multilevel training: every block needs the same parameters and a "
+                          "step attribute h")
+
+
+def _stacked(blocks) -> dict[str, torch.Tensor]:
+    names = [n for n, _ in blocks[0].named_parameters()]
+    return {n: torch.stack([dict(b.named_parameters())[n].detach() for b in blocks])
+            for n in names}
+
+
+def _load_stacked(blocks, stacked: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for i, b in enumerate(blocks):
+            params = dict(b.named_parameters())
+            for n, t in stacked.items():
+                params[n].copy_(t[i])
+
+
+def coarsen(model: torch.nn.Module, cf: int, restriction: str = "injection"):
+    """A copy of ``model`` with N / cf blocks of step h * cf, its block parameters the
+    restriction of ``model``'s. Not collective."""
+    check_protocol(model)
+    n = len(model.blocks)
+    if n % cf:
+        raise ConfigError(f"optim.cf: {n} residual blocks are not divisible by cf = {cf}")
+    coarse = copy.deepcopy(model)
+    coarse.blocks = torch.nn.ModuleList(copy.deepcopy(model.blocks[i]) for i in range(n // cf))
+    for b, fine_b in zip(coarse.blocks, model.blocks[::cf]):
+        b.h = fine_b.h * cf
+    stacked = {k: ops.restrict(v, cf, restriction) for k, v in _stacked(model.blocks).items()}
+    _load_stacked(coarse.blocks, stacked)
+    return coarse
+
+
+class Hierarchy:
+    """``models[0]`` is the finest (the given model), ``models[-1]`` the coarsest.
+
+    ``restrict_to(l)`` overwrites level l+1's parameters with the restriction of level
+    l's; ``prolong_to(l)`` overwrites level l's parameters with the prolongation of level
+    l+1's (nested iteration); ``cost[l]`` is level l's cost relative to the finest
+    (parameter counts). Not collective.
+    """
+
+    def __init__(self, model: torch.nn.Module, levels: int, cf: int,
+                 restriction: str = "injection", prolongation: str = "constant"):
+        check_protocol(model)
+        n = len(model.blocks)
+        if levels < 1:
+            raise ConfigError("optim.levels: must be at least 1")
+        if n % cf ** (levels - 1):
+            raise ConfigError(f"optim.levels: {n} residual blocks cannot be coarsened "
+                              f"{levels - 1} times by cf = {cf} (need a multiple of "
+                              f"{cf ** (levels - 1)})")
+        self.cf, self.restriction, self.prolongation = cf, restriction, prolongation
+        self.models = [model]
+        for _ in range(levels - 1):
+            self.models.append(coarsen(self.models[-1], cf, restriction))
+        total = [sum(p.numel() for p in m.parameters()) for m in self.models]
+        self.cost = [t / total[0] for t in total]
+
+    @property
+    def levels(self) -> int:
+        return len(self.models)
+
+    def _shared(self, src, dst) -> None:
+        with torch.no_grad():
+            for a, b in ((src.opening, dst.opening), (src.closing, dst.closing)):
+                for p, q in zip(a.parameters(), b.parameters()):
+                    q.copy_(p)
+
+    def restrict_to(self, level: int) -> None:
+        fine, coarse = self.models[level], self.models[level + 1]
+        self._shared(fine, coarse)
+        _load_stacked(coarse.blocks, {k: ops.restrict(v, self.cf, self.restriction)
+                                      for k, v in _stacked(fine.blocks).items()})
+
+    def prolong_to(self, level: int) -> None:
+        fine, coarse = self.models[level], self.models[level + 1]
+        self._shared(coarse, fine)
+        _load_stacked(fine.blocks, {k: ops.prolong(v, self.cf, self.prolongation)
+                                    for k, v in _stacked(coarse.blocks).items()})

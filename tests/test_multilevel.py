@@ -1,0 +1,136 @@
+"""Depth hierarchies, nested iteration and run.target_loss."""
+import pytest
+import torch
+from mpi4py import MPI
+
+from mltrain.config import ConfigError, load_config
+from mltrain.linalg.curvature import flat_params
+from mltrain.multilevel import Hierarchy, coarsen
+from mltrain.nn import MLP, ResNet
+from mltrain.train import Trainer
+
+from conftest import all_ranks
+
+
+def _blocks(model):
+    return torch.stack([torch.cat([p.detach().reshape(-1) for p in b.parameters()])
+                        for b in model.blocks])
+
+
+def test_hierarchy_structure_and_steps():
+    h = Hierarchy(ResNet(64, 8, 12, 10).double(), levels=3, cf=2)
+    assert [len(m.blocks) for m in h.models] == [12, 6, 3]
+    assert [m.blocks[0].h for m in h.models] == pytest.approx([1 / 12, 1 / 6, 1 / 3])
+    assert h.cost[0] == 1.0 and 1.0 > h.cost[1] > h.cost[2] > 0
+    coarse = coarsen(h.models[0], 3, "injection")  # other factors too
+    assert len(coarse.blocks) == 4 and torch.equal(_blocks(coarse), _blocks(h.models[0])[::3])
+
+
+@pytest.mark.parametrize("prolongation", ["constant", "linear"])
+def test_restrict_after_prolong_is_identity(prolongation):
+    torch.manual_seed(0)
+    h = Hierarchy(ResNet(64, 8, 8, 10).double(), 2, 2, "injection", prolongation)
+    before = _blocks(h.models[1]).clone()
+    h.prolong_to(0)
+    h.restrict_to(0)
+    assert torch.equal(_blocks(h.models[1]), before)
+    shared = [p for m in (h.models[0].opening, h.models[0].closing) for p in m.parameters()]
+    coarse_shared = [p for m in (h.models[1].opening, h.models[1].closing) for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(shared, coarse_shared))
+
+
+@pytest.mark.parametrize("restriction", ["injection", "full_weighting"])
+@pytest.mark.parametrize("prolongation", ["constant", "linear"])
+def test_constant_in_depth_weights_survive(restriction, prolongation):
+    model = ResNet(64, 8, 8, 10).double()
+    with torch.no_grad():
+        for b in model.blocks[1:]:  # every block equal to the first
+            for p, q in zip(b.parameters(), model.blocks[0].parameters()):
+                p.copy_(q)
+    h = Hierarchy(model, 2, 2, restriction, prolongation)
+    before = _blocks(model).clone()
+    h.restrict_to(0)
+    h.prolong_to(0)
+    assert torch.allclose(_blocks(model), before, rtol=1e-15, atol=1e-15)
+
+
+def test_linear_in_depth_weights_survive_linear_prolongation():
+    model = ResNet(64, 8, 8, 10).double()
+    with torch.no_grad():
+        for i, b in enumerate(model.blocks):
+            b.linear.weight.fill_(0.1 + 0.05 * i)
+            b.linear.bias.fill_(-0.2 * i)
+    h = Hierarchy(model, 2, 2, "injection", "linear")
+    before = _blocks(model).clone()
+    h.restrict_to(0)
+    h.prolong_to(0)
+    assert torch.allclose(_blocks(model), before, rtol=1e-14, atol=1e-14)
+
+
+def test_hierarchy_errors_and_user_models():
+    with pytest.raises(ConfigError, match="cannot be coarsened"):
+        Hierarchy(ResNet(64, 8, 6, 10), levels=3, cf=2)
+    with pytest.raises(ConfigError, match="lacks opening, blocks"):
+        Hierarchy(MLP(64, 8, 2, 10), levels=2, cf=2)
+    with pytest.raises(ConfigError, match="optim.nested"):
+        load_config(None, ["optim.nested=true"])
+    # The example's convolutional ODE network follows the protocol.
+    from conftest import ROOT
+
+    src = (ROOT / "examples" / "custom_model.py").read_text().split("\nap = argparse")[0]
+    ns = {}
+    exec(compile(src, "custom_model.py", "exec"), ns)  # the model classes only, no training
+    h = Hierarchy(ns["ConvODENet"](depth=4), levels=2, cf=2)
+    assert len(h.models[1].blocks) == 2
+    assert h.models[1](torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+NESTED = ["optim.nested=true", "optim.levels=3", "model.depth=8", "model.width=16",
+          "run.steps=30", "data.batch_size=24", "run.threads=1"]
+
+
+@pytest.mark.mpi(min_size=1)
+def test_nested_iteration_is_rank_count_invariant_and_descends(comm):
+    exact = ["run.dtype=float64", "data.partition=strided", "data.shuffle=false",
+             "optim.name=sgd", "optim.lr=0.05"]
+    cfg = load_config(None, NESTED + exact)
+    par = Trainer(cfg, comm, quiet=True, metrics=False)
+    before = par.evaluate()["train_loss"]
+    s = par.train()
+    ser = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
+    ser.train()
+    diff = float((flat_params(par.model) - flat_params(ser.model)).norm()
+                 / flat_params(ser.model).norm())
+    all_ranks(comm, diff < 1e-10, f"{diff:.2e}")
+    all_ranks(comm, s["level_steps"] == [10, 10, 10] and s["final_loss"] < before, str(s))
+    all_ranks(comm, s["fine_grad_evals"] < 30 * 24 / 1438)  # coarse steps are cheaper
+    par.close()
+    ser.close()
+
+
+@pytest.mark.parametrize("optim", ["adam", "tr"])
+def test_nested_works_with_any_optimizer_and_is_deterministic(optim):
+    cfg = load_config(None, NESTED + [f"optim.name={optim}"])
+    runs = []
+    for _ in range(2):
+        t = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
+        before = t.evaluate()["train_loss"]
+        s = t.train()
+        assert s["final_loss"] < before
+        runs.append(flat_params(t.model))
+        t.close()
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_target_loss():
+    hit = Trainer(load_config(None, ["run.target_loss=0.5", "run.log_every=5"]),
+                  MPI.COMM_SELF, quiet=True, metrics=False)
+    s = hit.train()
+    assert s["target_reached"] and s["target_reached_at_step"] == s["steps"] < hit.total_steps
+    assert s["final_loss"] <= 0.5
+    hit.close()
+    miss = Trainer(load_config(None, ["run.target_loss=1e-9", "run.steps=5"]), MPI.COMM_SELF,
+                   quiet=True, metrics=False)
+    s = miss.train()
+    assert s["target_reached"] is False and s["target_reached_at_step"] is None
+    miss.close()
