@@ -134,3 +134,89 @@ def test_target_loss():
     s = miss.train()
     assert s["target_reached"] is False and s["target_reached_at_step"] is None
     miss.close()
+
+
+def _digits_batch(n=48):
+    from mltrain.data import open_dataset
+
+    d = open_dataset("digits")
+    x, y = d.read_train(torch.arange(n).numpy())
+    return torch.from_numpy(x).double(), torch.from_numpy(y)
+
+
+def test_mgopt_linear_correction_is_first_order_consistent():
+    from mltrain.multilevel import MGOpt, restrict_vec
+
+    torch.manual_seed(0)
+    h = Hierarchy(ResNet(64, 8, 8, 10).double(), 3, 2, "full_weighting", "linear")
+    mg = MGOpt(h, MPI.COMM_SELF, lr=0.1)
+    x, y = _digits_batch()
+    loss = torch.nn.functional.cross_entropy
+    _, g = mg._f_and_grad(0, loss, x, y, None)
+    x_h0 = restrict_vec(h, 0, flat_params(h.models[0]))
+    from mltrain.linalg.curvature import set_flat_params
+    set_flat_params(h.models[1], x_h0)
+    _, g_h = mg._f_and_grad(1, loss, x, y, None)
+    v_h = g_h - restrict_vec(h, 0, g)
+    _, g_tau = mg._f_and_grad(1, loss, x, y, v_h)
+    assert torch.allclose(g_tau, restrict_vec(h, 0, g), rtol=0, atol=1e-15)
+
+
+def test_mgopt_one_level_is_its_smoother_and_step_0_is_identity():
+    from mltrain.linalg.curvature import set_flat_params
+    from mltrain.multilevel import MGOpt
+
+    x, y = _digits_batch()
+    loss = torch.nn.functional.cross_entropy
+    torch.manual_seed(0)
+    model = ResNet(64, 8, 4, 10).double()
+    ref = ResNet(64, 8, 4, 10).double()
+    ref.load_state_dict(model.state_dict())
+    MGOpt(Hierarchy(model, 1, 2), MPI.COMM_SELF, lr=0.1, coarse_iters=3).cycle(0, loss, x, y)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(3):
+        sgd.zero_grad()
+        loss(ref(x), y).backward()
+        sgd.step()
+    assert torch.allclose(flat_params(model), flat_params(ref), rtol=1e-14, atol=1e-15)
+
+    h = Hierarchy(model, 3, 2)
+    before = flat_params(model).clone()
+    mg = MGOpt(h, MPI.COMM_SELF, lr=0.0)
+    mg.cycle(0, loss, x, y)
+    assert torch.equal(flat_params(model), before) and mg.last_alpha == 0.0
+
+    mg = MGOpt(h, MPI.COMM_SELF, lr=-0.5, pre_smooth=0, post_smooth=0)  # coarse ascent
+    mg.cycle(0, loss, x, y)
+    assert mg.last_alpha == 0.0 and torch.equal(flat_params(model), before)
+    set_flat_params(model, before)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_mgopt_descends_and_is_rank_count_invariant(comm):
+    from mltrain.multilevel import MGOpt
+
+    loss = torch.nn.functional.cross_entropy
+    x_all, y_all = _digits_batch(48)
+    P, r = comm.Get_size(), comm.Get_rank()
+    if 48 % P:
+        pytest.skip("48 samples do not split evenly")
+    xs, ys = x_all[r::P], y_all[r::P]  # strided shards: their average is the full batch
+
+    def run(c, xb, yb):
+        torch.manual_seed(0)
+        h = Hierarchy(ResNet(64, 8, 8, 10).double(), 3, 2, "injection", "linear")
+        mg = MGOpt(h, c, lr=0.2, coarse_iters=3)
+        def full_loss():
+            with torch.no_grad():
+                return float(loss(h.models[0](x_all), y_all))
+
+        f0 = full_loss()
+        for _ in range(5):
+            mg.cycle(0, loss, xb, yb)
+        return flat_params(h.models[0]), f0, full_loss()
+
+    par, f0, f1 = run(comm, xs, ys)
+    ser, _, _ = run(MPI.COMM_SELF, x_all, y_all)
+    diff = float((par - ser).norm() / ser.norm())
+    all_ranks(comm, diff < 1e-10 and f1 < f0, f"{diff:.2e}, loss {f0:.3f} -> {f1:.3f}")

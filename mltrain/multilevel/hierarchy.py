@@ -113,3 +113,38 @@ class Hierarchy:
         self._shared(coarse, fine)
         _load_stacked(fine.blocks, {k: ops.prolong(v, self.cf, self.prolongation)
                                     for k, v in _stacked(coarse.blocks).items()})
+
+
+def _named_split(model: torch.nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    out, off = {}, 0
+    for n, p in model.named_parameters():
+        out[n] = flat[off:off + p.numel()].view(p.shape)
+        off += p.numel()
+    return out
+
+
+def _transfer_vec(src_model, dst_model, flat: torch.Tensor, fn) -> torch.Tensor:
+    """Maps a flat vector over ``src_model``'s parameters to ``dst_model``'s: block
+    parameters (``blocks.<i>.<name>``) stacked over depth and passed through ``fn``, the
+    opening and closing layers unchanged."""
+    src = _named_split(src_model, flat)
+    block_names = [n for n, _ in src_model.blocks[0].named_parameters()]
+    moved = {}
+    for bn in block_names:
+        stacked = torch.stack([src[f"blocks.{i}.{bn}"] for i in range(len(src_model.blocks))])
+        for j, t in enumerate(fn(stacked)):
+            moved[f"blocks.{j}.{bn}"] = t
+    return torch.cat([(moved[n] if n in moved else src[n]).reshape(-1)
+                      for n, _ in dst_model.named_parameters()])
+
+
+def restrict_vec(h: "Hierarchy", level: int, flat: torch.Tensor) -> torch.Tensor:
+    """R: a vector over level ``level``'s parameters to level ``level + 1``'s."""
+    return _transfer_vec(h.models[level], h.models[level + 1], flat,
+                         lambda t: ops.restrict(t, h.cf, h.restriction))
+
+
+def prolong_vec(h: "Hierarchy", level: int, flat: torch.Tensor) -> torch.Tensor:
+    """P: a vector over level ``level + 1``'s parameters to level ``level``'s."""
+    return _transfer_vec(h.models[level + 1], h.models[level], flat,
+                         lambda t: ops.prolong(t, h.cf, h.prolongation))
