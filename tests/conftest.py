@@ -86,3 +86,23 @@ def require(module: str):
         if CI:
             pytest.fail(f"{module} is required in CI: {e}")
         pytest.skip(f"{module} not installed")
+
+
+def against_serial(comm, cfg):
+    """Trains ``cfg`` on ``comm`` and, as the reference, on COMM_SELF (every rank runs the
+    serial run itself). Returns (the parallel run's summary, its full training loss before
+    training, the relative difference of the final parameters). Collective on ``comm``."""
+    from mpi4py import MPI
+
+    from mltrain.linalg.curvature import flat_params
+    from mltrain.train import Trainer
+
+    par = Trainer(cfg, comm, quiet=True, metrics=False)
+    before = par.evaluate()["train_loss"]
+    summary = par.train()
+    ser = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
+    ser.train()
+    a, b = flat_params(par.model), flat_params(ser.model)
+    par.close()
+    ser.close()
+    return summary, before, float((a - b).norm() / b.norm())

@@ -9,7 +9,7 @@ from mltrain.multilevel import Hierarchy, coarsen
 from mltrain.nn import MLP, ResNet
 from mltrain.train import Trainer
 
-from conftest import all_ranks
+from conftest import against_serial, all_ranks
 
 
 def _blocks(model):
@@ -93,19 +93,10 @@ NESTED = ["optim.nested=true", "optim.levels=3", "model.depth=8", "model.width=1
 def test_nested_iteration_is_rank_count_invariant_and_descends(comm):
     exact = ["run.dtype=float64", "data.partition=strided", "data.shuffle=false",
              "optim.name=sgd", "optim.lr=0.05"]
-    cfg = load_config(None, NESTED + exact)
-    par = Trainer(cfg, comm, quiet=True, metrics=False)
-    before = par.evaluate()["train_loss"]
-    s = par.train()
-    ser = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
-    ser.train()
-    diff = float((flat_params(par.model) - flat_params(ser.model)).norm()
-                 / flat_params(ser.model).norm())
+    s, before, diff = against_serial(comm, load_config(None, NESTED + exact))
     all_ranks(comm, diff < 1e-10, f"{diff:.2e}")
     all_ranks(comm, s["level_steps"] == [10, 10, 10] and s["final_loss"] < before, str(s))
     all_ranks(comm, s["fine_grad_evals"] < 30 * 24 / 1438)  # coarse steps are cheaper
-    par.close()
-    ser.close()
 
 
 @pytest.mark.parametrize("optim", ["adam", "tr"])

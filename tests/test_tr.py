@@ -12,7 +12,7 @@ from mltrain.linalg.curvature import Curvature, flat_params, set_flat_params
 from mltrain.linalg.petsc import NonFiniteError, TRSubproblem
 from mltrain.train import Trainer
 
-from conftest import all_ranks, require
+from conftest import against_serial, all_ranks, require
 
 
 def _problem(n, definite, seed):
@@ -129,19 +129,10 @@ TR = ["optim.name=tr", "run.dtype=float64", "data.partition=strided", "data.shuf
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_tr_is_rank_count_invariant_and_descends(comm, curvature):
     require("petsc4py")
-    cfg = load_config(None, TR + [f"optim.curvature={curvature}"])
-    par = Trainer(cfg, comm, quiet=True, metrics=False)
-    before = par.evaluate()["train_loss"]
-    s = par.train()
-    ser = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
-    ser.train()
-    a, b = flat_params(par.model), flat_params(ser.model)
-    diff = float((a - b).norm() / b.norm())
+    s, before, diff = against_serial(comm, load_config(None, TR + [f"optim.curvature={curvature}"]))
     all_ranks(comm, diff < 1e-10, f"{curvature}: {diff:.2e}")
     all_ranks(comm, s["final_loss"] < before and s["accepted_steps"] > 0, str(s))
     all_ranks(comm, s["accepted_steps"] + s["rejected_steps"] == 15 and s["hvp_evals"] > 0)
-    par.close()
-    ser.close()
 
 
 @pytest.mark.mpi(min_size=1)
@@ -307,19 +298,10 @@ def test_lsr1_recovers_a_quadratic():
                          ids=["lsr1", "full"])
 def test_tr_modes_rank_count_invariant(comm, extra):
     require("petsc4py")
-    cfg = load_config(None, TR + ["run.steps=8"] + extra)
-    par = Trainer(cfg, comm, quiet=True, metrics=False)
-    before = par.evaluate()["train_loss"]
-    s = par.train()
-    ser = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
-    ser.train()
-    diff = float((flat_params(par.model) - flat_params(ser.model)).norm()
-                 / flat_params(ser.model).norm())
+    s, before, diff = against_serial(comm, load_config(None, TR + ["run.steps=8"] + extra))
     all_ranks(comm, diff < 1e-10 and s["final_loss"] < before, f"{extra}: {diff:.2e}")
     if "optim.batch=full" in extra:
         all_ranks(comm, s["grad_evals"] == pytest.approx(8.0), str(s["grad_evals"]))
-    par.close()
-    ser.close()
 
 
 @pytest.mark.mpi(min_size=1)

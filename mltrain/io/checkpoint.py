@@ -15,7 +15,6 @@ gets the same error or the same data (broadcast).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
