@@ -222,7 +222,10 @@ def test_hierarchical(comm):
     ["sync.compression=powersgd", "sync.rank=2"],
 ], ids=lambda e: "-".join(x.split("=")[1] for x in e))
 def test_every_scheme_drives_the_loss_down(comm, extra):
-    cfg = load_config(None, ["run.steps=60", "data.batch_size=48", "model.width=32",
+    # Asynchronous push-sum depends on timing (what has arrived when); give it room so the
+    # check does not depend on how busy the machine is.
+    steps = 200 if "sync.asynchronous=true" in extra else 60
+    cfg = load_config(None, [f"run.steps={steps}", "data.batch_size=48", "model.width=32",
                              "run.threads=1", "data.partition=dirichlet", "data.alpha=1"]
                       + extra)
     t = Trainer(cfg, comm, quiet=True, metrics=False)
