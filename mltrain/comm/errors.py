@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 import traceback
 from typing import Callable, TypeVar
 
@@ -61,6 +62,7 @@ def agree(comm: MPI.Comm, fn: Callable[[], T], *, what: str = "") -> T:
 
 
 _hook_installed = False
+ABORT_GRACE_S = 1.0  # seconds between printing the traceback and MPI_Abort
 
 
 def install_abort_hook(comm: MPI.Comm = MPI.COMM_WORLD) -> None:
@@ -78,6 +80,9 @@ def install_abort_hook(comm: MPI.Comm = MPI.COMM_WORLD) -> None:
         text = "".join(traceback.format_exception(exc_type, exc, tb))
         sys.stderr.write(f"[mltrain {rank}] uncaught exception, aborting the job:\n{text}")
         sys.stderr.flush()
+        # The launcher forwards our stderr asynchronously; aborting at once can kill the
+        # job before it has passed on the one message that explains the failure.
+        time.sleep(ABORT_GRACE_S)
         try:
             comm.Abort(1)
         finally:
