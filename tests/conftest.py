@@ -94,7 +94,7 @@ def against_serial(comm, cfg):
     training, the relative difference of the final parameters). Collective on ``comm``."""
     from mpi4py import MPI
 
-    from mltrain.linalg.curvature import flat_params
+    from mltrain.linalg.vector import flat_params
     from mltrain.train import Trainer
 
     par = Trainer(cfg, comm, quiet=True, metrics=False)

@@ -4,7 +4,7 @@ import torch
 from mpi4py import MPI
 
 from mltrain.config import ConfigError, load_config
-from mltrain.linalg.curvature import flat_params
+from mltrain.linalg.vector import flat_params
 from mltrain.multilevel import Hierarchy, coarsen
 from mltrain.nn import MLP, ResNet
 from mltrain.train import Trainer
@@ -145,7 +145,7 @@ def test_mgopt_linear_correction_is_first_order_consistent():
     loss = torch.nn.functional.cross_entropy
     _, g = mg._f_and_grad(0, loss, x, y, None)
     x_h0 = restrict_vec(h, 0, flat_params(h.models[0]))
-    from mltrain.linalg.curvature import set_flat_params
+    from mltrain.linalg.vector import set_flat_params
     set_flat_params(h.models[1], x_h0)
     _, g_h = mg._f_and_grad(1, loss, x, y, None)
     v_h = g_h - restrict_vec(h, 0, g)
@@ -154,7 +154,7 @@ def test_mgopt_linear_correction_is_first_order_consistent():
 
 
 def test_mgopt_one_level_is_its_smoother_and_step_0_is_identity():
-    from mltrain.linalg.curvature import set_flat_params
+    from mltrain.linalg.vector import set_flat_params
     from mltrain.multilevel import MGOpt
 
     x, y = _digits_batch()

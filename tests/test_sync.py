@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from mpi4py import MPI
 from torch import nn
 
 from mltrain.comm import CollectiveError

@@ -8,7 +8,8 @@ from mpi4py import MPI
 from torch import nn
 
 from mltrain.config import ConfigError, load_config
-from mltrain.linalg.curvature import Curvature, flat_params, set_flat_params
+from mltrain.linalg.curvature import Curvature
+from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.linalg.petsc import NonFiniteError, TRSubproblem
 from mltrain.train import Trainer
 

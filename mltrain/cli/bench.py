@@ -219,6 +219,13 @@ def bench_sync(cfg, steps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dict:
             "steps": steps, "schemes": rows}
 
 
+def _write_json(path: str | None, what: str, res: dict) -> None:
+    """Writes a benchmark's figures to ``--json`` (rank 0 only calls it)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"bench": what, **res}, f, indent=2)
+
+
 def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
     """Runs one benchmark, prints its figures on rank 0, writes --json. Collective."""
     from mltrain.cli import check_writable
@@ -226,10 +233,9 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
 
     agree(comm, lambda: check_writable(args.json, "--json"), what="config")
     if what == "tr":
-        from mltrain.cli import check_writable as writable
         from mltrain.cli.bench_tr import bench_tr, plot
 
-        agree(comm, lambda: writable(args.plot, "--plot"), what="config")
+        agree(comm, lambda: check_writable(args.plot, "--plot"), what="config")
         res = bench_tr(args.config, args.overrides, comm, budget=args.budget)
         if comm.Get_rank() == 0:
             print(f"bench tr: {res['dataset']}, {res['model']}, {res['ranks']} rank(s), "
@@ -239,9 +245,7 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
             for r in res["methods"]:
                 print(f"  {r['method']:<12}{r['steps']:>7}{r['work']:>8.2f}{r['wall_s']:>9.2f}"
                       f"{r['train_loss']:>12.4f}{r['test_accuracy']:>10.4f}")
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"bench": what, **res}, f, indent=2)
+            _write_json(args.json, what, res)
             if args.plot:
                 plot(res, args.plot)
         return 0
@@ -260,9 +264,7 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
         for name in names:
             cells = {r["elements"]: r["speedup"] for r in res["rows"] if r["kernel"] == name}
             print(f"  {name:<26}" + "".join(f"{cells[n]:>10.2f}" for n in sizes))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"bench": what, **res}, f, indent=2)
+        _write_json(args.json, what, res)
         return 0
     if what == "sync":
         # A whole number of every scheme's period (16, 8, 4) in the timed window.
@@ -276,9 +278,7 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
                 print(f"  {r['scheme']:<22}{r['step_s'] * 1e3:>9.1f}{r['step_ratio']:>7.2f}"
                       f"{r['bytes_per_step'] / 1e6:>10.3f}{r['bytes_ratio']:>13.4f}"
                       f"{r['step_s_straggler'] * 1e3:>17.1f}{r['straggler_growth']:>8.2f}")
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"bench": what, **res}, f, indent=2)
+            _write_json(args.json, what, res)
         return 0
     res = bench_dp(cfg, args.steps or 30, args.reps, comm)
     if comm.Get_rank() == 0:
@@ -291,7 +291,5 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
         print(f"  reduce    reducer {res['reducer_bandwidth_GBps']:8.2f} GB/s  raw Allreduce "
               f"{res['raw_bandwidth_GBps']:8.2f} GB/s  ratio {res['bandwidth_ratio_vs_raw']:.3f}"
               "  (higher is better)")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"bench": what, **res}, f, indent=2)
+        _write_json(args.json, what, res)
     return 0

@@ -12,23 +12,10 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, jvp, vjp
 
-__all__ = ["Curvature", "flat_params", "set_flat_params", "CURVATURES"]
+
+__all__ = ["Curvature", "CURVATURES"]
 
 CURVATURES = ("hessian", "ggn", "lsr1")  # lsr1: gradients here, products from linalg.lsr1
-
-
-def flat_params(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
-
-
-def set_flat_params(model: torch.nn.Module, flat: torch.Tensor) -> None:
-    """Copies ``flat`` into the trainable parameters (bit for bit). Not collective."""
-    off = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(flat[off:off + p.numel()].view_as(p))
-                off += p.numel()
 
 
 class Curvature:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ParamBuffer"]
+from mltrain import ops
+
+__all__ = ["ParamBuffer", "FlatParams", "flat_params", "set_flat_params"]
 
 
 class ParamBuffer:
@@ -44,3 +46,38 @@ class ParamBuffer:
         lo = self.flat.data_ptr()
         hi = lo + self.flat.numel() * self.flat.element_size()
         return all(lo <= p.data_ptr() < hi for p in self.params if p.numel())
+
+
+class FlatParams:
+    """The trainable parameters of a model as one flat vector (packed with the C++ kernel).
+
+    ``get()`` copies them out, ``set(flat)`` copies back. Not collective.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"flat parameter vectors need one parameter dtype, got {dtypes}")
+        self.dtype = dtypes.pop()
+        self.numel = sum(p.numel() for p in self.params)
+
+    def get(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.empty(self.numel, dtype=self.dtype) if out is None else out
+        with torch.no_grad():
+            ops.pack([p.detach() for p in self.params], out)
+        return out
+
+    def set(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            ops.unpack(flat, [p.data for p in self.params])
+
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    """A copy of the trainable parameters as one flat vector. Not collective."""
+    return FlatParams(model).get()
+
+
+def set_flat_params(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Copies ``flat`` into the trainable parameters (bit for bit). Not collective."""
+    FlatParams(model).set(flat)

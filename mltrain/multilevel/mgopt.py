@@ -16,7 +16,7 @@ import torch
 from mpi4py import MPI
 
 from mltrain.comm import allreduce_
-from mltrain.linalg.curvature import flat_params, set_flat_params
+from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.multilevel.hierarchy import Hierarchy, prolong_vec, restrict_vec
 
 __all__ = ["MGOpt"]

@@ -21,7 +21,8 @@ from mpi4py import MPI
 
 from mltrain.comm import allreduce_
 from mltrain.linalg import has_petsc
-from mltrain.linalg.curvature import Curvature, flat_params, set_flat_params
+from mltrain.linalg.curvature import Curvature
+from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.linalg.lsr1 import LSR1
 from mltrain.linalg.petsc import NonFiniteError, TRSubproblem, check_options_used, log_event
 from mltrain.linalg.reference import steihaug_cg

@@ -7,35 +7,10 @@ from contextlib import contextmanager
 import torch
 from mpi4py import MPI
 
-from mltrain import ops
 from mltrain.comm import STATS, allreduce_
+from mltrain.linalg.vector import FlatParams
 
 __all__ = ["SyncStrategy", "FlatParams", "average_", "consensus_distance"]
-
-
-class FlatParams:
-    """The trainable parameters of a model as one flat vector (packed with the C++ kernel).
-
-    ``get()`` copies them out, ``set(flat)`` copies back. Not collective.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        dtypes = {p.dtype for p in self.params}
-        if len(dtypes) != 1:
-            raise ValueError(f"synchronization schemes need one parameter dtype, got {dtypes}")
-        self.dtype = dtypes.pop()
-        self.numel = sum(p.numel() for p in self.params)
-
-    def get(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        out = torch.empty(self.numel, dtype=self.dtype) if out is None else out
-        with torch.no_grad():
-            ops.pack([p.detach() for p in self.params], out)
-        return out
-
-    def set(self, flat: torch.Tensor) -> None:
-        with torch.no_grad():
-            ops.unpack(flat, [p.data for p in self.params])
 
 
 def average_(flat: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:
