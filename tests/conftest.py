@@ -106,3 +106,21 @@ def against_serial(comm, cfg):
     par.close()
     ser.close()
     return summary, before, float((a - b).norm() / b.norm())
+
+
+def straight_and_resumed(comm, base: list, ckdir, steps: int = 8):
+    """Trains ``base`` for ``steps`` steps straight, and for steps/2 + a resume to
+    ``steps`` through checkpoints in ``ckdir``; returns (straight, resumed) trainers, trained
+    (close them). Collective on ``comm``."""
+    from mltrain.config import load_config
+    from mltrain.train import Trainer
+
+    def run(extra):
+        t = Trainer(load_config(None, base + extra), comm, quiet=True, metrics=False)
+        t.train()
+        return t
+
+    straight = run([f"run.steps={steps}"])
+    run([f"run.steps={steps // 2}", f"checkpoint.dir={ckdir}"]).close()
+    return straight, run([f"run.steps={steps}", f"checkpoint.dir={ckdir}",
+                          "checkpoint.resume=true"])

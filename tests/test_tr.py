@@ -13,7 +13,7 @@ from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.linalg.petsc import NonFiniteError, TRSubproblem
 from mltrain.train import Trainer
 
-from conftest import against_serial, all_ranks, require
+from conftest import against_serial, all_ranks, require, straight_and_resumed
 
 
 def _problem(n, definite, seed):
@@ -154,19 +154,10 @@ def test_tr_rejected_step_restores_bits(comm):
 def test_tr_resume_is_bit_exact(comm, shared_tmp, dtype):
     require("petsc4py")
     base = [x for x in TR if not x.startswith(("run.steps", "run.dtype"))] + [f"run.dtype={dtype}"]
-    straight = Trainer(load_config(None, base + ["run.steps=8"]), comm, quiet=True, metrics=False)
-    straight.train()
-    ck = shared_tmp / f"tr-{dtype}"
-    first = Trainer(load_config(None, base + ["run.steps=4", f"checkpoint.dir={ck}"]), comm,
-                    quiet=True, metrics=False)
-    first.train()
-    second = Trainer(load_config(None, base + ["run.steps=8", f"checkpoint.dir={ck}",
-                                               "checkpoint.resume=true"]), comm, quiet=True,
-                     metrics=False)
-    second.train()
+    straight, second = straight_and_resumed(comm, base, shared_tmp / f"tr-{dtype}")
     all_ranks(comm, torch.equal(flat_params(straight.model), flat_params(second.model))
               and straight.optimizer.radius == second.optimizer.radius)
-    for t in (straight, first, second):
+    for t in (straight, second):
         t.close()
 
 

@@ -74,7 +74,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = _f("adam", "optimizer", choices=("sgd", "adam", "tr"))
+    name: str = _f("adam", "optimizer (rmtr, mgopt: multilevel, over optim.levels)",
+                   choices=("sgd", "adam", "tr", "rmtr", "mgopt"))
     lr: float = _f(3e-3, "learning rate", min=0.0)
     momentum: float = _f(0.9, "SGD momentum (heavy ball)", min=0.0, max=1.0)
     weight_decay: float = _f(0.0, "L2 weight decay", min=0.0)
@@ -102,6 +103,14 @@ class OptimConfig:
     nested: bool = _f(False, "nested iteration: train the coarsest network first, prolong "
                       "its weights to the next finer, up to the full depth (run.steps "
                       "shared equally by the levels)")
+    cycle: str = _f("V", "rmtr: V- or W-cycle (one or two coarse corrections per level)",
+                    choices=("V", "W"))
+    pre_smooth: int = _f(1, "rmtr, mgopt: smoothing steps before the coarse correction", min=0)
+    post_smooth: int = _f(1, "rmtr, mgopt: smoothing steps after the coarse correction", min=0)
+    coarse_iters: int = _f(2, "rmtr, mgopt: steps on the coarsest level", min=1)
+    kappa: float = _f(1e-3, "rmtr: recurse only when ||P^T g|| >= kappa ||g||", min=0.0)
+    smoother: str = _f("sgd", "mgopt: every level's smoother (sgd and adam use optim.lr and "
+                       "optim.momentum; tr the trust-region keys)", choices=("sgd", "adam", "tr"))
     ksp_type: str = _f("stcg", "tr: PETSc Krylov method for the subproblem",
                        choices=("stcg", "nash", "gltr"))
     max_it: int = _f(50, "tr: most Krylov iterations per step", min=1)
@@ -251,10 +260,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("optim.nested: needs optim.levels >= 2")
     if cfg.optim.nested and cfg.checkpoint.resume:
         raise ConfigError("checkpoint.resume: not supported yet with optim.nested")
-    if cfg.optim.levels > 1 and cfg.model.name != "resnet" and cfg.optim.nested:
-        raise ConfigError(f"optim.levels: model.name = {cfg.model.name!r} has no depth "
-                          "hierarchy (use resnet, or pass your own residual network)")
-    if cfg.optim.name == "tr":
+    if cfg.optim.name in ("tr", "rmtr") or (cfg.optim.name, cfg.optim.smoother) == ("mgopt", "tr"):
         o = cfg.optim
         if not 0 < o.radius <= o.radius_max:
             raise ConfigError(f"optim.radius: need 0 < radius <= radius_max, got {o.radius} "
@@ -264,8 +270,13 @@ def _validate(cfg: Config) -> None:
         if not 0 < o.gamma1 < 1:
             raise ConfigError(f"optim.gamma1: must lie strictly between 0 and 1, got {o.gamma1}")
         if cfg.sync.name != "allreduce" or cfg.sync.compression != "none":
-            raise ConfigError("optim.name = 'tr' averages its own gradients and curvature "
-                              "products: use sync.name = 'allreduce' without compression")
+            raise ConfigError(f"optim.name = {o.name!r} averages its own gradients and "
+                              "curvature products: use sync.name = 'allreduce' without "
+                              "compression")
+    if cfg.optim.name == "mgopt" and (cfg.sync.name != "allreduce"
+                                      or cfg.sync.compression != "none"):
+        raise ConfigError("optim.name = 'mgopt' averages its own gradients: use sync.name = "
+                          "'allreduce' without compression")
     if cfg.sync.compression != "none" and cfg.sync.name != "allreduce":
         raise ConfigError(f"sync.compression: applies to sync.name = 'allreduce', not "
                           f"{cfg.sync.name!r}")

@@ -17,7 +17,8 @@ import torch
 from mltrain import ops
 from mltrain.config import ConfigError
 
-__all__ = ["check_protocol", "coarsen", "Hierarchy"]
+__all__ = ["check_protocol", "coarsen", "Hierarchy", "restrict_vec", "prolong_vec", "restrict_grad",
+           "to_finest"]
 
 
 def check_protocol(model: torch.nn.Module) -> None:
@@ -148,3 +149,28 @@ def prolong_vec(h: "Hierarchy", level: int, flat: torch.Tensor) -> torch.Tensor:
     """P: a vector over level ``level + 1``'s parameters to level ``level``'s."""
     return _transfer_vec(h.models[level + 1], h.models[level], flat,
                          lambda t: ops.prolong(t, h.cf, h.prolongation))
+
+
+def _prolong_adjoint(h: "Hierarchy", fine: torch.Tensor) -> torch.Tensor:
+    """P^T over depth: the vector-Jacobian product of the (linear) prolongation."""
+    with torch.enable_grad():
+        leaf = torch.zeros((fine.shape[0] // h.cf, *fine.shape[1:]), dtype=fine.dtype,
+                           requires_grad=True)
+        (out,) = torch.autograd.grad(ops.prolong_reference(leaf, h.cf, h.prolongation), leaf,
+                                     fine)
+    return out
+
+
+def restrict_grad(h: "Hierarchy", level: int, flat: torch.Tensor) -> torch.Tensor:
+    """P^T: a gradient over level ``level``'s parameters to level ``level + 1``'s. With it
+    a coarse step s and its prolongation P s change the first-order models alike:
+    (P^T g) . s = g . (P s)."""
+    return _transfer_vec(h.models[level], h.models[level + 1], flat,
+                         lambda t: _prolong_adjoint(h, t))
+
+
+def to_finest(h: "Hierarchy", level: int, flat: torch.Tensor) -> torch.Tensor:
+    """A vector over level ``level``'s parameters prolonged to the finest level."""
+    for lv in range(level - 1, -1, -1):
+        flat = prolong_vec(h, lv, flat)
+    return flat

@@ -86,6 +86,7 @@ class TrustRegion(torch.optim.Optimizer):
                        "rejected": 0, "gradient_samples": 0.0, "product_samples": 0.0,
                        "loss_samples": 0.0}
         self._samples = 0.0
+        self.last: dict | None = None
 
     @property
     def radius(self) -> float:
@@ -110,14 +111,24 @@ class TrustRegion(torch.optim.Optimizer):
         allreduce_(t, self.comm)
         return t.div_(self.P) if self.P > 1 else t
 
-    def _loss(self, model, loss_fn, x, y, weight: float) -> float:
+    def _shifted(self, model, shift) -> float:
+        """The linear term delta . (x - anchor) of a shifted objective (0 without one)."""
+        if shift is None:
+            return 0.0
+        delta, anchor = shift
+        return float(delta @ (flat_params(model).to(torch.float64) - anchor))
+
+    def value(self, model, loss_fn, x, y, weight: float = 1.0, shift=None) -> float:
+        """The objective (loss averaged over the data axis, plus the linear term of
+        ``shift = (delta, anchor)`` when given) at the model's parameters. Collective."""
+        self._samples = len(x) * self.P / weight
         with torch.no_grad():
             value = torch.tensor([float(loss_fn(model(x), y)) * weight], dtype=torch.float64)
         self.counts["losses"] += 1
         self.counts["loss_samples"] += self._samples
-        return float(self._mean(value)[0])
+        return float(self._mean(value)[0]) + self._shifted(model, shift)
 
-    def _loss_and_grad(self, curv: Curvature, weight: float):
+    def _loss_and_grad(self, curv: Curvature, weight: float, shift=None):
         with _event("mltrain_gradient"):
             loss, g = curv.loss_and_grad()
         packed = torch.cat([g.to(torch.float64), torch.tensor([loss], dtype=torch.float64)])
@@ -125,7 +136,32 @@ class TrustRegion(torch.optim.Optimizer):
             self._mean(packed.mul_(weight))
         self.counts["gradients"] += 1
         self.counts["gradient_samples"] += self._samples
-        return float(packed[-1]), packed[:-1]
+        loss, g = float(packed[-1]), packed[:-1]
+        if shift is not None:
+            loss += self._shifted(curv.model, shift)
+            g = g + shift[0]
+        return loss, g
+
+    def objective(self, model, loss_fn, x, y, weight: float = 1.0, shift=None):
+        """(value, float64 gradient) of the objective ``value`` describes. Collective."""
+        self._samples = len(x) * self.P / weight
+        return self._loss_and_grad(Curvature(model, loss_fn, x, y, "lsr1"), weight, shift)
+
+    def work(self, num_train: int) -> float:
+        """Gradient and curvature-product evaluations so far, in full gradients of this
+        optimizer's own network (samples evaluated / training-set size)."""
+        c = self.counts
+        return (c["gradient_samples"] + c["product_samples"]) / num_train
+
+    def report(self, num_train: int) -> dict:
+        """The summary's work and step counts, in full-gradient equivalents (samples
+        evaluated / training-set size). Not collective."""
+        c = self.counts
+        return {"grad_evals": c["gradient_samples"] / num_train,
+                "hvp_evals": c["product_samples"] / num_train,
+                "loss_evals": c["loss_samples"] / num_train,
+                "accepted_steps": c["accepted"], "rejected_steps": c["rejected"],
+                "radius": self.radius, "batch_factor": self.batch_factor}
 
     def load_state_dict(self, state_dict) -> None:
         """As torch's, but the radius keeps float64 (torch casts state to the parameters'
@@ -139,15 +175,21 @@ class TrustRegion(torch.optim.Optimizer):
         raise RuntimeError("TrustRegion needs the batch: call tr_step(model, loss_fn, x, y)")
 
     def tr_step(self, model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
-                weight: float = 1.0) -> float:
-        """One trust-region iteration on this rank's batch; returns the averaged loss at
-        the point it started from. ``weight`` scales this rank's share (local samples x P
+                weight: float = 1.0, *, shift=None, radius: float | None = None,
+                limit=None) -> float:
+        """One trust-region iteration on this rank's batch; returns the averaged objective
+        at the point it started from. ``weight`` scales this rank's share (local samples x P
         / global samples) when ranks hold batches of different sizes.
+
+        For multilevel use: ``shift = (delta, anchor)`` adds delta . (x - anchor) to the
+        loss (a first-order correction); ``radius`` solves in a smaller ball than the
+        optimizer's own; ``limit(s)`` returns the fraction t in (0, 1] of the step s that
+        may be taken (a bound in another norm). ``self.last`` says what happened.
 
         Collective on the data-axis communicator."""
         self._samples = len(x) * self.P / weight  # the global batch behind this step
         curv = Curvature(model, loss_fn, x, y, self.curvature)
-        loss, g = self._loss_and_grad(curv, weight)
+        loss, g = self._loss_and_grad(curv, weight, shift)
         if not (math.isfinite(loss) and bool(torch.isfinite(g).all())):
             raise NonFiniteError("loss or gradient is not finite at the current parameters")
 
@@ -163,15 +205,22 @@ class TrustRegion(torch.optim.Optimizer):
             with _event("mltrain_reduce"):
                 return self._mean(hv.mul_(weight))
 
-        s, predicted, _ = self.solver.solve(g, self.radius, product)
+        r = self.radius if radius is None else min(radius, self.radius)
+        s, predicted, _ = self.solver.solve(g, r, product)
+        t = 1.0 if limit is None else limit(s)
+        if t < 1.0:  # cut back to the boundary; m(ts) = t g.s + t^2 (m(s) - g.s)
+            gs = float(g @ s)
+            predicted = -(t * gs + t * t * (-predicted - gs))
+            s = s * t
         x0 = flat_params(model)
         set_flat_params(model, x0 + s.to(dtype))
         if self.lsr1 is not None:  # the trial gradient also feeds the SR1 memory
-            trial, g_trial = self._loss_and_grad(Curvature(model, loss_fn, x, y, "lsr1"), weight)
+            trial, g_trial = self._loss_and_grad(Curvature(model, loss_fn, x, y, "lsr1"),
+                                                 weight, shift)
             if math.isfinite(trial) and bool(torch.isfinite(g_trial).all()):
                 self.lsr1.update(s, g_trial - g)
         else:
-            trial = self._loss(model, loss_fn, x, y, weight)
+            trial = self.value(model, loss_fn, x, y, weight, shift)
         rho = (loss - trial) / predicted if predicted > 0 else -math.inf
         accepted = math.isfinite(trial) and rho >= self.eta1
         if not accepted:
@@ -183,6 +232,8 @@ class TrustRegion(torch.optim.Optimizer):
                 self.radius = min(self.radius * self.gamma2, self.radius_max)
             self.counts["accepted"] += 1
         self._after(accepted)
+        self.last = {"accepted": accepted, "boundary": t < 1.0, "start": loss,
+                     "value": trial if accepted else loss}
         return loss
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from mltrain.config import Config, ConfigError, parse_straggler, to_toml
 from mltrain.data import (LABEL_PARTITIONS, ShardLoader, open_dataset, partition,
                           partition_options, steps_per_epoch)
 from mltrain.io import MetricsWriter, latest_checkpoint, load_checkpoint, save_checkpoint
-from mltrain.multilevel import Hierarchy
+from mltrain.multilevel import RMTR, Hierarchy, MGOpt
 from mltrain.nn import build_model
 from mltrain.optim import build_optimizer
 from mltrain.optim.tr import TrustRegion
@@ -107,17 +107,29 @@ class Trainer:
             self.metrics = agree(comm, lambda: MetricsWriter(self.run_dir / "metrics.jsonl",
                                                              self.rank), what="run.out_dir")
 
-    def _optimizer_and_sync(self, model):
-        """The configured optimizer and synchronization scheme for ``model``. Collective."""
+    def _optimizer_and_sync(self, model, levels: int | None = None):
+        """The configured optimizer and synchronization scheme for ``model``; multilevel
+        optimizers get ``levels`` levels (default optim.levels). Collective."""
         o, comm, dcomm = self.cfg.optim, self.comm, self.gc.data
+        tr = dict(radius=o.radius, radius_max=o.radius_max, eta1=o.eta1, eta2=o.eta2,
+                  gamma1=o.gamma1, gamma2=o.gamma2, curvature=o.curvature,
+                  ksp_type=o.ksp_type, max_it=o.max_it, memory=o.memory,
+                  grow_after=o.grow_after if o.batch == "hybrid" else 0)
+        # Second order and multilevel: they average their own gradients and products.
         if o.name == "tr":
-            # Second order: it averages its own gradients and curvature products.
-            opt = agree(comm, lambda: TrustRegion(
-                model.parameters(), dcomm, radius=o.radius, radius_max=o.radius_max,
-                eta1=o.eta1, eta2=o.eta2, gamma1=o.gamma1, gamma2=o.gamma2,
-                curvature=o.curvature, ksp_type=o.ksp_type, max_it=o.max_it, memory=o.memory,
-                grow_after=o.grow_after if o.batch == "hybrid" else 0), what="config")
+            opt = agree(comm, lambda: TrustRegion(model.parameters(), dcomm, **tr),
+                        what="config")
             return opt, SyncStrategy(model, dcomm)
+        if o.name in ("rmtr", "mgopt"):
+            def build():
+                h = Hierarchy(model, levels or o.levels, o.cf, o.transfer, o.prolongation)
+                common = dict(pre_smooth=o.pre_smooth, post_smooth=o.post_smooth,
+                              coarse_iters=o.coarse_iters)
+                if o.name == "rmtr":
+                    return RMTR(h, dcomm, cycle=o.cycle, kappa=o.kappa, **common, **tr)
+                return MGOpt(h, dcomm, lr=o.lr, smoother=o.smoother, momentum=o.momentum,
+                             tr=tr, **common)
+            return agree(comm, build, what="config"), SyncStrategy(model, dcomm)
         opt = build_optimizer(o.name, model.parameters(), lr=o.lr, momentum=o.momentum,
                               weight_decay=o.weight_decay)
         return opt, agree(comm, lambda: build_sync(self.cfg, model, dcomm), what="config")
@@ -131,7 +143,8 @@ class Trainer:
         work = 0.0
         for level in range(h.levels - 1, 0, -1):
             self.model = h.models[level]
-            self.optimizer, self.sync = self._optimizer_and_sync(self.model)
+            # A multilevel optimizer uses the levels below this one.
+            self.optimizer, self.sync = self._optimizer_and_sync(self.model, h.levels - level)
             for _ in range(per):
                 epoch, pos = divmod(self.step, self.steps_per_epoch)
                 self.train_step(*self.loader.batch(epoch, pos))
@@ -140,7 +153,7 @@ class Trainer:
                 bar.update(1)
             work += self._work(per) * h.cost[level]
             self.sync.close()
-            if isinstance(self.optimizer, TrustRegion):
+            if hasattr(self.optimizer, "close"):
                 self.optimizer.close()
             h.prolong_to(level - 1)
         self.model, self.optimizer, self.sync = fine
@@ -148,10 +161,10 @@ class Trainer:
 
     def _work(self, steps: int) -> float:
         """The current optimizer's work, in gradient equivalents of its own network:
-        counted samples for trust region, ``steps`` batches for first-order methods."""
-        if isinstance(self.optimizer, TrustRegion):
-            c = self.optimizer.counts
-            return (c["gradient_samples"] + c["product_samples"]) / self.dataset.num_train
+        counted samples for trust-region and multilevel optimizers (every level by its cost),
+        ``steps`` batches for first-order methods."""
+        if hasattr(self.optimizer, "work"):
+            return self.optimizer.work(self.dataset.num_train)
         return steps * self.cfg.data.batch_size / self.dataset.num_train
 
     # -- validation ----------------------------------------------------------------------
@@ -215,7 +228,7 @@ class Trainer:
 
         Collective on the data axis.
         """
-        if isinstance(self.optimizer, TrustRegion):
+        if hasattr(self.optimizer, "tr_step"):  # trust region, RMTR, MG/OPT
             x, y, weight = self._tr_batch(x, y)
             return torch.tensor(self.optimizer.tr_step(self.model, F.cross_entropy, x, y,
                                                        weight))
@@ -328,14 +341,10 @@ class Trainer:
             "resumed_from": self.resumed_from,
             "metrics": str(self.run_dir / "metrics.jsonl") if self.run_dir else None,
         }
-        if isinstance(self.optimizer, TrustRegion):
-            # Work in full-gradient equivalents: samples evaluated / training-set size.
-            c, n = self.optimizer.counts, self.dataset.num_train
-            summary.update(grad_evals=c["gradient_samples"] / n,
-                           hvp_evals=c["product_samples"] / n, loss_evals=c["loss_samples"] / n,
-                           accepted_steps=c["accepted"], rejected_steps=c["rejected"],
-                           radius=self.optimizer.radius,
-                           batch_factor=self.optimizer.batch_factor)
+        if hasattr(self.optimizer, "report"):
+            # Work in full-gradient equivalents: samples evaluated / training-set size (the
+            # multilevel optimizers weigh each level by its cost).
+            summary.update(self.optimizer.report(self.dataset.num_train))
         self.metrics.write(event="eval", step=self.step, epoch=summary["epochs"],
                            train_loss=ev["train_loss"], test_accuracy=ev["test_accuracy"],
                            comm_bytes=comm_bytes, time=wall)
@@ -375,7 +384,7 @@ class Trainer:
     def close(self) -> None:
         """Removes hooks and frees communicators. Collective."""
         self.sync.close()
-        if isinstance(self.optimizer, TrustRegion):
+        if hasattr(self.optimizer, "close"):
             self.optimizer.close()
         self.metrics.close()
         self.gc.free()

@@ -1,0 +1,226 @@
+"""RMTR: the recursive multilevel trust-region method (Gratton, Sartenaer, Toint 2008) over
+a depth hierarchy of residual networks (Kopaničáková, Krause 2022).
+
+One training step is one cycle from the finest level on the step's batch. On level l the
+objective is h_l(x) = f_l(x) + delta_l . (x - x_l0) (delta_0 = 0). A cycle on level l:
+
+1. ``pre_smooth`` trust-region steps on h_l (the coarsest level: ``coarse_iters``);
+2. a coarse correction (twice on a W-cycle), when ||P^T g_l|| >= kappa ||g_l||:
+   restrict the point x_{l+1,0} = R x_l, set delta_{l+1} = P^T grad h_l(x_l) -
+   grad f_{l+1}(x_{l+1,0}) so that grad h_{l+1}(x_{l+1,0}) = P^T grad h_l(x_l) (first-order
+   consistency: the coarse and fine first-order models agree on prolonged steps), run a
+   cycle on level l+1, prolong its step e = P (x_{l+1} - x_{l+1,0}) and accept it by the
+   fine reduction ratio (h_l(x_l) - h_l(x_l + e)) / (h_{l+1}(x_{l+1,0}) - h_{l+1}(x_{l+1}));
+   the radius of level l is updated as after any trust-region step;
+3. ``post_smooth`` trust-region steps.
+
+Step lengths on every level are measured on the finest one: ||s||_l = ||P_0 ... P_{l-1} s||.
+A coarse excursion gets the bound B = the radius its parent may still use, every coarse
+step is cut back so that ||x_l - x_l0||_l <= B, and the excursion stops once it is within
+``boundary`` B of that bound. So a prolonged coarse step never leaves the fine trust
+region: ||P s_H|| <= Delta_h. Every level's subproblem is solved by its own
+``TrustRegion`` (the PETSc core, any curvature model); gradients and products are averaged
+over the data axis, so every rank takes the same steps.
+
+Collective on the data-axis communicator.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from mpi4py import MPI
+
+from mltrain.linalg.vector import flat_params, set_flat_params
+from mltrain.multilevel.base import LevelOptimizers
+from mltrain.multilevel.hierarchy import (Hierarchy, prolong_vec, restrict_grad,
+                                          restrict_vec, to_finest)
+from mltrain.optim.tr import TrustRegion
+
+__all__ = ["RMTR"]
+
+
+class RMTR(LevelOptimizers):
+    def __init__(self, hierarchy: Hierarchy, comm: MPI.Comm, *, cycle: str = "V",
+                 pre_smooth: int = 1, post_smooth: int = 1, coarse_iters: int = 2,
+                 kappa: float = 1e-3, boundary: float = 0.05, **tr):
+        """``tr``: the TrustRegion keywords (radius, eta1, ..., curvature), every level."""
+        if cycle not in ("V", "W"):
+            raise ValueError(f"cycle must be V or W, not {cycle!r}")
+        super().__init__(hierarchy, [TrustRegion(m.parameters(), comm, **tr)
+                                     for m in hierarchy.models])
+        self.comm = comm
+        self.gamma = 1 if cycle == "V" else 2
+        self.pre, self.post, self.coarse_iters = pre_smooth, post_smooth, coarse_iters
+        self.kappa, self.boundary = kappa, boundary
+        L = hierarchy.levels
+        # Coarse corrections tried, skipped by the kappa test, accepted, rejected; per level
+        # the correction is applied on (0 .. L-2).
+        self.corrections = {k: [0] * max(L - 1, 1)
+                            for k in ("tried", "skipped", "accepted", "rejected")}
+        # (level, ||step||_l, bound) for each prolonged coarse step of the last cycle.
+        self.bound_checks: list[tuple[int, float, float]] = []
+
+    # The fine level's trust-region state is the run's (radius, hybrid batch factor).
+    @property
+    def radius(self) -> float:
+        return self.parts[0].radius
+
+    @property
+    def batch_factor(self) -> int:
+        return self.parts[0].batch_factor
+
+    def tr_step(self, model, loss_fn, x, y, weight: float = 1.0) -> float:
+        """One cycle from the finest level; returns the loss where it started. With one
+        level this is exactly one trust-region step. Collective."""
+        assert model is self.h.models[0]
+        self.bound_checks = []
+        if self.h.levels == 1:
+            return self.parts[0].tr_step(model, loss_fn, x, y, weight)
+        self._batch = (loss_fn, x, y, weight)
+        start, _ = self._cycle(0, None, math.inf, None)
+        return start
+
+    # -- helpers -------------------------------------------------------------------------
+    def _norm(self, level: int, d: torch.Tensor) -> float:
+        """||d||_level: the length of the prolonged vector on the finest level."""
+        return float(to_finest(self.h, level, d).norm())
+
+    def _limit(self, level: int, anchor: torch.Tensor, bound: float):
+        """The fraction t of a step s with ||x + t s - anchor||_level <= bound."""
+        model = self.h.models[level]
+
+        def limit(s: torch.Tensor) -> float:
+            pd = to_finest(self.h, level, flat_params(model).to(torch.float64) - anchor)
+            ps = to_finest(self.h, level, s)
+            if float((pd + ps).norm()) <= bound:
+                return 1.0
+            a, b, c = float(ps @ ps), 2.0 * float(pd @ ps), float(pd @ pd) - bound * bound
+            return max(0.0, min(1.0, (-b + math.sqrt(max(b * b - 4 * a * c, 0.0))) / (2 * a)))
+        return limit
+
+    def _room(self, level: int, anchor, bound) -> float:
+        """How far level ``level`` may still move (fine-measured): inf on the finest."""
+        if level == 0:
+            return math.inf
+        d = flat_params(self.h.models[level]).to(torch.float64) - anchor
+        return bound - self._norm(level, d)
+
+    # -- the cycle -----------------------------------------------------------------------
+    def _smooth(self, level, steps, shift, bound, value):
+        """Up to ``steps`` trust-region steps on level ``level`` from objective ``value``
+        (None: not known yet); returns (start value, end value, done) where done says the
+        excursion reached its bound."""
+        loss_fn, x, y, w = self._batch
+        tr, model = self.parts[level], self.h.models[level]
+        start = value
+        for _ in range(steps):
+            if level == 0:
+                tr.tr_step(model, loss_fn, x, y, w, shift=shift)
+            else:
+                anchor = shift[1]
+                tr.tr_step(model, loss_fn, x, y, w, shift=shift,
+                           radius=self._room(level, anchor, bound),
+                           limit=self._limit(level, anchor, bound))
+            start = tr.last["start"] if start is None else start
+            value = tr.last["value"]
+            if level > 0 and (tr.last["boundary"]
+                              or self._room(level, shift[1], bound) <= self.boundary * bound):
+                return start, value, True
+        return start, value, False
+
+    def _cycle(self, level: int, shift, bound, value) -> tuple[float, float]:
+        """A cycle on ``level`` from its current point, where the objective is ``value``
+        (None: not evaluated yet); returns the objective at the start and at the end.
+        ``shift = (delta, anchor)`` (None on the finest level); ``bound`` limits the
+        fine-measured length of the excursion from ``anchor``."""
+        tr = self.parts[level]
+        if level > 0:  # an excursion starts with the level's own radius, within its room
+            tr.radius = min(tr.radius, bound)
+        if level == self.h.levels - 1:
+            start, end, _ = self._smooth(level, self.coarse_iters, shift, bound, value)
+            return start, end
+        start, value, done = self._smooth(level, self.pre, shift, bound, value)
+        for _ in range(self.gamma):
+            if done:
+                break
+            f, value, done = self._correct(level, shift, bound)
+            start = f if start is None else start
+        if not done:
+            _, value, done = self._smooth(level, self.post, shift, bound, value)
+        return start, value
+
+    def _correct(self, level, shift, bound) -> tuple[float, float, bool]:
+        """One coarse correction of level ``level``; returns the objective before and
+        after it, and whether the excursion reached its bound."""
+        loss_fn, x, y, w = self._batch
+        tr, model = self.parts[level], self.h.models[level]
+        coarse, ctr = self.h.models[level + 1], self.parts[level + 1]
+        f, g = tr.objective(model, loss_fn, x, y, w, shift)
+        anchor = shift[1] if shift is not None else None
+        self.corrections["tried"][level] += 1
+        rg = restrict_grad(self.h, level, g)
+        if float(rg.norm()) < self.kappa * float(g.norm()):
+            self.corrections["skipped"][level] += 1  # the coarse level cannot help here
+            return f, f, False
+        x0 = flat_params(model)
+        dtype = x0.dtype
+        xc0 = restrict_vec(self.h, level, x0)
+        set_flat_params(coarse, xc0)
+        fc0, gc = ctr.objective(coarse, loss_fn, x, y, w)
+        anchor_c = xc0.to(torch.float64)
+        room = tr.radius if level == 0 else min(tr.radius, self._room(level, anchor, bound))
+        # h_c(x) = f_c(x) + (P^T g - grad f_c(xc0)) . (x - xc0): h_c(xc0) = f_c(xc0)
+        start_c, end_c = self._cycle(level + 1, (rg - gc, anchor_c), room, fc0)
+        predicted = start_c - end_c
+        sc = flat_params(coarse).to(torch.float64) - anchor_c
+        if not predicted > 0 or not bool(sc.any()):
+            return f, f, False  # the coarse level made no progress: nothing to prolong
+        e = prolong_vec(self.h, level, sc)
+        self.bound_checks.append((level, self._norm(level + 1, sc), room))
+        set_flat_params(model, x0 + e.to(dtype))
+        trial = tr.value(model, loss_fn, x, y, w, shift)
+        rho = (f - trial) / predicted
+        accepted = math.isfinite(trial) and rho >= tr.eta1
+        if accepted:
+            if rho >= tr.eta2:
+                tr.radius = min(tr.radius * tr.gamma2, tr.radius_max)
+            self.corrections["accepted"][level] += 1
+        else:
+            set_flat_params(model, x0)  # bit-for-bit restore
+            tr.radius = tr.radius * tr.gamma1
+            self.corrections["rejected"][level] += 1
+        if level == 0:
+            tr._after(accepted)  # the hybrid batch grows on stalls of either kind of step
+        done = level > 0 and self._room(level, anchor, bound) <= self.boundary * bound
+        return f, (trial if accepted else f), done
+
+    # -- reporting -----------------------------------------------------------------------
+    def report(self, num_train: int) -> dict:
+        """Work in fine-gradient equivalents (each level's samples weighted by its cost
+        relative to the finest), per level, and step counts. Not collective."""
+        cost = self.h.cost
+        per = [{k: p.counts[k] for k in ("gradient_samples", "product_samples",
+                                           "loss_samples")} for p in self.parts]
+        def total(key):
+            return sum(c * q[key] for c, q in zip(cost, per)) / num_train
+        return {
+            "grad_evals": total("gradient_samples"), "hvp_evals": total("product_samples"),
+            "loss_evals": total("loss_samples"),
+            "level_grad_evals": [q["gradient_samples"] / num_train for q in per],
+            "level_hvp_evals": [q["product_samples"] / num_train for q in per],
+            "level_accepted": [p.counts["accepted"] for p in self.parts],
+            "level_rejected": [p.counts["rejected"] for p in self.parts],
+            "accepted_steps": self.parts[0].counts["accepted"] + self.corrections["accepted"][0],
+            "rejected_steps": self.parts[0].counts["rejected"] + self.corrections["rejected"][0],
+            "coarse_corrections": dict(self.corrections),
+            "radius": self.radius, "batch_factor": self.batch_factor,
+        }
+
+    def work(self, num_train: int) -> float:
+        r = self.report(num_train)
+        return r["grad_evals"] + r["hvp_evals"]
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
