@@ -3,6 +3,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
+from mltrain.comm import CollectiveError
 from mltrain.config import ConfigError, load_config
 from mltrain.linalg.vector import flat_params
 from mltrain.multilevel import Hierarchy, coarsen
@@ -74,6 +75,9 @@ def test_hierarchy_errors_and_user_models():
         Hierarchy(MLP(64, 8, 2, 10), levels=2, cf=2)
     with pytest.raises(ConfigError, match="optim.nested"):
         load_config(None, ["optim.nested=true"])
+    with pytest.raises(CollectiveError, match="lacks opening"):
+        Trainer(load_config(None, ["optim.nested=true", "optim.levels=2", "model.name=mlp"]),
+                MPI.COMM_SELF, quiet=True, metrics=False)
     # The example's convolutional ODE network follows the protocol.
     from conftest import ROOT
 
@@ -111,6 +115,30 @@ def test_nested_works_with_any_optimizer_and_is_deterministic(optim):
         runs.append(flat_params(t.model))
         t.close()
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("optim", ["adam", "rmtr"])
+def test_nested_resume_is_bit_exact(comm, shared_tmp, optim):
+    from mltrain.io import list_checkpoints
+
+    ck = shared_tmp / f"nested-{optim}"
+    base = NESTED[:-2] + ["data.batch_size=48", f"optim.name={optim}", "run.steps=24",
+                          f"checkpoint.dir={ck}"]
+    straight = Trainer(load_config(None, base + ["checkpoint.every=20"]), comm, quiet=True,
+                       metrics=False)
+    straight.train()  # checkpoints at 20 (finest phase: steps 16-23) and 24
+    comm.Barrier()
+    if comm.Get_rank() == 0:
+        list_checkpoints(ck)[-1].unlink()  # as if the job had died after step 20
+    comm.Barrier()
+    resumed = Trainer(load_config(None, base + ["checkpoint.resume=true"]), comm, quiet=True,
+                      metrics=False)
+    all_ranks(comm, resumed.step == 20)
+    resumed.train()
+    all_ranks(comm, torch.equal(flat_params(straight.model), flat_params(resumed.model)))
+    straight.close()
+    resumed.close()
 
 
 def test_target_loss():

@@ -258,8 +258,6 @@ def _validate(cfg: Config) -> None:
         parse_straggler(cfg.run.straggler)
     if cfg.optim.nested and cfg.optim.levels < 2:
         raise ConfigError("optim.nested: needs optim.levels >= 2")
-    if cfg.optim.nested and cfg.checkpoint.resume:
-        raise ConfigError("checkpoint.resume: not supported yet with optim.nested")
     if cfg.optim.name in ("tr", "rmtr") or (cfg.optim.name, cfg.optim.smoother) == ("mgopt", "tr"):
         o = cfg.optim
         if not 0 < o.radius <= o.radius_max:

@@ -273,6 +273,8 @@ class Trainer:
         self.model.train()
         t0 = time.perf_counter()
         coarse_work = 0.0
+        # Nested iteration writes checkpoints in the finest phase only: a resumed run is
+        # past the coarse phases, a run stopped before the finest phase starts over.
         if self.hierarchy is not None and self.step == 0:
             coarse_work = self._coarse_phases(bar)
         while self.step < self.total_steps:
