@@ -218,3 +218,23 @@ def test_bench_tr_smoke(tmp_path):
     assert {"sgd", "adam", "tr-hessian", "tr-ggn", "tr-lsr1"} <= set(names)
     assert all(m["work"] >= 0.5 and m["curve"][0]["work"] == 0.0 for m in res["methods"])
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_multilevel_smoke(tmp_path):
+    out, png = tmp_path / "ml.json", tmp_path / "ml.png"
+    r = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--budget", "1.0", "--target",
+                    "1.5", "--json", str(out), "--plot", str(png), "--set", "model.name=resnet",
+                    "--set", "model.depth=8", "--set", "model.width=16", "--set",
+                    "optim.max_it=5"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rows = {m["method"]: m for m in res["methods"]}
+    assert set(rows) == {"sgd", "adam", "tr", "rmtr-2", "rmtr-3", "mgopt-3", "nested-3"}
+    for m in rows.values():  # each stops at the target or the budget, never before
+        assert m["curve"][0]["work"] == 0.0
+        assert m["work_to_target"] is not None or m["work"] >= 1.0, m
+    assert rows["tr"]["work_ratio_vs_tr"] in (1.0, None)
+    assert "Table" not in r.stdout and "rmtr-3" in r.stdout
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    bad = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--methods", "tr,rmtr-9"])
+    assert bad.returncode == 2 and "rmtr-9" in bad.stderr

@@ -43,18 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--check-mpi", action="store_true",
                    help="exit 1 unless mpi4py and PETSc load the same MPI library")
     b = sub.add_parser("bench", parents=[common], help="benchmarks against a baseline")
-    b.add_argument("what", choices=["dp", "sync", "kernels", "tr"], help="dp: data-parallel "
-                   "step vs DDP, reducer vs raw allreduce; sync: every scheme vs allreduce, "
-                   "with and without a straggler; kernels: C++ kernels vs torch references; "
-                   "tr: SGD, Adam and trust region under one work budget")
+    b.add_argument("what", choices=["dp", "sync", "kernels", "tr", "multilevel"],
+                   help="dp: data-parallel step vs DDP, reducer vs raw allreduce; sync: every "
+                   "scheme vs allreduce, with and without a straggler; kernels: C++ kernels vs "
+                   "torch references; tr: SGD, Adam and trust region under one work budget; "
+                   "multilevel: single-level vs RMTR, MG/OPT, nested iteration to a target "
+                   "loss")
     b.add_argument("--json", metavar="OUT.json", help="write the figures as JSON")
     b.add_argument("--steps", type=int, default=0,
                    help="timed steps per variant (0 = 30 for dp, 32 for sync)")
     b.add_argument("--reps", type=int, default=20, help="timed reductions per variant")
     b.add_argument("--sizes", default="", help="kernels: element counts, e.g. 1e4,1e6")
     b.add_argument("--budget", type=float, default=10.0,
-                   help="tr: gradient equivalents of work per method")
-    b.add_argument("--plot", metavar="OUT.png", help="tr: loss and accuracy against work")
+                   help="tr, multilevel: (fine-)gradient equivalents of work per method")
+    b.add_argument("--target", type=float, default=0.1,
+                   help="multilevel: training loss each method races to")
+    b.add_argument("--curvature", default="ggn", choices=["hessian", "ggn", "lsr1"],
+                   help="multilevel: curvature model of TR and RMTR")
+    b.add_argument("--methods", default="", help="multilevel: a comma-separated subset of "
+                   "sgd,adam,tr,rmtr-2,rmtr-3,mgopt-3,nested-3")
+    b.add_argument("--plot", metavar="OUT.png", help="tr, multilevel: loss and accuracy "
+                   "against work")
     pt = sub.add_parser("partition", parents=[common],
                         help="compute a partition without MPI: sizes, label histograms, skew")
     pt.add_argument("--ranks", type=int, required=True, help="number of data-parallel ranks")

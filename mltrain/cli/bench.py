@@ -232,6 +232,8 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
     from mltrain.comm import agree
 
     agree(comm, lambda: check_writable(args.json, "--json"), what="config")
+    if what == "multilevel":
+        return _multilevel(cfg, args, comm)
     if what == "tr":
         from mltrain.cli.bench_tr import bench_tr, plot
 
@@ -292,4 +294,40 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
               f"{res['raw_bandwidth_GBps']:8.2f} GB/s  ratio {res['bandwidth_ratio_vs_raw']:.3f}"
               "  (higher is better)")
         _write_json(args.json, what, res)
+    return 0
+
+
+def _multilevel(cfg, args, comm: MPI.Comm) -> int:
+    from mltrain.cli import check_writable
+    from mltrain.cli.bench_multilevel import METHODS, bench_multilevel, plot
+    from mltrain.comm import agree
+
+    only = [m for m in args.methods.split(",") if m]
+
+    def check():
+        check_writable(args.plot, "--plot")
+        unknown = sorted(set(only) - set(METHODS))
+        if unknown:
+            raise ConfigError(f"--methods: unknown {', '.join(unknown)} (choose from "
+                              f"{', '.join(METHODS)})")
+    agree(comm, check, what="config")
+    res = bench_multilevel(args.config, args.overrides, comm, budget=args.budget,
+                           target=args.target, curvature=args.curvature, only=only or None)
+    if comm.Get_rank() == 0:
+        print(f"bench multilevel: {res['dataset']}, {res['model']}, batch {res['batch']}, "
+              f"{res['ranks']} rank(s); target training loss {res['target']:g}, budget "
+              f"{res['budget']:g} fine-gradient equivalents; TR/RMTR curvature "
+              f"{res['curvature']}")
+        print(f"  {'method':<10}{'steps':>7}{'work':>8}{'wall s':>8}{'loss':>9}{'test acc':>9}"
+              f"{'work@target':>12}{'wall@target':>12}{'TR/this':>9}")
+        for r in res["methods"]:
+            wt = f"{r['work_to_target']:.2f}" if r["work_to_target"] else "-"
+            st = f"{r['wall_to_target']:.1f}" if r["wall_to_target"] else "-"
+            ratio = f"{r['work_ratio_vs_tr']:.2f}" if r["work_ratio_vs_tr"] else "-"
+            print(f"  {r['method']:<10}{r['steps']:>7}{r['work']:>8.2f}{r['wall_s']:>8.1f}"
+                  f"{r['train_loss']:>9.4f}{r['test_accuracy']:>9.4f}{wt:>12}{st:>12}"
+                  f"{ratio:>9}")
+        _write_json(args.json, "multilevel", res)
+        if args.plot:
+            plot(res, args.plot)
     return 0

@@ -80,6 +80,9 @@ class Trainer:
                                                            o.transfer, o.prolongation),
                                    what="config")
         self.level_steps = [0] * (cfg.optim.levels if cfg.optim.nested else 1)
+        self.coarse_work = 0.0  # nested iteration: work of the levels already trained
+        self._fine = (self.optimizer, self.sync)
+        self.phase = 0
 
         idx = agree(comm, self._my_partition, what="config")
         x, y = agree(comm, lambda: self.dataset.read_train(idx), what="data")
@@ -97,6 +100,9 @@ class Trainer:
         self.last_checkpoint: str | None = None
         if cfg.checkpoint.resume:
             self._resume()
+        if self._phase_of(self.step) > 0:  # nested iteration starts on the coarsest level
+            self.phase = len(self.level_steps)
+            self._enter_phase(self._phase_of(self.step))
 
         self.run_dir: Path | None = None
         self.metrics = MetricsWriter(None, self.rank)
@@ -134,30 +140,56 @@ class Trainer:
                               weight_decay=o.weight_decay)
         return opt, agree(comm, lambda: build_sync(self.cfg, model, dcomm), what="config")
 
-    def _coarse_phases(self, bar) -> float:
-        """Nested iteration: trains levels L-1 .. 1 for run.steps / L steps each, prolonging
-        the weights to the next finer level after each; returns their work in fine-gradient
-        equivalents. Collective."""
-        h, per = self.hierarchy, self.total_steps // self.hierarchy.levels
-        fine = (self.model, self.optimizer, self.sync)
-        work = 0.0
-        for level in range(h.levels - 1, 0, -1):
-            self.model = h.models[level]
-            # A multilevel optimizer uses the levels below this one.
-            self.optimizer, self.sync = self._optimizer_and_sync(self.model, h.levels - level)
-            for _ in range(per):
-                epoch, pos = divmod(self.step, self.steps_per_epoch)
-                self.train_step(*self.loader.batch(epoch, pos))
-                self.step += 1
-                self.level_steps[level] += 1
-                bar.update(1)
-            work += self._work(per) * h.cost[level]
+    # -- nested iteration ----------------------------------------------------------------
+    def _phase_of(self, step: int) -> int:
+        """The nested-iteration level that trains step ``step``: run.steps is shared
+        equally, coarsest first; 0 without nested iteration."""
+        if self.hierarchy is None:
+            return 0
+        L = self.hierarchy.levels
+        return max(L - 1 - step // max(self.total_steps // L, 1), 0)
+
+    def _enter_phase(self, level: int) -> None:
+        """Switches training to level ``level`` of the nested hierarchy: the current
+        level's work is banked, its weights prolonged down to ``level``, a fresh optimizer
+        built (the finest level's is the one built at start). Collective."""
+        h = self.hierarchy
+        if self.phase < h.levels:  # not the very first entry
+            self.coarse_work += self._work(self.level_steps[self.phase]) * h.cost[self.phase]
             self.sync.close()
             if hasattr(self.optimizer, "close"):
                 self.optimizer.close()
-            h.prolong_to(level - 1)
-        self.model, self.optimizer, self.sync = fine
-        return work
+            for lv in range(self.phase - 1, level - 1, -1):
+                h.prolong_to(lv)
+        self.phase = level
+        self.model = h.models[level]
+        if level == 0:
+            self.optimizer, self.sync = self._fine
+        else:  # a multilevel optimizer uses the levels below this one
+            self.optimizer, self.sync = self._optimizer_and_sync(self.model, h.levels - level)
+        self.model.train()
+
+    def advance(self) -> torch.Tensor:
+        """Trains one step (switching nested-iteration levels when due); returns the local
+        loss. Collective."""
+        want = self._phase_of(self.step)
+        if want != self.phase:
+            self._enter_phase(want)
+        epoch, pos = divmod(self.step, self.steps_per_epoch)
+        loss = self.train_step(*self.loader.batch(epoch, pos))
+        self.step += 1
+        self.level_steps[self.phase] += 1
+        return loss
+
+    def finish_phases(self) -> None:
+        """Brings a nested run that stopped early to the full-depth network. Collective."""
+        if self.phase > 0:
+            self._enter_phase(0)
+
+    def work(self) -> float:
+        """Work so far in fine-gradient equivalents (coarse levels by their cost)."""
+        cost = self.hierarchy.cost[self.phase] if self.hierarchy is not None else 1.0
+        return self.coarse_work + self._work(self.level_steps[self.phase]) * cost
 
     def _work(self, steps: int) -> float:
         """The current optimizer's work, in gradient equivalents of its own network:
@@ -272,17 +304,9 @@ class Trainer:
         reached_at = None
         self.model.train()
         t0 = time.perf_counter()
-        coarse_work = 0.0
-        # Nested iteration writes checkpoints in the finest phase only: a resumed run is
-        # past the coarse phases, a run stopped before the finest phase starts over.
-        if self.hierarchy is not None and self.step == 0:
-            coarse_work = self._coarse_phases(bar)
         while self.step < self.total_steps:
-            epoch, pos = divmod(self.step, self.steps_per_epoch)
-            x, y = self.loader.batch(epoch, pos)
-            loss = self.train_step(x, y)
-            self.step += 1
-            self.level_steps[0] += 1
+            epoch = self.step // self.steps_per_epoch
+            loss = self.advance()
             if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
                 with STATS.paused():
                     mean = allreduce_scalar(loss.item(), self.gc.data) / self.dp_size
@@ -308,8 +332,12 @@ class Trainer:
                                    test_accuracy=ev["test_accuracy"],
                                    comm_bytes=STATS.bytes - bytes0,
                                    time=time.perf_counter() - t0)
-            if ckpt_every and self.step % ckpt_every == 0 and self.step < self.total_steps:
+            # Nested iteration writes checkpoints of the full-depth network only: a run
+            # stopped before its finest phase starts over.
+            if (ckpt_every and self.step % ckpt_every == 0 and self.step < self.total_steps
+                    and self.phase == 0):
                 self.save()
+        self.finish_phases()
         wall = time.perf_counter() - t0
         bar.close()
         comm_bytes, comm_calls = (a - b for a, b in zip(STATS.snapshot(), (bytes0, calls0)))
@@ -334,7 +362,7 @@ class Trainer:
                                if cfg.run.target_loss else None),
             "target_reached_at_step": reached_at,
             "level_steps": self.level_steps,
-            "fine_grad_evals": coarse_work + self._work(self.level_steps[0]),
+            "fine_grad_evals": self.work(),
             "sync": cfg.sync.name,
             "compression": cfg.sync.compression,
             "comm_bytes": comm_bytes,
