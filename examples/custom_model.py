@@ -1,10 +1,14 @@
 """Bring your own PyTorch model: mltrain parallelizes it, the model knows nothing of MPI.
 
-    mpiexec -n 2 python examples/custom_model.py [--steps N]
+    mpiexec -n 2 python examples/custom_model.py [--steps N] [--set SECTION.KEY=VALUE ...]
 
 The model below follows mltrain's residual-block protocol (``opening``, ``blocks`` each
 with a step ``h``, ``closing``), which the layer-parallel and multilevel trainers use;
-for data parallelism any module that maps inputs to logits will do.
+for data parallelism any module that maps inputs to logits will do. Multilevel training of
+it over a depth hierarchy (docs/multilevel.md):
+
+    mpiexec -n 2 python examples/custom_model.py --set optim.name=rmtr --set optim.levels=2
+    mpiexec -n 2 python examples/custom_model.py --set optim.nested=true --set optim.levels=2
 """
 import argparse
 
@@ -42,9 +46,10 @@ class ConvODENet(nn.Module):
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=300)
+ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
 args = ap.parse_args()
 
-cfg = load_config(None, [f"run.steps={args.steps}", "data.batch_size=64"])
+cfg = load_config(None, [f"run.steps={args.steps}", "data.batch_size=64", *args.set])
 trainer = Trainer(cfg, MPI.COMM_WORLD, quiet=True, metrics=False, model=ConvODENet())
 summary = trainer.train()
 trainer.close()

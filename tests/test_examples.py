@@ -12,9 +12,16 @@ def test_every_example_is_listed():
     assert {p.name for p in EXAMPLES} >= {"train_digits.py", "custom_model.py", "hdf5_dataset.py"}
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
-def test_example_runs(script, tmp_path):
-    args = [str(script), "--steps", "30"]
+RUNS = [(p, []) for p in EXAMPLES] + [
+    (ROOT / "examples" / "custom_model.py", ["--set", "optim.name=rmtr", "--set", "optim.levels=2"]),
+    (ROOT / "examples" / "custom_model.py", ["--set", "optim.nested=true", "--set",
+                                             "optim.levels=2"])]
+
+
+@pytest.mark.parametrize("script, extra", RUNS,
+                         ids=lambda a: a.name if hasattr(a, "name") else "-".join(a[1::2]))
+def test_example_runs(script, extra, tmp_path):
+    args = [str(script), "--steps", "30", *extra]
     if script.name == "hdf5_dataset.py":
         args += ["--file", str(tmp_path / "d.h5")]
     r = mpiexec(2, args, timeout=300)

@@ -18,7 +18,7 @@ from mltrain import ops
 from mltrain.config import ConfigError
 
 __all__ = ["check_protocol", "coarsen", "Hierarchy", "restrict_vec", "prolong_vec", "restrict_grad",
-           "to_finest"]
+           "to_finest", "finest_metric"]
 
 
 def check_protocol(model: torch.nn.Module) -> None:
@@ -174,3 +174,20 @@ def to_finest(h: "Hierarchy", level: int, flat: torch.Tensor) -> torch.Tensor:
     for lv in range(level - 1, -1, -1):
         flat = prolong_vec(h, lv, flat)
     return flat
+
+
+def finest_metric(h: "Hierarchy", level: int) -> torch.Tensor:
+    """The diagonal of (P_0 ... P_{level-1})^T (P_0 ... P_{level-1}) over level ``level``'s
+    parameters (float64): ||s||_finest^2 = sum(d s^2) exactly for constant prolongation,
+    up to the off-diagonal couplings for linear."""
+    model = h.models[level]
+    n = len(model.blocks)
+    depth = torch.eye(n, dtype=torch.float64)  # row i: coarse block i as a stacked "layer"
+    for _ in range(level):
+        depth = ops.prolong_reference(depth, h.cf, h.prolongation)
+    col = (depth * depth).sum(0)  # [n]: ||P e_i||^2 for each block
+    parts = []
+    for name, p in model.named_parameters():
+        w = float(col[int(name.split(".")[1])]) if name.startswith("blocks.") else 1.0
+        parts.append(torch.full((p.numel(),), w, dtype=torch.float64))
+    return torch.cat(parts)

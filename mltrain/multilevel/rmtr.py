@@ -33,8 +33,8 @@ from mpi4py import MPI
 
 from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.multilevel.base import LevelOptimizers
-from mltrain.multilevel.hierarchy import (Hierarchy, prolong_vec, restrict_grad,
-                                          restrict_vec, to_finest)
+from mltrain.multilevel.hierarchy import (Hierarchy, finest_metric, prolong_vec,
+                                          restrict_grad, restrict_vec, to_finest)
 from mltrain.optim.tr import TrustRegion
 
 __all__ = ["RMTR"]
@@ -58,6 +58,8 @@ class RMTR(LevelOptimizers):
         # the correction is applied on (0 .. L-2).
         self.corrections = {k: [0] * max(L - 1, 1)
                             for k in ("tried", "skipped", "accepted", "rejected")}
+        # Coarse subproblems are solved in (the diagonal of) the finest-level norm.
+        self.scale = [None] + [finest_metric(hierarchy, lv).sqrt() for lv in range(1, L)]
         # (level, ||step||_l, bound) for each prolonged coarse step of the last cycle.
         self.bound_checks: list[tuple[int, float, float]] = []
 
@@ -121,7 +123,7 @@ class RMTR(LevelOptimizers):
                 anchor = shift[1]
                 tr.tr_step(model, loss_fn, x, y, w, shift=shift,
                            radius=self._room(level, anchor, bound),
-                           limit=self._limit(level, anchor, bound))
+                           limit=self._limit(level, anchor, bound), scale=self.scale[level])
             start = tr.last["start"] if start is None else start
             value = tr.last["value"]
             if level > 0 and (tr.last["boundary"]

@@ -176,7 +176,7 @@ class TrustRegion(torch.optim.Optimizer):
 
     def tr_step(self, model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
                 weight: float = 1.0, *, shift=None, radius: float | None = None,
-                limit=None) -> float:
+                limit=None, scale: torch.Tensor | None = None) -> float:
         """One trust-region iteration on this rank's batch; returns the averaged objective
         at the point it started from. ``weight`` scales this rank's share (local samples x P
         / global samples) when ranks hold batches of different sizes.
@@ -184,7 +184,8 @@ class TrustRegion(torch.optim.Optimizer):
         For multilevel use: ``shift = (delta, anchor)`` adds delta . (x - anchor) to the
         loss (a first-order correction); ``radius`` solves in a smaller ball than the
         optimizer's own; ``limit(s)`` returns the fraction t in (0, 1] of the step s that
-        may be taken (a bound in another norm). ``self.last`` says what happened.
+        may be taken (a bound in another norm); ``scale`` (positive, float64) measures the
+        trust region in the norm ||scale * s||. ``self.last`` says what happened.
 
         Collective on the data-axis communicator."""
         self._samples = len(x) * self.P / weight  # the global batch behind this step
@@ -206,7 +207,12 @@ class TrustRegion(torch.optim.Optimizer):
                 return self._mean(hv.mul_(weight))
 
         r = self.radius if radius is None else min(radius, self.radius)
-        s, predicted, _ = self.solver.solve(g, r, product)
+        if scale is None:
+            s, predicted, _ = self.solver.solve(g, r, product)
+        else:  # z = scale * s: a Euclidean ball in z (the model value is the same)
+            z, predicted, _ = self.solver.solve(g / scale, r,
+                                                lambda v: product(v / scale) / scale)
+            s = z / scale
         t = 1.0 if limit is None else limit(s)
         if t < 1.0:  # cut back to the boundary; m(ts) = t g.s + t^2 (m(s) - g.s)
             gs = float(g @ s)
