@@ -5,7 +5,9 @@ Every method trains the same network from the same initial weights until it has 
 ``budget`` fine-gradient equivalents (samples through a gradient or a curvature product on
 level l, times level l's cost relative to the full network, divided by the training-set
 size; a loss-only evaluation counts one half) or has reached ``target`` training loss over
-the whole training set (checked at ``points`` evenly spaced marks of work). Methods: SGD,
+the whole training set (checked at ``points`` evenly spaced marks of work). Nested
+iteration is scored on the network it is training at the time; when it stops on a coarse
+level the row also holds the loss and accuracy of the full-depth network prolonged from it. Methods: SGD,
 Adam, single-level trust region, RMTR with 2 and 3 levels (the same trust-region settings
 on every level), MG/OPT (Adam smoother) and nested iteration (Adam). Collective on the
 world communicator.
@@ -74,10 +76,15 @@ def _race(cfg, comm, budget: float, points: int, target: float) -> dict:
                 hit = curve[-1]
             while mark <= w:
                 mark += budget / points
-    t.finish_phases()
-    row = {"steps": t.step, "curve": curve, **curve[-1],
+    row = {}
+    if t.phase > 0:  # stopped on a coarse level: what the full-depth network makes of it
+        t.finish_phases()
+        ev = t.evaluate()
+        row = {"full_depth_loss": ev["train_loss"],
+               "full_depth_test_accuracy": ev["test_accuracy"]}
+    row.update({"steps": t.step, "curve": curve, **curve[-1],
            "work_to_target": hit["work"] if hit else None,
-           "wall_to_target": hit["wall_s"] if hit else None, "level_steps": t.level_steps}
+           "wall_to_target": hit["wall_s"] if hit else None, "level_steps": t.level_steps})
     if hasattr(t.optimizer, "report"):
         rep = t.optimizer.report(t.dataset.num_train)
         row.update({k: rep[k] for k in ("accepted_steps", "rejected_steps", "coarse_corrections",
