@@ -1,0 +1,163 @@
+"""Layer-parallel residual networks: the residual blocks split over the ranks of the
+``layer`` axis, forward and backward propagation by MGRIT.
+
+A network with the residual-block protocol (``opening``, ``blocks`` with steps ``h``,
+``closing``; see ``mltrain.multilevel.check_protocol``) keeps its opening and closing
+layers on every layer rank (they are cheap and this keeps the autograd graph ordinary):
+every rank runs the opening on the batch, the blocks go through MGRIT, the last rank's
+final state is broadcast and every rank runs the closing layer and the loss. Rank r owns
+the blocks [lo, hi) of ``split_layers``; it computes gradients only for those (the other
+blocks' parameters get none).
+
+Forward: FAS MGRIT over depth (``solver.MGRITSolver``); level l re-discretises with every
+cf^l-th block and step h cf^l: Phi(x) = x + cf^l (block(x) - x). Backward: an adjoint MGRIT
+solve in reverse layer order built from vector-Jacobian products of the same steps at the
+forward states, then one sweep over the local blocks accumulates parameter gradients; the
+gradient with respect to the opening's output is broadcast from the first rank, so the
+whole is an ordinary autograd function.
+
+Collective on the layer communicator (construction is not).
+"""
+from __future__ import annotations
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mltrain.comm import broadcast_
+from mltrain.config import ConfigError
+from mltrain.mgrit.solver import MGRITSolver
+from mltrain.multilevel.hierarchy import check_protocol
+
+__all__ = ["LayerParallel", "split_layers"]
+
+
+def split_layers(n: int, ranks: int, levels: int, cf: int) -> list[tuple[int, int]]:
+    """Balanced contiguous [lo, hi) block ranges, one per rank, whose ends are multiples
+    of cf^(levels-1) (C-points on every level). Raises ConfigError when the depth cannot
+    carry the ranks, levels or coarsening factor. Not collective."""
+    unit = cf ** (levels - 1)
+    if n < ranks:
+        raise ConfigError(f"parallel.layer: {n} residual blocks cannot be shared by {ranks} "
+                          "layer ranks")
+    if n % unit:
+        raise ConfigError(f"mgrit.levels: {n} residual blocks are not divisible by "
+                          f"mgrit.cf^(levels-1) = {unit}")
+    m = n // unit
+    if m < ranks:
+        raise ConfigError(f"mgrit.levels: {levels} levels with cf = {cf} leave {m} coarsest "
+                          f"intervals for {ranks} layer ranks; use fewer levels or ranks")
+    out, lo = [], 0
+    for r in range(ranks):
+        k = m // ranks + (r < m % ranks)
+        out.append((lo, lo + k * unit))
+        lo += k * unit
+    return out
+
+
+class _Chain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, lp: "LayerParallel", z: torch.Tensor, *params):
+        ctx.lp = lp
+        out, ctx.states = lp._forward(z.detach())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gz, gparams = ctx.lp._backward(ctx.states, grad_out.detach().contiguous())
+        del ctx.states
+        return (None, gz, *gparams)
+
+
+class LayerParallel(nn.Module):
+    """Wraps ``model`` (residual-block protocol) for layer-parallel training on ``comm``.
+
+    ``levels``, ``cf``, ``relax`` ("F" or "FCF"), ``iters`` (forward MGRIT iterations),
+    ``bwd_iters`` (adjoint iterations), ``tol`` (stop when the C-point residual norm is at
+    most this), ``skip`` (no relaxation on the first down-cycle). ``exact = True`` runs
+    exact (serial-equivalent, sequential across ranks) sweeps instead.
+    """
+
+    def __init__(self, model: nn.Module, comm: MPI.Comm, *, levels: int = 2, cf: int = 2,
+                 relax: str = "F", iters: int = 2, bwd_iters: int = 1, tol: float = 0.0,
+                 skip: bool = True):
+        super().__init__()
+        check_protocol(model)
+        self.model, self.comm = model, comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.ranges = split_layers(len(model.blocks), self.size, levels, cf)
+        self.lo, self.hi = self.ranges[self.rank]
+        self.levels, self.cf, self.relax = levels, cf, relax
+        self.iters, self.bwd_iters, self.tol, self.skip = iters, bwd_iters, tol, skip
+        self.exact = False
+        self.residuals: dict[str, list[float]] = {"forward": [], "backward": []}
+
+    def owned_parameters(self) -> list[nn.Parameter]:
+        """The parameters of this rank's blocks."""
+        return [p for b in self.model.blocks[self.lo:self.hi] for p in b.parameters()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.model.opening(x)
+        z = _Chain.apply(self, z, *self.owned_parameters())
+        return self.model.closing(z)
+
+    # -- the chain -------------------------------------------------------------------------
+    def _step(self, level: int, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Local step k of ``level``: block lo + k cf^level with step h cf^level."""
+        s = self.cf ** level
+        y = self.model.blocks[self.lo + k * s](x)
+        return y if s == 1 else x + s * (y - x)
+
+    def _solver(self, step, reverse: bool, iters: int) -> MGRITSolver:
+        up = self.rank - 1 if self.rank > 0 else MPI.PROC_NULL
+        down = self.rank + 1 if self.rank < self.size - 1 else MPI.PROC_NULL
+        prev, nxt = (down, up) if reverse else (up, down)
+        levels = 1 if self.exact else self.levels
+        return MGRITSolver(self.comm, self.hi - self.lo, step, prev=prev, next=nxt,
+                           levels=levels, cf=self.cf, relax=self.relax, iters=iters,
+                           tol=self.tol, skip=self.skip)
+
+    @torch.no_grad()
+    def _forward(self, z: torch.Tensor):
+        n = self.hi - self.lo
+        u = [z.clone() for _ in range(n + 1)]  # initial guess: the input everywhere
+        solver = self._solver(self._step, reverse=False, iters=self.iters)
+        u = solver.solve(u)
+        self.residuals["forward"] = solver.residuals
+        out = u[-1].clone().contiguous()
+        broadcast_(out, self.comm, root=self.size - 1)
+        return out, u
+
+    def _backward(self, u: list[torch.Tensor], grad_out: torch.Tensor):
+        n = self.hi - self.lo
+        graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def graph(level: int, m: int):
+            """(input, output) of forward step m of ``level`` at its forward state."""
+            key = (level, m)
+            if key not in graphs:
+                with torch.enable_grad():
+                    xin = u[m * self.cf ** level].detach().requires_grad_(True)
+                    graphs[key] = (xin, self._step(level, m, xin))
+            return graphs[key]
+
+        def adjoint_step(level: int, k: int, lam: torch.Tensor) -> torch.Tensor:
+            m = n // self.cf ** level - 1 - k  # adjoint step k runs forward step m backwards
+            xin, out = graph(level, m)
+            (g,) = torch.autograd.grad(out, xin, lam, retain_graph=True)
+            return g
+
+        lam = [grad_out.clone() for _ in range(n + 1)]  # adjoint point t = forward n - t
+        solver = self._solver(adjoint_step, reverse=True, iters=self.bwd_iters)
+        lam = solver.solve(lam)
+        self.residuals["backward"] = solver.residuals
+        # One sweep over the local blocks: parameter gradients at the final adjoint.
+        grads = []
+        for m in range(n):
+            block = self.model.blocks[self.lo + m]
+            xin, out = graph(0, m)
+            grads += list(torch.autograd.grad(out, list(block.parameters()), lam[n - m - 1],
+                                              retain_graph=True))
+        gz = lam[n].clone().contiguous() if self.rank == 0 else torch.empty_like(grad_out)
+        broadcast_(gz, self.comm, root=0)
+        return gz, grads

@@ -1,0 +1,169 @@
+"""Layer-parallel MGRIT against the serial network: exact with one level or enough
+iterations, close with few, the exactness property, the adjoint's dot-product test."""
+import pytest
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from mltrain.config import ConfigError
+from mltrain.mgrit import LayerParallel, MGRITSolver, split_layers
+from mltrain.nn import ResNet
+
+from conftest import all_ranks
+
+
+def test_split_layers_is_balanced_and_aligned():
+    assert split_layers(16, 3, 2, 2) == [(0, 6), (6, 12), (12, 16)]
+    assert split_layers(17, 3, 1, 2) == [(0, 6), (6, 12), (12, 17)]
+    for n, p, lv, cf in [(64, 3, 3, 2), (24, 4, 2, 3), (10, 10, 1, 2)]:
+        r = split_layers(n, p, lv, cf)
+        sizes = [hi - lo for lo, hi in r]
+        assert r[0][0] == 0 and r[-1][1] == n and all(s % cf ** (lv - 1) == 0 for s in sizes)
+        assert max(sizes) - min(sizes) <= cf ** (lv - 1)
+    for args, match in [((3, 4, 1, 2), "cannot be shared"), ((12, 2, 3, 5), "not divisible"),
+                        ((8, 3, 3, 2), "coarsest intervals")]:
+        with pytest.raises(ConfigError, match=match):
+            split_layers(*args)
+    with pytest.raises(ConfigError, match="opening, blocks"):
+        from mltrain.nn import MLP
+
+        LayerParallel(MLP(8, 4, 2, 3), MPI.COMM_SELF)
+
+
+def _pair(depth, seed=0):
+    torch.manual_seed(seed)
+    model = ResNet(12, 6, depth, 4).double()
+    ref = ResNet(12, 6, depth, 4).double()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(5, 12, dtype=torch.float64)
+    y = torch.randint(0, 4, (5,))
+    return model, ref, x, y
+
+
+def _compare(comm, depth, **kw):
+    """Largest relative errors (loss, input gradient, parameter gradients) of the
+    layer-parallel network against the serial one, over all ranks."""
+    model, ref, x, y = _pair(depth)
+    xr = x.clone().requires_grad_(True)
+    F.cross_entropy(ref(xr), y).backward()
+    lp = LayerParallel(model, comm, **kw)
+    xp = x.clone().requires_grad_(True)
+    loss = F.cross_entropy(lp(xp), y)
+    loss.backward()
+    lref = float(F.cross_entropy(ref(x), y))
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    errs = [abs(float(loss) - lref) / lref, rel(xp.grad, xr.grad)]
+    mine = [(p, q) for b, br in zip(model.blocks[lp.lo:lp.hi], ref.blocks[lp.lo:lp.hi])
+            for p, q in zip(b.parameters(), br.parameters())]
+    mine += list(zip(list(model.opening.parameters()) + list(model.closing.parameters()),
+                     list(ref.opening.parameters()) + list(ref.closing.parameters())))
+    errs.append(max(rel(p.grad, q.grad) for p, q in mine))
+    others = [p for i, b in enumerate(model.blocks) if not lp.lo <= i < lp.hi
+              for p in b.parameters()]
+    assert all(p.grad is None for p in others)  # only the owned blocks get gradients
+    every = comm.allgather(errs)
+    return [max(e[i] for e in every) for i in range(3)], lp
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("levels, iters, skip", [(1, 1, True), (2, 8, False), (2, 9, True)])
+def test_exact_configurations_equal_serial(comm, levels, iters, skip):
+    # depth 16, cf 2: two-level F-relaxation is exact after N/cf = 8 iterations (one more
+    # when the first down-cycle skips relaxation).
+    errs, _ = _compare(comm, 16, levels=levels, cf=2, iters=iters, bwd_iters=iters, skip=skip)
+    all_ranks(comm, max(errs) < 1e-12, str(errs))
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("relax", ["F", "FCF"])
+def test_three_levels_eight_iterations_within_1e_6(comm, relax):
+    errs, lp = _compare(comm, 32, levels=3, cf=2, iters=8, bwd_iters=8, relax=relax)
+    all_ranks(comm, max(errs) < 1e-6, str(errs))
+    f = lp.residuals["forward"]
+    all_ranks(comm, len(f) == 8 and f[-1] < 1e-3 * f[0], str(f))  # residuals logged, falling
+
+
+@pytest.mark.mpi(min_size=1)
+def test_few_iterations_are_inexact_but_close(comm):
+    errs, _ = _compare(comm, 32, levels=3, cf=2, iters=2, bwd_iters=1)
+    all_ranks(comm, 1e-8 < errs[2] < 0.5, str(errs))
+
+
+def _serial_states(model, z):
+    states = [z]
+    with torch.no_grad():
+        for b in model.blocks:
+            states.append(b(states[-1]))
+    return states
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_exactness_property(comm, k):
+    model, _, x, _ = _pair(16)
+    lp = LayerParallel(model, comm, levels=2, cf=2, iters=k, skip=False)
+    with torch.no_grad():
+        z = model.opening(x)
+    exact = _serial_states(model, z)
+    _, u = lp._forward(z)
+    # After k iterations of two-level F-relaxation the first k coarse intervals (fine
+    # points 0 .. k cf) are exact; later ones are not yet.
+    ok, wrong = True, False
+    for j, t in enumerate(u[1:], start=lp.lo + 1):
+        d = float((t - exact[j]).norm() / exact[j].norm())
+        if j <= k * 2:
+            ok &= d < 1e-14
+        elif j == 16:
+            wrong = d > 1e-12
+    done = comm.allreduce(int(ok), op=MPI.MIN)
+    all_ranks(comm, done == 1)
+    last = comm.bcast(wrong, root=comm.Get_size() - 1)
+    all_ranks(comm, last, "the last point should not be exact yet")
+
+
+@pytest.mark.mpi(min_size=1)
+def test_the_serial_solution_has_zero_residual(comm):
+    model, _, x, _ = _pair(16)
+    lp = LayerParallel(model, comm, levels=3, cf=2, iters=1)
+    with torch.no_grad():
+        z = model.opening(x)
+    exact = _serial_states(model, z)
+    u = [exact[j].clone() for j in range(lp.lo, lp.hi + 1)]
+    solver = lp._solver(lp._step, reverse=False, iters=1)
+    with torch.no_grad():
+        r0 = solver.norm(u)
+        solver.solve(u)
+    all_ranks(comm, r0 < 1e-14 and solver.residuals[0] < 1e-14, f"{r0}, {solver.residuals}")
+    same = all(float((a - exact[j]).norm()) < 1e-14 for j, a in enumerate(u, start=lp.lo))
+    all_ranks(comm, same)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_adjoint_dot_product(comm):
+    """<J v, w> = <v, J^T w> for the chain of blocks: J v by forward-mode autodiff of the
+    serial network, J^T w by the layer-parallel adjoint MGRIT (converged)."""
+    model, ref, x, _ = _pair(16, seed=3)
+    with torch.no_grad():
+        z = ref.opening(x)
+    torch.manual_seed(7)
+    v, w = torch.randn_like(z), torch.randn_like(z)
+
+    def chain(t):
+        for b in ref.blocks:
+            t = b(t)
+        return t
+    _, jv = torch.func.jvp(chain, (z,), (v,))
+    lp = LayerParallel(model, comm, levels=3, cf=2, iters=12, bwd_iters=12)
+    _, states = lp._forward(z)
+    jtw, _ = lp._backward(states, w.clone())
+    lhs, rhs = float((jv * w).sum()), float((v * jtw).sum())
+    all_ranks(comm, abs(lhs - rhs) < 1e-12 * abs(lhs), f"{lhs} vs {rhs}")
+
+
+def test_solver_rejects_bad_settings():
+    with pytest.raises(ValueError, match="relax"):
+        MGRITSolver(MPI.COMM_SELF, 4, None, prev=MPI.PROC_NULL, next=MPI.PROC_NULL,
+                    levels=2, cf=2, relax="C")
+    with pytest.raises(ValueError, match="multiple"):
+        MGRITSolver(MPI.COMM_SELF, 6, None, prev=MPI.PROC_NULL, next=MPI.PROC_NULL,
+                    levels=3, cf=2)
