@@ -167,3 +167,91 @@ def test_solver_rejects_bad_settings():
     with pytest.raises(ValueError, match="multiple"):
         MGRITSolver(MPI.COMM_SELF, 6, None, prev=MPI.PROC_NULL, next=MPI.PROC_NULL,
                     levels=3, cf=2)
+
+
+LP = ["model.name=resnet", "model.depth=8", "model.width=16", "run.dtype=float64",
+      "data.partition=strided", "data.shuffle=false", "data.batch_size=48", "run.steps=6",
+      "optim.name=sgd", "optim.lr=0.1", "run.threads=1", "mgrit.levels=2", "mgrit.iters=5",
+      "mgrit.bwd_iters=5"]
+
+
+def _train(cfg_list, comm):
+    from mltrain.config import load_config
+    from mltrain.linalg.vector import flat_params
+    from mltrain.train import Trainer
+
+    t = Trainer(load_config(None, cfg_list), comm, quiet=True, metrics=False)
+    s = t.train()
+    if t.lp is not None:
+        t.lp.gather()
+    params = flat_params(t.net)
+    t.close()
+    return s, params
+
+
+@pytest.mark.mpi(min_size=1)
+def test_layer_parallel_training_equals_serial(comm):
+    # Every layer-parallel degree the rank count allows, with data parallelism on the rest
+    # (4 ranks: 4 x 1, 2 x 2); MGRIT exact (depth 8, cf 2: 4 + 1 iterations).
+    P = comm.Get_size()
+    _, ref = _train(LP, MPI.COMM_SELF)
+    for layer in [d for d in range(1, P + 1) if P % d == 0]:
+        s, par = _train(LP + [f"parallel.layer={layer}"], comm)
+        diff = float((par - ref).norm() / ref.norm())
+        all_ranks(comm, diff < 1e-10, f"layer={layer}: {diff:.2e}")
+        all_ranks(comm, s["steps"] == 6 and s["final_loss"] < 2.4, str(s["final_loss"]))
+
+
+@pytest.mark.mpi(min_size=3)
+def test_checkpoint_from_three_layer_ranks_resumes_at_two_and_one(comm, shared_tmp):
+    from mltrain.config import load_config
+    from mltrain.linalg.vector import flat_params
+    from mltrain.train import Trainer
+
+    rank = comm.Get_rank()
+    three = comm.Split(0 if rank < 3 else MPI.UNDEFINED, rank)
+    ck = shared_tmp / "lp-ck"
+    base = LP[:-3] + ["model.depth=12", "optim.name=adam", "optim.lr=0.01",
+                      f"checkpoint.dir={ck}"]
+    if three != MPI.COMM_NULL:
+        s, written = _train(base + ["parallel.layer=3"], three)
+        three.Free()
+    comm.Barrier()
+    written = comm.bcast(written if rank == 0 else None)
+    for degree in (2, 1):
+        sub = comm.Split(0 if rank < degree else MPI.UNDEFINED, rank)
+        if sub != MPI.COMM_NULL:
+            t = Trainer(load_config(None, base + [f"parallel.layer={degree}",
+                                                  "checkpoint.resume=true"]), sub,
+                        quiet=True, metrics=False)
+            same = torch.equal(flat_params(t.net), written) and t.step == 6
+            moments = [p for p in t.net.parameters() if "exp_avg" in t.optimizer.state[p]]
+            same &= len(moments) == len(list(t.net.parameters()))  # every block's Adam state
+            t.close()
+            sub.Free()
+        else:
+            same = True
+        all_ranks(comm, comm.allreduce(int(same), op=MPI.MIN) == 1, f"degree {degree}")
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["parallel.layer=2", "optim.name=tr"], "optim.name"),
+    (["parallel.layer=2", "sync.name=localsgd"], "sync.name"),
+])
+def test_layer_parallel_config_errors(extra, match):
+    from mltrain.config import load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, extra)
+
+
+def test_layer_parallel_rank_count_errors():
+    from conftest import mpiexec
+
+    r = mpiexec(2, ["-m", "mltrain", "train", "--set", "parallel.layer=2", "--set",
+                    "model.depth=1", "--set", "run.steps=1"])
+    assert r.returncode == 2 and r.stderr.count("mltrain: error:") == 1, r.stderr[-2000:]
+    assert "cannot be shared" in r.stderr
+    r = mpiexec(2, ["-m", "mltrain", "train", "--set", "parallel.layer=2", "--set",
+                    "model.depth=4", "--set", "mgrit.levels=3", "--set", "run.steps=1"])
+    assert r.returncode == 2 and "coarsest intervals" in r.stderr, r.stderr[-2000:]

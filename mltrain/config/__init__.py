@@ -119,6 +119,24 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     data: int = _f(0, "data-parallel degree; 0 = all ranks", min=0)
+    layer: int = _f(1, "layer-parallel degree: residual blocks split over this many ranks, "
+                    "propagated by MGRIT (see mgrit.*)", min=1)
+
+
+@dataclass
+class MgritConfig:
+    levels: int = _f(2, "MGRIT levels over depth (level l steps with every cf^l-th block)",
+                     min=1)
+    cf: int = _f(2, "MGRIT coarsening factor", min=2)
+    relax: str = _f("F", "relaxation: F or FCF", choices=("F", "FCF"))
+    iters: int = _f(2, "forward MGRIT iterations", min=1)
+    bwd_iters: int = _f(1, "adjoint (backward) MGRIT iterations", min=1)
+    tol: float = _f(0.0, "stop iterating once the C-point residual norm is at most this "
+                    "(0: always run the iterations)", min=0.0)
+    skip: bool = _f(True, "no relaxation on the first down-cycle (its guess is poor)")
+    exact_after: int = _f(0, "from this training step on, exact (serial-equivalent) sweeps "
+                          "instead of MGRIT, since truncated iterations bias the gradient "
+                          "(0 = never)", min=0)
 
 
 @dataclass
@@ -174,6 +192,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    mgrit: MgritConfig = field(default_factory=MgritConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -256,6 +275,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.path: required when data.name = {cfg.data.name!r}")
     if cfg.run.straggler:
         parse_straggler(cfg.run.straggler)
+    if cfg.parallel.layer > 1:
+        if cfg.optim.name not in ("sgd", "adam") or cfg.optim.nested:
+            raise ConfigError(f"parallel.layer: layer-parallel training works with optim.name "
+                              f"= 'sgd' or 'adam' (not yet {cfg.optim.name!r}"
+                              f"{' with nested iteration' if cfg.optim.nested else ''})")
+        if cfg.sync.name != "allreduce":
+            raise ConfigError(f"parallel.layer: layer-parallel training needs sync.name = "
+                              f"'allreduce', not {cfg.sync.name!r}")
     if cfg.optim.nested and cfg.optim.levels < 2:
         raise ConfigError("optim.nested: needs optim.levels >= 2")
     if cfg.optim.name in ("tr", "rmtr") or (cfg.optim.name, cfg.optim.smoother) == ("mgopt", "tr"):

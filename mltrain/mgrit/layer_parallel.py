@@ -96,6 +96,49 @@ class LayerParallel(nn.Module):
         """The parameters of this rank's blocks."""
         return [p for b in self.model.blocks[self.lo:self.hi] for p in b.parameters()]
 
+    def local_modules(self) -> nn.ModuleList:
+        """What this rank trains: the (replicated) opening and closing and its own blocks;
+        gradient reduction over the data axis covers these only."""
+        return nn.ModuleList([self.model.opening, *self.model.blocks[self.lo:self.hi],
+                              self.model.closing])
+
+    @torch.no_grad()
+    def gather(self) -> None:
+        """Brings every block's parameters from its owner to every rank (one broadcast per
+        rank), so each rank holds the whole current network. Collective."""
+        for r, (lo, hi) in enumerate(self.ranges):
+            params = [p for b in self.model.blocks[lo:hi] for p in b.parameters()]
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            broadcast_(flat, self.comm, root=r)
+            if r != self.rank:
+                off = 0
+                for p in params:
+                    p.copy_(flat[off:off + p.numel()].view_as(p))
+                    off += p.numel()
+
+    def gather_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Brings the optimizer state (momentum, Adam moments) of every block's parameters
+        from its owner to every rank, so a checkpoint from any rank holds all of it.
+        Collective."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        index = {id(p): i for i, p in enumerate(params)}
+        for r, (lo, hi) in enumerate(self.ranges):
+            owned = [index[id(p)] for b in self.model.blocks[lo:hi] for p in b.parameters()
+                     if id(p) in index]
+            meta = None
+            if r == self.rank:  # small metadata by pickle; tensors as raw buffers
+                meta = [(i, k, (tuple(v.shape), str(v.dtype).split(".")[1])
+                         if isinstance(v, torch.Tensor) else v)
+                        for i in owned for k, v in optimizer.state[params[i]].items()]
+            for i, k, v in self.comm.bcast(meta, root=r):
+                if isinstance(v, tuple):
+                    t = (optimizer.state[params[i]][k].contiguous() if r == self.rank else
+                         torch.empty(v[0], dtype=getattr(torch, v[1])))
+                    broadcast_(t, self.comm, root=r)
+                    v = t
+                if r != self.rank:
+                    optimizer.state[params[i]][k] = v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.model.opening(x)
         z = _Chain.apply(self, z, *self.owned_parameters())

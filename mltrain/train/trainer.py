@@ -21,6 +21,7 @@ from mltrain.config import Config, ConfigError, parse_straggler, to_toml
 from mltrain.data import (LABEL_PARTITIONS, ShardLoader, open_dataset, partition,
                           partition_options, steps_per_epoch)
 from mltrain.io import MetricsWriter, latest_checkpoint, load_checkpoint, save_checkpoint
+from mltrain.mgrit import LayerParallel
 from mltrain.multilevel import RMTR, Hierarchy, MGOpt
 from mltrain.nn import build_model
 from mltrain.optim import build_optimizer
@@ -71,7 +72,15 @@ class Trainer:
                                 self.dataset.num_classes, width=cfg.model.width,
                                 depth=cfg.model.depth, dtype=self.dtype)
         self.model = model.to(self.dtype)
-        broadcast_parameters(self.model, dcomm)
+        self.lp: LayerParallel | None = None
+        if cfg.parallel.layer > 1:
+            m = cfg.mgrit
+            self.lp = agree(comm, lambda: LayerParallel(
+                self.model, self.gc.comms["layer"], levels=m.levels, cf=m.cf, relax=m.relax,
+                iters=m.iters, bwd_iters=m.bwd_iters, tol=m.tol, skip=m.skip), what="config")
+            self.model = self.lp
+        # Layer ranks hold replicas of the whole network too: same weights everywhere.
+        broadcast_parameters(self.model, comm if self.lp else dcomm)
         self.optimizer, self.sync = self._optimizer_and_sync(self.model)
         self.hierarchy = None
         if cfg.optim.nested:
@@ -113,6 +122,12 @@ class Trainer:
             self.metrics = agree(comm, lambda: MetricsWriter(self.run_dir / "metrics.jsonl",
                                                              self.rank), what="run.out_dir")
 
+    @property
+    def net(self) -> torch.nn.Module:
+        """The serial network being trained (checkpoints, evaluation): the model, or the
+        one a layer-parallel wrapper holds."""
+        return self.lp.model if self.lp is not None else self.model
+
     def _optimizer_and_sync(self, model, levels: int | None = None):
         """The configured optimizer and synchronization scheme for ``model``; multilevel
         optimizers get ``levels`` levels (default optim.levels). Collective."""
@@ -138,7 +153,9 @@ class Trainer:
             return agree(comm, build, what="config"), SyncStrategy(model, dcomm)
         opt = build_optimizer(o.name, model.parameters(), lr=o.lr, momentum=o.momentum,
                               weight_decay=o.weight_decay)
-        return opt, agree(comm, lambda: build_sync(self.cfg, model, dcomm), what="config")
+        # Layer-parallel: each rank reduces the gradients of what it trains, nothing else.
+        synced = self.lp.local_modules() if self.lp is not None and model is self.lp else model
+        return opt, agree(comm, lambda: build_sync(self.cfg, synced, dcomm), what="config")
 
     # -- nested iteration ----------------------------------------------------------------
     def _phase_of(self, step: int) -> int:
@@ -201,7 +218,8 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------
     def _check_grid(self) -> Grid:
-        grid = Grid.for_world(self.comm.Get_size(), data=self.cfg.parallel.data)
+        grid = Grid.for_world(self.comm.Get_size(), data=self.cfg.parallel.data,
+                              layer=self.cfg.parallel.layer)
         if self.cfg.run.straggler:
             rank, _ = parse_straggler(self.cfg.run.straggler)
             if rank >= self.comm.Get_size():
@@ -233,7 +251,7 @@ class Trainer:
         if path is None:
             self.log.info(f"checkpoint.resume: no checkpoint in {folder}; starting fresh")
             return
-        meta = load_checkpoint(path, self.model, self.optimizer, self.comm)
+        meta = load_checkpoint(path, self.net, self.optimizer, self.comm)
         self.step = meta["step"]
         self.resumed_from = str(path)
         self.log.info(f"resumed from {path} at step {self.step}")
@@ -247,7 +265,10 @@ class Trainer:
         """Writes a checkpoint of the current state. Collective on the world communicator."""
         epoch, pos = divmod(self.step, self.steps_per_epoch)
         with STATS.paused(), self.sync.consensus():  # drifting replicas: their average
-            path = save_checkpoint(self.cfg.checkpoint.dir, self.model, self.optimizer,
+            if self.lp is not None:  # every block and its optimizer state from its owner
+                self.lp.gather()
+                self.lp.gather_state(self.optimizer)
+            path = save_checkpoint(self.cfg.checkpoint.dir, self.net, self.optimizer,
                                    step=self.step, epoch=epoch, position=pos,
                                    config_text=to_toml(self.cfg), comm=self.comm,
                                    keep=self.cfg.checkpoint.keep)
@@ -265,6 +286,9 @@ class Trainer:
             return torch.tensor(self.optimizer.tr_step(self.model, F.cross_entropy, x, y,
                                                        weight))
         self.sync.before_forward(self.step)
+        if self.lp is not None:
+            after = self.cfg.mgrit.exact_after
+            self.lp.exact = bool(after) and self.step >= after
         t0 = time.perf_counter()
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
@@ -311,6 +335,8 @@ class Trainer:
                 with STATS.paused():
                     mean = allreduce_scalar(loss.item(), self.gc.data) / self.dp_size
                 extra = {"consensus_distance": self.sync.distance()} if self.sync.drifts else {}
+                if self.lp is not None:  # MGRIT residual norms, per iteration, last step
+                    extra["mgrit_residuals"] = dict(self.lp.residuals)
                 if cfg.run.target_loss:  # the whole training set's loss, not the batch's
                     extra["train_loss"] = self.evaluate()["train_loss"]
                 self.metrics.write(step=self.step, epoch=epoch, loss=mean,
@@ -362,6 +388,8 @@ class Trainer:
                                if cfg.run.target_loss else None),
             "target_reached_at_step": reached_at,
             "level_steps": self.level_steps,
+            "layer_parallel": self.grid.layer,
+            "mgrit_residuals": dict(self.lp.residuals) if self.lp is not None else None,
             "fine_grad_evals": self.work(),
             "sync": cfg.sync.name,
             "compression": cfg.sync.compression,
@@ -390,6 +418,8 @@ class Trainer:
         dcomm = self.gc.data
         x, y = self.loader.x, self.loader.y
         with STATS.paused(), self.sync.consensus():  # drifting replicas: their average
+            if self.lp is not None:  # the whole network on every rank, evaluated serially
+                self.lp.gather()
             train = self._score(x, y)
             test = (0.0, 0, 0)
             if self.dataset.num_test:
@@ -406,7 +436,7 @@ class Trainer:
     def _score(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096):
         loss, ok = 0.0, 0
         for i in range(0, len(x), chunk):
-            out = self.model(x[i:i + chunk])
+            out = self.net(x[i:i + chunk])
             loss += F.cross_entropy(out, y[i:i + chunk], reduction="sum").item()
             ok += int((out.argmax(1) == y[i:i + chunk]).sum())
         return loss, ok, len(x)
