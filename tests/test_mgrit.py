@@ -105,7 +105,7 @@ def test_exactness_property(comm, k):
     with torch.no_grad():
         z = model.opening(x)
     exact = _serial_states(model, z)
-    _, u = lp._forward(z)
+    _, (u, _) = lp._forward(z)
     # After k iterations of two-level F-relaxation the first k coarse intervals (fine
     # points 0 .. k cf) are exact; later ones are not yet.
     ok, wrong = True, False
@@ -255,3 +255,20 @@ def test_layer_parallel_rank_count_errors():
     r = mpiexec(2, ["-m", "mltrain", "train", "--set", "parallel.layer=2", "--set",
                     "model.depth=4", "--set", "mgrit.levels=3", "--set", "run.steps=1"])
     assert r.returncode == 2 and "coarsest intervals" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("n, levels, iters, relax, skip", [
+    (16, 1, 1, "F", True), (16, 2, 3, "F", True), (32, 3, 2, "FCF", False),
+    (24, 2, 1, "F", False), (64, 4, 3, "FCF", True)])
+def test_work_model_counts_what_the_solver_does(n, levels, iters, relax, skip):
+    from mltrain.mgrit.model import counts
+
+    model, _, x, _ = _pair(n)
+    lp = LayerParallel(model, MPI.COMM_SELF, levels=levels, cf=2, iters=iters, relax=relax,
+                       skip=skip)
+    with torch.no_grad():
+        z = model.opening(x)
+    solver = lp._solver(lp._step, reverse=False, iters=iters)
+    with torch.no_grad():
+        solver.solve([z.clone() for _ in range(n + 1)])
+    assert solver.evaluations == counts(n, levels, 2, iters, relax, skip)

@@ -43,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--check-mpi", action="store_true",
                    help="exit 1 unless mpi4py and PETSc load the same MPI library")
     b = sub.add_parser("bench", parents=[common], help="benchmarks against a baseline")
-    b.add_argument("what", choices=["dp", "sync", "kernels", "tr", "multilevel"],
+    b.add_argument("what", choices=["dp", "sync", "kernels", "tr", "multilevel", "mgrit"],
                    help="dp: data-parallel step vs DDP, reducer vs raw allreduce; sync: every "
                    "scheme vs allreduce, with and without a straggler; kernels: C++ kernels vs "
                    "torch references; tr: SGD, Adam and trust region under one work budget; "
                    "multilevel: single-level vs RMTR, MG/OPT, nested iteration to a target "
-                   "loss")
+                   "loss; mgrit: layer-parallel forward+backward vs serial autograd")
     b.add_argument("--json", metavar="OUT.json", help="write the figures as JSON")
     b.add_argument("--steps", type=int, default=0,
                    help="timed steps per variant (0 = 30 for dp, 32 for sync)")
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "sgd,adam,tr,rmtr-2,rmtr-3,mgopt-3,nested-3")
     b.add_argument("--plot", metavar="OUT.png", help="tr, multilevel: loss and accuracy "
                    "against work")
+    b.add_argument("--depths", default="64,128,256,512,1024",
+                   help="mgrit: residual layer counts")
     pt = sub.add_parser("partition", parents=[common],
                         help="compute a partition without MPI: sizes, label histograms, skew")
     pt.add_argument("--ranks", type=int, required=True, help="number of data-parallel ranks")

@@ -234,6 +234,8 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
     agree(comm, lambda: check_writable(args.json, "--json"), what="config")
     if what == "multilevel":
         return _multilevel(cfg, args, comm)
+    if what == "mgrit":
+        return _mgrit(args, comm)
     if what == "tr":
         from mltrain.cli.bench_tr import bench_tr, plot
 
@@ -330,4 +332,33 @@ def _multilevel(cfg, args, comm: MPI.Comm) -> int:
         _write_json(args.json, "multilevel", res)
         if args.plot:
             plot(res, args.plot)
+    return 0
+
+
+def _mgrit(args, comm: MPI.Comm) -> int:
+    from mltrain.cli.bench_mgrit import bench_mgrit
+    from mltrain.comm import agree
+
+    def depths():
+        try:
+            return tuple(int(d) for d in args.depths.split(","))
+        except ValueError:
+            raise ConfigError(f"--depths: expected comma-separated integers, got "
+                              f"{args.depths!r}") from None
+    res = bench_mgrit(comm, agree(comm, depths, what="config"))
+    if comm.Get_rank() == 0:
+        c = res["costs"]
+        print(f"bench mgrit: {res['ranks']} rank(s), width {res['width']}, batch "
+              f"{res['batch']}; unit costs: step {c['step'] * 1e6:.1f} us, vjp "
+              f"{c['vjp'] * 1e6:.1f} us, parameter vjp {c['vjp_params'] * 1e6:.1f} us, serial "
+              f"backward {c['serial_backward'] * 1e6:.1f} us, message {c['message'] * 1e6:.1f} us")
+        print(f"  {'layers':>6}{'levels':>7}{'iters':>6}{'serial s':>10}{'mgrit s':>9}"
+              f"{'speedup':>8}{'model s':>9}{'model err':>10}")
+        for r in res["rows"]:
+            print(f"  {r['layers']:>6}{r['levels']:>7}{r['iters']:>6}{r['serial_s']:>10.4f}"
+                  f"{r['time_s']:>9.4f}{r['speedup']:>8.2f}{r['predicted_s']:>9.4f}"
+                  f"{r['model_error']:>10.2f}")
+        print(f"  speedup (2 forward, 1 adjoint iteration): {res['speedup']}; largest model "
+              f"error {res['model_error']:.2f}")
+        _write_json(args.json, "mgrit", res)
     return 0

@@ -57,16 +57,16 @@ def split_layers(n: int, ranks: int, levels: int, cf: int) -> list[tuple[int, in
 
 class _Chain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, lp: "LayerParallel", z: torch.Tensor, *params):
+    def forward(ctx, lp: "LayerParallel", z: torch.Tensor, record: bool, *params):
         ctx.lp = lp
-        out, ctx.states = lp._forward(z.detach())
+        out, ctx.states = lp._forward(z.detach(), record)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         gz, gparams = ctx.lp._backward(ctx.states, grad_out.detach().contiguous())
         del ctx.states
-        return (None, gz, *gparams)
+        return (None, gz, None, *gparams)
 
 
 class LayerParallel(nn.Module):
@@ -141,7 +141,8 @@ class LayerParallel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.model.opening(x)
-        z = _Chain.apply(self, z, *self.owned_parameters())
+        # Keep the final sweep's graphs only when a backward can follow.
+        z = _Chain.apply(self, z, torch.is_grad_enabled(), *self.owned_parameters())
         return self.model.closing(z)
 
     # -- the chain -------------------------------------------------------------------------
@@ -160,20 +161,47 @@ class LayerParallel(nn.Module):
                            levels=levels, cf=self.cf, relax=self.relax, iters=iters,
                            tol=self.tol, skip=self.skip)
 
-    @torch.no_grad()
-    def _forward(self, z: torch.Tensor):
+    def _forward(self, z: torch.Tensor, record: bool = True):
+        """MGRIT forward from the opening's output ``z``; returns the final state
+        (broadcast) and (local states, the recorded final sweep). With ``record`` the final
+        sweep runs each interval as one autograd chain from its (leaf) start point through
+        the interval's steps, for the backward. Collective."""
         n = self.hi - self.lo
-        u = [z.clone() for _ in range(n + 1)]  # initial guess: the input everywhere
-        solver = self._solver(self._step, reverse=False, iters=self.iters)
-        u = solver.solve(u)
+        chains: dict[int, tuple] = {}
+
+        def final(u, intervals, inclusive):
+            for c, e in intervals:
+                with torch.enable_grad():
+                    leaf = u[c].detach().requires_grad_(True)
+                    t, mids = leaf, []
+                    for k in range(c, e):
+                        t = self._step(0, k, t)
+                        if k + 1 < e:
+                            mids.append(t)
+                            u[k + 1] = t.detach()
+                chains[c] = (leaf, mids, t)
+                if inclusive:
+                    u[e] = t.detach()
+
+        with torch.no_grad():
+            u = [z.clone() for _ in range(n + 1)]  # initial guess: the input everywhere
+            solver = self._solver(self._step, reverse=False, iters=self.iters)
+            u = solver.solve(u, final=final if record else None)
         self.residuals["forward"] = solver.residuals
         out = u[-1].clone().contiguous()
         broadcast_(out, self.comm, root=self.size - 1)
-        return out, u
+        return out, (u, chains)
 
-    def _backward(self, u: list[torch.Tensor], grad_out: torch.Tensor):
+    def _backward(self, saved, grad_out: torch.Tensor):
+        """Adjoint MGRIT from the gradient of the final state; returns the gradient of the
+        opening's output (broadcast) and this rank's parameter gradients. The final sweep
+        is one autograd pass per interval through the forward's recorded chain, giving the
+        adjoint at its points and the gradients of its blocks' parameters. Collective."""
+        u, chains = saved
         n = self.hi - self.lo
+        blocks = self.model.blocks[self.lo:self.hi]
         graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        grads: list[list[torch.Tensor] | None] = [None] * n
 
         def graph(level: int, m: int):
             """(input, output) of forward step m of ``level`` at its forward state."""
@@ -190,17 +218,29 @@ class LayerParallel(nn.Module):
             (g,) = torch.autograd.grad(out, xin, lam, retain_graph=True)
             return g
 
+        def final(lam, intervals, inclusive):
+            # Adjoint interval (t0, t1) is forward interval (n - t1, n - t0).
+            for t0, t1 in intervals:
+                c, e = n - t1, n - t0
+                leaf, mids, out = chains[c]
+                params = [p for b in blocks[c:e] for p in b.parameters()]
+                g = torch.autograd.grad(out, [leaf, *mids, *params], lam[t0])
+                for j, gm in enumerate(g[1:1 + len(mids)]):  # forward point c + 1 + j
+                    lam[n - (c + 1 + j)] = gm
+                if inclusive:
+                    lam[t1] = g[0]
+                off = 1 + len(mids)
+                for m in range(c, e):
+                    k = len(list(blocks[m].parameters()))
+                    grads[m] = list(g[off:off + k])
+                    off += k
+
         lam = [grad_out.clone() for _ in range(n + 1)]  # adjoint point t = forward n - t
         solver = self._solver(adjoint_step, reverse=True, iters=self.bwd_iters)
-        lam = solver.solve(lam)
+        lam = solver.solve(lam, final=final)
         self.residuals["backward"] = solver.residuals
-        # One sweep over the local blocks: parameter gradients at the final adjoint.
-        grads = []
-        for m in range(n):
-            block = self.model.blocks[self.lo + m]
-            xin, out = graph(0, m)
-            grads += list(torch.autograd.grad(out, list(block.parameters()), lam[n - m - 1],
-                                              retain_graph=True))
+        flat = [g for m in range(n) for g in grads[m]]
+        graphs.clear()
         gz = lam[n].clone().contiguous() if self.rank == 0 else torch.empty_like(grad_out)
         broadcast_(gz, self.comm, root=0)
-        return gz, grads
+        return gz, flat

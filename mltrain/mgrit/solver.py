@@ -45,11 +45,15 @@ class MGRITSolver:
         self.levels, self.cf, self.relax = levels, cf, relax
         self.iters, self.tol, self.skip = iters, tol, skip
         self.residuals: list[float] = []  # global C-point residual norm after each cycle
-        self.evaluations = 0  # local step evaluations, for the work model
+        self.evaluations = [0] * levels  # local step evaluations per level (work model)
+        self.messages = 0  # point-to-point messages this rank sent
+        # The sweep that produces the final fine-level values (the last F-relaxation, or
+        # the sequential solve with one level) can be the caller's: see ``solve``.
+        self._final = None
 
     # -- pieces ----------------------------------------------------------------------------
     def _phi(self, level, k, x):
-        self.evaluations += 1
+        self.evaluations[level] += 1
         return self.step(level, k, x)
 
     def _exchange_start(self, u, level):
@@ -58,6 +62,7 @@ class MGRITSolver:
         if self.next != MPI.PROC_NULL:
             last = u[-1].contiguous()
             self._send = self.comm.Isend(last.numpy(), dest=self.next, tag=_tag(level))
+            self.messages += 1
             self._sent = last  # keep the buffer alive until the send completes
         else:
             self._send = None
@@ -79,10 +84,16 @@ class MGRITSolver:
             if g is not None:
                 u[k] = u[k] + g[k]
 
-    def _f_relax(self, level, u, g):
+    def _f_relax(self, level, u, g, final: bool = False):
         req = self._exchange_start(u, level)
         n = len(u) - 1
-        for c in range(self.cf, n, self.cf):  # intervals that do not need the ghost first
+        later = [(c, c + self.cf) for c in range(self.cf, n, self.cf)]
+        if final and self._final is not None:
+            self._final(u, later, False)  # intervals that do not need the ghost first
+            self._exchange_end(req)
+            self._final(u, [(0, self.cf)], False)
+            return
+        for c, _ in later:
             self._interval(level, u, g, c)
         self._exchange_end(req)
         self._interval(level, u, g, 0)
@@ -93,16 +104,20 @@ class MGRITSolver:
             if g is not None:
                 u[k] = u[k] + g[k]
 
-    def _coarsest(self, level, u, g):
+    def _coarsest(self, level, u, g, final: bool = False):
         """Exact solve on the coarsest level: sequential across ranks."""
         if self.prev != MPI.PROC_NULL:
             self.comm.Recv(u[0].numpy(), source=self.prev, tag=_tag(level))
-        for k in range(1, len(u)):
-            u[k] = self._phi(level, k - 1, u[k - 1])
-            if g is not None:
-                u[k] = u[k] + g[k]
+        if final and self._final is not None:
+            self._final(u, [(0, len(u) - 1)], True)
+        else:
+            for k in range(1, len(u)):
+                u[k] = self._phi(level, k - 1, u[k - 1])
+                if g is not None:
+                    u[k] = u[k] + g[k]
         if self.next != MPI.PROC_NULL:
             self.comm.Send(u[-1].contiguous().numpy(), dest=self.next, tag=_tag(level))
+            self.messages += 1
 
     def _residual(self, level, u, g):
         """r_k = g_k - (u_k - Phi(u_{k-1})) at the C-points (index k)."""
@@ -112,7 +127,7 @@ class MGRITSolver:
             r[k] = res + g[k] if g is not None else res
         return r
 
-    def _cycle(self, level, u, g, first: bool):
+    def _cycle(self, level, u, g, first: bool, last: bool = False):
         if level == self.levels - 1:
             self._coarsest(level, u, g)
             return
@@ -132,7 +147,7 @@ class MGRITSolver:
         self._cycle(level + 1, uc, gc, first)
         for j in range(1, len(v)):  # correct the C-points
             u[j * self.cf] = u[j * self.cf] + (uc[j] - v[j])
-        self._f_relax(level, u, g)
+        self._f_relax(level, u, g, final=last and level == 0)
 
     def norm(self, u, g=None) -> float:
         """The global 2-norm of the fine-level C-point residual. Collective."""
@@ -143,18 +158,28 @@ class MGRITSolver:
         return math.sqrt(self.comm.allreduce(local, op=MPI.SUM))
 
     # -- the solve -------------------------------------------------------------------------
-    def solve(self, u: list[torch.Tensor], iters: int | None = None) -> list[torch.Tensor]:
+    def solve(self, u: list[torch.Tensor], iters: int | None = None,
+              final=None) -> list[torch.Tensor]:
         """Runs MGRIT iterations from the guess ``u`` (local points 0..n; point 0 is the
         ghost, or the given initial state on the first rank); returns the states. Records
-        the residual norm after each iteration; stops early below ``tol``. Collective."""
+        the residual norm after each iteration; stops early below ``tol``.
+
+        ``final(u, intervals, inclusive)``, when given, does the last fine-level sweep in
+        place of the solver: for each (start, end) it sets u[start+1 .. end-1] (and u[end]
+        when ``inclusive``, the one-level sequential solve) from u[start]. Collective."""
         iters = self.iters if iters is None else iters
         self.residuals = []
+        self._final = final
         if self.levels == 1:
-            self._coarsest(0, u, None)  # one level: the exact sequential solve
+            self._coarsest(0, u, None, final=True)  # one level: the exact sequential solve
             return u
         for it in range(iters):
-            self._cycle(0, u, None, first=(it == 0))
+            last = it == iters - 1
+            self._cycle(0, u, None, first=(it == 0), last=last)
             self.residuals.append(self.norm(u))
-            if self.residuals[-1] <= self.tol:
+            if self.residuals[-1] <= self.tol and not last:
+                # Converged early: one more F-relaxation (it changes nothing) as the sweep
+                # whose values are final.
+                self._f_relax(0, u, None, final=True)
                 break
         return u
