@@ -238,3 +238,17 @@ def test_bench_multilevel_smoke(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     bad = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--methods", "tr,rmtr-9"])
     assert bad.returncode == 2 and "rmtr-9" in bad.stderr
+
+
+def test_bench_mgrit_smoke(tmp_path):
+    out = tmp_path / "mgrit.json"
+    r = mpiexec(2, ["-m", "mltrain", "bench", "mgrit", "--depths", "32,64", "--cf", "4",
+                    "--json", str(out)], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["speedup"]) == {"32", "64"} and all(v > 0 for v in res["speedup"].values())
+    assert res["model_error"] == max(row["model_error"] for row in res["rows"])
+    assert {(row["levels"], row["iters"]) for row in res["rows"]} >= {(1, 1), (2, 2), (3, 3)}
+    assert max(s["ranks"] for s in res["scaling"]) >= 16
+    bad = mpiexec(2, ["-m", "mltrain", "bench", "mgrit", "--depths", "x"])
+    assert bad.returncode == 2 and "--depths" in bad.stderr

@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "against work")
     b.add_argument("--depths", default="64,128,256,512,1024",
                    help="mgrit: residual layer counts")
+    b.add_argument("--cf", type=int, default=8, help="mgrit: coarsening factor")
     pt = sub.add_parser("partition", parents=[common],
                         help="compute a partition without MPI: sizes, label histograms, skew")
     pt.add_argument("--ranks", type=int, required=True, help="number of data-parallel ranks")

@@ -345,11 +345,13 @@ def _mgrit(args, comm: MPI.Comm) -> int:
         except ValueError:
             raise ConfigError(f"--depths: expected comma-separated integers, got "
                               f"{args.depths!r}") from None
-    res = bench_mgrit(comm, agree(comm, depths, what="config"))
+    if args.cf < 2:
+        raise ConfigError(f"--cf: the coarsening factor must be at least 2, got {args.cf}")
+    res = bench_mgrit(comm, agree(comm, depths, what="config"), cf=args.cf)
     if comm.Get_rank() == 0:
         c = res["costs"]
         print(f"bench mgrit: {res['ranks']} rank(s), width {res['width']}, batch "
-              f"{res['batch']}; unit costs: step {c['step'] * 1e6:.1f} us, vjp "
+              f"{res['batch']}, cf {res['cf']}; unit costs: step {c['step'] * 1e6:.1f} us, vjp "
               f"{c['vjp'] * 1e6:.1f} us, parameter vjp {c['vjp_params'] * 1e6:.1f} us, serial "
               f"backward {c['serial_backward'] * 1e6:.1f} us, message {c['message'] * 1e6:.1f} us")
         print(f"  {'layers':>6}{'levels':>7}{'iters':>6}{'serial s':>10}{'mgrit s':>9}"

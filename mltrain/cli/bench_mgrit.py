@@ -7,7 +7,8 @@ network) and MGRIT with 1-3 levels and 1-3 forward iterations (1 adjoint iterati
 all ranks of the job are timed (best of ``reps``, the slowest rank). Unit costs (a step, a
 vector-Jacobian product, a message) are measured once; the work model
 (``mltrain.mgrit.model``) turns them and the algorithm's step counts into a predicted time,
-compared with every measurement, and extrapolated to 1024 ranks. Collective.
+compared with every measurement, and extrapolated to 1024 ranks (for networks deep enough
+to give every rank a whole coarsest interval). Collective.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def _unit_costs(width: int, batch: int, comm: MPI.Comm, reps: int = 200) -> Cost
 
 
 def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 32,
-                batch: int = 64, reps: int = 3) -> dict:
+                batch: int = 64, reps: int = 3, cf: int = 2) -> dict:
     torch.set_num_threads(1)
     P, rank = comm.Get_size(), comm.Get_rank()
     costs = _unit_costs(width, batch, comm)
@@ -105,16 +106,16 @@ def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 3
         t_serial = _best(serial, reps, comm)
         for levels, iters, bwd in CONFIGS:
             try:
-                split_layers(N, P, levels, 2)
+                split_layers(N, P, levels, cf)
             except ConfigError:
                 continue
-            lp = LayerParallel(net, comm, levels=levels, cf=2, iters=iters, bwd_iters=bwd)
+            lp = LayerParallel(net, comm, levels=levels, cf=cf, iters=iters, bwd_iters=bwd)
 
             def parallel():
                 net.zero_grad(set_to_none=True)
                 F.cross_entropy(lp(x), y).backward()
             t = _best(parallel, reps, comm)
-            pred = predict(N, P, levels, 2, iters, bwd, costs)
+            pred = predict(N, P, levels, cf, iters, bwd, costs)
             rows.append({"layers": N, "ranks": P, "levels": levels, "iters": iters,
                          "bwd_iters": bwd, "time_s": t, "serial_s": t_serial,
                          "speedup": t_serial / t, "predicted_s": pred["parallel_s"],
@@ -127,24 +128,24 @@ def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 3
         cand = [r for r in rows if r["layers"] == N and r["iters"] == 2 and r["levels"] > 1]
         if cand:
             speedup[str(N)] = max(r["speedup"] for r in cand)
-    scaling = []
-    for N in depths:
+    scaling = []  # the model alone, also for deeper networks than measured
+    for N in sorted(set(depths) | {4096, 16384}):
         for Q in [2 ** k for k in range(11)]:
             best = None
             for levels, iters, bwd in CONFIGS:
                 if levels == 1 or iters != 2:
                     continue
                 try:
-                    split_layers(N, Q, levels, 2)
+                    split_layers(N, Q, levels, cf)
                 except ConfigError:
                     continue
-                s = predict(N, Q, levels, 2, iters, bwd, costs)["speedup"]
+                s = predict(N, Q, levels, cf, iters, bwd, costs)["speedup"]
                 if best is None or s > best[0]:
                     best = (s, levels)
             if best:
                 scaling.append({"layers": N, "ranks": Q, "levels": best[1],
                                 "predicted_speedup": best[0]})
-    return {"ranks": P, "width": width, "batch": batch, "costs": costs.__dict__,
+    return {"ranks": P, "width": width, "batch": batch, "cf": cf, "costs": costs.__dict__,
             "rows": rows, "speedup": speedup,
             "model_error": max((r["model_error"] for r in rows), default=None),
             "scaling": scaling}

@@ -90,11 +90,15 @@ class LayerParallel(nn.Module):
         self.levels, self.cf, self.relax = levels, cf, relax
         self.iters, self.bwd_iters, self.tol, self.skip = iters, bwd_iters, tol, skip
         self.exact = False
+        # Parameter lists of the local blocks, looked up once (nn.Module.parameters()
+        # walks the module tree on every call).
+        self._params = [list(b.parameters()) for b in model.blocks[self.lo:self.hi]]
+        self._blocks = list(model.blocks)
         self.residuals: dict[str, list[float]] = {"forward": [], "backward": []}
 
     def owned_parameters(self) -> list[nn.Parameter]:
         """The parameters of this rank's blocks."""
-        return [p for b in self.model.blocks[self.lo:self.hi] for p in b.parameters()]
+        return [p for ps in self._params for p in ps]
 
     def local_modules(self) -> nn.ModuleList:
         """What this rank trains: the (replicated) opening and closing and its own blocks;
@@ -149,7 +153,7 @@ class LayerParallel(nn.Module):
     def _step(self, level: int, k: int, x: torch.Tensor) -> torch.Tensor:
         """Local step k of ``level``: block lo + k cf^level with step h cf^level."""
         s = self.cf ** level
-        y = self.model.blocks[self.lo + k * s](x)
+        y = self._blocks[self.lo + k * s](x)
         return y if s == 1 else x + s * (y - x)
 
     def _solver(self, step, reverse: bool, iters: int) -> MGRITSolver:
@@ -184,7 +188,9 @@ class LayerParallel(nn.Module):
                     u[e] = t.detach()
 
         with torch.no_grad():
-            u = [z.clone() for _ in range(n + 1)]  # initial guess: the input everywhere
+            # Initial guess: the input everywhere. The solver rebinds points and writes only
+            # into point 0 (the ghost it receives), so the others may share one tensor.
+            u = [z.clone()] + [z] * n
             solver = self._solver(self._step, reverse=False, iters=self.iters)
             u = solver.solve(u, final=final if record else None)
         self.residuals["forward"] = solver.residuals
@@ -223,19 +229,22 @@ class LayerParallel(nn.Module):
             for t0, t1 in intervals:
                 c, e = n - t1, n - t0
                 leaf, mids, out = chains[c]
-                params = [p for b in blocks[c:e] for p in b.parameters()]
+                params = [p for ps in self._params[c:e] for p in ps]
+                # Of the interval's F-points only the one next to its C-point is read again
+                # (the residual norm); asking for the others would only cost.
+                mids = mids[:1] if not inclusive else []
                 g = torch.autograd.grad(out, [leaf, *mids, *params], lam[t0])
-                for j, gm in enumerate(g[1:1 + len(mids)]):  # forward point c + 1 + j
-                    lam[n - (c + 1 + j)] = gm
+                if mids:  # forward point c + 1: adjoint point t1 - 1
+                    lam[t1 - 1] = g[1]
                 if inclusive:
                     lam[t1] = g[0]
                 off = 1 + len(mids)
                 for m in range(c, e):
-                    k = len(list(blocks[m].parameters()))
+                    k = len(self._params[m])
                     grads[m] = list(g[off:off + k])
                     off += k
 
-        lam = [grad_out.clone() for _ in range(n + 1)]  # adjoint point t = forward n - t
+        lam = [grad_out.clone()] + [grad_out] * n  # adjoint point t = forward n - t
         solver = self._solver(adjoint_step, reverse=True, iters=self.bwd_iters)
         lam = solver.solve(lam, final=final)
         self.residuals["backward"] = solver.residuals

@@ -8,7 +8,8 @@ residual n_l/cf steps, the coarse right-hand side n_{l+1} coarse steps, then aft
 coarse correction another F-relaxation. The coarsest level is an exact solve that runs
 through the ranks one after another, so its n_{L-1} steps count P times on the critical
 path. The first cycle skips the down-cycle relaxation (``skip``); a residual norm follows
-each cycle. One level is the sequential solve.
+each cycle and serves the next cycle's restriction; a cycle after the first does not repeat
+the F-relaxation that ended the one before. One level is the sequential solve.
 """
 from __future__ import annotations
 
@@ -26,20 +27,21 @@ def counts(n: int, levels: int, cf: int, iters: int, relax: str = "F",
         ev[0] = n
         return ev
 
-    def cycle(level: int, m: int, first: bool) -> None:
+    def cycle(level: int, m: int, first: bool, relaxed: bool = False) -> None:
         if level == levels - 1:
             ev[level] += m
             return
         f = m - m // cf
         if not (first and skip):
-            ev[level] += f + ((m // cf + f) if relax == "FCF" else 0)
-        ev[level] += m // cf  # C-point residual
+            ev[level] += (0 if relaxed else f) + ((m // cf + f) if relax == "FCF" else 0)
+        if not (relaxed and relax == "F"):
+            ev[level] += m // cf  # C-point residual (otherwise the norm's, reused)
         ev[level + 1] += m // cf  # coarse right-hand side
         cycle(level + 1, m // cf, first)
         ev[level] += f  # F-relaxation after the correction
 
     for it in range(iters):
-        cycle(0, n, it == 0)
+        cycle(0, n, it == 0, relaxed=it > 0)
         ev[0] += n // cf  # the residual norm
     return ev
 

@@ -50,6 +50,7 @@ class MGRITSolver:
         # The sweep that produces the final fine-level values (the last F-relaxation, or
         # the sequential solve with one level) can be the caller's: see ``solve``.
         self._final = None
+        self._last_r: dict = {}
 
     # -- pieces ----------------------------------------------------------------------------
     def _phi(self, level, k, x):
@@ -127,19 +128,25 @@ class MGRITSolver:
             r[k] = res + g[k] if g is not None else res
         return r
 
-    def _cycle(self, level, u, g, first: bool, last: bool = False):
+    def _cycle(self, level, u, g, first: bool, last: bool = False, relaxed: bool = False,
+               r=None):
+        """A V-cycle from ``level``. ``relaxed``: the F-points already follow from the
+        C-points (the previous cycle ended with an F-relaxation, and a first one would
+        recompute the same values); ``r``: the C-point residual, when already known."""
         if level == self.levels - 1:
             self._coarsest(level, u, g)
             return
         if not (first and self.skip):
-            self._f_relax(level, u, g)
+            if not relaxed:
+                self._f_relax(level, u, g)
             if self.relax == "FCF":
                 self._c_relax(level, u, g)
                 self._f_relax(level, u, g)
-        # The ghost must be current for the coarse right-hand side (j = 1 uses v[0]).
-        req = self._exchange_start(u, level)
-        self._exchange_end(req)
-        r = self._residual(level, u, g)
+        if r is None:
+            # The ghost must be current for the coarse right-hand side (j = 1 uses v[0]).
+            req = self._exchange_start(u, level)
+            self._exchange_end(req)
+            r = self._residual(level, u, g)
         v = [u[j * self.cf].clone() for j in range((len(u) - 1) // self.cf + 1)]
         gc = [None] + [v[j] - self._phi(level + 1, j - 1, v[j - 1]) + r[j * self.cf]
                        for j in range(1, len(v))]
@@ -150,10 +157,12 @@ class MGRITSolver:
         self._f_relax(level, u, g, final=last and level == 0)
 
     def norm(self, u, g=None) -> float:
-        """The global 2-norm of the fine-level C-point residual. Collective."""
+        """The global 2-norm of the fine-level C-point residual (kept for the next
+        cycle's restriction). Collective."""
         req = self._exchange_start(u, 0)
         self._exchange_end(req)
         r = self._residual(0, u, g) if self.levels > 1 else {}
+        self._last_r = r
         local = sum(float((t.double() ** 2).sum()) for t in r.values())
         return math.sqrt(self.comm.allreduce(local, op=MPI.SUM))
 
@@ -175,7 +184,10 @@ class MGRITSolver:
             return u
         for it in range(iters):
             last = it == iters - 1
-            self._cycle(0, u, None, first=(it == 0), last=last)
+            # After the first cycle the F-points are relaxed and, with F-relaxation, the
+            # residual is the one the norm just computed.
+            cached = self._last_r if it > 0 and self.relax == "F" else None
+            self._cycle(0, u, None, first=(it == 0), last=last, relaxed=it > 0, r=cached)
             self.residuals.append(self.norm(u))
             if self.residuals[-1] <= self.tol and not last:
                 # Converged early: one more F-relaxation (it changes nothing) as the sweep
