@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
+from torch import nn
 
 from mltrain.comm import broadcast_
 from mltrain.config import ConfigError
@@ -29,9 +30,11 @@ __all__ = ["bench_mgrit"]
 CONFIGS = [(1, 1, 1)] + [(lv, it, 1) for lv in (2, 3) for it in (1, 2, 3)]
 
 
-def _best(fn, reps: int, comm: MPI.Comm) -> float:
+def _best(fn, reps: int, comm: MPI.Comm, setup=None) -> float:
     best = float("inf")
     for _ in range(reps):
+        if setup is not None:
+            setup()
         comm.Barrier()
         t0 = time.perf_counter()
         fn()
@@ -39,38 +42,80 @@ def _best(fn, reps: int, comm: MPI.Comm) -> float:
     return best
 
 
-def _unit_costs(width: int, batch: int, comm: MPI.Comm, reps: int = 200) -> Costs:
-    torch.manual_seed(0)
-    net = ResNet(width, width, 64, 10)
+def _unit_costs(net: ResNet, batch: int, cf: int, chain: int, reps: int = 5) -> dict:
+    """Per-step costs of what the solver does, measured on ``net`` itself (long chains run
+    slower per step than short ones: their states and graphs leave the caches), with
+    chains of ``chain`` steps (a rank's share). Not collective."""
+    width = net.blocks[0].linear.in_features
+    N = len(net.blocks)
+    n = chain - chain % cf
+    part = nn.Module()  # the first n blocks, as one rank would hold them
+    part.opening, part.closing = net.opening, net.closing
+    part.blocks = nn.ModuleList(list(net.blocks[:n]))
+    lp = LayerParallel(part, MPI.COMM_SELF, levels=2, cf=cf)
     x = torch.randn(batch, width)
-    block = net.blocks[0]
-    xin = x.clone().requires_grad_(True)
-    out = block(xin)
-    lam = torch.randn_like(out)
-    params = list(block.parameters())
+    g = torch.randn(batch, width)
 
     def per(fn, n=reps):
-        for _ in range(5):  # warm-up (first autograd calls set up the engine)
+        for _ in range(2):  # warm-up (first autograd calls set up the engine)
             fn()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t0) / n
+        times = []
+        for _ in range(3):  # the median of three runs: robust to a passing disturbance
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times.append((time.perf_counter() - t0) / n)
+        return sorted(times)[1]
 
+    # Steps as the solver takes them (its loops and bookkeeping included): F-relaxation
+    # on the fine level, the sequential solve on a coarse one, and the same for the
+    # adjoint with its graphs already built.
+    solver = lp._solver(lp._step, reverse=False, iters=1)
     with torch.no_grad():
-        step = per(lambda: block(x))
-    vjp = per(lambda: torch.autograd.grad(out, xin, lam, retain_graph=True))
-    vjp_p = per(lambda: torch.autograd.grad(out, params, lam, retain_graph=True))
+        u = [x.clone() for _ in range(n + 1)]
+        step = per(lambda: solver._f_relax(0, u, None)) / (n - n // cf)
+        uc = [x.clone() for _ in range(n // cf + 1)]
+        gc = [None] + [g] * (n // cf)
+        step_coarse = per(lambda: solver._coarsest(1, uc, gc)) / (n // cf)
+    adjoint_step, graphs = lp._adjoint_step(u)
+    adj = lp._solver(adjoint_step, reverse=True, iters=1)
+    lam = [g.clone() for _ in range(n + 1)]
+    vjp = per(lambda: adj._f_relax(0, lam, None)) / (n - n // cf)
+    lc = [g.clone() for _ in range(n // cf + 1)]
+    vjp_c = per(lambda: adj._coarsest(1, lc, gc)) / (n // cf)
+    graphs.clear()
+
+    def record_chain():
+        leaf = x.clone().requires_grad_(True)
+        t = leaf
+        for k in range(n):
+            t = lp._step(0, k, t)
+        return leaf, t
+    record = per(record_chain) / n
+    params = [p for b in net.blocks[:n] for p in b.parameters()]
+
+    def chain_pass():
+        leaf, t = record_chain()
+        torch.autograd.grad(t, [leaf, *params], g)
+    chain_backward = per(chain_pass) / n - record
+    yl = torch.zeros(batch, dtype=torch.long)
+    with torch.no_grad():
+        serial_forward = per(lambda: net(x)) / N
 
     def serial_pass():
-        xr = x.clone().requires_grad_(True)
-        F.cross_entropy(net(xr), torch.zeros(batch, dtype=torch.long)).backward()
-    with torch.no_grad():
-        fwd = per(lambda: net(x), 20) / 64
-    both = per(serial_pass, 20) / 64
+        F.cross_entropy(net(x.clone().requires_grad_(True)), yl).backward()
+    serial_backward = per(serial_pass) / N - serial_forward
+    net.zero_grad(set_to_none=True)
+    return dict(step=step, step_coarse=step_coarse, vjp=vjp, vjp_coarse=vjp_c, record=record,
+                chain_backward=max(chain_backward, 0.0), serial_forward=serial_forward,
+                serial_backward=max(serial_backward, 0.0))
+
+
+def _messages(batch: int, width: int, comm: MPI.Comm, reps: int = 100) -> dict:
+    """Half a ping-pong between ranks 0 and 1, and a broadcast, of one state. Collective."""
     msg = bcast = 0.0
     P, rank = comm.Get_size(), comm.Get_rank()
-    if P > 1:  # half a ping-pong between ranks 0 and 1, and a broadcast, of one state
+    if P > 1:
         buf = torch.zeros(batch, width)
         comm.Barrier()
         t0 = time.perf_counter()
@@ -83,27 +128,33 @@ def _unit_costs(width: int, batch: int, comm: MPI.Comm, reps: int = 200) -> Cost
                 comm.Send(buf.numpy(), dest=0)
         msg = comm.bcast((time.perf_counter() - t0) / reps / 2)
         bcast = _best(lambda: broadcast_(buf, comm), 20, comm)
-    return Costs(step=step, vjp=vjp, vjp_params=vjp_p, serial_backward=max(both - fwd, 0.0),
-                 message=msg, broadcast=bcast)
+    return {"message": msg, "broadcast": bcast}
 
 
 def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 32,
                 batch: int = 64, reps: int = 3, cf: int = 2) -> dict:
     torch.set_num_threads(1)
     P, rank = comm.Get_size(), comm.Get_rank()
-    costs = _unit_costs(width, batch, comm)
-    costs = Costs(**comm.bcast(costs.__dict__))  # one set of unit costs for the model
-    rows = []
+    messages = _messages(batch, width, comm)
+    rows, costs_at = [], {}
     for N in depths:
         torch.manual_seed(0)
         net = ResNet(width, width, N, 10)
         x, y = torch.randn(batch, width), torch.randint(0, 10, (batch,))
+        # One set of unit costs per depth for the model: every rank measures at once (as
+        # they compute at once in the solve), the slowest rank's figures count.
+        mine = _unit_costs(net, batch, cf, max(N // P, cf))
+        costs = Costs(**{k: comm.allreduce(v, op=MPI.MAX) for k, v in mine.items()},
+                      **messages)
+        costs_at[N] = costs
+
+        def clear():
+            net.zero_grad(set_to_none=True)
 
         def serial():
             if rank == 0:
-                net.zero_grad(set_to_none=True)
                 F.cross_entropy(net(x), y).backward()
-        t_serial = _best(serial, reps, comm)
+        t_serial = _best(serial, reps, comm, clear)
         for levels, iters, bwd in CONFIGS:
             try:
                 split_layers(N, P, levels, cf)
@@ -112,9 +163,8 @@ def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 3
             lp = LayerParallel(net, comm, levels=levels, cf=cf, iters=iters, bwd_iters=bwd)
 
             def parallel():
-                net.zero_grad(set_to_none=True)
                 F.cross_entropy(lp(x), y).backward()
-            t = _best(parallel, reps, comm)
+            t = _best(parallel, reps, comm, clear)
             pred = predict(N, P, levels, cf, iters, bwd, costs)
             rows.append({"layers": N, "ranks": P, "levels": levels, "iters": iters,
                          "bwd_iters": bwd, "time_s": t, "serial_s": t_serial,
@@ -130,6 +180,7 @@ def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 3
             speedup[str(N)] = max(r["speedup"] for r in cand)
     scaling = []  # the model alone, also for deeper networks than measured
     for N in sorted(set(depths) | {4096, 16384}):
+        costs = costs_at.get(N, costs_at[max(depths)])
         for Q in [2 ** k for k in range(11)]:
             best = None
             for levels, iters, bwd in CONFIGS:
@@ -145,7 +196,8 @@ def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 3
             if best:
                 scaling.append({"layers": N, "ranks": Q, "levels": best[1],
                                 "predicted_speedup": best[0]})
-    return {"ranks": P, "width": width, "batch": batch, "cf": cf, "costs": costs.__dict__,
+    return {"ranks": P, "width": width, "batch": batch, "cf": cf,
+            "costs": {str(N): c.__dict__ for N, c in costs_at.items()},
             "rows": rows, "speedup": speedup,
             "model_error": max((r["model_error"] for r in rows), default=None),
             "scaling": scaling}

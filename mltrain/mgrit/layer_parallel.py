@@ -198,6 +198,24 @@ class LayerParallel(nn.Module):
         broadcast_(out, self.comm, root=self.size - 1)
         return out, (u, chains)
 
+    def _adjoint_step(self, u: list[torch.Tensor]):
+        """The adjoint's step function over the forward states ``u`` (local points), and
+        the dict of forward graphs it builds on first use."""
+        n = self.hi - self.lo
+        graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def adjoint_step(level: int, k: int, lam: torch.Tensor) -> torch.Tensor:
+            m = n // self.cf ** level - 1 - k  # adjoint step k runs forward step m backwards
+            key = (level, m)
+            if key not in graphs:  # forward step m of ``level`` at its forward state
+                with torch.enable_grad():
+                    xin = u[m * self.cf ** level].detach().requires_grad_(True)
+                    graphs[key] = (xin, self._step(level, m, xin))
+            xin, out = graphs[key]
+            (g,) = torch.autograd.grad(out, xin, lam, retain_graph=True)
+            return g
+        return adjoint_step, graphs
+
     def _backward(self, saved, grad_out: torch.Tensor):
         """Adjoint MGRIT from the gradient of the final state; returns the gradient of the
         opening's output (broadcast) and this rank's parameter gradients. The final sweep
@@ -205,24 +223,8 @@ class LayerParallel(nn.Module):
         adjoint at its points and the gradients of its blocks' parameters. Collective."""
         u, chains = saved
         n = self.hi - self.lo
-        blocks = self.model.blocks[self.lo:self.hi]
-        graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         grads: list[list[torch.Tensor] | None] = [None] * n
-
-        def graph(level: int, m: int):
-            """(input, output) of forward step m of ``level`` at its forward state."""
-            key = (level, m)
-            if key not in graphs:
-                with torch.enable_grad():
-                    xin = u[m * self.cf ** level].detach().requires_grad_(True)
-                    graphs[key] = (xin, self._step(level, m, xin))
-            return graphs[key]
-
-        def adjoint_step(level: int, k: int, lam: torch.Tensor) -> torch.Tensor:
-            m = n // self.cf ** level - 1 - k  # adjoint step k runs forward step m backwards
-            xin, out = graph(level, m)
-            (g,) = torch.autograd.grad(out, xin, lam, retain_graph=True)
-            return g
+        adjoint_step, graphs = self._adjoint_step(u)
 
         def final(lam, intervals, inclusive):
             # Adjoint interval (t0, t1) is forward interval (n - t1, n - t0).

@@ -48,12 +48,18 @@ def counts(n: int, levels: int, cf: int, iters: int, relax: str = "F",
 
 @dataclass
 class Costs:
-    """Measured unit costs (seconds): a forward step, a vector-Jacobian product with
-    respect to the state, one with respect to the parameters, a serial autograd backward
-    of one layer, one neighbour message of a state, the broadcast of a state."""
+    """Measured unit costs (seconds) of what the solver does per step: a fine step, a
+    coarse step (re-discretised, plus its right-hand side), a vector-Jacobian product on
+    the fine and on a coarse level, a step recorded for autograd, one step of an autograd
+    pass through a recorded chain; a serial forward and backward step; one neighbour
+    message and one broadcast of a state."""
     step: float
+    step_coarse: float
     vjp: float
-    vjp_params: float
+    vjp_coarse: float
+    record: float
+    chain_backward: float
+    serial_forward: float
     serial_backward: float
     message: float
     broadcast: float
@@ -62,22 +68,43 @@ class Costs:
 def predict(N: int, P: int, levels: int, cf: int, iters: int, bwd_iters: int,
             costs: Costs, relax: str = "F", skip: bool = True) -> dict:
     """Predicted serial and layer-parallel forward+backward times and their ratio for
-    ``N`` layers on ``P`` ranks (the busiest rank: ceil of the balanced split)."""
+    ``N`` layers on ``P`` ranks (the busiest rank: ceil of the balanced split).
+
+    Forward: the step counts (the coarsest level's P times); the final F-relaxation
+    records each interval as one autograd chain, its cf-th step too. Backward: the
+    adjoint's vector-Jacobian products likewise, the forward graphs they need, and, in
+    place of its final F-relaxation, one autograd pass through every local step. One
+    level: the recorded forward and one autograd pass, through the ranks in turn. Plus a
+    message per relaxation and the two broadcasts."""
     unit = cf ** (levels - 1)
     n = -(-(N // unit) // P) * unit  # the busiest rank's steps
 
-    def path(ev: list[int], unit_cost: float, iters_: int) -> float:
-        # Parallel levels count once; the coarsest solve passes through all P ranks.
-        coarse = ev[-1] * P if P > 1 else ev[-1]
-        msgs = (iters_ * (2 * levels + 1) if levels > 1 else 1) if P > 1 else 0
-        return (sum(ev[:-1]) + coarse) * unit_cost + msgs * costs.message
+    def time(ev: list[int], fine: float, coarse: float) -> float:
+        path = list(ev)
+        path[-1] *= P  # the coarsest solve passes through all ranks
+        return path[0] * fine + sum(path[1:]) * coarse
 
-    fwd = path(counts(n, levels, cf, iters, relax, skip), costs.step, iters)
-    bev = counts(n, levels, cf, bwd_iters, relax, skip)
-    graphs = sum(n // cf ** lv for lv in range(levels))  # forward graphs for the vjps
-    bwd = (path(bev, costs.vjp, bwd_iters) + graphs * costs.step + n * costs.vjp_params)
+    def msgs(iters_: int) -> float:
+        if P == 1:
+            return 0.0
+        return (iters_ * (2 * levels + 1) if levels > 1 else 1) * costs.message
+
+    serial = N * (costs.serial_forward + costs.serial_backward)
+    if levels == 1:
+        fwd = P * n * costs.record + msgs(1)
+        bwd = P * n * costs.chain_backward + msgs(1)
+    else:
+        f = n - n // cf  # the final F-relaxation's steps, done as recorded chains
+        fev = counts(n, levels, cf, iters, relax, skip)
+        fev[0] -= f
+        fwd = time(fev, costs.step, costs.step_coarse) + n * costs.record + msgs(iters)
+        bev = counts(n, levels, cf, bwd_iters, relax, skip)
+        bev[0] -= f
+        graphs = (n // cf if bwd_iters == 1 else n) + sum(n // cf ** lv
+                                                          for lv in range(1, levels))
+        bwd = (time(bev, costs.vjp, costs.vjp_coarse) + graphs * costs.record
+               + n * costs.chain_backward + msgs(bwd_iters))
     if P > 1:
-        bwd += costs.broadcast
         fwd += costs.broadcast
-    serial = N * (costs.step + costs.serial_backward)
+        bwd += costs.broadcast
     return {"serial_s": serial, "parallel_s": fwd + bwd, "speedup": serial / (fwd + bwd)}
