@@ -100,6 +100,7 @@ def _unit_costs(net: ResNet, batch: int, cf: int, chain: int, reps: int = 5) -> 
     chain_backward = per(chain_pass) / n - record
     yl = torch.zeros(batch, dtype=torch.long)
     with torch.no_grad():
+        op = per(lambda: [u[k] - u[k + 1] for k in range(n)]) / n
         serial_forward = per(lambda: net(x)) / N
 
     def serial_pass():
@@ -107,6 +108,7 @@ def _unit_costs(net: ResNet, batch: int, cf: int, chain: int, reps: int = 5) -> 
     serial_backward = per(serial_pass) / N - serial_forward
     net.zero_grad(set_to_none=True)
     return dict(step=step, step_coarse=step_coarse, vjp=vjp, vjp_coarse=vjp_c, record=record,
+                op=op,
                 chain_backward=max(chain_backward, 0.0), serial_forward=serial_forward,
                 serial_backward=max(serial_backward, 0.0))
 

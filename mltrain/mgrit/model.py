@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["counts", "Costs", "predict"]
+__all__ = ["bookkeeping", "counts", "Costs", "predict"]
 
 
 def counts(n: int, levels: int, cf: int, iters: int, relax: str = "F",
@@ -63,6 +63,18 @@ class Costs:
     serial_backward: float
     message: float
     broadcast: float
+    op: float = 0.0  # one elementwise operation (or clone) on a state
+
+
+def bookkeeping(n: int, levels: int, cf: int, iters: int) -> int:
+    """Elementwise operations on states besides the steps, per solve: per cycle and
+    non-coarsest level with m points, for each of its m/cf C-points the residual (2),
+    the restricted point and its copy (2), the coarse right-hand side (2) and the
+    correction (2); per residual norm, 3 per C-point."""
+    if levels == 1:
+        return 0
+    per_cycle = sum(8 * (n // cf ** lv) // cf for lv in range(levels - 1))
+    return iters * (per_cycle + 3 * (n // cf))
 
 
 def predict(N: int, P: int, levels: int, cf: int, iters: int, bwd_iters: int,
@@ -74,8 +86,8 @@ def predict(N: int, P: int, levels: int, cf: int, iters: int, bwd_iters: int,
     records each interval as one autograd chain, its cf-th step too. Backward: the
     adjoint's vector-Jacobian products likewise, the forward graphs they need, and, in
     place of its final F-relaxation, one autograd pass through every local step. One
-    level: the recorded forward and one autograd pass, through the ranks in turn. Plus a
-    message per relaxation and the two broadcasts."""
+    level: the recorded forward and one autograd pass, through the ranks in turn. Plus
+    the bookkeeping operations, a message per relaxation and the two broadcasts."""
     unit = cf ** (levels - 1)
     n = -(-(N // unit) // P) * unit  # the busiest rank's steps
 
@@ -97,13 +109,15 @@ def predict(N: int, P: int, levels: int, cf: int, iters: int, bwd_iters: int,
         f = n - n // cf  # the final F-relaxation's steps, done as recorded chains
         fev = counts(n, levels, cf, iters, relax, skip)
         fev[0] -= f
-        fwd = time(fev, costs.step, costs.step_coarse) + n * costs.record + msgs(iters)
+        fwd = (time(fev, costs.step, costs.step_coarse) + n * costs.record + msgs(iters)
+               + bookkeeping(n, levels, cf, iters) * costs.op)
         bev = counts(n, levels, cf, bwd_iters, relax, skip)
         bev[0] -= f
         graphs = (n // cf if bwd_iters == 1 else n) + sum(n // cf ** lv
                                                           for lv in range(1, levels))
         bwd = (time(bev, costs.vjp, costs.vjp_coarse) + graphs * costs.record
-               + n * costs.chain_backward + msgs(bwd_iters))
+               + n * costs.chain_backward + msgs(bwd_iters)
+               + bookkeeping(n, levels, cf, bwd_iters) * costs.op)
     if P > 1:
         fwd += costs.broadcast
         bwd += costs.broadcast
