@@ -9,7 +9,7 @@ from mltrain.config import ConfigError
 from mltrain.mgrit import LayerParallel, MGRITSolver, split_layers
 from mltrain.nn import ResNet
 
-from conftest import all_ranks
+from conftest import all_ranks, require
 
 
 def test_split_layers_is_balanced_and_aligned():
@@ -235,7 +235,8 @@ def test_checkpoint_from_three_layer_ranks_resumes_at_two_and_one(comm, shared_t
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["parallel.layer=2", "optim.name=tr"], "optim.name"),
+    (["parallel.layer=2", "optim.name=rmtr"], "optim.name"),
+    (["parallel.layer=2", "optim.name=tr", "optim.curvature=ggn"], "optim.curvature"),
     (["parallel.layer=2", "sync.name=localsgd"], "sync.name"),
 ])
 def test_layer_parallel_config_errors(extra, match):
@@ -272,3 +273,20 @@ def test_work_model_counts_what_the_solver_does(n, levels, iters, relax, skip):
     with torch.no_grad():
         solver.solve([z.clone() for _ in range(n + 1)])
     assert solver.evaluations == counts(n, levels, 2, iters, relax, skip)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("levels", [1, 2])
+def test_layer_parallel_trust_region_equals_serial(comm, levels):
+    """Trust region (L-SR1) over a parameter vector distributed over the layer axis (PETSc
+    Vec on the layer communicator) takes the serial trust region's steps."""
+    require("petsc4py")
+    tr = [x for x in LP if not x.startswith(("optim.", "mgrit."))] + [
+        "optim.name=tr", "optim.curvature=lsr1", "run.steps=8", f"mgrit.levels={levels}",
+        "mgrit.iters=5", "mgrit.bwd_iters=5"]
+    _, ref = _train(tr, MPI.COMM_SELF)
+    P = comm.Get_size()
+    s, par = _train(tr + [f"parallel.layer={P}"], comm)
+    diff = float((par - ref).norm() / ref.norm())
+    all_ranks(comm, diff < 1e-9, f"{diff:.2e}")
+    all_ranks(comm, s["accepted_steps"] + s["rejected_steps"] == 8)

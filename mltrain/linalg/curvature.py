@@ -20,12 +20,15 @@ CURVATURES = ("hessian", "ggn", "lsr1")  # lsr1: gradients here, products from l
 
 class Curvature:
     def __init__(self, model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
-                 kind: str = "hessian"):
+                 kind: str = "hessian", params: list | None = None):
+        """``params``: the parameters to differentiate (default: all of the model's);
+        a subset works for gradients (``loss_and_grad``) only."""
         if kind not in CURVATURES:
             raise ValueError(f"optim.curvature: {kind!r} is not one of {CURVATURES}")
         self.model, self.loss_fn, self.x, self.y, self.kind = model, loss_fn, x, y, kind
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = ([p for p in model.parameters() if p.requires_grad] if params is None
+                       else list(params))
         self.shapes = [p.shape for p in self.params]
         self.numel = sum(p.numel() for p in self.params)
         self._loss = None

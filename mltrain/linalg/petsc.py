@@ -138,28 +138,37 @@ class TRSubproblem:
     (``stcg`` Steihaug-Toint CG, ``nash``, ``gltr``) on a shell matrix whose product is the
     caller's function. Options come from the database under ``options_prefix``
     (``-mltrain_tr_ksp_max_it 50``, ``-mltrain_tr_ksp_type gltr``, ...), which win over the
-    arguments. The vectors are sequential: in data-parallel training every rank solves the
-    same problem, its products already averaged.
+    arguments. Without ``comm`` the vectors are sequential: in data-parallel training every
+    rank solves the same problem, its products already averaged. With ``comm`` (the layer
+    axis of layer-parallel training) the vectors are distributed, ``n`` being this rank's
+    part: the caller's product maps local parts to local parts.
 
-    Not collective itself; collective as far as the product function is.
+    Not collective itself (construction and solve are, on ``comm``); collective as far as
+    the product function is.
     """
 
     def __init__(self, n: int, *, ksp_type: str = "stcg", max_it: int = 50,
-                 rtol: float = 1e-6, options_prefix: str = "mltrain_tr_"):
+                 rtol: float = 1e-6, options_prefix: str = "mltrain_tr_", comm=None):
         PETSc = init()
         self.PETSc = PETSc
         self.n = n
         self.prefix = options_prefix
+        self.comm = comm
         self.ctx = _ShellContext(None)
-        self.mat = PETSc.Mat().createPython([n, n], context=self.ctx, comm=PETSc.COMM_SELF)
+        if comm is None:
+            self.mat = PETSc.Mat().createPython([n, n], context=self.ctx, comm=PETSc.COMM_SELF)
+        else:
+            self.mat = PETSc.Mat().createPython([(n, None), (n, None)], context=self.ctx,
+                                                comm=comm)
         self.mat.setUp()
-        self.ksp = PETSc.KSP().create(PETSc.COMM_SELF)
+        self.ksp = PETSc.KSP().create(PETSc.COMM_SELF if comm is None else comm)
         self.ksp.setOptionsPrefix(options_prefix)
         self.ksp.setType(ksp_type)
         self.ksp.getPC().setType("none")
         self.ksp.setOperators(self.mat)
         self.ksp.setTolerances(rtol=rtol, max_it=max_it)
-        self.b = PETSc.Vec().createSeq(n, comm=PETSc.COMM_SELF)
+        self.b = (PETSc.Vec().createSeq(n, comm=PETSc.COMM_SELF) if comm is None else
+                  PETSc.Vec().createMPI((n, None), comm=comm))
         self.x = self.b.duplicate()
         self._from_options()
         self.iterations = 0
@@ -185,6 +194,10 @@ class TRSubproblem:
         self.b.getArray()[:] = -g.to(torch.float64).numpy()
         self.x.set(0.0)
         self.ksp.solve(self.b, self.x)
+        if self.comm is not None:  # a bad product on one rank is a bad solve on all
+            from mpi4py import MPI
+
+            self.ctx.bad = self.comm.allreduce(self.ctx.bad, op=MPI.LOR)
         if self.ctx.bad:
             raise NonFiniteError("curvature product is not finite (NaN or Inf)")
         reason = self.ksp.getConvergedReason()

@@ -100,6 +100,29 @@ class LayerParallel(nn.Module):
         """The parameters of this rank's blocks."""
         return [p for ps in self._params for p in ps]
 
+    def vector_parameters(self) -> list[nn.Parameter]:
+        """This rank's part of the parameter vector distributed over the layer axis: the
+        opening on the first rank, its own blocks, the closing on the last rank (every
+        parameter on exactly one rank; the model's order)."""
+        first = list(self.model.opening.parameters()) if self.rank == 0 else []
+        last = list(self.model.closing.parameters()) if self.rank == self.size - 1 else []
+        return first + self.owned_parameters() + last
+
+    @torch.no_grad()
+    def sync_replicated(self) -> None:
+        """Copies the opening from the first rank and the closing from the last to every
+        rank (after an update of the distributed vector). Collective."""
+        for module, root in ((self.model.opening, 0), (self.model.closing, self.size - 1)):
+            params = list(module.parameters())
+            if not params:
+                continue
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            broadcast_(flat, self.comm, root=root)
+            off = 0
+            for p in params:
+                p.copy_(flat[off:off + p.numel()].view_as(p))
+                off += p.numel()
+
     def local_modules(self) -> nn.ModuleList:
         """What this rank trains: the (replicated) opening and closing and its own blocks;
         gradient reduction over the data axis covers these only."""

@@ -58,10 +58,19 @@ class TrustRegion(torch.optim.Optimizer):
     def __init__(self, params, comm: MPI.Comm, *, radius: float, radius_max: float,
                  eta1: float, eta2: float, gamma1: float, gamma2: float,
                  curvature: str = "hessian", ksp_type: str = "stcg", max_it: int = 50,
-                 memory: int = 5, grow_after: int = 0, options_prefix: str = "mltrain_tr_"):
+                 memory: int = 5, grow_after: int = 0, options_prefix: str = "mltrain_tr_",
+                 layer_comm: MPI.Comm | None = None, after_set=None):
+        """``layer_comm``: layer-parallel training, where ``params`` are this rank's part
+        of a parameter vector distributed over that communicator (PETSc solves on it,
+        dot products are global); ``after_set()`` runs after every change of the
+        parameters (to refresh replicated layers from their owners)."""
         super().__init__(list(params), {"lr": 0.0})
         self.comm = comm
         self.P = comm.Get_size()
+        self.layer_comm = layer_comm if layer_comm is not None and layer_comm.Get_size() > 1 \
+            else None
+        self.after_set = after_set
+        self._params = self.param_groups[0]["params"]
         self.eta1, self.eta2, self.gamma1, self.gamma2 = eta1, eta2, gamma1, gamma2
         self.radius_max = radius_max
         self.curvature = curvature
@@ -73,11 +82,20 @@ class TrustRegion(torch.optim.Optimizer):
         self.state[first]["rejected_streak"] = torch.tensor(0.0)
         self.grow_after = grow_after
         self._first = first
-        self.lsr1 = LSR1(memory) if curvature == "lsr1" else None
+        if self.layer_comm is not None and curvature != "lsr1":
+            from mltrain.config import ConfigError
+
+            raise ConfigError(f"optim.curvature: layer-parallel trust region needs lsr1 (no "
+                              f"{curvature} products through MGRIT yet)")
+        self.lsr1 = LSR1(memory, dot=self._dot) if curvature == "lsr1" else None
         n = sum(p.numel() for g in self.param_groups for p in g["params"])
+        if self.layer_comm is not None and not has_petsc:
+            from mltrain.config import ConfigError
+
+            raise ConfigError("parallel.layer: layer-parallel trust region needs PETSc")
         if has_petsc:
             self.solver = TRSubproblem(n, ksp_type=ksp_type, max_it=max_it,
-                                       options_prefix=options_prefix)
+                                       options_prefix=options_prefix, comm=self.layer_comm)
             check_options_used(options_prefix)  # a misspelt -mltrain_tr_... is an error
         else:
             self.solver = _TorchSolver(max_it)
@@ -110,6 +128,31 @@ class TrustRegion(torch.optim.Optimizer):
     def _mean(self, t: torch.Tensor) -> torch.Tensor:
         allreduce_(t, self.comm)
         return t.div_(self.P) if self.P > 1 else t
+
+    def _dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """a . b of parameter vectors, summed over the layer axis when distributed."""
+        d = float(a @ b)
+        return self.layer_comm.allreduce(d) if self.layer_comm is not None else d
+
+    def _finite(self, *ts: torch.Tensor) -> bool:
+        ok = all(bool(torch.isfinite(t).all()) for t in ts)
+        if self.layer_comm is not None:
+            from mpi4py import MPI as _MPI
+
+            ok = self.layer_comm.allreduce(ok, op=_MPI.LAND)
+        return ok
+
+    def _get(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self._params])
+
+    def _set(self, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            off = 0
+            for p in self._params:
+                p.copy_(flat[off:off + p.numel()].view_as(p))
+                off += p.numel()
+        if self.after_set is not None:
+            self.after_set()
 
     def _shifted(self, model, shift) -> float:
         """The linear term delta . (x - anchor) of a shifted objective (0 without one)."""
@@ -145,7 +188,8 @@ class TrustRegion(torch.optim.Optimizer):
     def objective(self, model, loss_fn, x, y, weight: float = 1.0, shift=None):
         """(value, float64 gradient) of the objective ``value`` describes. Collective."""
         self._samples = len(x) * self.P / weight
-        return self._loss_and_grad(Curvature(model, loss_fn, x, y, "lsr1"), weight, shift)
+        return self._loss_and_grad(Curvature(model, loss_fn, x, y, "lsr1", self._params), weight,
+                                   shift)
 
     def work(self, num_train: int) -> float:
         """Gradient and curvature-product evaluations so far, in full gradients of this
@@ -189,9 +233,11 @@ class TrustRegion(torch.optim.Optimizer):
 
         Collective on the data-axis communicator."""
         self._samples = len(x) * self.P / weight  # the global batch behind this step
-        curv = Curvature(model, loss_fn, x, y, self.curvature)
+        layered = self.layer_comm is not None
+        curv = Curvature(model, loss_fn, x, y, self.curvature,
+                         self._params if layered else None)
         loss, g = self._loss_and_grad(curv, weight, shift)
-        if not (math.isfinite(loss) and bool(torch.isfinite(g).all())):
+        if not (math.isfinite(loss) and self._finite(g)):
             raise NonFiniteError("loss or gradient is not finite at the current parameters")
 
         dtype = next(model.parameters()).dtype
@@ -215,22 +261,29 @@ class TrustRegion(torch.optim.Optimizer):
             s = z / scale
         t = 1.0 if limit is None else limit(s)
         if t < 1.0:  # cut back to the boundary; m(ts) = t g.s + t^2 (m(s) - g.s)
-            gs = float(g @ s)
+            gs = self._dot(g, s)
             predicted = -(t * gs + t * t * (-predicted - gs))
             s = s * t
-        x0 = flat_params(model)
-        set_flat_params(model, x0 + s.to(dtype))
+        x0 = self._get() if layered else flat_params(model)
+        if layered:
+            self._set(x0 + s.to(dtype))
+        else:
+            set_flat_params(model, x0 + s.to(dtype))
         if self.lsr1 is not None:  # the trial gradient also feeds the SR1 memory
-            trial, g_trial = self._loss_and_grad(Curvature(model, loss_fn, x, y, "lsr1"),
-                                                 weight, shift)
-            if math.isfinite(trial) and bool(torch.isfinite(g_trial).all()):
+            trial, g_trial = self._loss_and_grad(
+                Curvature(model, loss_fn, x, y, "lsr1", self._params if layered else None),
+                weight, shift)
+            if math.isfinite(trial) and self._finite(g_trial):
                 self.lsr1.update(s, g_trial - g)
         else:
             trial = self.value(model, loss_fn, x, y, weight, shift)
         rho = (loss - trial) / predicted if predicted > 0 else -math.inf
         accepted = math.isfinite(trial) and rho >= self.eta1
         if not accepted:
-            set_flat_params(model, x0)  # bit-for-bit restore
+            if layered:
+                self._set(x0)
+            else:
+                set_flat_params(model, x0)  # bit-for-bit restore
             self.radius = self.radius * self.gamma1
             self.counts["rejected"] += 1
         else:

@@ -138,8 +138,14 @@ class Trainer:
                   grow_after=o.grow_after if o.batch == "hybrid" else 0)
         # Second order and multilevel: they average their own gradients and products.
         if o.name == "tr":
-            opt = agree(comm, lambda: TrustRegion(model.parameters(), dcomm, **tr),
-                        what="config")
+            if self.lp is not None and model is self.lp:  # weight space over the layer axis
+                lp = self.lp
+                opt = agree(comm, lambda: TrustRegion(
+                    lp.vector_parameters(), dcomm, layer_comm=lp.comm,
+                    after_set=lp.sync_replicated, **tr), what="config")
+            else:
+                opt = agree(comm, lambda: TrustRegion(model.parameters(), dcomm, **tr),
+                            what="config")
             return opt, SyncStrategy(model, dcomm)
         if o.name in ("rmtr", "mgopt"):
             def build():
