@@ -290,3 +290,25 @@ def test_layer_parallel_trust_region_equals_serial(comm, levels):
     diff = float((par - ref).norm() / ref.norm())
     all_ranks(comm, diff < 1e-9, f"{diff:.2e}")
     all_ranks(comm, s["accepted_steps"] + s["rejected_steps"] == 8)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_layer_parallel_trust_region_resumes(comm, shared_tmp):
+    from mltrain.config import load_config
+    from mltrain.train import Trainer
+
+    require("petsc4py")
+    ck = shared_tmp / "lp-tr"
+    tr = [x for x in LP if not x.startswith(("optim.", "mgrit."))] + [
+        "optim.name=tr", "optim.curvature=lsr1", "mgrit.levels=1",
+        f"parallel.layer={comm.Get_size()}", f"checkpoint.dir={ck}"]
+    _, first = _train(tr + ["run.steps=4"], comm)
+    t = Trainer(load_config(None, tr + ["run.steps=8", "checkpoint.resume=true"]), comm,
+                quiet=True, metrics=False)
+    from mltrain.linalg.vector import flat_params
+
+    t.lp.gather()
+    same = torch.equal(flat_params(t.net), first) and t.step == 4 and t.optimizer.radius > 0
+    s = t.train()
+    t.close()
+    all_ranks(comm, same and s["steps"] == 8, str(s["steps"]))

@@ -151,10 +151,12 @@ def test_tr_rejected_step_restores_bits(comm):
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_tr_resume_is_bit_exact(comm, shared_tmp, dtype):
+@pytest.mark.parametrize("curvature", ["hessian", "lsr1"])
+def test_tr_resume_is_bit_exact(comm, shared_tmp, dtype, curvature):
     require("petsc4py")
-    base = [x for x in TR if not x.startswith(("run.steps", "run.dtype"))] + [f"run.dtype={dtype}"]
-    straight, second = straight_and_resumed(comm, base, shared_tmp / f"tr-{dtype}")
+    base = [x for x in TR if not x.startswith(("run.steps", "run.dtype"))] + [
+        f"run.dtype={dtype}", f"optim.curvature={curvature}"]
+    straight, second = straight_and_resumed(comm, base, shared_tmp / f"tr-{dtype}-{curvature}")
     all_ranks(comm, torch.equal(flat_params(straight.model), flat_params(second.model))
               and straight.optimizer.radius == second.optimizer.radius)
     for t in (straight, second):

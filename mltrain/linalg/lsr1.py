@@ -26,6 +26,16 @@ class LSR1:
         if sy > 0:
             self.gamma = dot(y, y) / sy  # scale of the latest curvature seen
         self.pairs = (self.pairs + [(s.clone(), y.clone())])[-self.memory:]
+        self._rebuild()
+
+    def restore(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], gamma: float) -> None:
+        """Sets the memory as ``update`` left it (pairs oldest first, and gamma), for a
+        resumed run."""
+        self.pairs, self.gamma = [(s.clone(), y.clone()) for s, y in pairs], gamma
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        dot = self.dot
         self._terms = []
         for si, yi in self.pairs:
             u = yi - self.mv(si)

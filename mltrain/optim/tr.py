@@ -207,13 +207,46 @@ class TrustRegion(torch.optim.Optimizer):
                 "accepted_steps": c["accepted"], "rejected_steps": c["rejected"],
                 "radius": self.radius, "batch_factor": self.batch_factor}
 
+    def state_dict(self):
+        """As torch's, with the L-SR1 memory: pair k as ``lsr1_s<k>``/``lsr1_y<k>`` split
+        over the parameters (shaped like each, float64), gamma on the first. (Not in
+        layer-parallel runs, whose checkpoints hold one rank's part of the vector: there a
+        resumed run starts with an empty memory.)"""
+        if self.lsr1 is not None and self.layer_comm is None:
+            for p in self._params:
+                for key in [k for k in self.state[p] if k.startswith("lsr1_")]:
+                    del self.state[p][key]
+            for k, (s, y) in enumerate(self.lsr1.pairs):
+                off = 0
+                for p in self._params:
+                    n = p.numel()
+                    self.state[p][f"lsr1_s{k}"] = s[off:off + n].reshape(p.shape).clone()
+                    self.state[p][f"lsr1_y{k}"] = y[off:off + n].reshape(p.shape).clone()
+                    off += n
+            self.state[self._first]["lsr1_gamma"] = torch.tensor(self.lsr1.gamma,
+                                                                 dtype=torch.float64)
+        return super().state_dict()
+
     def load_state_dict(self, state_dict) -> None:
-        """As torch's, but the radius keeps float64 (torch casts state to the parameters'
-        dtype, which would change the bits of a float32 run's radius on resume)."""
-        saved = state_dict["state"].get(0, {}).get("radius")
+        """As torch's, but the radius and the L-SR1 memory keep float64 (torch casts state
+        to the parameters' dtype, which would change the bits of a float32 run's radius
+        on resume)."""
+        raw = state_dict["state"]
+        saved = raw.get(0, {}).get("radius")
         super().load_state_dict(state_dict)
         if saved is not None:
             self.state[self._first]["radius"] = torch.as_tensor(saved).to(torch.float64).clone()
+        for p in self._params:  # the memory lives in self.lsr1, not in the state
+            for key in [k for k in self.state[p] if k.startswith("lsr1_")]:
+                del self.state[p][key]
+        first = raw.get(0, {})
+        if self.lsr1 is not None and self.layer_comm is None and "lsr1_gamma" in first:
+            pairs = []
+            for k in range(sum(1 for key in first if key.startswith("lsr1_s"))):
+                s, y = ([torch.as_tensor(raw[i][f"{name}{k}"]).to(torch.float64).reshape(-1)
+                         for i in range(len(self._params))] for name in ("lsr1_s", "lsr1_y"))
+                pairs.append((torch.cat(s), torch.cat(y)))
+            self.lsr1.restore(pairs, float(first["lsr1_gamma"]))
 
     def step(self, closure=None):  # noqa: D102 - torch API; use tr_step
         raise RuntimeError("TrustRegion needs the batch: call tr_step(model, loss_fn, x, y)")
