@@ -312,3 +312,15 @@ def test_layer_parallel_trust_region_resumes(comm, shared_tmp):
     s = t.train()
     t.close()
     all_ranks(comm, same and s["steps"] == 8, str(s["steps"]))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_mgrit_messages_are_counted(comm):
+    from mltrain.comm import STATS
+
+    model, _, x, y = _pair(16)
+    lp = LayerParallel(model, comm, levels=2, cf=2, iters=2)
+    before = STATS.bytes
+    F.cross_entropy(lp(x), y).backward()
+    # at least one neighbour message of a state (5 x 6 float64) per relaxation
+    all_ranks(comm, comm.allreduce(STATS.bytes - before) >= 2 * 5 * 6 * 8)

@@ -21,6 +21,8 @@ import math
 import torch
 from mpi4py import MPI
 
+from mltrain.comm import STATS
+
 __all__ = ["MGRITSolver"]
 
 
@@ -64,6 +66,7 @@ class MGRITSolver:
             last = u[-1].contiguous()
             self._send = self.comm.Isend(last.numpy(), dest=self.next, tag=_tag(level))
             self.messages += 1
+            STATS.add(self.comm, last.numel() * last.element_size())
             self._sent = last  # keep the buffer alive until the send completes
         else:
             self._send = None
@@ -119,6 +122,7 @@ class MGRITSolver:
         if self.next != MPI.PROC_NULL:
             self.comm.Send(u[-1].contiguous().numpy(), dest=self.next, tag=_tag(level))
             self.messages += 1
+            STATS.add(self.comm, u[-1].numel() * u[-1].element_size())
 
     def _residual(self, level, u, g):
         """r_k = g_k - (u_k - Phi(u_{k-1})) at the C-points (index k)."""
