@@ -1,0 +1,150 @@
+"""Pipeline model parallelism: a sequential model split into contiguous stages over the
+``pipe`` axis, micro-batches run by a schedule's action lists with non-blocking MPI
+point-to-point transfers of activations and gradients.
+
+Collective on the pipe communicator (``step``); construction is not.
+"""
+from __future__ import annotations
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mltrain.comm import STATS, broadcast_
+from mltrain.config import ConfigError
+from mltrain.pipeline.schedules import build_schedule
+
+__all__ = ["Pipeline", "sequential_layers", "default_balance"]
+
+
+def sequential_layers(model: nn.Module) -> list[nn.Module]:
+    """The model as a list of layers whose composition is its forward: an
+    ``nn.Sequential`` (or a model whose ``net`` is one), or a residual network with the
+    residual-block protocol (opening, blocks, closing). Raises ConfigError otherwise."""
+    if isinstance(model, nn.Sequential):
+        return list(model)
+    if isinstance(getattr(model, "net", None), nn.Sequential):
+        return list(model.net)
+    if all(hasattr(model, a) for a in ("opening", "blocks", "closing")):
+        return [model.opening, *model.blocks, model.closing]
+    raise ConfigError(f"parallel.pipe: {type(model).__name__} is not sequential (an "
+                      "nn.Sequential, a model with a Sequential .net, or a residual network "
+                      "with opening, blocks and closing)")
+
+
+def default_balance(n: int, stages: int) -> list[int]:
+    """Layers per stage, as even as possible (the first stages take the remainder)."""
+    return [n // stages + (s < n % stages) for s in range(stages)]
+
+
+def _tag(kind: str, mb: int) -> int:
+    return 1000 + 4 * mb + {"ACT": 0, "GRAD": 1, "ACT_META": 2}[kind]
+
+
+class Pipeline:
+    """Stage ``comm.rank`` of ``layers`` (``balance``: layers per stage, default even),
+    trained on ``microbatches`` micro-batches per step with ``schedule`` ("gpipe" or
+    "1f1b"); ``loss_fn(output, target)`` is a mean over its batch."""
+
+    def __init__(self, layers: list[nn.Module], comm: MPI.Comm, *, microbatches: int,
+                 schedule: str = "1f1b", balance: list[int] | None = None, loss_fn=None):
+        S = comm.Get_size()
+        self.comm, self.S, self.s = comm, S, comm.Get_rank()
+        n = len(layers)
+        if n < S:
+            raise ConfigError(f"parallel.pipe: {S} stages for a model of {n} layers")
+        balance = list(balance) if balance else default_balance(n, S)
+        if len(balance) != S or sum(balance) != n or min(balance) < 1:
+            raise ConfigError(f"pipeline.balance: {balance} must give each of the {S} stages "
+                              f"at least one layer and sum to the {n} layers")
+        self.balance = balance
+        lo = sum(balance[:self.s])
+        self.stage = nn.Sequential(*layers[lo:lo + balance[self.s]])
+        self.M = microbatches
+        self.schedule_name = schedule
+        self.actions = build_schedule(schedule, S, microbatches)[self.s]
+        self.loss_fn = loss_fn or nn.functional.cross_entropy
+
+    @property
+    def first(self) -> bool:
+        return self.s == 0
+
+    @property
+    def last(self) -> bool:
+        return self.s == self.S - 1
+
+    def parameters(self):
+        return self.stage.parameters()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Forward and backward of the batch (x, y) in micro-batches; gradients accumulate
+        in this stage's parameters as for the whole batch's mean loss. Returns that loss
+        (on every stage). Every stage passes the same batch; only the first reads x and
+        only the last y. Collective."""
+        B = len(x)
+        if B < self.M:
+            raise ConfigError(f"pipeline.microbatches: {self.M} micro-batches of a batch of {B}")
+        xs, ys = torch.tensor_split(x, self.M), torch.tensor_split(y, self.M)
+        inputs: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        losses: dict[int, torch.Tensor] = {}
+        grads: dict[int, torch.Tensor] = {}
+        pending: list = []  # (request, buffer) of sends in flight
+        comm = self.comm
+        for a in self.actions:
+            m = a.mb
+            if a.kind == "F":
+                inp = xs[m] if self.first else inputs[m]
+                out = self.stage(inp)
+                if self.last:  # the batch mean as a sum of weighted micro-batch means
+                    losses[m] = self.loss_fn(out, ys[m]) * (len(ys[m]) / B)
+                outputs[m] = out
+            elif a.kind == "SEND_ACT":
+                t = outputs[m].detach().contiguous()
+                comm.send((tuple(t.shape), str(t.dtype).split(".")[1]), dest=a.peer,
+                          tag=_tag("ACT_META", m))
+                pending.append((comm.Isend(t.numpy(), dest=a.peer, tag=_tag("ACT", m)), t))
+                STATS.add(comm, t.numel() * t.element_size())
+            elif a.kind == "RECV_ACT":
+                shape, dtype = comm.recv(source=a.peer, tag=_tag("ACT_META", m))
+                buf = torch.empty(shape, dtype=getattr(torch, dtype))
+                comm.Recv(buf.numpy(), source=a.peer, tag=_tag("ACT", m))
+                inputs[m] = buf.requires_grad_(True)
+            elif a.kind == "B":
+                if self.last:
+                    losses[m].backward()
+                else:
+                    outputs[m].backward(grads.pop(m))
+                outputs.pop(m)
+            elif a.kind == "SEND_GRAD":
+                g = inputs.pop(m).grad.contiguous()
+                pending.append((comm.Isend(g.numpy(), dest=a.peer, tag=_tag("GRAD", m)), g))
+                STATS.add(comm, g.numel() * g.element_size())
+            elif a.kind == "RECV_GRAD":
+                buf = torch.empty_like(outputs[m])
+                comm.Recv(buf.numpy(), source=a.peer, tag=_tag("GRAD", m))
+                grads[m] = buf
+        for req, _ in pending:
+            req.Wait()
+        loss = torch.tensor([float(sum(v.detach() for v in losses.values())) if self.last
+                             else 0.0], dtype=torch.float64)
+        broadcast_(loss, comm, root=self.S - 1)
+        return float(loss[0])
+
+    @torch.no_grad()
+    def gather(self, layers: list[nn.Module]) -> None:
+        """Brings every stage's parameters to every rank of the pipe axis (into
+        ``layers``, the whole model's list), one broadcast per stage. Collective."""
+        lo = 0
+        for s, k in enumerate(self.balance):
+            params = [p for layer in layers[lo:lo + k] for p in layer.parameters()]
+            lo += k
+            if not params:
+                continue
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            broadcast_(flat, self.comm, root=s)
+            if s != self.s:
+                off = 0
+                for p in params:
+                    p.copy_(flat[off:off + p.numel()].view_as(p))
+                    off += p.numel()
