@@ -89,3 +89,82 @@ def test_pipelined_gradients_equal_unpipelined(comm, schedule, M):
         for p, q in zip(mine.parameters(), theirs.parameters()):
             worst = max(worst, float((p.grad - q.grad).norm() / q.grad.norm()))
     all_ranks(comm, ok and worst < 1e-12, f"loss {loss} vs {float(loss_ref)}, grad {worst:.2e}")
+
+
+PIPE = ["model.name=resnet", "model.depth=6", "model.width=16", "run.dtype=float64",
+        "data.partition=strided", "data.shuffle=false", "data.batch_size=48", "run.steps=6",
+        "optim.name=adam", "optim.lr=0.01", "run.threads=1", "pipeline.microbatches=3"]
+
+
+def _train(cfg_list, comm):
+    from mltrain.config import load_config
+    from mltrain.linalg.vector import flat_params
+    from mltrain.train import Trainer
+
+    t = Trainer(load_config(None, cfg_list), comm, quiet=True, metrics=False)
+    s = t.train()  # ends with an evaluation, which gathers every stage
+    params = flat_params(t.net)
+    t.close()
+    return s, params
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipeline_training_equals_serial(comm, schedule):
+    # Every pipeline degree the rank count allows, data parallelism on the rest.
+    P = comm.Get_size()
+    _, ref = _train(PIPE, MPI.COMM_SELF)
+    for pipe in [d for d in range(2, P + 1) if P % d == 0]:
+        s, par = _train(PIPE + [f"parallel.pipe={pipe}", f"pipeline.schedule={schedule}"],
+                        comm)
+        diff = float((par - ref).norm() / ref.norm())
+        all_ranks(comm, diff < 1e-10 and s["pipeline_stages"] == pipe, f"pipe={pipe}: {diff:.2e}")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_pipeline_checkpoint_resumes_at_another_degree(comm, shared_tmp):
+    from mltrain.config import load_config
+    from mltrain.linalg.vector import flat_params
+    from mltrain.train import Trainer
+
+    ck = shared_tmp / "pipe-ck"
+    base = PIPE + [f"checkpoint.dir={ck}"]
+    _, written = _train(base + [f"parallel.pipe={comm.Get_size()}"], comm)
+    rank = comm.Get_rank()
+    sub = comm.Split(0 if rank == 0 else MPI.UNDEFINED, rank)
+    ok = True
+    if sub != MPI.COMM_NULL:  # serially, from the pipelined run's checkpoint
+        t = Trainer(load_config(None, base + ["checkpoint.resume=true"]), sub, quiet=True,
+                    metrics=False)
+        params = list(t.net.parameters())
+        ok = (torch.equal(flat_params(t.net), written) and t.step == 6
+              and all("exp_avg" in t.optimizer.state[p] for p in params))
+        t.close()
+        sub.Free()
+    all_ranks(comm, comm.allreduce(int(ok), op=MPI.MIN) == 1)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["parallel.pipe=2", "optim.name=tr"], "optim.name"),
+    (["parallel.pipe=2", "sync.name=localsgd"], "sync.name"),
+    (["parallel.pipe=2", "parallel.layer=2"], "do not combine"),
+    (["pipeline.balance=2,x"], "pipeline.balance"),
+    (["pipeline.balance=2,0"], "at least one layer"),
+])
+def test_pipeline_config_errors(extra, match):
+    from mltrain.config import load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, extra)
+
+
+def test_pipeline_rank_count_errors():
+    from conftest import mpiexec
+
+    r = mpiexec(2, ["-m", "mltrain", "train", "--set", "parallel.pipe=2", "--set",
+                    "pipeline.balance=1,1", "--set", "run.steps=1"])
+    assert r.returncode == 2 and r.stderr.count("mltrain: error:") == 1, r.stderr[-2000:]
+    assert "pipeline.balance" in r.stderr
+    r = mpiexec(2, ["-m", "mltrain", "train", "--set", "parallel.pipe=2", "--set",
+                    "pipeline.microbatches=1000", "--set", "run.steps=1"])
+    assert r.returncode == 2 and "pipeline.microbatches" in r.stderr, r.stderr[-2000:]

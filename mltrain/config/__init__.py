@@ -15,7 +15,7 @@ from typing import Any
 
 __all__ = [
     "ConfigError", "Config", "load_config", "parse_override", "parse_straggler", "to_toml",
-    "to_dict", "describe_keys",
+    "to_dict", "describe_keys", "parse_balance",
 ]
 
 
@@ -121,6 +121,18 @@ class ParallelConfig:
     data: int = _f(0, "data-parallel degree; 0 = all ranks", min=0)
     layer: int = _f(1, "layer-parallel degree: residual blocks split over this many ranks, "
                     "propagated by MGRIT (see mgrit.*)", min=1)
+    pipe: int = _f(1, "pipeline stages: the model's layers split into this many contiguous "
+                   "stages (see pipeline.*)", min=1)
+
+
+@dataclass
+class PipelineConfig:
+    microbatches: int = _f(4, "micro-batches per step (each stage's batch is split into "
+                           "these)", min=1)
+    schedule: str = _f("1f1b", "gpipe (all forwards, then all backwards) or 1f1b "
+                       "(PipeDream-flush: fewer activations in flight)",
+                       choices=("gpipe", "1f1b"))
+    balance: str = _f("", "layers per stage, comma-separated (empty: as even as possible)")
 
 
 @dataclass
@@ -193,6 +205,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     mgrit: MgritConfig = field(default_factory=MgritConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -275,6 +288,18 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"data.path: required when data.name = {cfg.data.name!r}")
     if cfg.run.straggler:
         parse_straggler(cfg.run.straggler)
+    if cfg.parallel.pipe > 1:
+        if cfg.optim.name not in ("sgd", "adam") or cfg.optim.nested:
+            raise ConfigError(f"parallel.pipe: pipeline training works with optim.name = "
+                              f"'sgd' or 'adam' (not yet {cfg.optim.name!r}"
+                              f"{' with nested iteration' if cfg.optim.nested else ''})")
+        if cfg.sync.name != "allreduce" or cfg.sync.compression != "none":
+            raise ConfigError("parallel.pipe: pipeline training averages gradients itself: "
+                              "use sync.name = 'allreduce' without compression")
+        if cfg.parallel.layer > 1:
+            raise ConfigError("parallel.pipe: pipeline and layer parallelism do not combine "
+                              "yet")
+    parse_balance(cfg.pipeline.balance)
     if cfg.parallel.layer > 1:
         if cfg.optim.name not in ("sgd", "adam", "tr") or cfg.optim.nested:
             raise ConfigError(f"parallel.layer: layer-parallel training works with optim.name "
@@ -318,6 +343,21 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("checkpoint.resume: needs checkpoint.dir")
     if cfg.checkpoint.every and not cfg.checkpoint.dir:
         raise ConfigError("checkpoint.every: needs checkpoint.dir")
+
+
+def parse_balance(text: str) -> list[int] | None:
+    """``"3,2,2"`` -> [3, 2, 2] (layers per pipeline stage); empty -> None. Raises
+    ConfigError naming pipeline.balance."""
+    if not text.strip():
+        return None
+    try:
+        out = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"pipeline.balance: expected comma-separated layer counts, got "
+                          f"{text!r}") from None
+    if min(out) < 1:
+        raise ConfigError(f"pipeline.balance: every stage needs at least one layer, got {text!r}")
+    return out
 
 
 def parse_straggler(text: str) -> tuple[int, float]:

@@ -25,6 +25,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mltrain.comm import broadcast_
+from mltrain.comm.ownership import gather_params, gather_state
 from mltrain.config import ConfigError
 from mltrain.mgrit.solver import MGRITSolver
 from mltrain.multilevel.hierarchy import check_protocol
@@ -108,20 +109,13 @@ class LayerParallel(nn.Module):
         last = list(self.model.closing.parameters()) if self.rank == self.size - 1 else []
         return first + self.owned_parameters() + last
 
-    @torch.no_grad()
     def sync_replicated(self) -> None:
         """Copies the opening from the first rank and the closing from the last to every
         rank (after an update of the distributed vector). Collective."""
-        for module, root in ((self.model.opening, 0), (self.model.closing, self.size - 1)):
-            params = list(module.parameters())
-            if not params:
-                continue
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            broadcast_(flat, self.comm, root=root)
-            off = 0
-            for p in params:
-                p.copy_(flat[off:off + p.numel()].view_as(p))
-                off += p.numel()
+        groups: list[list[nn.Parameter]] = [[] for _ in range(self.size)]
+        groups[0] += list(self.model.opening.parameters())
+        groups[-1] += list(self.model.closing.parameters())
+        gather_params(groups, self.comm)
 
     def local_modules(self) -> nn.ModuleList:
         """What this rank trains: the (replicated) opening and closing and its own blocks;
@@ -129,42 +123,20 @@ class LayerParallel(nn.Module):
         return nn.ModuleList([self.model.opening, *self.model.blocks[self.lo:self.hi],
                               self.model.closing])
 
-    @torch.no_grad()
+    def _groups(self) -> list[list[nn.Parameter]]:
+        return [[p for b in self.model.blocks[lo:hi] for p in b.parameters()]
+                for lo, hi in self.ranges]
+
     def gather(self) -> None:
         """Brings every block's parameters from its owner to every rank (one broadcast per
         rank), so each rank holds the whole current network. Collective."""
-        for r, (lo, hi) in enumerate(self.ranges):
-            params = [p for b in self.model.blocks[lo:hi] for p in b.parameters()]
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            broadcast_(flat, self.comm, root=r)
-            if r != self.rank:
-                off = 0
-                for p in params:
-                    p.copy_(flat[off:off + p.numel()].view_as(p))
-                    off += p.numel()
+        gather_params(self._groups(), self.comm)
 
     def gather_state(self, optimizer: torch.optim.Optimizer) -> None:
-        """Brings the optimizer state (momentum, Adam moments) of every block's parameters
-        from its owner to every rank, so a checkpoint from any rank holds all of it.
-        Collective."""
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        index = {id(p): i for i, p in enumerate(params)}
-        for r, (lo, hi) in enumerate(self.ranges):
-            owned = [index[id(p)] for b in self.model.blocks[lo:hi] for p in b.parameters()
-                     if id(p) in index]
-            meta = None
-            if r == self.rank:  # small metadata by pickle; tensors as raw buffers
-                meta = [(i, k, (tuple(v.shape), str(v.dtype).split(".")[1])
-                         if isinstance(v, torch.Tensor) else v)
-                        for i in owned for k, v in optimizer.state[params[i]].items()]
-            for i, k, v in self.comm.bcast(meta, root=r):
-                if isinstance(v, tuple):
-                    t = (optimizer.state[params[i]][k].contiguous() if r == self.rank else
-                         torch.empty(v[0], dtype=getattr(torch, v[1])))
-                    broadcast_(t, self.comm, root=r)
-                    v = t
-                if r != self.rank:
-                    optimizer.state[params[i]][k] = v
+        """Brings the optimizer state of every block's parameters from its owner to every
+        rank, so a checkpoint from any rank holds all of it. Collective."""
+        gather_state(optimizer, self._groups(), self.comm)
+
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.model.opening(x)

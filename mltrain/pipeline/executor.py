@@ -11,6 +11,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mltrain.comm import STATS, broadcast_
+from mltrain.comm.ownership import gather_params
 from mltrain.config import ConfigError
 from mltrain.pipeline.schedules import build_schedule
 
@@ -131,20 +132,15 @@ class Pipeline:
         broadcast_(loss, comm, root=self.S - 1)
         return float(loss[0])
 
-    @torch.no_grad()
+    def groups(self, layers: list[nn.Module]) -> list[list[nn.Parameter]]:
+        """The parameters of each stage (``layers``: the whole model's list)."""
+        out, lo = [], 0
+        for k in self.balance:
+            out.append([p for layer in layers[lo:lo + k] for p in layer.parameters()])
+            lo += k
+        return out
+
     def gather(self, layers: list[nn.Module]) -> None:
         """Brings every stage's parameters to every rank of the pipe axis (into
-        ``layers``, the whole model's list), one broadcast per stage. Collective."""
-        lo = 0
-        for s, k in enumerate(self.balance):
-            params = [p for layer in layers[lo:lo + k] for p in layer.parameters()]
-            lo += k
-            if not params:
-                continue
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            broadcast_(flat, self.comm, root=s)
-            if s != self.s:
-                off = 0
-                for p in params:
-                    p.copy_(flat[off:off + p.numel()].view_as(p))
-                    off += p.numel()
+        ``layers``), one broadcast per stage. Collective."""
+        gather_params(self.groups(layers), self.comm)

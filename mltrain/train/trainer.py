@@ -17,11 +17,13 @@ from mpi4py import MPI
 
 from mltrain.comm import (STATS, Grid, agree, allreduce_, allreduce_scalar,
                           broadcast_parameters)
-from mltrain.config import Config, ConfigError, parse_straggler, to_toml
+from mltrain.config import Config, ConfigError, parse_balance, parse_straggler, to_toml
 from mltrain.data import (LABEL_PARTITIONS, ShardLoader, open_dataset, partition,
                           partition_options, steps_per_epoch)
 from mltrain.io import MetricsWriter, latest_checkpoint, load_checkpoint, save_checkpoint
+from mltrain.comm.ownership import gather_state
 from mltrain.mgrit import LayerParallel
+from mltrain.pipeline import Pipeline, sequential_layers
 from mltrain.multilevel import RMTR, Hierarchy, MGOpt
 from mltrain.nn import build_model
 from mltrain.optim import build_optimizer
@@ -79,8 +81,16 @@ class Trainer:
                 self.model, self.gc.comms["layer"], levels=m.levels, cf=m.cf, relax=m.relax,
                 iters=m.iters, bwd_iters=m.bwd_iters, tol=m.tol, skip=m.skip), what="config")
             self.model = self.lp
-        # Layer ranks hold replicas of the whole network too: same weights everywhere.
-        broadcast_parameters(self.model, comm if self.lp else dcomm)
+        self.pipe: Pipeline | None = None
+        if cfg.parallel.pipe > 1:
+            p = cfg.pipeline
+            self._layers = agree(comm, lambda: sequential_layers(self.model), what="config")
+            self.pipe = agree(comm, lambda: Pipeline(
+                self._layers, self.gc.comms["pipe"], microbatches=p.microbatches,
+                schedule=p.schedule, balance=parse_balance(p.balance)), what="config")
+        # Layer ranks and pipeline stages hold replicas of the whole network too: the same
+        # weights everywhere.
+        broadcast_parameters(self.model, comm if self.lp or self.pipe else dcomm)
         self.optimizer, self.sync = self._optimizer_and_sync(self.model)
         self.hierarchy = None
         if cfg.optim.nested:
@@ -136,6 +146,10 @@ class Trainer:
                   gamma1=o.gamma1, gamma2=o.gamma2, curvature=o.curvature,
                   ksp_type=o.ksp_type, max_it=o.max_it, memory=o.memory,
                   grow_after=o.grow_after if o.batch == "hybrid" else 0)
+        if self.pipe is not None:  # the pipeline step averages its stage's gradients
+            opt = build_optimizer(o.name, model.parameters(), lr=o.lr, momentum=o.momentum,
+                                  weight_decay=o.weight_decay)
+            return opt, SyncStrategy(model, dcomm)
         # Second order and multilevel: they average their own gradients and products.
         if o.name == "tr":
             if self.lp is not None and model is self.lp:  # weight space over the layer axis
@@ -225,7 +239,7 @@ class Trainer:
     # -- validation ----------------------------------------------------------------------
     def _check_grid(self) -> Grid:
         grid = Grid.for_world(self.comm.Get_size(), data=self.cfg.parallel.data,
-                              layer=self.cfg.parallel.layer)
+                              layer=self.cfg.parallel.layer, pipe=self.cfg.parallel.pipe)
         if self.cfg.run.straggler:
             rank, _ = parse_straggler(self.cfg.run.straggler)
             if rank >= self.comm.Get_size():
@@ -238,6 +252,9 @@ class Trainer:
         if b % p:
             raise ConfigError(f"data.batch_size: the global batch {b} is not divisible by the "
                               f"{p} data-parallel ranks")
+        if self.cfg.parallel.pipe > 1 and b // p < self.cfg.pipeline.microbatches:
+            raise ConfigError(f"pipeline.microbatches: {self.cfg.pipeline.microbatches} "
+                              f"micro-batches of a per-rank batch of {b // p}")
         spe = steps_per_epoch(self.dataset.num_train, b)
         if spe < 1:
             raise ConfigError(f"data.batch_size: {b} is larger than the training set "
@@ -274,6 +291,9 @@ class Trainer:
             if self.lp is not None:  # every block and its optimizer state from its owner
                 self.lp.gather()
                 self.lp.gather_state(self.optimizer)
+            if self.pipe is not None:  # every stage and its optimizer state likewise
+                self.pipe.gather(self._layers)
+                gather_state(self.optimizer, self.pipe.groups(self._layers), self.pipe.comm)
             path = save_checkpoint(self.cfg.checkpoint.dir, self.net, self.optimizer,
                                    step=self.step, epoch=epoch, position=pos,
                                    config_text=to_toml(self.cfg), comm=self.comm,
@@ -287,6 +307,8 @@ class Trainer:
 
         Collective on the data axis.
         """
+        if self.pipe is not None:
+            return self._pipeline_step(x, y)
         if hasattr(self.optimizer, "tr_step"):  # trust region, RMTR, MG/OPT
             x, y, weight = self._tr_batch(x, y)
             return torch.tensor(self.optimizer.tr_step(self.model, F.cross_entropy, x, y,
@@ -304,6 +326,23 @@ class Trainer:
         self.optimizer.step()
         self.sync.after_step(self.step)
         return loss.detach()
+
+    def _pipeline_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One pipelined step: the stage's gradients, averaged over the data axis (one
+        flat allreduce), then the optimizer. Collective on the pipe and data axes."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.pipe.step(x, y)
+        grads = [p.grad for p in self.pipe.parameters() if p.grad is not None]
+        if self.dp_size > 1 and grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            allreduce_(flat, self.gc.data)
+            flat.div_(self.dp_size)
+            off = 0
+            for g in grads:
+                g.copy_(flat[off:off + g.numel()].view_as(g))
+                off += g.numel()
+        self.optimizer.step()
+        return torch.tensor(loss)
 
     def _tr_batch(self, x, y):
         """The trust-region step's data: the mini-batch, the whole partition (full), or
@@ -395,6 +434,7 @@ class Trainer:
             "target_reached_at_step": reached_at,
             "level_steps": self.level_steps,
             "layer_parallel": self.grid.layer,
+            "pipeline_stages": self.grid.pipe,
             "mgrit_residuals": dict(self.lp.residuals) if self.lp is not None else None,
             "fine_grad_evals": self.work(),
             "sync": cfg.sync.name,
@@ -426,6 +466,8 @@ class Trainer:
         with STATS.paused(), self.sync.consensus():  # drifting replicas: their average
             if self.lp is not None:  # the whole network on every rank, evaluated serially
                 self.lp.gather()
+            if self.pipe is not None:
+                self.pipe.gather(self._layers)
             train = self._score(x, y)
             test = (0.0, 0, 0)
             if self.dataset.num_test:
