@@ -124,3 +124,12 @@ def straight_and_resumed(comm, base: list, ckdir, steps: int = 8):
     run([f"run.steps={steps // 2}", f"checkpoint.dir={ckdir}"]).close()
     return straight, run([f"run.steps={steps}", f"checkpoint.dir={ckdir}",
                           "checkpoint.resume=true"])
+
+
+def cli_error(args: list[str], match: str, ranks: int = 2) -> None:
+    """Runs ``python -m mltrain train`` with ``--set`` overrides ``args`` on ``ranks``
+    ranks and asserts it stops with exit code 2, one error message, naming ``match``."""
+    cmd = ["-m", "mltrain", "train"] + [x for a in args for x in ("--set", a)]
+    r = mpiexec(ranks, cmd)
+    assert r.returncode == 2 and r.stderr.count("mltrain: error:") == 1, r.stderr[-2000:]
+    assert match in r.stderr, r.stderr[-2000:]

@@ -81,3 +81,18 @@ def test_docs_list_every_key():
     text = (ROOT / "docs" / "configuration.md").read_text()
     missing = [k for k, *_ in describe_keys() if f"`{k}`" not in text]
     assert not missing, f"docs/configuration.md lacks {missing}"
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["parallel.layer=2", "optim.name=rmtr"], "optim.name"),
+    (["parallel.layer=2", "optim.name=tr", "optim.curvature=ggn"], "optim.curvature"),
+    (["parallel.layer=2", "sync.name=localsgd"], "sync.name"),
+    (["parallel.pipe=2", "optim.name=tr"], "optim.name"),
+    (["parallel.pipe=2", "sync.name=localsgd"], "sync.name"),
+    (["parallel.pipe=2", "parallel.layer=2"], "do not combine"),
+    (["pipeline.balance=2,x"], "pipeline.balance"),
+    (["pipeline.balance=2,0"], "at least one layer"),
+])
+def test_model_parallel_config_errors(extra, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, extra)

@@ -234,28 +234,12 @@ def test_checkpoint_from_three_layer_ranks_resumes_at_two_and_one(comm, shared_t
         all_ranks(comm, comm.allreduce(int(same), op=MPI.MIN) == 1, f"degree {degree}")
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["parallel.layer=2", "optim.name=rmtr"], "optim.name"),
-    (["parallel.layer=2", "optim.name=tr", "optim.curvature=ggn"], "optim.curvature"),
-    (["parallel.layer=2", "sync.name=localsgd"], "sync.name"),
-])
-def test_layer_parallel_config_errors(extra, match):
-    from mltrain.config import load_config
-
-    with pytest.raises(ConfigError, match=match):
-        load_config(None, extra)
-
-
 def test_layer_parallel_rank_count_errors():
-    from conftest import mpiexec
+    from conftest import cli_error
 
-    r = mpiexec(2, ["-m", "mltrain", "train", "--set", "parallel.layer=2", "--set",
-                    "model.depth=1", "--set", "run.steps=1"])
-    assert r.returncode == 2 and r.stderr.count("mltrain: error:") == 1, r.stderr[-2000:]
-    assert "cannot be shared" in r.stderr
-    r = mpiexec(2, ["-m", "mltrain", "train", "--set", "parallel.layer=2", "--set",
-                    "model.depth=4", "--set", "mgrit.levels=3", "--set", "run.steps=1"])
-    assert r.returncode == 2 and "coarsest intervals" in r.stderr, r.stderr[-2000:]
+    cli_error(["parallel.layer=2", "model.depth=1", "run.steps=1"], "cannot be shared")
+    cli_error(["parallel.layer=2", "model.depth=4", "mgrit.levels=3", "run.steps=1"],
+              "coarsest intervals")
 
 
 @pytest.mark.parametrize("n, levels, iters, relax, skip", [

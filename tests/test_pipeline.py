@@ -144,27 +144,9 @@ def test_pipeline_checkpoint_resumes_at_another_degree(comm, shared_tmp):
     all_ranks(comm, comm.allreduce(int(ok), op=MPI.MIN) == 1)
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["parallel.pipe=2", "optim.name=tr"], "optim.name"),
-    (["parallel.pipe=2", "sync.name=localsgd"], "sync.name"),
-    (["parallel.pipe=2", "parallel.layer=2"], "do not combine"),
-    (["pipeline.balance=2,x"], "pipeline.balance"),
-    (["pipeline.balance=2,0"], "at least one layer"),
-])
-def test_pipeline_config_errors(extra, match):
-    from mltrain.config import load_config
-
-    with pytest.raises(ConfigError, match=match):
-        load_config(None, extra)
-
-
 def test_pipeline_rank_count_errors():
-    from conftest import mpiexec
+    from conftest import cli_error
 
-    r = mpiexec(2, ["-m", "mltrain", "train", "--set", "parallel.pipe=2", "--set",
-                    "pipeline.balance=1,1", "--set", "run.steps=1"])
-    assert r.returncode == 2 and r.stderr.count("mltrain: error:") == 1, r.stderr[-2000:]
-    assert "pipeline.balance" in r.stderr
-    r = mpiexec(2, ["-m", "mltrain", "train", "--set", "parallel.pipe=2", "--set",
-                    "pipeline.microbatches=1000", "--set", "run.steps=1"])
-    assert r.returncode == 2 and "pipeline.microbatches" in r.stderr, r.stderr[-2000:]
+    cli_error(["parallel.pipe=2", "pipeline.balance=1,1", "run.steps=1"], "pipeline.balance")
+    cli_error(["parallel.pipe=2", "pipeline.microbatches=1000", "run.steps=1"],
+              "pipeline.microbatches")
