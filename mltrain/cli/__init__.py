@@ -1,4 +1,5 @@
-"""``python -m mltrain [train|info|bench|jobscript] [--config F] [--set k=v ...]``.
+"""``python -m mltrain [train|info|bench|partition|study|plan|simulate|jobscript] [--config F]
+[--set k=v ...]``.
 
 With no subcommand it trains the built-in default. User errors (config, data, checkpoint)
 end every rank with the same one-line message and exit code 2; any other exception on any
@@ -82,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--launcher", default=None,
                     help='launch command with {ranks}, e.g. "srun -n {ranks}" (default: '
                     "the environment's mpiexec -n {ranks})")
+    pl = sub.add_parser("plan", parents=[common], help="rank decompositions (data x pipe, "
+                        "micro-batches, stages) of the configured model for a hardware file")
+    pl.add_argument("--hardware", required=True, metavar="HW.toml")
+    pl.add_argument("--ranks", type=int, required=True)
+    pl.add_argument("--top", type=int, default=10, help="configurations to show")
+    pl.add_argument("--json", metavar="OUT.json", help="write the ranked configurations")
+    pl.add_argument("--write", metavar="CONFIG.toml",
+                    help="write the config with the best parallel.* and pipeline.* keys")
+    sm = sub.add_parser("simulate", parents=[common], help="predicted step time and scaling "
+                        "efficiency of the best decomposition at each rank count")
+    sm.add_argument("--hardware", required=True, metavar="HW.toml")
+    sm.add_argument("--ranks", default="1,2,4,8,16,32,64,128,256,512,1024")
+    sm.add_argument("--json", metavar="OUT.json")
+    sm.add_argument("--plot", metavar="OUT.png")
     j = sub.add_parser("jobscript", parents=[common], help="print a SLURM batch script")
     j.add_argument("--nodes", type=int, required=True)
     j.add_argument("--ntasks-per-node", type=int, required=True)
@@ -108,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             i += 1
     args = build_parser().parse_args(argv)
     command = args.command or "train"
-    if command in ("jobscript", "partition", "study"):  # no MPI in this process
+    if command in ("jobscript", "partition", "study", "plan", "simulate"):  # no MPI here
         return _without_mpi(command, args)
 
     from mpi4py import MPI
@@ -165,6 +180,13 @@ def _without_mpi(command: str, args) -> int:
             from mltrain.cli.study import run_study
 
             return run_study(args)
+        if command in ("plan", "simulate"):
+            from mltrain.cli.plan import run_plan, run_simulate
+
+            for path, what in ((args.json, "--json"), (getattr(args, "write", None), "--write"),
+                               (getattr(args, "plot", None), "--plot")):
+                check_writable(path, what)
+            return run_plan(cfg, args) if command == "plan" else run_simulate(cfg, args)
         from mltrain.cli.partition import run_partition
 
         check_writable(args.json, "--json")

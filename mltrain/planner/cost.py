@@ -1,0 +1,124 @@
+"""The planner's cost model: hardware, a model's per-layer profile, and the predicted step
+time and memory of a decomposition (data x pipe, micro-batches, stage boundaries). Pure
+arithmetic; not collective.
+
+Terms (each a function, each tested against hand-computed values):
+- point-to-point transfer: latency + bytes / bandwidth (intra- or inter-node);
+- gradient allreduce over D ranks: the faster of ring, 2 (D-1)/D bytes/bw + 2 (D-1)
+  latency, and tree, 2 ceil(log2 D) (latency + bytes/bw);
+- a pipeline of S stages and M micro-batches: (M + S - 1) times the slowest stage's time
+  per micro-batch (the bubble is (S - 1) / (M + S - 1) of it), a stage's time being its
+  layers' forward and backward plus sending its output forward and receiving its gradient;
+- memory per rank: parameters, gradients and optimizer state of its stage, plus the
+  activations of the micro-batches in flight (M for GPipe, S - s for 1F1B).
+"""
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from mltrain.config import ConfigError
+
+__all__ = ["Hardware", "Profile", "p2p_time", "allreduce_time", "bubble_fraction",
+           "pipeline_time", "stage_memory", "load_hardware"]
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A machine: ``nodes`` of ``ranks_per_node``; ``memory_per_rank`` bytes;
+    ``compute_speed`` relative to the machine the profile was measured on (2 = twice as
+    fast); bandwidths in bytes/s and latencies in s, within a node and between nodes."""
+    ranks_per_node: int
+    nodes: int
+    memory_per_rank: float
+    compute_speed: float
+    intra_bandwidth: float
+    intra_latency: float
+    inter_bandwidth: float
+    inter_latency: float
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ConfigError(f"hardware.{f.name}: expected a number, got {v!r}")
+            if f.name.endswith("latency") and v < 0 or not f.name.endswith("latency") and v <= 0:
+                raise ConfigError(f"hardware.{f.name}: impossible value {v!r}")
+        for name in ("ranks_per_node", "nodes"):
+            if int(getattr(self, name)) != getattr(self, name):
+                raise ConfigError(f"hardware.{name}: must be a whole number")
+
+    @property
+    def ranks(self) -> int:
+        return int(self.ranks_per_node * self.nodes)
+
+
+def load_hardware(path: str | Path) -> Hardware:
+    """A hardware description from TOML (a ``[hardware]`` table with every field of
+    ``Hardware``). Raises ConfigError naming a missing, unknown or impossible field."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--hardware: cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--hardware: {path} is not valid TOML: {e}") from None
+    table = data.get("hardware")
+    if not isinstance(table, dict):
+        raise ConfigError(f"--hardware: {path} has no [hardware] table")
+    names = [f.name for f in fields(Hardware)]
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise ConfigError(f"hardware.{missing[0]}: missing in {path}")
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise ConfigError(f"hardware.{unknown[0]}: unknown field in {path}")
+    return Hardware(**{n: table[n] for n in names})
+
+
+@dataclass
+class Profile:
+    """Per layer, measured for one sample: forward and backward seconds, output activation
+    bytes; and parameter bytes and optimizer-state bytes (Adam: two per parameter)."""
+    forward_s: list[float]
+    backward_s: list[float]
+    activation_bytes: list[float]
+    parameter_bytes: list[float]
+    optimizer_bytes: list[float]
+
+    @property
+    def layers(self) -> int:
+        return len(self.forward_s)
+
+
+def p2p_time(nbytes: float, hw: Hardware, inter_node: bool = False) -> float:
+    if inter_node:
+        return hw.inter_latency + nbytes / hw.inter_bandwidth
+    return hw.intra_latency + nbytes / hw.intra_bandwidth
+
+
+def allreduce_time(nbytes: float, D: int, hw: Hardware, inter_node: bool = False) -> float:
+    if D <= 1 or nbytes == 0:
+        return 0.0
+    bw = hw.inter_bandwidth if inter_node else hw.intra_bandwidth
+    lat = hw.inter_latency if inter_node else hw.intra_latency
+    ring = 2 * (D - 1) / D * nbytes / bw + 2 * (D - 1) * lat
+    tree = 2 * math.ceil(math.log2(D)) * (lat + nbytes / bw)
+    return min(ring, tree)
+
+
+def bubble_fraction(S: int, M: int) -> float:
+    return (S - 1) / (M + S - 1)
+
+
+def pipeline_time(stage_s: list[float], M: int) -> float:
+    """A flushed pipeline (GPipe or 1F1B) of micro-batch stage times ``stage_s``."""
+    return (M + len(stage_s) - 1) * max(stage_s)
+
+
+def stage_memory(param_bytes: float, optimizer_bytes: float, activation_bytes: float,
+                 in_flight: int) -> float:
+    """Parameters and their gradients, optimizer state, activations of the micro-batches
+    in flight (``activation_bytes`` for one micro-batch)."""
+    return 2 * param_bytes + optimizer_bytes + activation_bytes * in_flight

@@ -1,0 +1,198 @@
+"""The planner's pieces: the partition search against brute force."""
+import random
+
+import pytest
+
+from mltrain.planner import best_partition, brute_force_partition, stage_costs
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_partition_search_equals_brute_force(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 9)
+    S = rng.randint(1, n)
+    t = [rng.uniform(0.1, 5.0) for _ in range(n)]
+    m = [rng.uniform(0.5, 3.0) for _ in range(n)]
+    boundary = [rng.uniform(0.0, 1.0) for _ in range(n)]  # sending a stage's output
+
+    def cost(i, j):
+        return sum(t[i:j]) + (boundary[j - 1] if j < n else 0.0)
+
+    def memory(i, j):
+        return sum(m[i:j])
+    limit = rng.choice([float("inf"), sum(m) / S * rng.uniform(0.9, 2.0)])
+    fast = best_partition(n, S, cost, memory, limit)
+    slow = brute_force_partition(n, S, cost, memory, limit)
+    if slow is None:
+        assert fast is None
+        return
+    assert fast is not None and fast[0] == pytest.approx(slow[0], rel=1e-12)
+    assert sum(fast[1]) == n and len(fast[1]) == S and min(fast[1]) >= 1
+    assert max(stage_costs(fast[1], cost)) == pytest.approx(fast[0], rel=1e-12)
+    lo = 0
+    for k in fast[1]:  # the partition it returns fits
+        assert memory(lo, lo + k) <= limit
+        lo += k
+
+
+def test_partition_edge_cases():
+    def cost(i, j):
+        return float(j - i)
+    assert best_partition(4, 5, cost) is None  # more stages than layers
+    assert best_partition(4, 1, cost) == (4.0, [4])
+    assert best_partition(6, 3, cost) == (2.0, [2, 2, 2])
+    assert best_partition(6, 2, cost, memory=cost, limit=2.0) is None  # nothing fits
+
+
+HW = dict(ranks_per_node=4, nodes=2, memory_per_rank=8e9, compute_speed=1.0,
+          intra_bandwidth=1e10, intra_latency=1e-6, inter_bandwidth=1e9, inter_latency=1e-5)
+
+
+def test_cost_terms_match_hand_computed_values():
+    from mltrain.planner.cost import (Hardware, allreduce_time, bubble_fraction,
+                                      p2p_time, pipeline_time, stage_memory)
+
+    hw = Hardware(**HW)
+    assert hw.ranks == 8
+    assert p2p_time(1e6, hw) == pytest.approx(1e-6 + 1e-4)
+    assert p2p_time(1e6, hw, inter_node=True) == pytest.approx(1e-5 + 1e-3)
+    # ring at 4 ranks: 2 * 3/4 * 1e8/1e10 + 6 * 1e-6; tree: 2 * 2 * (1e-6 + 1e-2)
+    assert allreduce_time(1e8, 4, hw) == pytest.approx(0.015 + 6e-6)
+    # tiny message: the tree's fewer latencies win (ring 2*7/8*1/1e9 + 14e-5)
+    assert allreduce_time(1.0, 8, hw, inter_node=True) == pytest.approx(6 * (1e-5 + 1e-9))
+    assert allreduce_time(1e8, 1, hw) == 0.0
+    assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
+    assert bubble_fraction(1, 8) == 0.0
+    assert pipeline_time([1.0, 3.0, 2.0], 4) == pytest.approx(6 * 3.0)
+    assert stage_memory(100.0, 200.0, 10.0, 3) == 430.0
+
+
+def test_hardware_files(tmp_path):
+    from mltrain.config import ConfigError
+    from mltrain.planner.cost import load_hardware
+
+    def write(table):
+        f = tmp_path / "hw.toml"
+        f.write_text("[hardware]\n" + "".join(f"{k} = {v!r}\n" for k, v in table.items()))
+        return f
+    assert load_hardware(write(HW)).ranks == 8
+    for bad, match in [({k: v for k, v in HW.items() if k != "nodes"}, "hardware.nodes: missing"),
+                       ({**HW, "speed_of_light": 1.0}, "hardware.speed_of_light: unknown"),
+                       ({**HW, "intra_bandwidth": 0.0}, "hardware.intra_bandwidth: impossible"),
+                       ({**HW, "nodes": 1.5}, "hardware.nodes: must be a whole"),
+                       ({**HW, "inter_latency": "fast"}, "hardware.inter_latency: expected")]:
+        with pytest.raises(ConfigError, match=match):
+            load_hardware(write(bad))
+    with pytest.raises(ConfigError, match="no \\[hardware\\] table"):
+        (tmp_path / "empty.toml").write_text("x = 1\n")
+        load_hardware(tmp_path / "empty.toml")
+
+
+def _profile(n=8, seed=0):
+    from mltrain.planner.cost import Profile
+
+    rng = random.Random(seed)
+    par = [rng.uniform(1e5, 1e6) for _ in range(n)]
+    return Profile(forward_s=[rng.uniform(1e-5, 1e-4) for _ in range(n)],
+                   backward_s=[rng.uniform(2e-5, 2e-4) for _ in range(n)],
+                   activation_bytes=[rng.uniform(1e3, 1e4) for _ in range(n)],
+                   parameter_bytes=par, optimizer_bytes=[2 * p for p in par])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ranks", [1, 2, 4, 8])
+def test_plans_are_feasible_and_never_slower_than_data_parallelism(seed, ranks):
+    from mltrain.planner.cost import Hardware
+    from mltrain.planner.search import plan
+
+    prof = _profile(seed=seed)
+    hw = Hardware(**HW)
+    configs = plan(prof, hw, ranks, 64)
+    assert configs and all(c["data"] * c["pipe"] == ranks for c in configs)
+    best = configs[0]
+    assert best["memory_bytes"] <= hw.memory_per_rank and sum(best["balance"]) == prof.layers
+    pure = [c for c in configs if c["pipe"] == 1]
+    assert pure and best["predicted_step_s"] <= pure[0]["predicted_step_s"]
+    times = [c["predicted_step_s"] for c in configs]
+    assert times == sorted(times)
+
+
+def test_planner_pipelines_what_does_not_fit_and_says_when_nothing_does():
+    from mltrain.planner.cost import Hardware
+    from mltrain.planner.search import plan
+
+    prof = _profile(n=8, seed=1)
+    whole = 4 * sum(prof.parameter_bytes)  # parameters, gradients, Adam state
+    hw = Hardware(**{**HW, "memory_per_rank": whole * 0.6})
+    configs = plan(prof, hw, 4, 64)
+    assert configs and all(c["pipe"] > 1 for c in configs)
+    assert all(c["memory_bytes"] <= hw.memory_per_rank for c in configs)
+    tiny = Hardware(**{**HW, "memory_per_rank": 1.0})
+    assert plan(prof, tiny, 4, 64) == []
+
+
+def test_profile_of_real_layers():
+    import torch
+
+    from mltrain.nn import ResNet
+    from mltrain.pipeline import sequential_layers
+    from mltrain.planner.search import profile_layers
+
+    layers = sequential_layers(ResNet(16, 8, 3, 4))
+    prof = profile_layers(layers, torch.randn(32, 16), reps=2)
+    assert prof.layers == 5
+    assert all(t > 0 for t in prof.forward_s + prof.backward_s)
+    assert prof.activation_bytes[0] == 8 * 4 and prof.activation_bytes[-1] == 4 * 4
+    assert prof.parameter_bytes[1] == (8 * 8 + 8) * 4
+    assert prof.optimizer_bytes == [2 * p for p in prof.parameter_bytes]
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mltrain", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_plan_and_simulate_commands(tmp_path):
+    from conftest import ROOT
+
+    from mltrain.config import load_config
+
+    hw = ROOT / "examples" / "hardware" / "dev-2core.toml"
+    out, cfg = tmp_path / "plan.json", tmp_path / "best.toml"
+    r = _cli("plan", "--hardware", str(hw), "--ranks", "2", "--top", "3", "--json", str(out),
+             "--write", str(cfg), "--set", "model.depth=6")
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    configs = json.loads(out.read_text())["configs"]
+    keys = {"data", "pipe", "layer", "microbatches", "predicted_step_s", "memory_bytes"}
+    assert len(configs) == 3 and keys <= set(configs[0])
+    assert [c["predicted_step_s"] for c in configs] == sorted(c["predicted_step_s"] for c in configs)
+    best = load_config(cfg)
+    assert (best.parallel.data, best.parallel.pipe) == (configs[0]["data"], configs[0]["pipe"])
+    png = tmp_path / "sim.png"
+    r = _cli("simulate", "--hardware", str(ROOT / "examples" / "hardware" / "gpu-node-a100x4.toml"),
+             "--ranks", "1,2,4,1024", "--json", str(tmp_path / "sim.json"), "--plot", str(png))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "sim.json").read_text())["rows"]
+    assert [row["ranks"] for row in rows] == [1, 2, 4, 1024]
+    assert rows[0]["efficiency"] == pytest.approx(1.0) and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_errors(tmp_path):
+    from conftest import ROOT
+
+    hw = (ROOT / "examples" / "hardware" / "dev-2core.toml").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(hw.replace("nodes = 1\n", ""))
+    r = _cli("plan", "--hardware", str(bad), "--ranks", "2")
+    assert r.returncode == 2 and "hardware.nodes: missing" in r.stderr
+    small = tmp_path / "small.toml"
+    small.write_text(hw.replace("memory_per_rank = 12884901888.0", "memory_per_rank = 1000.0"))
+    r = _cli("plan", "--hardware", str(small), "--ranks", "2")
+    assert r.returncode == 2 and "no configuration fits" in r.stderr and "smallest needs" in r.stderr
+    r = _cli("simulate", "--hardware", str(bad.with_name("missing.toml")))
+    assert r.returncode == 2 and "cannot read" in r.stderr
