@@ -196,3 +196,27 @@ def test_plan_errors(tmp_path):
     assert r.returncode == 2 and "no configuration fits" in r.stderr and "smallest needs" in r.stderr
     r = _cli("simulate", "--hardware", str(bad.with_name("missing.toml")))
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_bench_hardware_and_pipeline(tmp_path):
+    import json
+
+    from conftest import mpiexec
+
+    from mltrain.planner.cost import load_hardware
+
+    hw = tmp_path / "hw.toml"
+    r = mpiexec(2, ["-m", "mltrain", "bench", "hardware", "--out", str(hw)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    measured = load_hardware(hw)  # a valid hardware file
+    assert measured.ranks == 2 and measured.intra_bandwidth > 0
+    out = tmp_path / "pipe.json"
+    r = mpiexec(2, ["-m", "mltrain", "bench", "pipeline", "--steps", "3", "--json", str(out),
+                    "--set", "model.depth=4", "--set", "model.width=16"], timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    kinds = {(row["pipe"], row["schedule"]) for row in res["rows"]}
+    assert {(1, "none"), (2, "gpipe"), (2, "1f1b")} <= kinds
+    assert {row["microbatches"] for row in res["rows"] if row["pipe"] == 2} == {1, 2, 4, 8}
+    assert res["model_error"] == max(row["model_error"] for row in res["rows"])
+    assert res["top_choice_vs_fastest"] >= 1.0

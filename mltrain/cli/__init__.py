@@ -44,12 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--check-mpi", action="store_true",
                    help="exit 1 unless mpi4py and PETSc load the same MPI library")
     b = sub.add_parser("bench", parents=[common], help="benchmarks against a baseline")
-    b.add_argument("what", choices=["dp", "sync", "kernels", "tr", "multilevel", "mgrit"],
+    b.add_argument("what", choices=["dp", "sync", "kernels", "tr", "multilevel", "mgrit",
+                                    "hardware", "pipeline"],
                    help="dp: data-parallel step vs DDP, reducer vs raw allreduce; sync: every "
                    "scheme vs allreduce, with and without a straggler; kernels: C++ kernels vs "
                    "torch references; tr: SGD, Adam and trust region under one work budget; "
                    "multilevel: single-level vs RMTR, MG/OPT, nested iteration to a target "
-                   "loss; mgrit: layer-parallel forward+backward vs serial autograd")
+                   "loss; mgrit: layer-parallel forward+backward vs serial autograd; "
+                   "hardware: measure this machine for the planner; pipeline: pipelined vs "
+                   "unpipelined steps, and the planner's predictions")
     b.add_argument("--json", metavar="OUT.json", help="write the figures as JSON")
     b.add_argument("--steps", type=int, default=0,
                    help="timed steps per variant (0 = 30 for dp, 32 for sync)")
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--depths", default="64,128,256,512,1024",
                    help="mgrit: residual layer counts")
     b.add_argument("--cf", type=int, default=8, help="mgrit: coarsening factor")
+    b.add_argument("--out", metavar="HW.toml", help="hardware: write the hardware file")
     pt = sub.add_parser("partition", parents=[common],
                         help="compute a partition without MPI: sizes, label histograms, skew")
     pt.add_argument("--ranks", type=int, required=True, help="number of data-parallel ranks")

@@ -236,6 +236,8 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
         return _multilevel(cfg, args, comm)
     if what == "mgrit":
         return _mgrit(args, comm)
+    if what in ("hardware", "pipeline"):
+        return _pipeline(what, cfg, args, comm)
     if what == "tr":
         from mltrain.cli.bench_tr import bench_tr, plot
 
@@ -362,4 +364,37 @@ def _mgrit(args, comm: MPI.Comm) -> int:
         print(f"  speedup (2 forward, 1 adjoint iteration): {res['speedup']}; largest model "
               f"error {res['model_error']:.2f}")
         _write_json(args.json, "mgrit", res)
+    return 0
+
+
+def _pipeline(what: str, cfg, args, comm: MPI.Comm) -> int:
+    from mltrain.cli import check_writable
+    from mltrain.cli.bench_pipeline import bench_pipeline, hardware_toml, measure_hardware
+    from mltrain.comm import agree
+
+    agree(comm, lambda: check_writable(args.out, "--out"), what="config")
+    if what == "hardware":
+        hw = measure_hardware(comm)
+        if comm.Get_rank() == 0:
+            text = hardware_toml(hw)
+            print(text, end="")
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write(text)
+            _write_json(args.json, what, hw.__dict__)
+        return 0
+    res = bench_pipeline(cfg, comm, args.steps or 10)
+    if comm.Get_rank() == 0:
+        print(f"bench pipeline: {res['ranks']} rank(s), {res['model']}, global batch "
+              f"{res['batch']}; step times (median), planner predictions")
+        print(f"  {'data':>5}{'pipe':>5}{'M':>4}{'schedule':>9}{'step ms':>9}{'vs unpiped':>11}"
+              f"{'model ms':>9}{'error':>7}  balance")
+        for r in res["rows"]:
+            print(f"  {r['data']:>5}{r['pipe']:>5}{r['microbatches']:>4}{r['schedule']:>9}"
+                  f"{r['time_s'] * 1e3:>9.2f}{r['ratio_vs_unpipelined']:>11.2f}"
+                  f"{r['predicted_s'] * 1e3:>9.2f}{r['model_error']:>7.2f}  "
+                  f"{','.join(map(str, r['balance']))}")
+        print(f"  largest model error {res['model_error']:.2f}; the planner's top choice "
+              f"{res['top_choice']} measures {res['top_choice_vs_fastest']:.2f}x the fastest")
+        _write_json(args.json, what, res)
     return 0

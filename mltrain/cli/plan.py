@@ -28,7 +28,7 @@ def _profile(cfg, ranks: int):
     b = max(1, cfg.data.batch_size // max(ranks, 1))  # a rank's share, as it will run
     state = {"adam": 2.0, "sgd": 1.0 if cfg.optim.momentum else 0.0}.get(cfg.optim.name, 1.0)
     return profile_layers(layers, torch.randn(b, *ds.input_shape, dtype=dtype),
-                          optimizer_state=state)
+                          optimizer_state=state, optimizer=cfg.optim.name)
 
 
 def _search(cfg, hw, ranks: int, prof):

@@ -79,13 +79,26 @@ def load_hardware(path: str | Path) -> Hardware:
 
 @dataclass
 class Profile:
-    """Per layer, measured for one sample: forward and backward seconds, output activation
-    bytes; and parameter bytes and optimizer-state bytes (Adam: two per parameter)."""
+    """Per layer: forward and backward seconds per sample, output activation bytes per
+    sample, parameter bytes and optimizer-state bytes (Adam: two per parameter); the fixed
+    seconds of a forward and backward call whatever its batch (``fixed_s``), and the
+    layer's share of an optimizer step (``optimizer_s``)."""
     forward_s: list[float]
     backward_s: list[float]
     activation_bytes: list[float]
     parameter_bytes: list[float]
     optimizer_bytes: list[float]
+    fixed_s: list[float] | None = None
+    optimizer_s: list[float] | None = None
+
+    def compute_s(self, i: int, j: int, samples: float) -> float:
+        """Forward and backward of layers i .. j-1 on a batch of ``samples``."""
+        per = sum(self.forward_s[i:j]) + sum(self.backward_s[i:j])
+        return per * samples + (sum(self.fixed_s[i:j]) if self.fixed_s else 0.0)
+
+    def step_s(self, i: int, j: int) -> float:
+        """The optimizer step of layers i .. j-1."""
+        return sum(self.optimizer_s[i:j]) if self.optimizer_s else 0.0
 
     @property
     def layers(self) -> int:

@@ -1,0 +1,168 @@
+"""``mltrain bench hardware`` and ``mltrain bench pipeline``.
+
+hardware: ranks per node and nodes (from MPI's shared-memory split), memory per rank (the
+node's memory over its ranks), point-to-point latency (8-byte ping-pong) and bandwidth
+(16 MiB ping-pong) within a node and, when the job spans nodes, between nodes; the compute
+speed is 1 (the planner profiles on the machine it plans for). Collective.
+
+pipeline: the training step of the configured model (forward, backward, data-axis gradient
+average, optimizer) for every decomposition the rank count allows: unpipelined (pure data
+parallelism, the baseline) and pipelined with 2 stages, 1 to 8 micro-batches, both
+schedules; the planner's predicted step time for each, from the layer profile and the
+hardware measured in the same run; the model's error, and where the planner's top choice
+ranks among the measured. Collective.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from mltrain.comm import allreduce_
+from mltrain.planner.cost import Hardware
+
+__all__ = ["measure_hardware", "bench_pipeline", "hardware_toml"]
+
+
+def _pingpong(comm: MPI.Comm, a: int, b: int, nbytes: int, reps: int) -> float:
+    """Half the round trip of ``nbytes`` between ranks a and b (others wait)."""
+    rank = comm.Get_rank()
+    buf = torch.zeros(max(nbytes // 8, 1), dtype=torch.float64)
+    comm.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        if rank == a:
+            comm.Send(buf.numpy(), dest=b)
+            comm.Recv(buf.numpy(), source=b)
+        elif rank == b:
+            comm.Recv(buf.numpy(), source=a)
+            comm.Send(buf.numpy(), dest=a)
+    return comm.bcast((time.perf_counter() - t0) / reps / 2, root=a)
+
+
+def measure_hardware(comm: MPI.Comm) -> Hardware:
+    """Collective on ``comm``."""
+    P, rank = comm.Get_size(), comm.Get_rank()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    per_node = local.Get_size()
+    local.Free()
+    per_node = comm.allreduce(per_node, op=MPI.MAX)
+    nodes = max(P // per_node, 1)
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / per_node
+    big = 16 * 2 ** 20
+    if P > 1:
+        lat = _pingpong(comm, 0, 1, 8, 200)
+        bw = big / max(_pingpong(comm, 0, 1, big, 10) - lat, 1e-9)
+    else:  # one rank: a memory copy stands in for the link
+        src, dst = torch.zeros(big // 8, dtype=torch.float64), torch.empty(big // 8,
+                                                                           dtype=torch.float64)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            dst.copy_(src)
+        bw, lat = big / ((time.perf_counter() - t0) / 10), 1e-6
+    ilat, ibw = lat, bw
+    if nodes > 1:  # rank 0 and the first rank of the next node
+        ilat = _pingpong(comm, 0, per_node, 8, 200)
+        ibw = big / max(_pingpong(comm, 0, per_node, big, 10) - ilat, 1e-9)
+    return Hardware(ranks_per_node=per_node, nodes=nodes, memory_per_rank=float(mem),
+                    compute_speed=1.0, intra_bandwidth=float(bw), intra_latency=float(lat),
+                    inter_bandwidth=float(ibw), inter_latency=float(ilat))
+
+
+def hardware_toml(hw: Hardware) -> str:
+    lines = ["# Measured by `python -m mltrain bench hardware`.", "[hardware]"]
+    for k, v in hw.__dict__.items():
+        lines.append(f"{k} = {v!r}")
+    return "\n".join(lines) + "\n"
+
+
+def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10) -> dict:
+    """Collective on ``comm``."""
+    from mltrain.comm import Grid, broadcast_parameters
+    from mltrain.data import open_dataset
+    from mltrain.nn import build_model
+    from mltrain.optim import build_optimizer
+    from mltrain.pipeline import Pipeline, sequential_layers
+    from mltrain.planner.search import plan, profile_layers
+
+    P, rank = comm.Get_size(), comm.Get_rank()
+    torch.set_num_threads(1)
+    hw = measure_hardware(comm)
+    ds = open_dataset(cfg.data.name, cfg.data.path, cfg.data.num_samples)
+    B = cfg.data.batch_size
+
+    def fresh():
+        torch.manual_seed(cfg.run.seed)
+        return build_model(cfg.model.name, ds.input_shape, ds.num_classes,
+                           width=cfg.model.width, depth=cfg.model.depth)
+    x_all = torch.randn(B, *ds.input_shape)
+    y_all = torch.randint(0, ds.num_classes, (B,))
+    state = {"adam": 2.0, "sgd": 1.0 if cfg.optim.momentum else 0.0}.get(cfg.optim.name, 1.0)
+    # The profile at a rank's share of the batch, measured on every rank at once (as they
+    # will compute at once); the slowest rank's figures count.
+    mine = profile_layers(sequential_layers(fresh()), x_all[:max(B // P, 1)],
+                          optimizer_state=state, optimizer=cfg.optim.name)
+    every = comm.allgather(mine)
+    prof = type(mine)(**{k: [max(vals) for vals in zip(*(getattr(q, k) for q in every))]
+                         for k in mine.__dict__})
+    predicted = {(c["data"], c["pipe"], c["microbatches"], c["schedule"]): c
+                 for c in plan(prof, hw, P, B, microbatches=(1, 2, 4, 8))}
+    rows = []
+    for (D, S, M, sched), pred in sorted(predicted.items()):
+        if S > 2:
+            continue  # measured: unpipelined and 2 stages
+        grid = Grid.for_world(P, data=D, pipe=S)
+        gc = grid.build(comm)
+        model = fresh()
+        broadcast_parameters(model, comm)
+        opt = build_optimizer(cfg.optim.name, model.parameters(), lr=cfg.optim.lr,
+                              momentum=cfg.optim.momentum)
+        dr = gc.coords["data"]
+        x, y = x_all[dr * (B // D):(dr + 1) * (B // D)], y_all[dr * (B // D):(dr + 1) * (B // D)]
+        pipe = (Pipeline(sequential_layers(model), gc.comms["pipe"], microbatches=M,
+                         schedule=sched, balance=pred["balance"]) if S > 1 else None)
+        params = list(pipe.parameters()) if pipe else list(model.parameters())
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            if pipe is not None:
+                pipe.step(x, y)
+            else:
+                F.cross_entropy(model(x), y).backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            if D > 1 and grads:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                allreduce_(flat, gc.data)
+                flat.div_(D)
+                off = 0
+                for g in grads:
+                    g.copy_(flat[off:off + g.numel()].view_as(g))
+                    off += g.numel()
+            opt.step()
+        for _ in range(2):  # warm-up
+            step()
+        times = []
+        for _ in range(steps):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            step()
+            times.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+        gc.free()
+        t = sorted(times)[len(times) // 2]  # the median step
+        rows.append({"data": D, "pipe": S, "microbatches": M, "schedule": sched,
+                     "balance": pred["balance"], "time_s": t,
+                     "predicted_s": pred["predicted_step_s"],
+                     "model_error": abs(pred["predicted_step_s"] - t) / t})
+    base = next(r for r in rows if r["pipe"] == 1)
+    for r in rows:
+        r["ratio_vs_unpipelined"] = r["time_s"] / base["time_s"]
+    top = min(rows, key=lambda r: r["predicted_s"])
+    fastest = min(r["time_s"] for r in rows)
+    return {"ranks": P, "hardware": hw.__dict__, "model": f"{cfg.model.name} width "
+            f"{cfg.model.width} depth {cfg.model.depth}", "batch": B, "rows": rows,
+            "model_error": max(r["model_error"] for r in rows),
+            "top_choice": {k: top[k] for k in ("data", "pipe", "microbatches", "schedule")},
+            "top_choice_vs_fastest": top["time_s"] / fastest}
