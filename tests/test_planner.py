@@ -220,3 +220,23 @@ def test_bench_hardware_and_pipeline(tmp_path):
     assert {row["microbatches"] for row in res["rows"] if row["pipe"] == 2} == {1, 2, 4, 8}
     assert res["model_error"] == max(row["model_error"] for row in res["rows"])
     assert res["top_choice_vs_fastest"] >= 1.0
+
+
+def test_planner_prices_layer_parallel_mgrit_for_residual_networks():
+    from mltrain.planner.cost import Hardware
+    from mltrain.planner.search import plan
+
+    prof = _profile(n=18, seed=2)  # opening, 16 residual blocks, closing
+    hw = Hardware(**HW)
+    mg = {"levels": 2, "cf": 4, "iters": 2, "bwd_iters": 1}
+    configs = plan(prof, hw, 4, 64, residual=(1, 17), mgrit=mg)
+    layered = [c for c in configs if c["layer"] > 1]
+    assert {(c["data"], c["layer"]) for c in layered} == {(2, 2), (1, 4)}
+    assert all(c["pipe"] == 1 and c["schedule"] == "mgrit" for c in layered)
+    # more MGRIT iterations cost more
+    slow = plan(prof, hw, 4, 64, residual=(1, 17), mgrit={**mg, "iters": 4})
+    t = {(c["data"], c["layer"]): c["predicted_step_s"] for c in layered}
+    for c in slow:
+        if c["layer"] > 1:
+            assert c["predicted_step_s"] > t[(c["data"], c["layer"])]
+    assert not [c for c in plan(prof, hw, 4, 64) if c["layer"] > 1]  # not a residual net

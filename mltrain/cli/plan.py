@@ -27,20 +27,29 @@ def _profile(cfg, ranks: int):
     layers = sequential_layers(model)
     b = max(1, cfg.data.batch_size // max(ranks, 1))  # a rank's share, as it will run
     state = {"adam": 2.0, "sgd": 1.0 if cfg.optim.momentum else 0.0}.get(cfg.optim.name, 1.0)
-    return profile_layers(layers, torch.randn(b, *ds.input_shape, dtype=dtype),
+    prof = profile_layers(layers, torch.randn(b, *ds.input_shape, dtype=dtype),
                           optimizer_state=state, optimizer=cfg.optim.name)
+    # Residual networks can also go layer-parallel: their blocks are layers 1 .. N.
+    residual = (1, 1 + len(model.blocks)) if hasattr(model, "blocks") else None
+    return prof, residual
 
 
-def _search(cfg, hw, ranks: int, prof):
+def _mgrit(cfg) -> dict:
+    m = cfg.mgrit
+    return {"levels": m.levels, "cf": m.cf, "iters": m.iters, "bwd_iters": m.bwd_iters}
+
+
+def _search(cfg, hw, ranks: int, profiled):
     from mltrain.planner.search import plan
 
-    configs = plan(prof, hw, ranks, cfg.data.batch_size)
+    prof, residual = profiled
+    configs = plan(prof, hw, ranks, cfg.data.batch_size, residual=residual, mgrit=_mgrit(cfg))
     if configs:
         return configs
     import dataclasses
 
     roomy = dataclasses.replace(hw, memory_per_rank=1e300)  # no limit
-    need = plan(prof, roomy, ranks, cfg.data.batch_size)
+    need = plan(prof, roomy, ranks, cfg.data.batch_size, residual=residual, mgrit=_mgrit(cfg))
     if not need:
         raise ConfigError(f"--ranks: no decomposition of {ranks} ranks splits the global batch "
                           f"of {cfg.data.batch_size} evenly")
@@ -63,10 +72,11 @@ def run_plan(cfg, args) -> int:
     top = configs[:args.top]
     print(f"plan: {cfg.model.name} depth {cfg.model.depth} width {cfg.model.width}, global "
           f"batch {cfg.data.batch_size}, {args.ranks} ranks ({len(configs)} feasible)")
-    print(f"  {'data':>5}{'pipe':>5}{'M':>4}{'schedule':>9}{'step ms':>10}{'memory MiB':>12}"
-          f"{'comm MB':>9}  balance")
+    print(f"  {'data':>5}{'pipe':>5}{'layer':>6}{'M':>4}{'schedule':>9}{'step ms':>10}"
+          f"{'memory MiB':>12}{'comm MB':>9}  balance")
     for c in top:
-        print(f"  {c['data']:>5}{c['pipe']:>5}{c['microbatches']:>4}{c['schedule']:>9}"
+        print(f"  {c['data']:>5}{c['pipe']:>5}{c['layer']:>6}{c['microbatches']:>4}"
+              f"{c['schedule']:>9}"
               f"{c['predicted_step_s'] * 1e3:>10.3f}{c['memory_bytes'] / 2**20:>12.1f}"
               f"{c['comm_bytes'] / 1e6:>9.2f}  {','.join(map(str, c['balance']))}")
     if args.json:
@@ -75,6 +85,7 @@ def run_plan(cfg, args) -> int:
     if args.write:
         best = top[0]
         cfg.parallel.data, cfg.parallel.pipe = best["data"], best["pipe"]
+        cfg.parallel.layer = best["layer"]
         if best["pipe"] > 1:
             cfg.pipeline.microbatches = best["microbatches"]
             cfg.pipeline.schedule = best["schedule"]
@@ -96,12 +107,12 @@ def run_simulate(cfg, args) -> int:
                           f"{args.ranks!r}") from None
     if min(counts) < 1:
         raise ConfigError("--ranks: rank counts must be at least 1")
-    prof = _profile(cfg, 1)
+    prof, residual = _profile(cfg, 1)
     rows = []
     from mltrain.planner.search import plan
 
     for P in counts:
-        configs = plan(prof, hw, P, cfg.data.batch_size)
+        configs = plan(prof, hw, P, cfg.data.batch_size, residual=residual, mgrit=_mgrit(cfg))
         if not configs:
             rows.append({"ranks": P, "feasible": False})
             continue
@@ -114,13 +125,13 @@ def run_simulate(cfg, args) -> int:
                                / (r["predicted_step_s"] * r["ranks"]))
     print(f"simulate: {cfg.model.name} depth {cfg.model.depth} width {cfg.model.width}, "
           f"global batch {cfg.data.batch_size}")
-    print(f"  {'ranks':>6}{'data':>5}{'pipe':>5}{'M':>4}{'step ms':>10}{'efficiency':>11}"
-          f"{'MB/step':>9}")
+    print(f"  {'ranks':>6}{'data':>5}{'pipe':>5}{'layer':>6}{'M':>4}{'step ms':>10}"
+          f"{'efficiency':>11}{'MB/step':>9}")
     for r in rows:
         if not r["feasible"]:
             print(f"  {r['ranks']:>6}  no feasible configuration")
             continue
-        print(f"  {r['ranks']:>6}{r['data']:>5}{r['pipe']:>5}{r['microbatches']:>4}"
+        print(f"  {r['ranks']:>6}{r['data']:>5}{r['pipe']:>5}{r['layer']:>6}{r['microbatches']:>4}"
               f"{r['predicted_step_s'] * 1e3:>10.3f}{r['efficiency']:>11.2f}"
               f"{r['comm_bytes'] / 1e6:>9.2f}")
     if args.json:

@@ -81,13 +81,72 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _layer_parallel(prof: Profile, hw: Hardware, ranks: int, batch: int,
+                    residual: tuple[int, int], mgrit: dict) -> list[dict]:
+    """Configurations data x layer (MGRIT over the residual blocks, layers ``residual`` =
+    (first, end) of the profile), priced by the MGRIT work model with unit costs from the
+    profile: a step or a recorded step as a block's forward, a vector-Jacobian product or
+    an autograd pass step as its backward, messages as point-to-point transfers."""
+    from mltrain.config import ConfigError
+    from mltrain.mgrit import split_layers
+    from mltrain.mgrit.model import Costs, predict
+
+    lo, hi = residual
+    N = hi - lo
+    out = []
+    for L in _divisors(ranks):
+        D = ranks // L
+        if L == 1 or batch % D:
+            continue
+        try:
+            split_layers(N, L, mgrit["levels"], mgrit["cf"])
+        except ConfigError:
+            continue
+        b = batch // D
+        inter = L > hw.ranks_per_node
+        f = prof.compute_s(lo, lo + 1, b) * prof.forward_s[lo] / max(
+            prof.forward_s[lo] + prof.backward_s[lo], 1e-30) / hw.compute_speed
+        bk = prof.compute_s(lo, lo + 1, b) / hw.compute_speed - f
+        state = prof.activation_bytes[lo] * b
+        c = Costs(step=f, step_coarse=1.3 * f, vjp=bk, vjp_coarse=1.3 * bk, record=f,
+                  chain_backward=bk, serial_forward=f, serial_backward=bk,
+                  message=p2p_time(state, hw, inter), broadcast=p2p_time(state, hw, inter),
+                  op=0.1 * f)
+        chain = predict(N, L, mgrit["levels"], mgrit["cf"], mgrit["iters"], mgrit["bwd_iters"],
+                        c)["parallel_s"]
+        ends = prof.compute_s(0, lo, b) + prof.compute_s(hi, prof.layers, b)
+        n_local = -(-N // L)
+        local_params = (sum(prof.parameter_bytes[:lo]) + sum(prof.parameter_bytes[hi:])
+                        + sum(prof.parameter_bytes[lo:hi]) * n_local / N)
+        reduce_s = allreduce_time(local_params, D, hw, ranks > hw.ranks_per_node)
+        update_s = (prof.step_s(0, prof.layers) * local_params
+                    / max(sum(prof.parameter_bytes), 1.0))
+        memory = stage_memory(local_params, local_params * (
+            sum(prof.optimizer_bytes) / max(sum(prof.parameter_bytes), 1.0)),
+            prof.activation_bytes[lo] * b * n_local * 3, 1)  # states, graphs, adjoints
+        if memory > hw.memory_per_rank:
+            continue
+        out.append({"data": D, "pipe": 1, "layer": L, "microbatches": 1, "schedule": "mgrit",
+                    "balance": [N], "predicted_step_s": chain + ends / hw.compute_speed
+                    + reduce_s + update_s, "compute_s": chain, "allreduce_s": reduce_s,
+                    "optimizer_s": update_s, "memory_bytes": memory,
+                    "comm_bytes": local_params * (2 if D > 1 else 0)})
+    return out
+
+
 def plan(prof: Profile, hw: Hardware, ranks: int, batch: int, *,
-         schedules=("1f1b", "gpipe"), microbatches=(1, 2, 4, 8, 16, 32)) -> list[dict]:
+         schedules=("1f1b", "gpipe"), microbatches=(1, 2, 4, 8, 16, 32),
+         residual: tuple[int, int] | None = None, mgrit: dict | None = None) -> list[dict]:
     """Every feasible configuration (data x pipe degrees, micro-batches, schedule, and the
-    best stage boundaries for them), best predicted step first. A configuration is
-    feasible when the global batch splits evenly and every stage fits in memory."""
+    best stage boundaries for them; and data x layer with MGRIT over the residual blocks
+    ``residual`` = (first, end) of the profile, when given), best predicted step first. A
+    configuration is feasible when the global batch splits evenly and every stage fits in
+    memory."""
     n = prof.layers
     configs = []
+    if residual is not None:
+        configs += _layer_parallel(prof, hw, ranks, batch, residual, mgrit or {
+            "levels": 2, "cf": 8, "iters": 2, "bwd_iters": 1})
     for S in _divisors(ranks):
         D = ranks // S
         if S > n or batch % D:
