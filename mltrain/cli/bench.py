@@ -239,7 +239,8 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
     if what in ("hardware", "pipeline"):
         return _pipeline(what, cfg, args, comm)
     if what == "tr":
-        from mltrain.cli.bench_tr import bench_tr, plot
+        from mltrain.cli.bench_tr import bench_tr
+        from mltrain.cli.race import plot
 
         agree(comm, lambda: check_writable(args.plot, "--plot"), what="config")
         res = bench_tr(args.config, args.overrides, comm, budget=args.budget)

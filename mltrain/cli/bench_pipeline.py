@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from mltrain.comm import allreduce_
+from mltrain.comm import GradReducer
 from mltrain.planner.cost import Hardware
 
 __all__ = ["measure_hardware", "bench_pipeline", "hardware_toml"]
@@ -125,6 +125,10 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10) -> dict:
         pipe = (Pipeline(sequential_layers(model), gc.comms["pipe"], microbatches=M,
                          schedule=sched, balance=pred["balance"]) if S > 1 else None)
         params = list(pipe.parameters()) if pipe else list(model.parameters())
+        # As the trainer does it: gradients averaged over the data axis after the backward.
+        reducer = (GradReducer(params, gc.data, int(cfg.comm.bucket_mb * 2 ** 20),
+                               grad_as_bucket_view=False, max_inflight=cfg.comm.max_inflight)
+                   if D > 1 else None)
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -132,15 +136,8 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10) -> dict:
                 pipe.step(x, y)
             else:
                 F.cross_entropy(model(x), y).backward()
-            grads = [p.grad for p in params if p.grad is not None]
-            if D > 1 and grads:
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                allreduce_(flat, gc.data)
-                flat.div_(D)
-                off = 0
-                for g in grads:
-                    g.copy_(flat[off:off + g.numel()].view_as(g))
-                    off += g.numel()
+            if reducer is not None:
+                reducer.reduce()
             opt.step()
         for _ in range(2):  # warm-up
             step()
@@ -150,6 +147,8 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10) -> dict:
             t0 = time.perf_counter()
             step()
             times.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+        if reducer is not None:
+            reducer.remove()
         gc.free()
         t = sorted(times)[len(times) // 2]  # the median step
         rows.append({"data": D, "pipe": S, "microbatches": M, "schedule": sched,

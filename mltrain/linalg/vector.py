@@ -49,13 +49,15 @@ class ParamBuffer:
 
 
 class FlatParams:
-    """The trainable parameters of a model as one flat vector (packed with the C++ kernel).
+    """The trainable parameters of a model (or a list of parameters) as one flat vector
+    (packed with the C++ kernel).
 
     ``get()`` copies them out, ``set(flat)`` copies back. Not collective.
     """
 
-    def __init__(self, model: torch.nn.Module):
-        self.params = [p for p in model.parameters() if p.requires_grad]
+    def __init__(self, model: torch.nn.Module | list):
+        params = model.parameters() if isinstance(model, torch.nn.Module) else model
+        self.params = [p for p in params if p.requires_grad]
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
             raise ValueError(f"flat parameter vectors need one parameter dtype, got {dtypes}")

@@ -22,7 +22,7 @@ from mpi4py import MPI
 from mltrain.comm import allreduce_
 from mltrain.linalg import has_petsc
 from mltrain.linalg.curvature import Curvature
-from mltrain.linalg.vector import flat_params, set_flat_params
+from mltrain.linalg.vector import FlatParams, flat_params
 from mltrain.linalg.lsr1 import LSR1
 from mltrain.linalg.petsc import NonFiniteError, TRSubproblem, check_options_used, log_event
 from mltrain.linalg.reference import steihaug_cg
@@ -71,6 +71,7 @@ class TrustRegion(torch.optim.Optimizer):
             else None
         self.after_set = after_set
         self._params = self.param_groups[0]["params"]
+        self._flat = FlatParams(self._params)  # the vector this optimizer steps
         self.eta1, self.eta2, self.gamma1, self.gamma2 = eta1, eta2, gamma1, gamma2
         self.radius_max = radius_max
         self.curvature = curvature
@@ -142,15 +143,8 @@ class TrustRegion(torch.optim.Optimizer):
             ok = self.layer_comm.allreduce(ok, op=_MPI.LAND)
         return ok
 
-    def _get(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self._params])
-
     def _set(self, flat: torch.Tensor) -> None:
-        with torch.no_grad():
-            off = 0
-            for p in self._params:
-                p.copy_(flat[off:off + p.numel()].view_as(p))
-                off += p.numel()
+        self._flat.set(flat)
         if self.after_set is not None:
             self.after_set()
 
@@ -266,9 +260,7 @@ class TrustRegion(torch.optim.Optimizer):
 
         Collective on the data-axis communicator."""
         self._samples = len(x) * self.P / weight  # the global batch behind this step
-        layered = self.layer_comm is not None
-        curv = Curvature(model, loss_fn, x, y, self.curvature,
-                         self._params if layered else None)
+        curv = Curvature(model, loss_fn, x, y, self.curvature, self._params)
         loss, g = self._loss_and_grad(curv, weight, shift)
         if not (math.isfinite(loss) and self._finite(g)):
             raise NonFiniteError("loss or gradient is not finite at the current parameters")
@@ -297,15 +289,11 @@ class TrustRegion(torch.optim.Optimizer):
             gs = self._dot(g, s)
             predicted = -(t * gs + t * t * (-predicted - gs))
             s = s * t
-        x0 = self._get() if layered else flat_params(model)
-        if layered:
-            self._set(x0 + s.to(dtype))
-        else:
-            set_flat_params(model, x0 + s.to(dtype))
+        x0 = self._flat.get()
+        self._set(x0 + s.to(dtype))
         if self.lsr1 is not None:  # the trial gradient also feeds the SR1 memory
             trial, g_trial = self._loss_and_grad(
-                Curvature(model, loss_fn, x, y, "lsr1", self._params if layered else None),
-                weight, shift)
+                Curvature(model, loss_fn, x, y, "lsr1", self._params), weight, shift)
             if math.isfinite(trial) and self._finite(g_trial):
                 self.lsr1.update(s, g_trial - g)
         else:
@@ -313,10 +301,7 @@ class TrustRegion(torch.optim.Optimizer):
         rho = (loss - trial) / predicted if predicted > 0 else -math.inf
         accepted = math.isfinite(trial) and rho >= self.eta1
         if not accepted:
-            if layered:
-                self._set(x0)
-            else:
-                set_flat_params(model, x0)  # bit-for-bit restore
+            self._set(x0)  # bit-for-bit restore
             self.radius = self.radius * self.gamma1
             self.counts["rejected"] += 1
         else:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from mltrain.comm import (STATS, Grid, agree, allreduce_, allreduce_scalar,
+from mltrain.comm import (STATS, GradReducer, Grid, agree, allreduce_, allreduce_scalar,
                           broadcast_parameters)
 from mltrain.config import Config, ConfigError, parse_balance, parse_straggler, to_toml
 from mltrain.data import (LABEL_PARTITIONS, ShardLoader, open_dataset, partition,
@@ -91,6 +91,7 @@ class Trainer:
         # Layer ranks and pipeline stages hold replicas of the whole network too: the same
         # weights everywhere.
         broadcast_parameters(self.model, comm if self.lp or self.pipe else dcomm)
+        self._pipe_reducer: GradReducer | None = None
         self.optimizer, self.sync = self._optimizer_and_sync(self.model)
         self.hierarchy = None
         if cfg.optim.nested:
@@ -146,9 +147,16 @@ class Trainer:
                   gamma1=o.gamma1, gamma2=o.gamma2, curvature=o.curvature,
                   ksp_type=o.ksp_type, max_it=o.max_it, memory=o.memory,
                   grow_after=o.grow_after if o.batch == "hybrid" else 0)
-        if self.pipe is not None:  # the pipeline step averages its stage's gradients
+        if self.pipe is not None:
             opt = build_optimizer(o.name, model.parameters(), lr=o.lr, momentum=o.momentum,
                                   weight_decay=o.weight_decay)
+            # Micro-batches accumulate the stage's gradients; they are averaged over the
+            # data axis once, after the step's last backward (no hooks armed).
+            c = self.cfg.comm
+            self._pipe_reducer = (GradReducer(
+                list(self.pipe.parameters()), dcomm, int(c.bucket_mb * 2 ** 20),
+                grad_as_bucket_view=False, max_inflight=c.max_inflight)
+                if self.dp_size > 1 else None)
             return opt, SyncStrategy(model, dcomm)
         # Second order and multilevel: they average their own gradients and products.
         if o.name == "tr":
@@ -328,19 +336,12 @@ class Trainer:
         return loss.detach()
 
     def _pipeline_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One pipelined step: the stage's gradients, averaged over the data axis (one
-        flat allreduce), then the optimizer. Collective on the pipe and data axes."""
+        """One pipelined step: the stage's gradients, averaged over the data axis, then the
+        optimizer. Collective on the pipe and data axes."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.pipe.step(x, y)
-        grads = [p.grad for p in self.pipe.parameters() if p.grad is not None]
-        if self.dp_size > 1 and grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            allreduce_(flat, self.gc.data)
-            flat.div_(self.dp_size)
-            off = 0
-            for g in grads:
-                g.copy_(flat[off:off + g.numel()].view_as(g))
-                off += g.numel()
+        if self._pipe_reducer is not None:
+            self._pipe_reducer.reduce()
         self.optimizer.step()
         return torch.tensor(loss)
 
@@ -492,6 +493,8 @@ class Trainer:
     def close(self) -> None:
         """Removes hooks and frees communicators. Collective."""
         self.sync.close()
+        if self._pipe_reducer is not None:
+            self._pipe_reducer.remove()
         if hasattr(self.optimizer, "close"):
             self.optimizer.close()
         self.metrics.close()

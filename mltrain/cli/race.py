@@ -1,0 +1,98 @@
+"""What ``bench tr`` and ``bench multilevel`` share: train one configuration until it has
+spent a budget of work (or reached a target loss), recording the curve; and the plot of
+such curves. Collective on the trainer's communicator."""
+from __future__ import annotations
+
+import math
+import time
+
+from mltrain.train import Trainer
+
+__all__ = ["race", "plot", "work"]
+
+
+def work(t: Trainer) -> float:
+    """Gradient equivalents so far (on the full network; coarse levels at their cost),
+    loss-only evaluations at one half."""
+    w = t.work()
+    if hasattr(t.optimizer, "report"):
+        cost = t.hierarchy.cost[t.phase] if t.hierarchy is not None else 1.0
+        w += 0.5 * t.optimizer.report(t.dataset.num_train)["loss_evals"] * cost
+    return w
+
+
+def race(cfg, comm, budget: float, points: int, target: float = -math.inf) -> dict:
+    """Trains ``cfg`` until ``budget`` gradient equivalents are spent or the training loss
+    over the whole training set reaches ``target`` (checked at ``points`` evenly spaced
+    marks of work); returns the curve (work, wall time without evaluation, training loss,
+    test accuracy at each mark) and its last point."""
+    from mpi4py import MPI
+
+    t = Trainer(cfg, comm, quiet=True, metrics=False)
+    if t.hierarchy is not None:
+        # Nested iteration: equal steps per level, as many as spend the budget in all.
+        per_step = cfg.data.batch_size / t.dataset.num_train
+        t.total_steps = t.hierarchy.levels * math.ceil(
+            budget / (per_step * sum(t.hierarchy.cost)))
+    ev = t.evaluate()
+    curve = [{"work": 0.0, "wall_s": 0.0, "train_loss": ev["train_loss"],
+              "test_accuracy": ev["test_accuracy"]}]
+    wall, mark, hit = 0.0, budget / points, None
+    while work(t) < budget and t.step < t.total_steps and hit is None:
+        t0 = time.perf_counter()
+        t.advance()
+        wall += time.perf_counter() - t0
+        w = work(t)
+        if w >= mark or w >= budget or t.step == t.total_steps:
+            ev = t.evaluate()
+            curve.append({"work": w, "wall_s": comm.allreduce(wall, op=MPI.MAX),
+                          "train_loss": ev["train_loss"], "test_accuracy": ev["test_accuracy"]})
+            if ev["train_loss"] <= target:
+                hit = curve[-1]
+            while mark <= w:
+                mark += budget / points
+    row = {}
+    if t.phase > 0:  # stopped on a coarse level: what the full-depth network makes of it
+        t.finish_phases()
+        ev = t.evaluate()
+        row = {"full_depth_loss": ev["train_loss"],
+               "full_depth_test_accuracy": ev["test_accuracy"]}
+    row.update({"steps": t.step, "curve": curve, **curve[-1],
+                "work_to_target": hit["work"] if hit else None,
+                "wall_to_target": hit["wall_s"] if hit else None, "level_steps": t.level_steps})
+    if hasattr(t.optimizer, "report"):
+        rep = t.optimizer.report(t.dataset.num_train)
+        row.update({k: rep[k] for k in ("accepted_steps", "rejected_steps", "coarse_corrections",
+                                        "line_search") if k in rep})
+    t.close()
+    return row
+
+
+def plot(res: dict, path: str, work_label: str = "gradient equivalents") -> None:
+    """Training loss against work and wall time, test accuracy against work, one line per
+    method; the target loss dashed when ``res`` has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for r in res["methods"]:
+        c = r["curve"]
+        axes[0].plot([p["work"] for p in c], [p["train_loss"] for p in c], marker="o", ms=3,
+                     label=r["method"])
+        axes[1].plot([p["wall_s"] for p in c], [p["train_loss"] for p in c], marker="o", ms=3)
+        axes[2].plot([p["work"] for p in c], [p["test_accuracy"] for p in c], marker="o", ms=3)
+    if res.get("target") is not None:
+        for ax in axes[:2]:
+            ax.axhline(res["target"], color="k", lw=0.8, ls="--")
+    axes[0].set(xlabel=work_label, ylabel="training loss", yscale="log")
+    axes[1].set(xlabel="wall time [s]", ylabel="training loss", yscale="log")
+    axes[2].set(xlabel=work_label, ylabel="test accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{res['dataset']}, {res['model']}, {res['ranks']} rank(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
