@@ -84,7 +84,9 @@ def test_docs_list_every_key():
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["parallel.layer=2", "optim.name=rmtr"], "optim.name"),
+    (["parallel.layer=2", "optim.name=mgopt"], "optim.name"),
+    (["parallel.layer=2", "optim.name=rmtr", "optim.curvature=hessian"], "optim.curvature"),
+    (["parallel.layer=2", "optim.name=rmtr", "optim.nested=true", "optim.levels=2"], "nested"),
     (["parallel.layer=2", "optim.name=tr", "optim.curvature=ggn"], "optim.curvature"),
     (["parallel.layer=2", "sync.name=localsgd"], "sync.name"),
     (["parallel.pipe=2", "optim.name=tr"], "optim.name"),

@@ -240,6 +240,10 @@ def test_layer_parallel_rank_count_errors():
     cli_error(["parallel.layer=2", "model.depth=1", "run.steps=1"], "cannot be shared")
     cli_error(["parallel.layer=2", "model.depth=4", "mgrit.levels=3", "run.steps=1"],
               "coarsest intervals")
+    # RMTR's hierarchy splits with the MGRIT levels: 8 blocks in units of 2 x 4.
+    cli_error(["parallel.layer=2", "model.depth=8", "mgrit.levels=2", "optim.name=rmtr",
+               "optim.curvature=lsr1", "optim.levels=3", "run.steps=1"],
+              "x optim.cf^(optim.levels-1) = 2 x 4 = 8 leave 1 coarsest intervals")
 
 
 @pytest.mark.parametrize("n, levels, iters, relax, skip", [

@@ -301,11 +301,11 @@ def _validate(cfg: Config) -> None:
                               "yet")
     parse_balance(cfg.pipeline.balance)
     if cfg.parallel.layer > 1:
-        if cfg.optim.name not in ("sgd", "adam", "tr") or cfg.optim.nested:
+        if cfg.optim.name not in ("sgd", "adam", "tr", "rmtr") or cfg.optim.nested:
             raise ConfigError(f"parallel.layer: layer-parallel training works with optim.name "
-                              f"= 'sgd', 'adam' or 'tr' (not yet {cfg.optim.name!r}"
+                              f"= 'sgd', 'adam', 'tr' or 'rmtr' (not yet {cfg.optim.name!r}"
                               f"{' with nested iteration' if cfg.optim.nested else ''})")
-        if cfg.optim.name == "tr" and cfg.optim.curvature != "lsr1":
+        if cfg.optim.name in ("tr", "rmtr") and cfg.optim.curvature != "lsr1":
             raise ConfigError(f"optim.curvature: layer-parallel trust region needs 'lsr1' "
                               f"(no {cfg.optim.curvature!r} products through MGRIT yet)")
         if cfg.sync.name != "allreduce":

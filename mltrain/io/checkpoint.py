@@ -176,7 +176,10 @@ def _read_validated(path: Path, model: torch.nn.Module,
             raise
         raise CheckpointError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
     # Optimizer state must belong to existing parameters with matching shapes.
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    # What the state's indices number: the optimizer's parameters, or (multilevel) every
+    # level's whole network, the same on every rank whatever the layer-parallel split.
+    params = (optimizer.state_params() if hasattr(optimizer, "state_params") else
+              [p for g in optimizer.param_groups for p in g["params"]])
     for key, arr in arrays.items():
         if key.startswith("optim/"):
             idx = int(key.split("/")[1])

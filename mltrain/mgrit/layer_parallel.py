@@ -33,21 +33,27 @@ from mltrain.multilevel.hierarchy import check_protocol
 __all__ = ["LayerParallel", "split_layers"]
 
 
-def split_layers(n: int, ranks: int, levels: int, cf: int) -> list[tuple[int, int]]:
+def split_layers(n: int, ranks: int, levels: int, cf: int,
+                 align: int = 1) -> list[tuple[int, int]]:
     """Balanced contiguous [lo, hi) block ranges, one per rank, whose ends are multiples
-    of cf^(levels-1) (C-points on every level). Raises ConfigError when the depth cannot
-    carry the ranks, levels or coarsening factor. Not collective."""
-    unit = cf ** (levels - 1)
+    of cf^(levels-1) (C-points on every level) times ``align`` (a depth hierarchy's
+    cf^(optim.levels-1), so that every level of it splits on the same boundaries). Raises
+    ConfigError when the depth cannot carry the ranks, levels or coarsening factor. Not
+    collective."""
+    unit = cf ** (levels - 1) * align
+    what = "mgrit.cf^(mgrit.levels-1)" + (f" x optim.cf^(optim.levels-1) = {cf ** (levels - 1)}"
+                                          f" x {align}" if align > 1 else "")
     if n < ranks:
         raise ConfigError(f"parallel.layer: {n} residual blocks cannot be shared by {ranks} "
                           "layer ranks")
     if n % unit:
         raise ConfigError(f"mgrit.levels: {n} residual blocks are not divisible by "
-                          f"mgrit.cf^(levels-1) = {unit}")
+                          f"{what} = {unit}")
     m = n // unit
     if m < ranks:
-        raise ConfigError(f"mgrit.levels: {levels} levels with cf = {cf} leave {m} coarsest "
-                          f"intervals for {ranks} layer ranks; use fewer levels or ranks")
+        raise ConfigError(f"mgrit.levels: {n} residual blocks in units of {what} = {unit} "
+                          f"leave {m} coarsest intervals for {ranks} layer ranks; use fewer "
+                          "levels or ranks")
     out, lo = [], 0
     for r in range(ranks):
         k = m // ranks + (r < m % ranks)
@@ -81,12 +87,16 @@ class LayerParallel(nn.Module):
 
     def __init__(self, model: nn.Module, comm: MPI.Comm, *, levels: int = 2, cf: int = 2,
                  relax: str = "F", iters: int = 2, bwd_iters: int = 1, tol: float = 0.0,
-                 skip: bool = True):
+                 skip: bool = True, align: int = 1,
+                 ranges: list[tuple[int, int]] | None = None):
+        """``align``: see ``split_layers``; ``ranges``: the blocks of each rank, given
+        (a coarse level of a layer-parallel hierarchy splits where its finest level does)."""
         super().__init__()
         check_protocol(model)
         self.model, self.comm = model, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        self.ranges = split_layers(len(model.blocks), self.size, levels, cf)
+        self.ranges = (split_layers(len(model.blocks), self.size, levels, cf, align)
+                       if ranges is None else list(ranges))
         self.lo, self.hi = self.ranges[self.rank]
         self.levels, self.cf, self.relax = levels, cf, relax
         self.iters, self.bwd_iters, self.tol, self.skip = iters, bwd_iters, tol, skip

@@ -16,14 +16,32 @@ class LevelOptimizers:
     of all levels in order (finest first), the way a checkpoint stores one optimizer.
     Not collective."""
 
-    def __init__(self, hierarchy: Hierarchy, parts: list):
-        self.h, self.parts = hierarchy, parts
+    def __init__(self, hierarchy: Hierarchy, parts: list, flat_state: bool = False):
+        """``flat_state``: each level's state lives on its first parameter only, and the
+        state dict keeps all of it on parameter 0 (keys ``level<l>.<key>``). Layer-parallel
+        levels need this: their parameter lists differ from rank to rank, parameter 0
+        exists on every one."""
+        self.h, self.parts, self.flat_state = hierarchy, parts, flat_state
 
     @property
     def param_groups(self) -> list[dict]:
         return [g for p in self.parts for g in p.param_groups]
 
+    def state_params(self) -> list:
+        """The parameters the state dict's indices number (in the serial layout): every
+        level's network, finest first."""
+        return [p for m in self.h.models for p in m.parameters()]
+
     def state_dict(self) -> dict:
+        if self.flat_state:
+            merged = {}
+            for lv, opt in enumerate(self.parts):
+                sd = opt.state_dict()
+                if set(sd["state"]) - {0}:
+                    raise ValueError("flat_state: level state beyond the first parameter")
+                merged.update({f"level{lv}.{k}": v for k, v in sd["state"].get(0, {}).items()})
+            return {"state": {0: merged}, "param_groups": [
+                g for opt in self.parts for g in opt.state_dict()["param_groups"]]}
         state, groups, off = {}, [], 0
         for opt in self.parts:
             sd = opt.state_dict()
@@ -34,12 +52,27 @@ class LevelOptimizers:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        off = 0
-        for opt in self.parts:
-            n = _count(opt)
-            own = {k - off: v for k, v in state_dict["state"].items() if off <= k < off + n}
+        """Either layout loads into either kind of optimizer, so a layer-parallel run
+        resumes serially and the other way round (what only one holds, such as the L-SR1
+        memory of a serial checkpoint, is left out)."""
+        state = state_dict["state"]
+        levels = []
+        if any(str(k).startswith("level") for k in state.get(0, {})):  # flat layout
+            for lv in range(len(self.parts)):
+                own = {k.split(".", 1)[1]: v for k, v in state[0].items()
+                       if k.startswith(f"level{lv}.")}
+                levels.append({0: own} if own else {})
+        else:
+            off = 0
+            for lv in range(len(self.parts)):
+                n = len(list(self.h.models[lv].parameters()))
+                levels.append({k - off: v for k, v in state.items() if off <= k < off + n})
+                off += n
+        for opt, own in zip(self.parts, levels):
+            if self.flat_state:
+                own = {0: {k: v for k, v in own[0].items() if not k.startswith("lsr1_")}} \
+                    if 0 in own else {}
             opt.load_state_dict({"state": own, "param_groups": opt.state_dict()["param_groups"]})
-            off += n
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for m in self.h.models:

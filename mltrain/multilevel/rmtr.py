@@ -31,10 +31,9 @@ import math
 import torch
 from mpi4py import MPI
 
-from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.multilevel.base import LevelOptimizers
-from mltrain.multilevel.hierarchy import (Hierarchy, finest_metric, prolong_vec,
-                                          restrict_grad, restrict_vec, to_finest)
+from mltrain.multilevel.hierarchy import Hierarchy
+from mltrain.multilevel.transfers import LayerTransfers, Transfers
 from mltrain.optim.tr import TrustRegion
 
 __all__ = ["RMTR"]
@@ -43,12 +42,26 @@ __all__ = ["RMTR"]
 class RMTR(LevelOptimizers):
     def __init__(self, hierarchy: Hierarchy, comm: MPI.Comm, *, cycle: str = "V",
                  pre_smooth: int = 1, post_smooth: int = 1, coarse_iters: int = 2,
-                 kappa: float = 1e-3, boundary: float = 0.05, **tr):
-        """``tr``: the TrustRegion keywords (radius, eta1, ..., curvature), every level."""
+                 kappa: float = 1e-3, boundary: float = 0.05, layered: list | None = None,
+                 **tr):
+        """``tr``: the TrustRegion keywords (radius, eta1, ..., curvature), every level.
+
+        ``layered``: layer-parallel training, one ``LayerParallel`` per level (wrapping
+        ``hierarchy.models``, the coarse ones split where the finest is): each level's
+        vector is distributed over their layer communicator and every level's network runs
+        through MGRIT."""
         if cycle not in ("V", "W"):
             raise ValueError(f"cycle must be V or W, not {cycle!r}")
-        super().__init__(hierarchy, [TrustRegion(m.parameters(), comm, **tr)
-                                     for m in hierarchy.models])
+        if layered is None:
+            self.nets = list(hierarchy.models)
+            parts = [TrustRegion(m.parameters(), comm, **tr) for m in hierarchy.models]
+            self.T = Transfers(hierarchy)
+        else:
+            self.nets = list(layered)
+            parts = [TrustRegion(lp.vector_parameters(), comm, layer_comm=lp.comm,
+                                 after_set=lp.sync_replicated, **tr) for lp in layered]
+            self.T = LayerTransfers(hierarchy, layered[0].comm, [lp.ranges for lp in layered])
+        super().__init__(hierarchy, parts, flat_state=layered is not None)
         self.comm = comm
         self.gamma = 1 if cycle == "V" else 2
         self.pre, self.post, self.coarse_iters = pre_smooth, post_smooth, coarse_iters
@@ -59,7 +72,7 @@ class RMTR(LevelOptimizers):
         self.corrections = {k: [0] * max(L - 1, 1)
                             for k in ("tried", "skipped", "accepted", "rejected")}
         # Coarse subproblems are solved in (the diagonal of) the finest-level norm.
-        self.scale = [None] + [finest_metric(hierarchy, lv).sqrt() for lv in range(1, L)]
+        self.scale = [None] + [self.T.metric(lv).sqrt() for lv in range(1, L)]
         # (level, ||step||_l, bound) for each prolonged coarse step of the last cycle.
         self.bound_checks: list[tuple[int, float, float]] = []
 
@@ -75,7 +88,7 @@ class RMTR(LevelOptimizers):
     def tr_step(self, model, loss_fn, x, y, weight: float = 1.0) -> float:
         """One cycle from the finest level; returns the loss where it started. With one
         level this is exactly one trust-region step. Collective."""
-        assert model is self.h.models[0]
+        assert model is self.nets[0]
         self.bound_checks = []
         if self.h.levels == 1:
             return self.parts[0].tr_step(model, loss_fn, x, y, weight)
@@ -86,18 +99,18 @@ class RMTR(LevelOptimizers):
     # -- helpers -------------------------------------------------------------------------
     def _norm(self, level: int, d: torch.Tensor) -> float:
         """||d||_level: the length of the prolonged vector on the finest level."""
-        return float(to_finest(self.h, level, d).norm())
+        return self.T.norm(self.T.to_finest(level, d))
 
     def _limit(self, level: int, anchor: torch.Tensor, bound: float):
         """The fraction t of a step s with ||x + t s - anchor||_level <= bound."""
-        model = self.h.models[level]
+        T, vec = self.T, self.parts[level]._flat
 
         def limit(s: torch.Tensor) -> float:
-            pd = to_finest(self.h, level, flat_params(model).to(torch.float64) - anchor)
-            ps = to_finest(self.h, level, s)
-            if float((pd + ps).norm()) <= bound:
+            pd = T.to_finest(level, vec.get().to(torch.float64) - anchor)
+            ps = T.to_finest(level, s)
+            if T.norm(pd + ps) <= bound:
                 return 1.0
-            a, b, c = float(ps @ ps), 2.0 * float(pd @ ps), float(pd @ pd) - bound * bound
+            a, b, c = T.dot(ps, ps), 2.0 * T.dot(pd, ps), T.dot(pd, pd) - bound * bound
             return max(0.0, min(1.0, (-b + math.sqrt(max(b * b - 4 * a * c, 0.0))) / (2 * a)))
         return limit
 
@@ -105,7 +118,7 @@ class RMTR(LevelOptimizers):
         """How far level ``level`` may still move (fine-measured): inf on the finest."""
         if level == 0:
             return math.inf
-        d = flat_params(self.h.models[level]).to(torch.float64) - anchor
+        d = self.parts[level]._flat.get().to(torch.float64) - anchor
         return bound - self._norm(level, d)
 
     # -- the cycle -----------------------------------------------------------------------
@@ -114,7 +127,7 @@ class RMTR(LevelOptimizers):
         (None: not known yet); returns (start value, end value, done) where done says the
         excursion reached its bound."""
         loss_fn, x, y, w = self._batch
-        tr, model = self.parts[level], self.h.models[level]
+        tr, model = self.parts[level], self.nets[level]
         start = value
         for _ in range(steps):
             if level == 0:
@@ -156,31 +169,31 @@ class RMTR(LevelOptimizers):
         """One coarse correction of level ``level``; returns the objective before and
         after it, and whether the excursion reached its bound."""
         loss_fn, x, y, w = self._batch
-        tr, model = self.parts[level], self.h.models[level]
-        coarse, ctr = self.h.models[level + 1], self.parts[level + 1]
+        tr, model = self.parts[level], self.nets[level]
+        coarse, ctr = self.nets[level + 1], self.parts[level + 1]
         f, g = tr.objective(model, loss_fn, x, y, w, shift)
         anchor = shift[1] if shift is not None else None
         self.corrections["tried"][level] += 1
-        rg = restrict_grad(self.h, level, g)
-        if float(rg.norm()) < self.kappa * float(g.norm()):
+        rg = self.T.restrict_grad(level, g)
+        if self.T.norm(rg) < self.kappa * self.T.norm(g):
             self.corrections["skipped"][level] += 1  # the coarse level cannot help here
             return f, f, False
-        x0 = flat_params(model)
+        x0 = tr._flat.get()
         dtype = x0.dtype
-        xc0 = restrict_vec(self.h, level, x0)
-        set_flat_params(coarse, xc0)
+        xc0 = self.T.restrict(level, x0)
+        ctr._set(xc0)
         fc0, gc = ctr.objective(coarse, loss_fn, x, y, w)
         anchor_c = xc0.to(torch.float64)
         room = tr.radius if level == 0 else min(tr.radius, self._room(level, anchor, bound))
         # h_c(x) = f_c(x) + (P^T g - grad f_c(xc0)) . (x - xc0): h_c(xc0) = f_c(xc0)
         start_c, end_c = self._cycle(level + 1, (rg - gc, anchor_c), room, fc0)
         predicted = start_c - end_c
-        sc = flat_params(coarse).to(torch.float64) - anchor_c
-        if not predicted > 0 or not bool(sc.any()):
+        sc = ctr._flat.get().to(torch.float64) - anchor_c
+        if not predicted > 0 or not self.T.any(sc):
             return f, f, False  # the coarse level made no progress: nothing to prolong
-        e = prolong_vec(self.h, level, sc)
+        e = self.T.prolong(level, sc)
         self.bound_checks.append((level, self._norm(level + 1, sc), room))
-        set_flat_params(model, x0 + e.to(dtype))
+        tr._set(x0 + e.to(dtype))
         trial = tr.value(model, loss_fn, x, y, w, shift)
         rho = (f - trial) / predicted
         accepted = math.isfinite(trial) and rho >= tr.eta1
@@ -189,7 +202,7 @@ class RMTR(LevelOptimizers):
                 tr.radius = min(tr.radius * tr.gamma2, tr.radius_max)
             self.corrections["accepted"][level] += 1
         else:
-            set_flat_params(model, x0)  # bit-for-bit restore
+            tr._set(x0)  # bit-for-bit restore
             tr.radius = tr.radius * tr.gamma1
             self.corrections["rejected"][level] += 1
         if level == 0:

@@ -22,7 +22,7 @@ from mpi4py import MPI
 from mltrain.comm import allreduce_
 from mltrain.linalg import has_petsc
 from mltrain.linalg.curvature import Curvature
-from mltrain.linalg.vector import FlatParams, flat_params
+from mltrain.linalg.vector import FlatParams
 from mltrain.linalg.lsr1 import LSR1
 from mltrain.linalg.petsc import NonFiniteError, TRSubproblem, check_options_used, log_event
 from mltrain.linalg.reference import steihaug_cg
@@ -153,7 +153,7 @@ class TrustRegion(torch.optim.Optimizer):
         if shift is None:
             return 0.0
         delta, anchor = shift
-        return float(delta @ (flat_params(model).to(torch.float64) - anchor))
+        return self._dot(delta, self._flat.get().to(torch.float64) - anchor)
 
     def value(self, model, loss_fn, x, y, weight: float = 1.0, shift=None) -> float:
         """The objective (loss averaged over the data axis, plus the linear term of

@@ -76,10 +76,13 @@ class Trainer:
         self.model = model.to(self.dtype)
         self.lp: LayerParallel | None = None
         if cfg.parallel.layer > 1:
-            m = cfg.mgrit
+            m, o = cfg.mgrit, cfg.optim
+            # RMTR's coarse levels split where the finest does: align to its hierarchy.
+            align = o.cf ** (o.levels - 1) if o.name == "rmtr" else 1
             self.lp = agree(comm, lambda: LayerParallel(
                 self.model, self.gc.comms["layer"], levels=m.levels, cf=m.cf, relax=m.relax,
-                iters=m.iters, bwd_iters=m.bwd_iters, tol=m.tol, skip=m.skip), what="config")
+                iters=m.iters, bwd_iters=m.bwd_iters, tol=m.tol, skip=m.skip, align=align),
+                what="config")
             self.model = self.lp
         self.pipe: Pipeline | None = None
         if cfg.parallel.pipe > 1:
@@ -171,11 +174,15 @@ class Trainer:
             return opt, SyncStrategy(model, dcomm)
         if o.name in ("rmtr", "mgopt"):
             def build():
-                h = Hierarchy(model, levels or o.levels, o.cf, o.transfer, o.prolongation)
+                layered = self.lp is not None and model is self.lp
+                h = Hierarchy(self.lp.model if layered else model, levels or o.levels, o.cf,
+                              o.transfer, o.prolongation)
                 common = dict(pre_smooth=o.pre_smooth, post_smooth=o.post_smooth,
                               coarse_iters=o.coarse_iters)
                 if o.name == "rmtr":
-                    return RMTR(h, dcomm, cycle=o.cycle, kappa=o.kappa, **common, **tr)
+                    return RMTR(h, dcomm, cycle=o.cycle, kappa=o.kappa,
+                                layered=self._layered_levels(h) if layered else None,
+                                **common, **tr)
                 return MGOpt(h, dcomm, lr=o.lr, smoother=o.smoother, momentum=o.momentum,
                              tr=tr, **common)
             return agree(comm, build, what="config"), SyncStrategy(model, dcomm)
@@ -184,6 +191,19 @@ class Trainer:
         # Layer-parallel: each rank reduces the gradients of what it trains, nothing else.
         synced = self.lp.local_modules() if self.lp is not None and model is self.lp else model
         return opt, agree(comm, lambda: build_sync(self.cfg, synced, dcomm), what="config")
+
+    def _layered_levels(self, h: Hierarchy) -> list[LayerParallel]:
+        """One LayerParallel per level of ``h``: the finest is the run's, each coarse one
+        splits its blocks where the finest does (same MGRIT settings)."""
+        lp, m = self.lp, self.cfg.mgrit
+        out = [lp]
+        for lv in range(1, h.levels):
+            k = h.cf ** lv
+            out.append(LayerParallel(h.models[lv], lp.comm, levels=m.levels, cf=m.cf,
+                                     relax=m.relax, iters=m.iters, bwd_iters=m.bwd_iters,
+                                     tol=m.tol, skip=m.skip,
+                                     ranges=[(a // k, b // k) for a, b in lp.ranges]))
+        return out
 
     # -- nested iteration ----------------------------------------------------------------
     def _phase_of(self, step: int) -> int:
@@ -298,7 +318,8 @@ class Trainer:
         with STATS.paused(), self.sync.consensus():  # drifting replicas: their average
             if self.lp is not None:  # every block and its optimizer state from its owner
                 self.lp.gather()
-                self.lp.gather_state(self.optimizer)
+                if not getattr(self.optimizer, "flat_state", False):  # else replicated
+                    self.lp.gather_state(self.optimizer)
             if self.pipe is not None:  # every stage and its optimizer state likewise
                 self.pipe.gather(self._layers)
                 gather_state(self.optimizer, self.pipe.groups(self._layers), self.pipe.comm)
