@@ -68,8 +68,14 @@ def test_layers_and_balance():
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("M", [1, 3, 4])
-def test_pipelined_gradients_equal_unpipelined(comm, schedule, M):
+@pytest.mark.parametrize("how", ["spin", "yield"])
+def test_pipelined_gradients_equal_unpipelined(comm, schedule, M, how, monkeypatch):
+    from mltrain.comm import waiting
     from mltrain.nn import ResNet
+
+    # Both ways of waiting for a message (polling in MPI; testing and yielding the core,
+    # as on an oversubscribed node) give the same transfers.
+    monkeypatch.setattr(waiting, "polite", how == "yield")
 
     torch.manual_seed(0)
     model = ResNet(12, 8, 6, 5).double()
@@ -150,3 +156,25 @@ def test_pipeline_rank_count_errors():
     cli_error(["parallel.pipe=2", "pipeline.balance=1,1", "run.steps=1"], "pipeline.balance")
     cli_error(["parallel.pipe=2", "pipeline.microbatches=1000", "run.steps=1"],
               "pipeline.microbatches")
+
+
+def test_waiting_mode_follows_the_launcher_and_the_override(monkeypatch):
+    import os
+
+    from mltrain.comm import waiting
+
+    cpus = len(os.sched_getaffinity(0))
+    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MLTRAIN_WAIT"):
+        monkeypatch.delenv(var, raising=False)
+    assert not waiting.oversubscribed()  # no launcher variables: one rank
+    monkeypatch.setenv("MPI_LOCALNRANKS", str(cpus + 1))
+    assert waiting.oversubscribed() and waiting._choose()
+    monkeypatch.setenv("MLTRAIN_WAIT", "spin")
+    assert not waiting._choose()
+    monkeypatch.setenv("MPI_LOCALNRANKS", str(cpus))
+    monkeypatch.setenv("MLTRAIN_WAIT", "yield")
+    assert not waiting.oversubscribed() and waiting._choose()
+    monkeypatch.delenv("MPI_LOCALNRANKS")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", str(cpus + 3))
+    monkeypatch.delenv("MLTRAIN_WAIT")
+    assert waiting.oversubscribed()

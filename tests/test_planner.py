@@ -65,6 +65,22 @@ def test_cost_terms_match_hand_computed_values():
     assert bubble_fraction(1, 8) == 0.0
     assert pipeline_time([1.0, 3.0, 2.0], 4) == pytest.approx(6 * 3.0)
     assert stage_memory(100.0, 200.0, 10.0, 3) == 430.0
+    # 4 ranks a node on 2 cores: a step at 4 ranks (or more) takes twice as long, at 2 not.
+    two = Hardware(**{**HW, "cores_per_node": 2})
+    assert [two.oversubscription(r) for r in (1, 2, 3, 4, 8)] == [1.0, 1.0, 1.5, 2.0, 2.0]
+    assert hw.oversubscription(8) == 1.0  # cores_per_node absent: a core per rank
+
+
+def test_planner_prices_oversubscription():
+    from mltrain.planner.cost import Hardware
+    from mltrain.planner.search import plan
+
+    prof = _profile(6)
+    full = plan(prof, Hardware(**HW), 4, 64)
+    half = plan(prof, Hardware(**{**HW, "cores_per_node": 2}), 4, 64)
+    key = lambda c: (c["data"], c["pipe"], c["layer"], c["microbatches"], c["schedule"])  # noqa: E731
+    assert {key(c): 2 * c["predicted_step_s"] for c in full} == pytest.approx(
+        {key(c): c["predicted_step_s"] for c in half})
 
 
 def test_hardware_files(tmp_path):
@@ -80,6 +96,8 @@ def test_hardware_files(tmp_path):
                        ({**HW, "speed_of_light": 1.0}, "hardware.speed_of_light: unknown"),
                        ({**HW, "intra_bandwidth": 0.0}, "hardware.intra_bandwidth: impossible"),
                        ({**HW, "nodes": 1.5}, "hardware.nodes: must be a whole"),
+                       ({**HW, "cores_per_node": -2}, "hardware.cores_per_node: impossible"),
+                       ({**HW, "cores_per_node": 2.5}, "hardware.cores_per_node: must be"),
                        ({**HW, "inter_latency": "fast"}, "hardware.inter_latency: expected")]:
         with pytest.raises(ConfigError, match=match):
             load_hardware(write(bad))

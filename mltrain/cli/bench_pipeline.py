@@ -2,15 +2,16 @@
 
 hardware: ranks per node and nodes (from MPI's shared-memory split), memory per rank (the
 node's memory over its ranks), point-to-point latency (8-byte ping-pong) and bandwidth
-(16 MiB ping-pong) within a node and, when the job spans nodes, between nodes; the compute
-speed is 1 (the planner profiles on the machine it plans for). Collective.
+(16 MiB ping-pong) within a node and, when the job spans nodes, between nodes; the cores
+a node's ranks may run on (the union of their CPU affinities); the compute speed is 1 (the
+planner profiles on the machine it plans for). Collective.
 
 pipeline: the training step of the configured model (forward, backward, data-axis gradient
 average, optimizer) for every decomposition the rank count allows: unpipelined (pure data
 parallelism, the baseline) and pipelined with 2 stages, 1 to 8 micro-batches, both
 schedules; the planner's predicted step time for each, from the layer profile and the
 hardware measured in the same run; the model's error, and where the planner's top choice
-ranks among the measured. Collective.
+ranks among the measured. The decompositions are timed in interleaved rounds. Collective.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from mltrain.comm import GradReducer
+from mltrain.comm.waiting import wait
 from mltrain.planner.cost import Hardware
 
 __all__ = ["measure_hardware", "bench_pipeline", "hardware_toml"]
@@ -48,8 +50,13 @@ def measure_hardware(comm: MPI.Comm) -> Hardware:
     P, rank = comm.Get_size(), comm.Get_rank()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     per_node = local.Get_size()
+    # The cores this node's ranks may run on: the union of their affinities.
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(
+        range(os.cpu_count() or 1))
+    cores = len(set().union(*local.allgather(mine)))
     local.Free()
     per_node = comm.allreduce(per_node, op=MPI.MAX)
+    cores = comm.allreduce(cores, op=MPI.MIN)
     nodes = max(P // per_node, 1)
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / per_node
     big = 16 * 2 ** 20
@@ -69,7 +76,8 @@ def measure_hardware(comm: MPI.Comm) -> Hardware:
         ibw = big / max(_pingpong(comm, 0, per_node, big, 10) - ilat, 1e-9)
     return Hardware(ranks_per_node=per_node, nodes=nodes, memory_per_rank=float(mem),
                     compute_speed=1.0, intra_bandwidth=float(bw), intra_latency=float(lat),
-                    inter_bandwidth=float(ibw), inter_latency=float(ilat))
+                    inter_bandwidth=float(ibw), inter_latency=float(ilat),
+                    cores_per_node=int(cores))
 
 
 def hardware_toml(hw: Hardware) -> str:
@@ -79,8 +87,9 @@ def hardware_toml(hw: Hardware) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10) -> dict:
-    """Collective on ``comm``."""
+def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dict:
+    """``rounds`` rounds of ``steps`` timed steps of every decomposition. Collective on
+    ``comm``."""
     from mltrain.comm import Grid, broadcast_parameters
     from mltrain.data import open_dataset
     from mltrain.nn import build_model
@@ -102,15 +111,26 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10) -> dict:
     y_all = torch.randint(0, ds.num_classes, (B,))
     state = {"adam": 2.0, "sgd": 1.0 if cfg.optim.momentum else 0.0}.get(cfg.optim.name, 1.0)
     # The profile at a rank's share of the batch, measured on every rank at once (as they
-    # will compute at once); the slowest rank's figures count.
-    mine = profile_layers(sequential_layers(fresh()), x_all[:max(B // P, 1)],
-                          optimizer_state=state, optimizer=cfg.optim.name)
+    # will compute at once; in turn on an oversubscribed node); the slowest rank's figures
+    # count.
+    def measure():
+        return profile_layers(sequential_layers(fresh()), x_all[:max(B // P, 1)],
+                              optimizer_state=state, optimizer=cfg.optim.name)
+    if hw.oversubscription(P) > 1:
+        # More ranks than cores: the model prices the sharing of cores itself, so each
+        # rank measures with a core to itself, in turn, while the others wait politely.
+        for r in range(P):
+            if r == rank:
+                mine = measure()
+            wait(comm.Ibarrier())
+    else:
+        mine = measure()
     every = comm.allgather(mine)
     prof = type(mine)(**{k: [max(vals) for vals in zip(*(getattr(q, k) for q in every))]
                          for k in mine.__dict__})
     predicted = {(c["data"], c["pipe"], c["microbatches"], c["schedule"]): c
                  for c in plan(prof, hw, P, B, microbatches=(1, 2, 4, 8))}
-    rows = []
+    runs = []  # (row, step function, clean-up) for every decomposition measured
     for (D, S, M, sched), pred in sorted(predicted.items()):
         if S > 2:
             continue  # measured: unpipelined and 2 stages
@@ -130,7 +150,7 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10) -> dict:
                                grad_as_bucket_view=False, max_inflight=cfg.comm.max_inflight)
                    if D > 1 else None)
 
-        def step():
+        def step(model=model, opt=opt, pipe=pipe, reducer=reducer, x=x, y=y):
             opt.zero_grad(set_to_none=True)
             if pipe is not None:
                 pipe.step(x, y)
@@ -139,22 +159,29 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10) -> dict:
             if reducer is not None:
                 reducer.reduce()
             opt.step()
-        for _ in range(2):  # warm-up
-            step()
-        times = []
-        for _ in range(steps):
-            comm.Barrier()
-            t0 = time.perf_counter()
-            step()
-            times.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-        if reducer is not None:
-            reducer.remove()
-        gc.free()
-        t = sorted(times)[len(times) // 2]  # the median step
-        rows.append({"data": D, "pipe": S, "microbatches": M, "schedule": sched,
-                     "balance": pred["balance"], "time_s": t,
-                     "predicted_s": pred["predicted_step_s"],
-                     "model_error": abs(pred["predicted_step_s"] - t) / t})
+
+        def done(reducer=reducer, gc=gc):
+            if reducer is not None:
+                reducer.remove()
+            gc.free()
+        row = {"data": D, "pipe": S, "microbatches": M, "schedule": sched,
+               "balance": pred["balance"], "predicted_s": pred["predicted_step_s"]}
+        runs.append((row, step, done, []))
+    # Rounds over all decompositions, so that a slow phase of the machine (the scheduler,
+    # with more ranks than cores) falls on all of them rather than on one.
+    for _ in range(rounds):
+        for row, step, _, times in runs:
+            step()  # warm-up (and the first round's allocations)
+            for _ in range(steps):
+                wait(comm.Ibarrier())
+                t0 = time.perf_counter()
+                step()
+                times.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+    rows = []
+    for row, _, done, times in runs:
+        done()
+        t = sorted(times)[len(times) // 2]  # the median step, the slowest rank's
+        rows.append({**row, "time_s": t, "model_error": abs(row["predicted_s"] - t) / t})
     base = next(r for r in rows if r["pipe"] == 1)
     for r in rows:
         r["ratio_vs_unpipelined"] = r["time_s"] / base["time_s"]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mltrain.comm import waiting
 from mltrain.comm.errors import collective
 
 __all__ = ["STATS", "CommStats", "allreduce_", "iallreduce_", "broadcast_", "allgather",
@@ -112,7 +113,7 @@ class Handle:
         return self.req.Test()
 
     def wait(self) -> torch.Tensor:
-        self.req.Wait()
+        waiting.wait(self.req)
         self._staged.writeback()
         return self._staged.device_tensor
 
@@ -150,7 +151,10 @@ def broadcast_(t: torch.Tensor, comm: MPI.Comm, root: int = 0) -> torch.Tensor:
     s = _Staged(t)
     STATS.add(comm, s.host.nbytes)
     if comm.Get_size() > 1:
-        comm.Bcast(mpi_buffer(s.host), root=root)
+        if waiting.polite:  # an oversubscribed node: wait without holding the core
+            waiting.wait(comm.Ibcast(mpi_buffer(s.host), root=root))
+        else:
+            comm.Bcast(mpi_buffer(s.host), root=root)
     s.writeback()
     return t
 

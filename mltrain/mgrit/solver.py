@@ -22,6 +22,7 @@ import torch
 from mpi4py import MPI
 
 from mltrain.comm import STATS
+from mltrain.comm.waiting import wait
 
 __all__ = ["MGRITSolver"]
 
@@ -76,9 +77,9 @@ class MGRITSolver:
 
     def _exchange_end(self, req) -> None:
         if req is not None:
-            req.Wait()
+            wait(req)
         if self._send is not None:
-            self._send.Wait()
+            wait(self._send)
             self._send = None
 
     def _interval(self, level, u, g, c):

@@ -12,6 +12,7 @@ from torch import nn
 
 from mltrain.comm import STATS, broadcast_
 from mltrain.comm.ownership import gather_params
+from mltrain.comm.waiting import probe, wait
 from mltrain.config import ConfigError
 from mltrain.pipeline.schedules import build_schedule
 
@@ -107,9 +108,10 @@ class Pipeline:
                 pending.append((comm.Isend(t.numpy(), dest=a.peer, tag=_tag("ACT", m)), t))
                 STATS.add(comm, t.numel() * t.element_size())
             elif a.kind == "RECV_ACT":
+                probe(comm, a.peer, _tag("ACT_META", m))
                 shape, dtype = comm.recv(source=a.peer, tag=_tag("ACT_META", m))
                 buf = torch.empty(shape, dtype=getattr(torch, dtype))
-                comm.Recv(buf.numpy(), source=a.peer, tag=_tag("ACT", m))
+                wait(comm.Irecv(buf.numpy(), source=a.peer, tag=_tag("ACT", m)))
                 inputs[m] = buf.requires_grad_(True)
             elif a.kind == "B":
                 if self.last:
@@ -123,10 +125,10 @@ class Pipeline:
                 STATS.add(comm, g.numel() * g.element_size())
             elif a.kind == "RECV_GRAD":
                 buf = torch.empty_like(outputs[m])
-                comm.Recv(buf.numpy(), source=a.peer, tag=_tag("GRAD", m))
+                wait(comm.Irecv(buf.numpy(), source=a.peer, tag=_tag("GRAD", m)))
                 grads[m] = buf
         for req, _ in pending:
-            req.Wait()
+            wait(req)
         loss = torch.tensor([float(sum(v.detach() for v in losses.values())) if self.last
                              else 0.0], dtype=torch.float64)
         broadcast_(loss, comm, root=self.S - 1)

@@ -10,7 +10,10 @@ Terms (each a function, each tested against hand-computed values):
   per micro-batch (the bubble is (S - 1) / (M + S - 1) of it), a stage's time being its
   layers' forward and backward plus sending its output forward and receiving its gradient;
 - memory per rank: parameters, gradients and optimizer state of its stage, plus the
-  activations of the micro-batches in flight (M for GPipe, S - s for 1F1B).
+  activations of the micro-batches in flight (M for GPipe, S - s for 1F1B);
+- oversubscription: when more ranks share a node than it has cores, each rank gets
+  cores / ranks of one for the whole step (an MPI rank that waits polls, so waiting does not
+  free its core): the step takes ranks / cores times longer.
 """
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ __all__ = ["Hardware", "Profile", "p2p_time", "allreduce_time", "bubble_fraction
 class Hardware:
     """A machine: ``nodes`` of ``ranks_per_node``; ``memory_per_rank`` bytes;
     ``compute_speed`` relative to the machine the profile was measured on (2 = twice as
-    fast); bandwidths in bytes/s and latencies in s, within a node and between nodes."""
+    fast); bandwidths in bytes/s and latencies in s, within a node and between nodes;
+    ``cores_per_node`` (optional; 0: at least one core or accelerator per rank) for runs
+    with more ranks on a node than cores."""
     ranks_per_node: int
     nodes: int
     memory_per_rank: float
@@ -38,21 +43,29 @@ class Hardware:
     intra_latency: float
     inter_bandwidth: float
     inter_latency: float
+    cores_per_node: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise ConfigError(f"hardware.{f.name}: expected a number, got {v!r}")
-            if f.name.endswith("latency") and v < 0 or not f.name.endswith("latency") and v <= 0:
+            zero_ok = f.name.endswith("latency") or f.name == "cores_per_node"
+            if zero_ok and v < 0 or not zero_ok and v <= 0:
                 raise ConfigError(f"hardware.{f.name}: impossible value {v!r}")
-        for name in ("ranks_per_node", "nodes"):
+        for name in ("ranks_per_node", "nodes", "cores_per_node"):
             if int(getattr(self, name)) != getattr(self, name):
                 raise ConfigError(f"hardware.{name}: must be a whole number")
 
     @property
     def ranks(self) -> int:
         return int(self.ranks_per_node * self.nodes)
+
+    def oversubscription(self, ranks: int) -> float:
+        """How many times longer a step takes because ``ranks`` ranks (filling nodes in
+        order) share a node's cores: ranks on a node / cores, at least 1."""
+        on_node = min(ranks, self.ranks_per_node)
+        return max(on_node / self.cores_per_node, 1.0) if self.cores_per_node else 1.0
 
 
 def load_hardware(path: str | Path) -> Hardware:
@@ -68,13 +81,14 @@ def load_hardware(path: str | Path) -> Hardware:
     if not isinstance(table, dict):
         raise ConfigError(f"--hardware: {path} has no [hardware] table")
     names = [f.name for f in fields(Hardware)]
-    missing = [n for n in names if n not in table]
+    optional = {"cores_per_node"}
+    missing = [n for n in names if n not in table and n not in optional]
     if missing:
         raise ConfigError(f"hardware.{missing[0]}: missing in {path}")
     unknown = sorted(set(table) - set(names))
     if unknown:
         raise ConfigError(f"hardware.{unknown[0]}: unknown field in {path}")
-    return Hardware(**{n: table[n] for n in names})
+    return Hardware(**{n: table[n] for n in names if n in table})
 
 
 @dataclass

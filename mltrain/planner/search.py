@@ -120,15 +120,16 @@ def _layer_parallel(prof: Profile, hw: Hardware, ranks: int, batch: int,
                         + sum(prof.parameter_bytes[lo:hi]) * n_local / N)
         reduce_s = allreduce_time(local_params, D, hw, ranks > hw.ranks_per_node)
         update_s = (prof.step_s(0, prof.layers) * local_params
-                    / max(sum(prof.parameter_bytes), 1.0))
+                    / max(sum(prof.parameter_bytes), 1.0) / hw.compute_speed)
         memory = stage_memory(local_params, local_params * (
             sum(prof.optimizer_bytes) / max(sum(prof.parameter_bytes), 1.0)),
             prof.activation_bytes[lo] * b * n_local * 3, 1)  # states, graphs, adjoints
         if memory > hw.memory_per_rank:
             continue
         out.append({"data": D, "pipe": 1, "layer": L, "microbatches": 1, "schedule": "mgrit",
-                    "balance": [N], "predicted_step_s": chain + ends / hw.compute_speed
-                    + reduce_s + update_s, "compute_s": chain, "allreduce_s": reduce_s,
+                    "balance": [N], "predicted_step_s": (chain + ends / hw.compute_speed
+                                                         + reduce_s + update_s)
+                    * hw.oversubscription(ranks), "compute_s": chain, "allreduce_s": reduce_s,
                     "optimizer_s": update_s, "memory_bytes": memory,
                     "comm_bytes": local_params * (2 if D > 1 else 0)})
     return out
@@ -189,7 +190,8 @@ def plan(prof: Profile, hw: Hardware, ranks: int, batch: int, *,
                 configs.append({
                     "data": D, "pipe": S, "layer": 1, "microbatches": M,
                     "schedule": sched if S > 1 else "none", "balance": balance,
-                    "predicted_step_s": pipeline_time(stage_s, M) + reduce_s + update_s,
+                    "predicted_step_s": (pipeline_time(stage_s, M) + reduce_s + update_s)
+                    * hw.oversubscription(ranks),
                     "compute_s": max(stage_s) * M, "allreduce_s": reduce_s,
                     "optimizer_s": update_s,
                     "memory_bytes": max(memory(bounds[k], bounds[k + 1]) for k in range(S)),
