@@ -40,13 +40,16 @@ def _pair(depth, seed=0):
     return model, ref, x, y
 
 
-def _compare(comm, depth, **kw):
+def _compare(comm, depth, fast=True, **kw):
     """Largest relative errors (loss, input gradient, parameter gradients) of the
-    layer-parallel network against the serial one, over all ranks."""
+    layer-parallel network against the serial one, over all ranks. ``fast = False``:
+    relaxation and adjoint products through autograd (what blocks without the fast path
+    get)."""
     model, ref, x, y = _pair(depth)
     xr = x.clone().requires_grad_(True)
     F.cross_entropy(ref(xr), y).backward()
     lp = LayerParallel(model, comm, **kw)
+    lp._fast = lp._fast and fast
     xp = x.clone().requires_grad_(True)
     loss = F.cross_entropy(lp(xp), y)
     loss.backward()
@@ -67,10 +70,12 @@ def _compare(comm, depth, **kw):
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("levels, iters, skip", [(1, 1, True), (2, 8, False), (2, 9, True)])
-def test_exact_configurations_equal_serial(comm, levels, iters, skip):
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "autograd"])
+def test_exact_configurations_equal_serial(comm, levels, iters, skip, fast):
     # depth 16, cf 2: two-level F-relaxation is exact after N/cf = 8 iterations (one more
     # when the first down-cycle skips relaxation).
-    errs, _ = _compare(comm, 16, levels=levels, cf=2, iters=iters, bwd_iters=iters, skip=skip)
+    errs, _ = _compare(comm, 16, fast=fast, levels=levels, cf=2, iters=iters,
+                       bwd_iters=iters, skip=skip)
     all_ranks(comm, max(errs) < 1e-12, str(errs))
 
 
@@ -139,7 +144,8 @@ def test_the_serial_solution_has_zero_residual(comm):
 
 
 @pytest.mark.mpi(min_size=1)
-def test_adjoint_dot_product(comm):
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "autograd"])
+def test_adjoint_dot_product(comm, fast):
     """<J v, w> = <v, J^T w> for the chain of blocks: J v by forward-mode autodiff of the
     serial network, J^T w by the layer-parallel adjoint MGRIT (converged)."""
     model, ref, x, _ = _pair(16, seed=3)
@@ -154,6 +160,7 @@ def test_adjoint_dot_product(comm):
         return t
     _, jv = torch.func.jvp(chain, (z,), (v,))
     lp = LayerParallel(model, comm, levels=3, cf=2, iters=12, bwd_iters=12)
+    lp._fast = fast
     _, states = lp._forward(z)
     jtw, _ = lp._backward(states, w.clone())
     lhs, rhs = float((jv * w).sum()), float((v * jtw).sum())
@@ -312,3 +319,20 @@ def test_mgrit_messages_are_counted(comm):
     F.cross_entropy(lp(x), y).backward()
     # at least one neighbour message of a state (5 x 6 float64) per relaxation
     all_ranks(comm, comm.allreduce(STATS.bytes - before) >= 2 * 5 * 6 * 8)
+
+
+@pytest.mark.parametrize("scale", [1, 2, 8])
+def test_fast_path_is_the_block_step_and_its_adjoint(scale):
+    """ResidualBlock's fast path: the step equals x + s (block(x) - x) bit for bit, the
+    hand-written vector-Jacobian product equals autograd's."""
+    block = ResNet(12, 6, 4, 4).double().blocks[1]
+    x, lam = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref = block(x) if scale == 1 else x + scale * (block(x) - x)
+        assert torch.equal(block.mgrit_step(x, scale), ref)
+    xin = x.clone().requires_grad_(True)
+    out = block(xin) if scale == 1 else xin + scale * (block(xin) - xin)
+    (g,) = torch.autograd.grad(out, xin, lam)
+    with torch.no_grad():
+        mine = block.mgrit_vjp(block.mgrit_linearize(x), lam, scale)
+    assert float((mine - g).abs().max()) < 1e-14

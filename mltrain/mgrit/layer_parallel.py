@@ -105,6 +105,10 @@ class LayerParallel(nn.Module):
         # walks the module tree on every call).
         self._params = [list(b.parameters()) for b in model.blocks[self.lo:self.hi]]
         self._blocks = list(model.blocks)
+        # Blocks with the fast path (mgrit_step, mgrit_linearize, mgrit_vjp) relax without
+        # autograd and take their adjoint products by hand; others go through autograd.
+        self._fast = all(hasattr(b, a) for b in self._blocks
+                         for a in ("mgrit_step", "mgrit_linearize", "mgrit_vjp"))
         self.residuals: dict[str, list[float]] = {"forward": [], "backward": []}
 
     def owned_parameters(self) -> list[nn.Parameter]:
@@ -158,7 +162,10 @@ class LayerParallel(nn.Module):
     def _step(self, level: int, k: int, x: torch.Tensor) -> torch.Tensor:
         """Local step k of ``level``: block lo + k cf^level with step h cf^level."""
         s = self.cf ** level
-        y = self._blocks[self.lo + k * s](x)
+        block = self._blocks[self.lo + k * s]
+        if self._fast and not torch.is_grad_enabled():
+            return block.mgrit_step(x, s)
+        y = block(x)
         return y if s == 1 else x + s * (y - x)
 
     def _solver(self, step, reverse: bool, iters: int) -> MGRITSolver:
@@ -207,11 +214,19 @@ class LayerParallel(nn.Module):
         """The adjoint's step function over the forward states ``u`` (local points), and
         the dict of forward graphs it builds on first use."""
         n = self.hi - self.lo
-        graphs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        graphs: dict = {}  # (level, step): its autograd graph, or the fast path's linearisation
 
         def adjoint_step(level: int, k: int, lam: torch.Tensor) -> torch.Tensor:
             m = n // self.cf ** level - 1 - k  # adjoint step k runs forward step m backwards
             key = (level, m)
+            if self._fast:
+                s = self.cf ** level
+                block = self._blocks[self.lo + m * s]
+                if key not in graphs:
+                    with torch.no_grad():
+                        graphs[key] = block.mgrit_linearize(u[m * s])
+                with torch.no_grad():
+                    return block.mgrit_vjp(graphs[key], lam, s)
             if key not in graphs:  # forward step m of ``level`` at its forward state
                 with torch.enable_grad():
                     xin = u[m * self.cf ** level].detach().requires_grad_(True)
