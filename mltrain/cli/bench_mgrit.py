@@ -81,6 +81,12 @@ def _unit_costs(net: ResNet, batch: int, cf: int, chain: int, reps: int = 5) -> 
     adj = lp._solver(adjoint_step, reverse=True, iters=1)
     lam = [g.clone() for _ in range(n + 1)]
     vjp = per(lambda: adj._f_relax(0, lam, None)) / (n - n // cf)
+    # Building what the products need (a recorded step, or the fast path's linearisation):
+    # the products with it built afresh, less the products alone.
+    with torch.no_grad():
+        fresh = per(lambda: (graphs.clear(), [adjoint_step(0, k, g) for k in range(n)]))
+        warm = per(lambda: [adjoint_step(0, k, g) for k in range(n)])
+    linearize = max(fresh - warm, 0.0) / n
     lc = [g.clone() for _ in range(n // cf + 1)]
     vjp_c = per(lambda: adj._coarsest(1, lc, gc)) / (n // cf)
     graphs.clear()
@@ -108,6 +114,7 @@ def _unit_costs(net: ResNet, batch: int, cf: int, chain: int, reps: int = 5) -> 
     serial_backward = per(serial_pass) / N - serial_forward
     net.zero_grad(set_to_none=True)
     return dict(step=step, step_coarse=step_coarse, vjp=vjp, vjp_coarse=vjp_c, record=record,
+                linearize=linearize,
                 op=op,
                 chain_backward=max(chain_backward, 0.0), serial_forward=serial_forward,
                 serial_backward=max(serial_backward, 0.0))

@@ -64,6 +64,9 @@ class Costs:
     message: float
     broadcast: float
     op: float = 0.0  # one elementwise operation (or clone) on a state
+    # What an adjoint product needs at a forward state, once per step and solve: a step
+    # recorded for autograd, or the block's fast-path linearisation (None: as ``record``).
+    linearize: float | None = None
 
 
 def bookkeeping(n: int, levels: int, cf: int, iters: int) -> int:
@@ -84,7 +87,8 @@ def predict(N: int, P: int, levels: int, cf: int, iters: int, bwd_iters: int,
 
     Forward: the step counts (the coarsest level's P times); the final F-relaxation
     records each interval as one autograd chain, its cf-th step too. Backward: the
-    adjoint's vector-Jacobian products likewise, the forward graphs they need, and, in
+    adjoint's vector-Jacobian products likewise, the forward graphs (or fast-path
+    linearisations) they need, and, in
     place of its final F-relaxation, one autograd pass through every local step. One
     level: the recorded forward and one autograd pass, through the ranks in turn. Plus
     the bookkeeping operations, a message per relaxation and the two broadcasts."""
@@ -115,7 +119,8 @@ def predict(N: int, P: int, levels: int, cf: int, iters: int, bwd_iters: int,
         bev[0] -= f
         graphs = (n // cf if bwd_iters == 1 else n) + sum(n // cf ** lv
                                                           for lv in range(1, levels))
-        bwd = (time(bev, costs.vjp, costs.vjp_coarse) + graphs * costs.record
+        lin = costs.record if costs.linearize is None else costs.linearize
+        bwd = (time(bev, costs.vjp, costs.vjp_coarse) + graphs * lin
                + n * costs.chain_backward + msgs(bwd_iters)
                + bookkeeping(n, levels, cf, bwd_iters) * costs.op)
     if P > 1:
