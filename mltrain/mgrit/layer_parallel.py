@@ -111,6 +111,15 @@ class LayerParallel(nn.Module):
                          for a in ("mgrit_step", "mgrit_linearize", "mgrit_vjp"))
         self.residuals: dict[str, list[float]] = {"forward": [], "backward": []}
 
+    def sibling(self, model: nn.Module, shrink: int) -> "LayerParallel":
+        """``model`` (a coarser network of the same hierarchy, ``shrink`` times fewer
+        blocks) layer-parallel with these MGRIT settings, its blocks split where these
+        are. Not collective."""
+        return LayerParallel(model, self.comm, levels=self.levels, cf=self.cf,
+                             relax=self.relax, iters=self.iters, bwd_iters=self.bwd_iters,
+                             tol=self.tol, skip=self.skip,
+                             ranges=[(a // shrink, b // shrink) for a, b in self.ranges])
+
     def owned_parameters(self) -> list[nn.Parameter]:
         """The parameters of this rank's blocks."""
         return [p for ps in self._params for p in ps]
@@ -222,10 +231,9 @@ class LayerParallel(nn.Module):
             if self._fast:
                 s = self.cf ** level
                 block = self._blocks[self.lo + m * s]
-                if key not in graphs:
-                    with torch.no_grad():
-                        graphs[key] = block.mgrit_linearize(u[m * s])
                 with torch.no_grad():
+                    if key not in graphs:
+                        graphs[key] = block.mgrit_linearize(u[m * s])
                     return block.mgrit_vjp(graphs[key], lam, s)
             if key not in graphs:  # forward step m of ``level`` at its forward state
                 with torch.enable_grad():

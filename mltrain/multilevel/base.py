@@ -7,10 +7,6 @@ from mltrain.multilevel.hierarchy import Hierarchy
 __all__ = ["LevelOptimizers"]
 
 
-def _count(opt) -> int:
-    return sum(len(g["params"]) for g in opt.param_groups)
-
-
 class LevelOptimizers:
     """``parts[l]`` optimizes ``hierarchy.models[l]``. The state dict numbers the parameters
     of all levels in order (finest first), the way a checkpoint stores one optimizer.
@@ -27,28 +23,31 @@ class LevelOptimizers:
     def param_groups(self) -> list[dict]:
         return [g for p in self.parts for g in p.param_groups]
 
+    def _sizes(self) -> list[int]:
+        """Parameters per level in the serial layout (each level's whole network)."""
+        return [len(list(m.parameters())) for m in self.h.models]
+
     def state_params(self) -> list:
         """The parameters the state dict's indices number (in the serial layout): every
         level's network, finest first."""
         return [p for m in self.h.models for p in m.parameters()]
 
     def state_dict(self) -> dict:
+        sds = [opt.state_dict() for opt in self.parts]
         if self.flat_state:
             merged = {}
-            for lv, opt in enumerate(self.parts):
-                sd = opt.state_dict()
+            for lv, sd in enumerate(sds):
                 if set(sd["state"]) - {0}:
                     raise ValueError("flat_state: level state beyond the first parameter")
                 merged.update({f"level{lv}.{k}": v for k, v in sd["state"].get(0, {}).items()})
-            return {"state": {0: merged}, "param_groups": [
-                g for opt in self.parts for g in opt.state_dict()["param_groups"]]}
+            return {"state": {0: merged},
+                    "param_groups": [g for sd in sds for g in sd["param_groups"]]}
         state, groups, off = {}, [], 0
-        for opt in self.parts:
-            sd = opt.state_dict()
+        for sd, n in zip(sds, self._sizes()):
             state.update({k + off: v for k, v in sd["state"].items()})
             groups += [{**g, "params": [i + off for i in g["params"]]}
                        for g in sd["param_groups"]]
-            off += _count(opt)
+            off += n
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -64,8 +63,7 @@ class LevelOptimizers:
                 levels.append({0: own} if own else {})
         else:
             off = 0
-            for lv in range(len(self.parts)):
-                n = len(list(self.h.models[lv].parameters()))
+            for n in self._sizes():
                 levels.append({k - off: v for k, v in state.items() if off <= k < off + n})
                 off += n
         for opt, own in zip(self.parts, levels):

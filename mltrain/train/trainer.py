@@ -194,16 +194,9 @@ class Trainer:
 
     def _layered_levels(self, h: Hierarchy) -> list[LayerParallel]:
         """One LayerParallel per level of ``h``: the finest is the run's, each coarse one
-        splits its blocks where the finest does (same MGRIT settings)."""
-        lp, m = self.lp, self.cfg.mgrit
-        out = [lp]
-        for lv in range(1, h.levels):
-            k = h.cf ** lv
-            out.append(LayerParallel(h.models[lv], lp.comm, levels=m.levels, cf=m.cf,
-                                     relax=m.relax, iters=m.iters, bwd_iters=m.bwd_iters,
-                                     tol=m.tol, skip=m.skip,
-                                     ranges=[(a // k, b // k) for a, b in lp.ranges]))
-        return out
+        splits its blocks where the finest does."""
+        return [self.lp] + [self.lp.sibling(h.models[lv], h.cf ** lv)
+                            for lv in range(1, h.levels)]
 
     # -- nested iteration ----------------------------------------------------------------
     def _phase_of(self, step: int) -> int:
