@@ -17,7 +17,7 @@ if os.environ.get("MLTRAIN_NO_EXT") != "1":
         CppExtension(
             "mltrain._C",
             sources=["csrc/module.cpp", "csrc/pack.cpp", "csrc/transfer.cpp",
-                     "csrc/reduce.cpp"],
+                     "csrc/reduce.cpp", "csrc/residual.cpp"],
             # No FMA contraction: the kernels must round like their torch references.
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp"],

@@ -213,3 +213,66 @@ def test_reduce_errors():
         with pytest.raises(RuntimeError, match="dtype"):
             ops._C.axpby(torch.empty(3), 1.0, torch.empty(3, dtype=torch.float64), 1.0,
                          torch.empty(3))
+
+
+def _residual_chain(dtype, n=6, width=5, batch=4):
+    from mltrain.nn import ResNet
+    torch.manual_seed(3)
+    blocks = list(ResNet(width, width, n, 3).to(dtype).blocks)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(batch, width, generator=g, dtype=torch.float64).to(dtype)
+    adds = [torch.randn(batch, width, generator=g, dtype=torch.float64).to(dtype)
+            for _ in blocks]
+    return blocks, x, adds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1, 4])
+@pytest.mark.parametrize("with_adds", [False, True])
+def test_residual_sweeps_are_the_block_steps_bitwise(dtype, scale, with_adds):
+    """The sweeps (C++ when built, and their references) are the blocks' single-step fast
+    path applied in turn, bit for bit."""
+    blocks, x, adds = _residual_chain(dtype)
+    adds = adds if with_adds else None
+    cls = type(blocks[0])
+    with torch.no_grad():
+        want, t = [], x
+        for i, b in enumerate(blocks):
+            t = b.mgrit_step(t, scale) + (adds[i] if adds else 0)
+            want.append(t)
+        w = [b.linear.weight for b in blocks]
+        bias = [b.linear.bias for b in blocks]
+        h = [b.h for b in blocks]
+        for got in (cls.mgrit_sweep(blocks, x, scale, adds),
+                    ops.residual_sweep_reference(x, w, bias, h, scale, adds)):
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        # independent steps from given states
+        xs = [x * (i + 1) for i in range(len(blocks))]
+        steps = [b.mgrit_step(s, scale) for b, s in zip(blocks, xs)]
+        for got in (cls.mgrit_steps(blocks, xs, scale),
+                    ops.residual_steps_reference(xs, w, bias, h, scale)):
+            assert all(torch.equal(a, b) for a, b in zip(got, steps))
+        # adjoint: masks and the chain of products, in the order given (reversed here)
+        masks = cls.mgrit_linearize_many(blocks, xs)
+        assert all(torch.equal(m, b.mgrit_linearize(s)) for m, b, s in zip(masks, blocks, xs))
+        assert all(torch.equal(a, b) for a, b in
+                   zip(masks, ops.residual_masks_reference(xs, w, bias)))
+        rb, rm = blocks[::-1], masks[::-1]
+        want, lam = [], x
+        for i, (b, m) in enumerate(zip(rb, rm)):
+            lam = b.mgrit_vjp(m, lam, scale) + (adds[i] if adds else 0)
+            want.append(lam)
+        for got in (cls.mgrit_vjp_sweep(rb, rm, x, scale, adds),
+                    ops.residual_vjp_sweep_reference(x, rm, [b.linear.weight for b in rb],
+                                                     [b.h for b in rb], scale, adds)):
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_residual_sweep_errors_are_clear():
+    need_ext()
+    blocks, x, adds = _residual_chain(torch.float64)
+    w = [b.linear.weight for b in blocks]
+    with pytest.raises(RuntimeError, match="6 weights, 5 biases"):
+        ops._C.residual_sweep(x, w, [b.linear.bias for b in blocks][:5], [0.1] * 6, 1, [])
+    with pytest.raises(RuntimeError, match="2 additive terms for 6 steps"):
+        ops._C.residual_sweep(x, w, [b.linear.bias for b in blocks], [0.1] * 6, 1, adds[:2])

@@ -70,41 +70,48 @@ def _unit_costs(net: ResNet, batch: int, cf: int, chain: int, reps: int = 5) -> 
     # Steps as the solver takes them (its loops and bookkeeping included): F-relaxation
     # on the fine level, the sequential solve on a coarse one, and the same for the
     # adjoint with its graphs already built.
-    solver = lp._solver(lp._step, reverse=False, iters=1)
+    solver = lp._solver(lp._step, reverse=False, iters=1, sweep=lp._sweep)
     with torch.no_grad():
         u = [x.clone() for _ in range(n + 1)]
-        step = per(lambda: solver._f_relax(0, u, None)) / (n - n // cf)
+        step = per(lambda: solver._f_relax(0, u, None)) / n  # F-points and C-residuals
         uc = [x.clone() for _ in range(n // cf + 1)]
         gc = [None] + [g] * (n // cf)
         step_coarse = per(lambda: solver._coarsest(1, uc, gc)) / (n // cf)
-    adjoint_step, graphs = lp._adjoint_step(u)
-    adj = lp._solver(adjoint_step, reverse=True, iters=1)
+    adjoint_step, graphs, adjoint_sweep = lp._adjoint_step(u)
+    adj = lp._solver(adjoint_step, reverse=True, iters=1, sweep=adjoint_sweep)
     lam = [g.clone() for _ in range(n + 1)]
-    vjp = per(lambda: adj._f_relax(0, lam, None)) / (n - n // cf)
-    # Building what the products need (a recorded step, or the fast path's linearisation):
-    # the products with it built afresh, less the products alone.
     with torch.no_grad():
-        fresh = per(lambda: (graphs.clear(), [adjoint_step(0, k, g) for k in range(n)]))
-        warm = per(lambda: [adjoint_step(0, k, g) for k in range(n)])
+        warm = per(lambda: adj._f_relax(0, lam, None))
+        # Building what the products need (a recorded step, or the fast path's
+        # linearisation): the relaxation with it built afresh, less the relaxation alone.
+        fresh = per(lambda: (graphs.clear(), adj._f_relax(0, lam, None)))
+    vjp = warm / n
     linearize = max(fresh - warm, 0.0) / n
     lc = [g.clone() for _ in range(n // cf + 1)]
-    vjp_c = per(lambda: adj._coarsest(1, lc, gc)) / (n // cf)
+    with torch.no_grad():
+        vjp_c = per(lambda: adj._coarsest(1, lc, gc)) / (n // cf)
     graphs.clear()
 
-    def record_chain():
-        leaf = x.clone().requires_grad_(True)
-        t = leaf
-        for k in range(n):
-            t = lp._step(0, k, t)
-        return leaf, t
-    record = per(record_chain) / n
+    # The final sweeps as they run: a recorded forward through the rank's blocks, and the
+    # backward through it, which also hands the parameter gradients to autograd and frees
+    # the graphs (the one-level solve on one rank is exactly that pass).
+    exact = LayerParallel(part, MPI.COMM_SELF, levels=1, cf=cf)
     params = [p for b in net.blocks[:n] for p in b.parameters()]
+    yl = torch.zeros(batch, dtype=torch.long)
+
+    def clear():
+        for p in params:
+            p.grad = None
+
+    def record_pass():
+        clear()
+        exact(x)
 
     def chain_pass():
-        leaf, t = record_chain()
-        torch.autograd.grad(t, [leaf, *params], g)
+        clear()
+        F.cross_entropy(exact(x), yl).backward()
+    record = per(record_pass) / n
     chain_backward = per(chain_pass) / n - record
-    yl = torch.zeros(batch, dtype=torch.long)
     with torch.no_grad():
         op = per(lambda: [u[k] - u[k + 1] for k in range(n)]) / n
         serial_forward = per(lambda: net(x)) / N
@@ -113,6 +120,7 @@ def _unit_costs(net: ResNet, batch: int, cf: int, chain: int, reps: int = 5) -> 
         F.cross_entropy(net(x.clone().requires_grad_(True)), yl).backward()
     serial_backward = per(serial_pass) / N - serial_forward
     net.zero_grad(set_to_none=True)
+    part.zero_grad(set_to_none=True)
     return dict(step=step, step_coarse=step_coarse, vjp=vjp, vjp_coarse=vjp_c, record=record,
                 linearize=linearize,
                 op=op,

@@ -81,7 +81,8 @@ class LayerParallel(nn.Module):
 
     ``levels``, ``cf``, ``relax`` ("F" or "FCF"), ``iters`` (forward MGRIT iterations),
     ``bwd_iters`` (adjoint iterations), ``tol`` (stop when the C-point residual norm is at
-    most this), ``skip`` (no relaxation on the first down-cycle). ``exact = True`` runs
+    most this), ``skip`` (no work on the first down-cycle: it starts with the coarse
+    solve, as XBraid's skip). ``exact = True`` runs
     exact (serial-equivalent, sequential across ranks) sweeps instead.
     """
 
@@ -109,6 +110,12 @@ class LayerParallel(nn.Module):
         # autograd and take their adjoint products by hand; others go through autograd.
         self._fast = all(hasattr(b, a) for b in self._blocks
                          for a in ("mgrit_step", "mgrit_linearize", "mgrit_vjp"))
+        # Blocks of one class with sweeps (mgrit_sweep, mgrit_steps, mgrit_linearize_many,
+        # mgrit_vjp_sweep) take a relaxation interval, or a level's steps, in one call.
+        self._cls = type(self._blocks[0]) if self._blocks else None
+        self._sweeps = all(type(b) is self._cls for b in self._blocks) and all(
+            hasattr(self._cls, a)
+            for a in ("mgrit_sweep", "mgrit_steps", "mgrit_linearize_many", "mgrit_vjp_sweep"))
         self.residuals: dict[str, list[float]] = {"forward": [], "backward": []}
 
     def sibling(self, model: nn.Module, shrink: int) -> "LayerParallel":
@@ -177,14 +184,29 @@ class LayerParallel(nn.Module):
         y = block(x)
         return y if s == 1 else x + s * (y - x)
 
-    def _solver(self, step, reverse: bool, iters: int) -> MGRITSolver:
+    def _sweep(self, level: int, k: int, x: torch.Tensor, m: int, adds):
+        """Local steps k .. k+m-1 of ``level`` from ``x``: the m states (the solver's
+        ``sweep``; only used without autograd)."""
+        s = self.cf ** level
+        i = self.lo + k * s
+        return self._cls.mgrit_sweep(self._blocks[i:i + m * s:s], x, s, adds)
+
+    def _steps(self, level: int, ks, xs):
+        """Local steps ks of ``level``, each from its own state (the solver's ``steps``)."""
+        s = self.cf ** level
+        return self._cls.mgrit_steps([self._blocks[self.lo + k * s] for k in ks], xs, s)
+
+    def _solver(self, step, reverse: bool, iters: int, sweep=None,
+                steps=None) -> MGRITSolver:
         up = self.rank - 1 if self.rank > 0 else MPI.PROC_NULL
         down = self.rank + 1 if self.rank < self.size - 1 else MPI.PROC_NULL
         prev, nxt = (down, up) if reverse else (up, down)
         levels = 1 if self.exact else self.levels
         return MGRITSolver(self.comm, self.hi - self.lo, step, prev=prev, next=nxt,
                            levels=levels, cf=self.cf, relax=self.relax, iters=iters,
-                           tol=self.tol, skip=self.skip)
+                           tol=self.tol, skip=self.skip,
+                           sweep=sweep if self._fast and self._sweeps else None,
+                           steps=steps if self._fast and self._sweeps else None)
 
     def _forward(self, z: torch.Tensor, record: bool = True):
         """MGRIT forward from the opening's output ``z``; returns the final state
@@ -195,24 +217,27 @@ class LayerParallel(nn.Module):
         chains: dict[int, tuple] = {}
 
         def final(u, intervals, inclusive):
+            ends = []
             for c, e in intervals:
                 with torch.enable_grad():
                     leaf = u[c].detach().requires_grad_(True)
-                    t, mids = leaf, []
+                    t = leaf
                     for k in range(c, e):
                         t = self._step(0, k, t)
                         if k + 1 < e:
-                            mids.append(t)
                             u[k + 1] = t.detach()
-                chains[c] = (leaf, mids, t)
+                chains[c] = (leaf, t)
                 if inclusive:
                     u[e] = t.detach()
+                ends.append(t.detach())
+            return ends
 
         with torch.no_grad():
             # Initial guess: the input everywhere. The solver rebinds points and writes only
             # into point 0 (the ghost it receives), so the others may share one tensor.
             u = [z.clone()] + [z] * n
-            solver = self._solver(self._step, reverse=False, iters=self.iters)
+            solver = self._solver(self._step, reverse=False, iters=self.iters,
+                                  sweep=self._sweep, steps=self._steps)
             u = solver.solve(u, final=final if record else None)
         self.residuals["forward"] = solver.residuals
         out = u[-1].clone().contiguous()
@@ -242,7 +267,18 @@ class LayerParallel(nn.Module):
             xin, out = graphs[key]
             (g,) = torch.autograd.grad(out, xin, lam, retain_graph=True)
             return g
-        return adjoint_step, graphs
+
+        def adjoint_sweep(level: int, k: int, lam: torch.Tensor, count: int, adds):
+            s = self.cf ** level
+            ms = range(n // s - 1 - k, n // s - 1 - k - count, -1)  # forward steps, in turn
+            todo = [m for m in ms if (level, m) not in graphs]
+            if todo:
+                masks = self._cls.mgrit_linearize_many(
+                    [self._blocks[self.lo + m * s] for m in todo], [u[m * s] for m in todo])
+                graphs.update(((level, m), t) for m, t in zip(todo, masks))
+            return self._cls.mgrit_vjp_sweep([self._blocks[self.lo + m * s] for m in ms],
+                                             [graphs[level, m] for m in ms], lam, s, adds)
+        return adjoint_step, graphs, adjoint_sweep
 
     def _backward(self, saved, grad_out: torch.Tensor):
         """Adjoint MGRIT from the gradient of the final state; returns the gradient of the
@@ -252,31 +288,33 @@ class LayerParallel(nn.Module):
         u, chains = saved
         n = self.hi - self.lo
         grads: list[list[torch.Tensor] | None] = [None] * n
-        adjoint_step, graphs = self._adjoint_step(u)
+        adjoint_step, graphs, adjoint_sweep = self._adjoint_step(u)
 
         def final(lam, intervals, inclusive):
-            # Adjoint interval (t0, t1) is forward interval (n - t1, n - t0).
+            # Adjoint interval (t0, t1) is forward interval (n - t1, n - t0). Nothing reads
+            # the adjoint at its F-points again (the residual comes from the pass's end), so
+            # the pass does not ask for them.
+            ends = []
             for t0, t1 in intervals:
                 c, e = n - t1, n - t0
-                leaf, mids, out = chains[c]
+                leaf, out = chains[c]
                 params = [p for ps in self._params[c:e] for p in ps]
-                # Of the interval's F-points only the one next to its C-point is read again
-                # (the residual norm); asking for the others would only cost.
-                mids = mids[:1] if not inclusive else []
-                g = torch.autograd.grad(out, [leaf, *mids, *params], lam[t0])
-                if mids:  # forward point c + 1: adjoint point t1 - 1
-                    lam[t1 - 1] = g[1]
+                g = torch.autograd.grad(out, [leaf, *params], lam[t0])
                 if inclusive:
                     lam[t1] = g[0]
-                off = 1 + len(mids)
+                ends.append(g[0])
+                off = 1
                 for m in range(c, e):
                     k = len(self._params[m])
                     grads[m] = list(g[off:off + k])
                     off += k
+            return ends
 
         lam = [grad_out.clone()] + [grad_out] * n  # adjoint point t = forward n - t
-        solver = self._solver(adjoint_step, reverse=True, iters=self.bwd_iters)
-        lam = solver.solve(lam, final=final)
+        solver = self._solver(adjoint_step, reverse=True, iters=self.bwd_iters,
+                              sweep=adjoint_sweep)
+        with torch.no_grad():
+            lam = solver.solve(lam, final=final)
         self.residuals["backward"] = solver.residuals
         flat = [g for m in range(n) for g in grads[m]]
         graphs.clear()

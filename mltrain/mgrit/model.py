@@ -3,13 +3,14 @@ critical path of one forward + backward pass, from which the speedup over serial
 propagation is predicted for any rank count. Pure arithmetic; not collective.
 
 Per V-cycle on level l with n_l local steps (n_{l+1} = n_l / cf): F-relaxation evaluates
-the n_l - n_l/cf F-points (FCF adds n_l/cf C-points and another F sweep), the C-point
-residual n_l/cf steps, the coarse right-hand side n_{l+1} coarse steps, then after the
-coarse correction another F-relaxation. The coarsest level is an exact solve that runs
+n_l steps (FCF adds n_l/cf C-points and another F sweep), the coarse right-hand side
+n_{l+1} coarse steps, then after the coarse correction another F-relaxation. The coarsest level is an exact solve that runs
 through the ranks one after another, so its n_{L-1} steps count P times on the critical
-path. The first cycle skips the down-cycle relaxation (``skip``); a residual norm follows
-each cycle and serves the next cycle's restriction; a cycle after the first does not repeat
-the F-relaxation that ended the one before. One level is the sequential solve.
+path. With ``skip`` the first cycle does no work on the way down (the coarse problems are
+the plain coarse discretisations). Each F-relaxation also takes the step into every
+C-point, which gives the C-point residual: the norm after a cycle and the next cycle's
+restriction use it, and a cycle after the first does not repeat the F-relaxation that ended
+the one before. One level is the sequential solve.
 """
 from __future__ import annotations
 
@@ -31,18 +32,21 @@ def counts(n: int, levels: int, cf: int, iters: int, relax: str = "F",
         if level == levels - 1:
             ev[level] += m
             return
-        f = m - m // cf
-        if not (first and skip):
-            ev[level] += (0 if relaxed else f) + ((m // cf + f) if relax == "FCF" else 0)
-        if not (relaxed and relax == "F"):
-            ev[level] += m // cf  # C-point residual (otherwise the norm's, reused)
-        ev[level + 1] += m // cf  # coarse right-hand side
-        cycle(level + 1, m // cf, first)
-        ev[level] += f  # F-relaxation after the correction
+        if first and skip:
+            cycle(level + 1, m // cf, True)
+        else:
+            # An F-relaxation takes m steps: the F-points, and at each interval's end the
+            # step that gives the C-point residual.
+            if not relaxed:
+                ev[level] += m
+            if relax == "FCF":
+                ev[level] += m // cf + m
+            ev[level + 1] += m // cf  # coarse right-hand side
+            cycle(level + 1, m // cf, False)
+        ev[level] += m  # F-relaxation after the correction
 
     for it in range(iters):
         cycle(0, n, it == 0, relaxed=it > 0)
-        ev[0] += n // cf  # the residual norm
     return ev
 
 
@@ -69,15 +73,16 @@ class Costs:
     linearize: float | None = None
 
 
-def bookkeeping(n: int, levels: int, cf: int, iters: int) -> int:
+def bookkeeping(n: int, levels: int, cf: int, iters: int, skip: bool = True) -> int:
     """Elementwise operations on states besides the steps, per solve: per cycle and
-    non-coarsest level with m points, for each of its m/cf C-points the residual (2),
-    the restricted point and its copy (2), the coarse right-hand side (2) and the
-    correction (2); per residual norm, 3 per C-point."""
+    non-coarsest level with m points, for each of its m/cf C-points the residual (1), the
+    coarse right-hand side (2), the correction (2) and the norm's share (1); a skipped first
+    cycle copies the C-points (1) and takes the residual (1)."""
     if levels == 1:
         return 0
-    per_cycle = sum(8 * (n // cf ** lv) // cf for lv in range(levels - 1))
-    return iters * (per_cycle + 3 * (n // cf))
+    points = sum(n // cf ** lv // cf for lv in range(levels - 1))
+    skipped = 1 if skip and iters else 0
+    return skipped * 2 * points + (iters - skipped) * 6 * points
 
 
 def predict(N: int, P: int, levels: int, cf: int, iters: int, bwd_iters: int,
@@ -103,26 +108,27 @@ def predict(N: int, P: int, levels: int, cf: int, iters: int, bwd_iters: int,
     def msgs(iters_: int) -> float:
         if P == 1:
             return 0.0
-        return (iters_ * (2 * levels + 1) if levels > 1 else 1) * costs.message
+        return (iters_ * (2 * levels - 1) if levels > 1 else 1) * costs.message
 
     serial = N * (costs.serial_forward + costs.serial_backward)
     if levels == 1:
         fwd = P * n * costs.record + msgs(1)
         bwd = P * n * costs.chain_backward + msgs(1)
     else:
-        f = n - n // cf  # the final F-relaxation's steps, done as recorded chains
         fev = counts(n, levels, cf, iters, relax, skip)
-        fev[0] -= f
+        fev[0] -= n  # the final F-relaxation: recorded chains
         fwd = (time(fev, costs.step, costs.step_coarse) + n * costs.record + msgs(iters)
-               + bookkeeping(n, levels, cf, iters) * costs.op)
+               + bookkeeping(n, levels, cf, iters, skip) * costs.op)
         bev = counts(n, levels, cf, bwd_iters, relax, skip)
-        bev[0] -= f
-        graphs = (n // cf if bwd_iters == 1 else n) + sum(n // cf ** lv
-                                                          for lv in range(1, levels))
+        bev[0] -= n  # the final F-relaxation: one autograd pass
+        # Linearisations: every coarse step's; the fine level's unless the only cycle is
+        # a skipped one (its fine sweep is the recorded final pass).
+        graphs = (0 if bwd_iters == 1 and skip else n) + sum(n // cf ** lv
+                                                             for lv in range(1, levels))
         lin = costs.record if costs.linearize is None else costs.linearize
         bwd = (time(bev, costs.vjp, costs.vjp_coarse) + graphs * lin
                + n * costs.chain_backward + msgs(bwd_iters)
-               + bookkeeping(n, levels, cf, bwd_iters) * costs.op)
+               + bookkeeping(n, levels, cf, bwd_iters, skip) * costs.op)
     if P > 1:
         fwd += costs.broadcast
         bwd += costs.broadcast

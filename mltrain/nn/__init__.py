@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from mltrain import ops
+
 __all__ = ["MLP", "ResNet", "ResidualBlock", "CNN", "build_model"]
 
 
@@ -59,6 +61,40 @@ class ResidualBlock(nn.Module):
         """lam^T d(step)/dx at the point ``state`` was linearised at:
         lam + s h W^T (mask * lam)."""
         return torch.addmm(lam, lam * state, self.linear.weight, alpha=self.h * scale)
+
+    # Sweeps over several blocks in one call (mltrain.ops, C++ when built): what the
+    # methods above give step by step, bit for bit, without an interpreter call per step.
+    # The parameters are read from the module dicts: nn.Module's attribute fallback costs
+    # about a microsecond a lookup, as much as a step's arithmetic here.
+    @staticmethod
+    def _weights(blocks) -> tuple[list, list]:
+        lin = [b._modules["linear"]._parameters for b in blocks]
+        return [p["weight"] for p in lin], [p["bias"] for p in lin]
+
+    @staticmethod
+    def mgrit_sweep(blocks, x: torch.Tensor, scale: int = 1, adds=None) -> list[torch.Tensor]:
+        """The states after each block's step from ``x`` (``adds[i]`` added after step i)."""
+        w, b = ResidualBlock._weights(blocks)
+        return ops.residual_sweep(x, w, b, [k.h for k in blocks], scale, adds)
+
+    @staticmethod
+    def mgrit_steps(blocks, xs, scale: int = 1) -> list[torch.Tensor]:
+        """``mgrit_step`` of each block from its own state."""
+        w, b = ResidualBlock._weights(blocks)
+        return ops.residual_steps(xs, w, b, [k.h for k in blocks], scale)
+
+    @staticmethod
+    def mgrit_linearize_many(blocks, xs) -> list:
+        """``mgrit_linearize`` of each block at its state."""
+        w, b = ResidualBlock._weights(blocks)
+        return ops.residual_masks(xs, w, b)
+
+    @staticmethod
+    def mgrit_vjp_sweep(blocks, states, lam: torch.Tensor, scale: int = 1,
+                        adds=None) -> list[torch.Tensor]:
+        """The chain of ``mgrit_vjp`` through ``blocks`` in the order given."""
+        w, _ = ResidualBlock._weights(blocks)
+        return ops.residual_vjp_sweep(lam, states, w, [k.h for k in blocks], scale, adds)
 
 
 class ResNet(nn.Module):

@@ -32,10 +32,16 @@ def ext_status() -> str:
 from mltrain.ops.pack import pack, pack_reference, unpack, unpack_reference  # noqa: E402
 from mltrain.ops.reduce import (axpby, axpby_reference, sum_buffers,  # noqa: E402
                                 sum_buffers_reference)
+from mltrain.ops.residual import (residual_masks, residual_masks_reference,  # noqa: E402
+                                  residual_steps, residual_steps_reference,
+                                  residual_sweep, residual_sweep_reference,
+                                  residual_vjp_sweep, residual_vjp_sweep_reference)
 from mltrain.ops.transfer import (PROLONGATIONS, RESTRICTIONS, prolong,  # noqa: E402
                                   prolong_reference, restrict, restrict_reference)
 
 __all__ = ["has_ext", "ext_status", "pack", "unpack", "pack_reference", "unpack_reference",
            "sum_buffers", "sum_buffers_reference", "axpby", "axpby_reference", "restrict",
            "restrict_reference", "prolong", "prolong_reference", "RESTRICTIONS",
-           "PROLONGATIONS"]
+           "PROLONGATIONS", "residual_sweep", "residual_sweep_reference", "residual_masks",
+           "residual_masks_reference", "residual_steps", "residual_steps_reference",
+           "residual_vjp_sweep", "residual_vjp_sweep_reference"]
