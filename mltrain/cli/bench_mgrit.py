@@ -149,7 +149,7 @@ def _messages(batch: int, width: int, comm: MPI.Comm, reps: int = 100) -> dict:
 
 
 def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 32,
-                batch: int = 64, reps: int = 3, cf: int = 2) -> dict:
+                batch: int = 64, reps: int = 5, cf: int = 2) -> dict:
     torch.set_num_threads(1)
     P, rank = comm.Get_size(), comm.Get_rank()
     messages = _messages(batch, width, comm)
