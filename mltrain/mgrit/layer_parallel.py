@@ -202,11 +202,11 @@ class LayerParallel(nn.Module):
         down = self.rank + 1 if self.rank < self.size - 1 else MPI.PROC_NULL
         prev, nxt = (down, up) if reverse else (up, down)
         levels = 1 if self.exact else self.levels
+        batched = self._fast and self._sweeps
         return MGRITSolver(self.comm, self.hi - self.lo, step, prev=prev, next=nxt,
                            levels=levels, cf=self.cf, relax=self.relax, iters=iters,
-                           tol=self.tol, skip=self.skip,
-                           sweep=sweep if self._fast and self._sweeps else None,
-                           steps=steps if self._fast and self._sweeps else None)
+                           tol=self.tol, skip=self.skip, sweep=sweep if batched else None,
+                           steps=steps if batched else None)
 
     def _forward(self, z: torch.Tensor, record: bool = True):
         """MGRIT forward from the opening's output ``z``; returns the final state

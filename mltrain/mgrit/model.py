@@ -77,12 +77,12 @@ def bookkeeping(n: int, levels: int, cf: int, iters: int, skip: bool = True) -> 
     """Elementwise operations on states besides the steps, per solve: per cycle and
     non-coarsest level with m points, for each of its m/cf C-points the residual (1), the
     coarse right-hand side (2), the correction (2) and the norm's share (1); a skipped first
-    cycle copies the C-points (1) and takes the residual (1)."""
+    cycle only takes the residual (1)."""
     if levels == 1:
         return 0
     points = sum(n // cf ** lv // cf for lv in range(levels - 1))
     skipped = 1 if skip and iters else 0
-    return skipped * 2 * points + (iters - skipped) * 6 * points
+    return skipped * points + (iters - skipped) * 6 * points
 
 
 def predict(N: int, P: int, levels: int, cf: int, iters: int, bwd_iters: int,

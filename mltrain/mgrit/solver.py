@@ -73,7 +73,7 @@ class MGRITSolver:
             return self.steps(level, ks, xs)
         return [self.step(level, k, x) for k, x in zip(ks, xs)]
 
-    def _steps(self, level, k, x, m, adds):
+    def _chain(self, level, k, x, m, adds):
         """m steps from local point k: the states of points k+1 .. k+m."""
         self.evaluations[level] += m
         if self.sweep is not None:
@@ -117,7 +117,7 @@ class MGRITSolver:
         """F-relaxation of the interval that starts at C-point c, and the residual at the
         C-point that ends it: its step is the one the relaxation would take next."""
         e = c + self.cf
-        states = self._steps(level, c, u[c], self.cf, None if g is None else g[c + 1:e + 1])
+        states = self._chain(level, c, u[c], self.cf, None if g is None else g[c + 1:e + 1])
         u[c + 1:e] = states[:-1]
         r[e] = states[-1] - u[e]
 
@@ -152,7 +152,7 @@ class MGRITSolver:
         if final and self._final is not None:
             self._final(u, [(0, len(u) - 1)], True)
         else:
-            u[1:] = self._steps(level, 0, u[0], len(u) - 1, None if g is None else g[1:])
+            u[1:] = self._chain(level, 0, u[0], len(u) - 1, None if g is None else g[1:])
         if self.next != MPI.PROC_NULL:
             last = u[-1].contiguous()
             wait(self.comm.Isend(last.numpy(), dest=self.next, tag=_tag(level)))
@@ -176,10 +176,12 @@ class MGRITSolver:
             self._coarsest(level, u, g)
             return None
         nc = (len(u) - 1) // cf
+        # Coarse points are the C-points (injection). The coarse solve rebinds its points
+        # and receives in place only into point 0, so only that one is copied.
         if first and self.skip:
             # No work on the first down-cycle (XBraid's skip): the guess is poor, so the
             # coarse problem is the plain coarse discretisation from the initial state.
-            uc = [u[j * cf].clone() for j in range(nc + 1)]
+            uc = [u[0].clone()] + u[cf::cf]
             self._cycle(level + 1, uc, None, True)
             u[cf::cf] = uc[1:]
         else:
@@ -193,7 +195,6 @@ class MGRITSolver:
             v = u[::cf]
             phi = self._map(level + 1, range(nc), v[:-1])
             gc = [None] + [v[j] - phi[j - 1] + r[j * cf] for j in range(1, nc + 1)]
-            # The coarse solve rebinds its points and receives in place only into point 0.
             uc = [v[0].clone()] + v[1:]
             self._cycle(level + 1, uc, gc, False)
             for j in range(1, nc + 1):  # correct the C-points

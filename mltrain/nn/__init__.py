@@ -49,18 +49,16 @@ class ResidualBlock(nn.Module):
     # hand. A step with ``scale`` s is x + s (block(x) - x), as the solver re-discretises.
     def mgrit_step(self, x: torch.Tensor, scale: int = 1) -> torch.Tensor:
         """``x + s (self(x) - x)`` without autograd, bit for bit."""
-        y = torch.addmm(self.linear.bias, x, self.linear.weight.t()).relu_().mul_(self.h)
-        y.add_(x)
-        return y if scale == 1 else y.sub_(x).mul_(scale).add_(x)
+        return ops.residual_step(x, self.linear.weight, self.linear.bias, self.h, scale)
 
     def mgrit_linearize(self, x: torch.Tensor):
         """What the vector-Jacobian products at ``x`` need: where the ReLU is active."""
-        return torch.addmm(self.linear.bias, x, self.linear.weight.t()) > 0
+        return ops.residual_mask(x, self.linear.weight, self.linear.bias)
 
     def mgrit_vjp(self, state, lam: torch.Tensor, scale: int = 1) -> torch.Tensor:
         """lam^T d(step)/dx at the point ``state`` was linearised at:
         lam + s h W^T (mask * lam)."""
-        return torch.addmm(lam, lam * state, self.linear.weight, alpha=self.h * scale)
+        return ops.residual_vjp(lam, state, self.linear.weight, self.h, scale)
 
     # Sweeps over several blocks in one call (mltrain.ops, C++ when built): what the
     # methods above give step by step, bit for bit, without an interpreter call per step.

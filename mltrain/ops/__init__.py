@@ -32,7 +32,8 @@ def ext_status() -> str:
 from mltrain.ops.pack import pack, pack_reference, unpack, unpack_reference  # noqa: E402
 from mltrain.ops.reduce import (axpby, axpby_reference, sum_buffers,  # noqa: E402
                                 sum_buffers_reference)
-from mltrain.ops.residual import (residual_masks, residual_masks_reference,  # noqa: E402
+from mltrain.ops.residual import (residual_mask, residual_masks,  # noqa: E402
+                                  residual_masks_reference, residual_step, residual_vjp,
                                   residual_steps, residual_steps_reference,
                                   residual_sweep, residual_sweep_reference,
                                   residual_vjp_sweep, residual_vjp_sweep_reference)
@@ -44,4 +45,5 @@ __all__ = ["has_ext", "ext_status", "pack", "unpack", "pack_reference", "unpack_
            "restrict_reference", "prolong", "prolong_reference", "RESTRICTIONS",
            "PROLONGATIONS", "residual_sweep", "residual_sweep_reference", "residual_masks",
            "residual_masks_reference", "residual_steps", "residual_steps_reference",
-           "residual_vjp_sweep", "residual_vjp_sweep_reference"]
+           "residual_vjp_sweep", "residual_vjp_sweep_reference", "residual_step",
+           "residual_mask", "residual_vjp"]

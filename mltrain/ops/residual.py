@@ -4,9 +4,9 @@ x <- x + s (x + h_i relu(W_i x + b_i) - x) (+ adds[i]) and returns every state;
 ReLU masks at given states (what the products need);
 ``residual_vjp_sweep`` the chain lam <- lam + s h_i W_i^T (mask_i * lam) (+ adds[i]).
 
-The C++ kernels run the same ATen operations in the same order as the references (which
-are ``ResidualBlock.mgrit_step`` and ``mgrit_vjp`` written out), so the two agree bit for
-bit; they save the interpreter's cost per step, which at MGRIT's sizes is about that of the
+``residual_step``, ``residual_mask`` and ``residual_vjp`` are the single operations
+(``ResidualBlock``'s fast path calls them). The C++ kernels run the same ATen operations in
+the same order as the references, so the two agree bit for bit; they save the interpreter's cost per step, which at MGRIT's sizes is about that of the
 arithmetic. Not collective.
 """
 from __future__ import annotations
@@ -20,30 +20,44 @@ from mltrain import ops
 Tensors = Sequence[torch.Tensor]
 
 
+def residual_step(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, h: float,
+                  scale: int = 1) -> torch.Tensor:
+    """One step x + s (x + h relu(W x + b) - x), in the operations the kernels repeat."""
+    y = torch.addmm(b, x, w.t()).relu_().mul_(h)
+    y.add_(x)
+    return y if scale == 1 else y.sub_(x).mul_(scale).add_(x)
+
+
+def residual_mask(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Where the step's ReLU at ``x`` is active."""
+    return torch.addmm(b, x, w.t()) > 0
+
+
+def residual_vjp(lam: torch.Tensor, mask: torch.Tensor, w: torch.Tensor, h: float,
+                 scale: int = 1) -> torch.Tensor:
+    """lam + s h W^T (mask * lam): lam^T times the step's Jacobian where ``mask`` was taken."""
+    return torch.addmm(lam, lam * mask, w, alpha=h * scale)
+
+
 def residual_sweep_reference(x: torch.Tensor, weights: Tensors, biases: Tensors,
                              h: Sequence[float], scale: int,
                              adds: Tensors | None = None) -> list[torch.Tensor]:
     out = []
     for i, (w, b) in enumerate(zip(weights, biases)):
-        y = torch.addmm(b, x, w.t()).relu_().mul_(h[i])
-        y.add_(x)
-        if scale != 1:
-            y.sub_(x).mul_(scale).add_(x)
+        x = residual_step(x, w, b, h[i], scale)
         if adds is not None:
-            y.add_(adds[i])
-        out.append(y)
-        x = y
+            x.add_(adds[i])
+        out.append(x)
     return out
 
 
 def residual_steps_reference(xs: Tensors, weights: Tensors, biases: Tensors,
                              h: Sequence[float], scale: int) -> list[torch.Tensor]:
-    return [residual_sweep_reference(x, [w], [b], [hi], scale)[0]
-            for x, w, b, hi in zip(xs, weights, biases, h)]
+    return [residual_step(x, w, b, hi, scale) for x, w, b, hi in zip(xs, weights, biases, h)]
 
 
 def residual_masks_reference(xs: Tensors, weights: Tensors, biases: Tensors) -> list[torch.Tensor]:
-    return [torch.addmm(b, x, w.t()) > 0 for x, w, b in zip(xs, weights, biases)]
+    return [residual_mask(x, w, b) for x, w, b in zip(xs, weights, biases)]
 
 
 def residual_vjp_sweep_reference(lam: torch.Tensor, masks: Tensors, weights: Tensors,
@@ -51,11 +65,10 @@ def residual_vjp_sweep_reference(lam: torch.Tensor, masks: Tensors, weights: Ten
                                  adds: Tensors | None = None) -> list[torch.Tensor]:
     out = []
     for i, (m, w) in enumerate(zip(masks, weights)):
-        y = torch.addmm(lam, lam * m, w, alpha=h[i] * scale)
+        lam = residual_vjp(lam, m, w, h[i], scale)
         if adds is not None:
-            y.add_(adds[i])
-        out.append(y)
-        lam = y
+            lam.add_(adds[i])
+        out.append(lam)
     return out
 
 
