@@ -71,6 +71,18 @@ def test_cost_terms_match_hand_computed_values():
     assert hw.oversubscription(8) == 1.0  # cores_per_node absent: a core per rank
 
 
+def test_handover_terms_match_hand_computed_values():
+    from mltrain.planner.cost import Hardware, handover_time
+
+    shared = Hardware(**{**HW, "cores_per_node": 2, "handover_s": 1e-4})
+    # 1F1B, 8 micro-batches, 4 ranks on a node of 2 cores: 2 * 7 waits of 0.1 ms
+    assert handover_time("1f1b", 2, 8, shared, 4) == pytest.approx(14e-4)
+    assert handover_time("1f1b", 3, 1, shared, 4) == 0.0  # one micro-batch: no alternation
+    assert handover_time("gpipe", 2, 8, shared, 4) == 0.0
+    assert handover_time("1f1b", 2, 8, shared, 2) == 0.0  # a core per rank
+    assert handover_time("1f1b", 2, 8, Hardware(**HW), 8) == 0.0  # handover_s absent: 0
+
+
 def test_planner_prices_oversubscription():
     from mltrain.planner.cost import Hardware
     from mltrain.planner.search import plan
@@ -81,6 +93,16 @@ def test_planner_prices_oversubscription():
     key = lambda c: (c["data"], c["pipe"], c["layer"], c["microbatches"], c["schedule"])  # noqa: E731
     assert {key(c): 2 * c["predicted_step_s"] for c in full} == pytest.approx(
         {key(c): c["predicted_step_s"] for c in half})
+    # with a hand-over cost, 1F1B pays 2 (M - 1) of them beyond GPipe
+    woken = plan(prof, Hardware(**{**HW, "cores_per_node": 2, "handover_s": 1e-3}), 4, 64)
+    by = {key(c): c for c in woken}
+    for (D, S, L, M, sched), c in by.items():
+        if sched == "1f1b" and S > 1:
+            other = by[(D, S, L, M, "gpipe")]
+            if c["balance"] == other["balance"]:
+                assert c["predicted_step_s"] - other["predicted_step_s"] == pytest.approx(
+                    2 * (M - 1) * 1e-3)
+        assert c["handover_s"] == pytest.approx(2 * (M - 1) * 1e-3 if sched == "1f1b" else 0.0)
 
 
 def test_hardware_files(tmp_path):
@@ -92,12 +114,14 @@ def test_hardware_files(tmp_path):
         f.write_text("[hardware]\n" + "".join(f"{k} = {v!r}\n" for k, v in table.items()))
         return f
     assert load_hardware(write(HW)).ranks == 8
+    assert load_hardware(write({**HW, "handover_s": 2e-4})).handover_s == 2e-4
     for bad, match in [({k: v for k, v in HW.items() if k != "nodes"}, "hardware.nodes: missing"),
                        ({**HW, "speed_of_light": 1.0}, "hardware.speed_of_light: unknown"),
                        ({**HW, "intra_bandwidth": 0.0}, "hardware.intra_bandwidth: impossible"),
                        ({**HW, "nodes": 1.5}, "hardware.nodes: must be a whole"),
                        ({**HW, "cores_per_node": -2}, "hardware.cores_per_node: impossible"),
                        ({**HW, "cores_per_node": 2.5}, "hardware.cores_per_node: must be"),
+                       ({**HW, "handover_s": -1e-4}, "hardware.handover_s: impossible"),
                        ({**HW, "inter_latency": "fast"}, "hardware.inter_latency: expected")]:
         with pytest.raises(ConfigError, match=match):
             load_hardware(write(bad))
@@ -232,6 +256,8 @@ def test_bench_hardware_and_pipeline(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     measured = load_hardware(hw)  # a valid hardware file
     assert measured.ranks == 2 and measured.intra_bandwidth > 0
+    if measured.cores_per_node >= 2:  # a core per rank: waits cost only the latency
+        assert measured.handover_s == 0.0
     out = tmp_path / "pipe.json"
     r = mpiexec(2, ["-m", "mltrain", "bench", "pipeline", "--steps", "3", "--json", str(out),
                     "--set", "model.depth=4", "--set", "model.width=16"], timeout=600)
@@ -242,6 +268,18 @@ def test_bench_hardware_and_pipeline(tmp_path):
     assert {row["microbatches"] for row in res["rows"] if row["pipe"] == 2} == {1, 2, 4, 8}
     assert res["model_error"] == max(row["model_error"] for row in res["rows"])
     assert res["top_choice_vs_fastest"] >= 1.0
+
+
+@pytest.mark.mpi(min_size=1)
+def test_handover_measurement_is_collective_and_agrees(comm):
+    """Pairs of ranks run the synthetic pipeline (an odd last rank alone); every rank
+    returns the same figure."""
+    from mpi4py import MPI
+
+    from mltrain.cli.bench_pipeline import _handover
+
+    h = _handover(comm, M=2, steps=2, rounds=1)
+    assert h >= 0.0 and comm.allreduce(h, op=MPI.MAX) == comm.allreduce(h, op=MPI.MIN)
 
 
 def test_planner_prices_layer_parallel_mgrit_for_residual_networks():

@@ -3,8 +3,9 @@
 hardware: ranks per node and nodes (from MPI's shared-memory split), memory per rank (the
 node's memory over its ranks), point-to-point latency (8-byte ping-pong) and bandwidth
 (16 MiB ping-pong) within a node and, when the job spans nodes, between nodes; the cores
-a node's ranks may run on (the union of their CPU affinities); the compute speed is 1 (the
-planner profiles on the machine it plans for). Collective.
+a node's ranks may run on (the union of their CPU affinities); when they are fewer than the
+node's ranks, the cost of a pipeline hand-over on shared cores (below); the compute speed is
+1 (the planner profiles on the machine it plans for). Collective.
 
 pipeline: the training step of the configured model (forward, backward, data-axis gradient
 average, optimizer) for every decomposition the rank count allows: unpipelined (pure data
@@ -45,6 +46,40 @@ def _pingpong(comm: MPI.Comm, a: int, b: int, nbytes: int, reps: int) -> float:
     return comm.bcast((time.perf_counter() - t0) / reps / 2, root=a)
 
 
+def _handover(comm: MPI.Comm, M: int = 8, steps: int = 10, rounds: int = 3) -> float:
+    """What a pipeline stage's wait for its neighbour costs when ranks share cores: every
+    pair of ranks runs a fixed synthetic 2-stage pipeline (5 linear layers of width 256, a
+    batch of 32 in ``M`` micro-batches; an odd last rank runs it alone) with both schedules
+    in interleaved rounds. 1F1B makes 2 (M - 1) more waits than GPipe (cost.handover_time),
+    so the cost of one is the difference of the median steps over that count. The model is
+    synthetic so that the figure belongs to the machine, not to the model being planned.
+    Collective on ``comm``."""
+    from torch import nn
+
+    from mltrain.pipeline import Pipeline
+
+    P, rank = comm.Get_size(), comm.Get_rank()
+    pair = comm.Split(rank // 2 if rank < P - P % 2 else P, rank)
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Linear(256, 256), nn.ReLU()) for _ in range(4)]
+    layers.append(nn.Linear(256, 10))
+    x, y = torch.randn(32, 256), torch.randint(0, 10, (32,))
+    pipes = {s: Pipeline(layers, pair, microbatches=M, schedule=s, balance=None)
+             for s in ("gpipe", "1f1b")}
+    times: dict[str, list[float]] = {s: [] for s in pipes}
+    for _ in range(rounds):
+        for s, pipe in pipes.items():
+            pipe.step(x, y)  # warm-up
+            for _ in range(steps):
+                wait(comm.Ibarrier())
+                t0 = time.perf_counter()
+                pipe.step(x, y)
+                times[s].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+    pair.Free()
+    med = {s: sorted(t)[len(t) // 2] for s, t in times.items()}
+    return max(med["1f1b"] - med["gpipe"], 0.0) / (2 * (M - 1))
+
+
 def measure_hardware(comm: MPI.Comm) -> Hardware:
     """Collective on ``comm``."""
     P, rank = comm.Get_size(), comm.Get_rank()
@@ -74,10 +109,12 @@ def measure_hardware(comm: MPI.Comm) -> Hardware:
     if nodes > 1:  # rank 0 and the first rank of the next node
         ilat = _pingpong(comm, 0, per_node, 8, 200)
         ibw = big / max(_pingpong(comm, 0, per_node, big, 10) - ilat, 1e-9)
+    # With a core per rank a wait costs the latency, which the model has already.
+    handover = _handover(comm) if per_node > cores and P > 1 else 0.0
     return Hardware(ranks_per_node=per_node, nodes=nodes, memory_per_rank=float(mem),
                     compute_speed=1.0, intra_bandwidth=float(bw), intra_latency=float(lat),
                     inter_bandwidth=float(ibw), inter_latency=float(ilat),
-                    cores_per_node=int(cores))
+                    cores_per_node=int(cores), handover_s=float(handover))
 
 
 def hardware_toml(hw: Hardware) -> str:

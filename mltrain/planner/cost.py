@@ -13,7 +13,13 @@ Terms (each a function, each tested against hand-computed values):
   activations of the micro-batches in flight (M for GPipe, S - s for 1F1B);
 - oversubscription: when more ranks share a node than it has cores, each rank gets
   cores / ranks of one for the whole step (an MPI rank that waits polls, so waiting does not
-  free its core): the step takes ranks / cores times longer.
+  free its core): the step takes ranks / cores times longer;
+- hand-overs on shared cores: 1F1B alternates forwards and backwards, so in its steady
+  state each of the 2 (M - 1) micro-batch passes after the first waits for the neighbouring
+  stage's message, produced just before. With a core per rank that wait is the link's
+  latency (in the stage time above); with cores shared the waiting rank must be scheduled
+  again, which costs ``handover_s`` (measured by ``bench hardware``) each time. GPipe's
+  passes queue up behind each other and do not wait so.
 """
 from __future__ import annotations
 
@@ -25,7 +31,10 @@ from pathlib import Path
 from mltrain.config import ConfigError
 
 __all__ = ["Hardware", "Profile", "p2p_time", "allreduce_time", "bubble_fraction",
-           "pipeline_time", "stage_memory", "load_hardware"]
+           "pipeline_time", "handover_time", "stage_memory", "load_hardware"]
+
+# Fields a hardware file may leave out (their defaults: a core per rank, no hand-over cost).
+OPTIONAL = ("cores_per_node", "handover_s")
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,9 @@ class Hardware:
     ``compute_speed`` relative to the machine the profile was measured on (2 = twice as
     fast); bandwidths in bytes/s and latencies in s, within a node and between nodes;
     ``cores_per_node`` (optional; 0: at least one core or accelerator per rank) for runs
-    with more ranks on a node than cores."""
+    with more ranks on a node than cores; ``handover_s`` (optional, s): what a pipeline
+    stage's wait for its neighbour's message costs beyond the latency when the node's cores
+    are shared (0 with a core per rank)."""
     ranks_per_node: int
     nodes: int
     memory_per_rank: float
@@ -44,13 +55,14 @@ class Hardware:
     inter_bandwidth: float
     inter_latency: float
     cores_per_node: int = 0
+    handover_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise ConfigError(f"hardware.{f.name}: expected a number, got {v!r}")
-            zero_ok = f.name.endswith("latency") or f.name == "cores_per_node"
+            zero_ok = f.name.endswith("latency") or f.name in OPTIONAL
             if zero_ok and v < 0 or not zero_ok and v <= 0:
                 raise ConfigError(f"hardware.{f.name}: impossible value {v!r}")
         for name in ("ranks_per_node", "nodes", "cores_per_node"):
@@ -81,8 +93,7 @@ def load_hardware(path: str | Path) -> Hardware:
     if not isinstance(table, dict):
         raise ConfigError(f"--hardware: {path} has no [hardware] table")
     names = [f.name for f in fields(Hardware)]
-    optional = {"cores_per_node"}
-    missing = [n for n in names if n not in table and n not in optional]
+    missing = [n for n in names if n not in table and n not in OPTIONAL]
     if missing:
         raise ConfigError(f"hardware.{missing[0]}: missing in {path}")
     unknown = sorted(set(table) - set(names))
@@ -142,6 +153,14 @@ def bubble_fraction(S: int, M: int) -> float:
 def pipeline_time(stage_s: list[float], M: int) -> float:
     """A flushed pipeline (GPipe or 1F1B) of micro-batch stage times ``stage_s``."""
     return (M + len(stage_s) - 1) * max(stage_s)
+
+
+def handover_time(schedule: str, S: int, M: int, hw: Hardware, ranks: int) -> float:
+    """The waits 1F1B's alternation adds on a node whose cores ranks share: 2 (M - 1)
+    hand-overs of ``hw.handover_s`` each; none for GPipe, one stage, or a core per rank."""
+    if schedule != "1f1b" or S < 2 or hw.oversubscription(ranks) <= 1:
+        return 0.0
+    return 2 * (M - 1) * hw.handover_s
 
 
 def stage_memory(param_bytes: float, optimizer_bytes: float, activation_bytes: float,

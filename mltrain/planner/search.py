@@ -8,8 +8,8 @@ import time
 import torch
 from torch import nn
 
-from mltrain.planner.cost import (Hardware, Profile, allreduce_time, pipeline_time,
-                                  p2p_time, stage_memory)
+from mltrain.planner.cost import (Hardware, Profile, allreduce_time, handover_time,
+                                  pipeline_time, p2p_time, stage_memory)
 from mltrain.planner.partition import best_partition
 
 __all__ = ["profile_layers", "plan"]
@@ -129,8 +129,9 @@ def _layer_parallel(prof: Profile, hw: Hardware, ranks: int, batch: int,
         out.append({"data": D, "pipe": 1, "layer": L, "microbatches": 1, "schedule": "mgrit",
                     "balance": [N], "predicted_step_s": (chain + ends / hw.compute_speed
                                                          + reduce_s + update_s)
-                    * hw.oversubscription(ranks), "compute_s": chain, "allreduce_s": reduce_s,
-                    "optimizer_s": update_s, "memory_bytes": memory,
+                    * hw.oversubscription(ranks), "compute_s": chain,
+                    "allreduce_s": reduce_s, "optimizer_s": update_s, "handover_s": 0.0,
+                    "memory_bytes": memory,
                     "comm_bytes": local_params * (2 if D > 1 else 0)})
     return out
 
@@ -185,15 +186,16 @@ def plan(prof: Profile, hw: Hardware, ranks: int, batch: int, *,
                 reduce_s = max(allreduce_time(p, D, hw, data_inter) for p in stage_params)
                 update_s = max(prof.step_s(bounds[k], bounds[k + 1])
                                for k in range(S)) / hw.compute_speed
+                wake_s = handover_time(sched, S, M, hw, ranks)
                 p2p_bytes = sum(prof.activation_bytes[bounds[k + 1] - 1] * per_rank * 2
                                 for k in range(S - 1))
                 configs.append({
                     "data": D, "pipe": S, "layer": 1, "microbatches": M,
                     "schedule": sched if S > 1 else "none", "balance": balance,
                     "predicted_step_s": (pipeline_time(stage_s, M) + reduce_s + update_s)
-                    * hw.oversubscription(ranks),
+                    * hw.oversubscription(ranks) + wake_s,
                     "compute_s": max(stage_s) * M, "allreduce_s": reduce_s,
-                    "optimizer_s": update_s,
+                    "optimizer_s": update_s, "handover_s": wake_s,
                     "memory_bytes": max(memory(bounds[k], bounds[k + 1]) for k in range(S)),
                     "comm_bytes": max(stage_params) * (2 if D > 1 else 0) + p2p_bytes,
                 })
