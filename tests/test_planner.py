@@ -72,13 +72,15 @@ def test_cost_terms_match_hand_computed_values():
 
 
 def test_handover_terms_match_hand_computed_values():
-    from mltrain.planner.cost import Hardware, handover_time
+    from mltrain.planner.cost import Hardware, extra_waits, handover_time
 
     shared = Hardware(**{**HW, "cores_per_node": 2, "handover_s": 1e-4})
     # 1F1B, 8 micro-batches, 4 ranks on a node of 2 cores: 2 * 7 waits of 0.1 ms
     assert handover_time("1f1b", 2, 8, shared, 4) == pytest.approx(14e-4)
     assert handover_time("1f1b", 3, 1, shared, 4) == 0.0  # one micro-batch: no alternation
     assert handover_time("gpipe", 2, 8, shared, 4) == 0.0
+    assert [extra_waits(*a) for a in (("1f1b", 4, 3), ("gpipe", 4, 3), ("1f1b", 1, 3))] == [
+        4, 0, 0]
     assert handover_time("1f1b", 2, 8, shared, 2) == 0.0  # a core per rank
     assert handover_time("1f1b", 2, 8, Hardware(**HW), 8) == 0.0  # handover_s absent: 0
 

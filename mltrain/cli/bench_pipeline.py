@@ -25,7 +25,7 @@ from mpi4py import MPI
 
 from mltrain.comm import GradReducer
 from mltrain.comm.waiting import wait
-from mltrain.planner.cost import Hardware
+from mltrain.planner.cost import Hardware, extra_waits
 
 __all__ = ["measure_hardware", "bench_pipeline", "hardware_toml"]
 
@@ -50,8 +50,8 @@ def _handover(comm: MPI.Comm, M: int = 8, steps: int = 10, rounds: int = 3) -> f
     """What a pipeline stage's wait for its neighbour costs when ranks share cores: every
     pair of ranks runs a fixed synthetic 2-stage pipeline (5 linear layers of width 256, a
     batch of 32 in ``M`` micro-batches; an odd last rank runs it alone) with both schedules
-    in interleaved rounds. 1F1B makes 2 (M - 1) more waits than GPipe (cost.handover_time),
-    so the cost of one is the difference of the median steps over that count. The model is
+    in interleaved rounds. 1F1B makes ``cost.extra_waits`` more waits than GPipe, so the
+    cost of one is the difference of the median steps over that count. The model is
     synthetic so that the figure belongs to the machine, not to the model being planned.
     Collective on ``comm``."""
     from torch import nn
@@ -64,20 +64,28 @@ def _handover(comm: MPI.Comm, M: int = 8, steps: int = 10, rounds: int = 3) -> f
     layers = [nn.Sequential(nn.Linear(256, 256), nn.ReLU()) for _ in range(4)]
     layers.append(nn.Linear(256, 10))
     x, y = torch.randn(32, 256), torch.randint(0, 10, (32,))
-    pipes = {s: Pipeline(layers, pair, microbatches=M, schedule=s, balance=None)
-             for s in ("gpipe", "1f1b")}
-    times: dict[str, list[float]] = {s: [] for s in pipes}
+    pipes = {s: Pipeline(layers, pair, microbatches=M, schedule=s) for s in ("gpipe", "1f1b")}
+    med = _interleaved_medians(comm, {s: (lambda p=p: p.step(x, y)) for s, p in pipes.items()},
+                               steps, rounds)
+    pair.Free()
+    return max(med["1f1b"] - med["gpipe"], 0.0) / extra_waits("1f1b", 2, M)
+
+
+def _interleaved_medians(comm: MPI.Comm, steps_by_key: dict, steps: int, rounds: int) -> dict:
+    """The median (over ``rounds`` rounds of ``steps`` timed calls after a warm-up) of each
+    step function's time on the slowest rank. The rounds go over all functions in turn, so
+    that a slow phase of the machine (the scheduler, with more ranks than cores) falls on
+    all of them rather than on one. Collective on ``comm``."""
+    times: dict = {k: [] for k in steps_by_key}
     for _ in range(rounds):
-        for s, pipe in pipes.items():
-            pipe.step(x, y)  # warm-up
+        for k, step in steps_by_key.items():
+            step()  # warm-up (and the first round's allocations)
             for _ in range(steps):
                 wait(comm.Ibarrier())
                 t0 = time.perf_counter()
-                pipe.step(x, y)
-                times[s].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    pair.Free()
-    med = {s: sorted(t)[len(t) // 2] for s, t in times.items()}
-    return max(med["1f1b"] - med["gpipe"], 0.0) / (2 * (M - 1))
+                step()
+                times[k].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+    return {k: sorted(t)[len(t) // 2] for k, t in times.items()}
 
 
 def measure_hardware(comm: MPI.Comm) -> Hardware:
@@ -203,21 +211,13 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
             gc.free()
         row = {"data": D, "pipe": S, "microbatches": M, "schedule": sched,
                "balance": pred["balance"], "predicted_s": pred["predicted_step_s"]}
-        runs.append((row, step, done, []))
-    # Rounds over all decompositions, so that a slow phase of the machine (the scheduler,
-    # with more ranks than cores) falls on all of them rather than on one.
-    for _ in range(rounds):
-        for row, step, _, times in runs:
-            step()  # warm-up (and the first round's allocations)
-            for _ in range(steps):
-                wait(comm.Ibarrier())
-                t0 = time.perf_counter()
-                step()
-                times.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+        runs.append((row, step, done))
+    med = _interleaved_medians(comm, {i: step for i, (_, step, _) in enumerate(runs)},
+                               steps, rounds)
     rows = []
-    for row, _, done, times in runs:
+    for i, (row, _, done) in enumerate(runs):
         done()
-        t = sorted(times)[len(times) // 2]  # the median step, the slowest rank's
+        t = med[i]
         rows.append({**row, "time_s": t, "model_error": abs(row["predicted_s"] - t) / t})
     base = next(r for r in rows if r["pipe"] == 1)
     for r in rows:

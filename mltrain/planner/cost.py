@@ -31,7 +31,7 @@ from pathlib import Path
 from mltrain.config import ConfigError
 
 __all__ = ["Hardware", "Profile", "p2p_time", "allreduce_time", "bubble_fraction",
-           "pipeline_time", "handover_time", "stage_memory", "load_hardware"]
+           "pipeline_time", "extra_waits", "handover_time", "stage_memory", "load_hardware"]
 
 # Fields a hardware file may leave out (their defaults: a core per rank, no hand-over cost).
 OPTIONAL = ("cores_per_node", "handover_s")
@@ -155,12 +155,18 @@ def pipeline_time(stage_s: list[float], M: int) -> float:
     return (M + len(stage_s) - 1) * max(stage_s)
 
 
+def extra_waits(schedule: str, S: int, M: int) -> int:
+    """The waits for a neighbour's just-produced message that a schedule makes beyond
+    GPipe's: 2 (M - 1) for 1F1B's alternation; none for GPipe or one stage."""
+    return 2 * (M - 1) if schedule == "1f1b" and S > 1 else 0
+
+
 def handover_time(schedule: str, S: int, M: int, hw: Hardware, ranks: int) -> float:
-    """The waits 1F1B's alternation adds on a node whose cores ranks share: 2 (M - 1)
-    hand-overs of ``hw.handover_s`` each; none for GPipe, one stage, or a core per rank."""
-    if schedule != "1f1b" or S < 2 or hw.oversubscription(ranks) <= 1:
+    """Those waits at ``hw.handover_s`` each on a node whose cores ranks share; none with a
+    core per rank."""
+    if hw.oversubscription(ranks) <= 1:
         return 0.0
-    return 2 * (M - 1) * hw.handover_s
+    return extra_waits(schedule, S, M) * hw.handover_s
 
 
 def stage_memory(param_bytes: float, optimizer_bytes: float, activation_bytes: float,
