@@ -91,7 +91,7 @@ def test_docs_list_every_key():
     (["parallel.layer=2", "sync.name=localsgd"], "sync.name"),
     (["parallel.pipe=2", "optim.name=tr"], "optim.name"),
     (["parallel.pipe=2", "sync.name=localsgd"], "sync.name"),
-    (["parallel.pipe=2", "parallel.layer=2"], "do not combine"),
+    (["parallel.pipe=2", "parallel.layer=2", "optim.name=tr"], "optim.name"),
     (["pipeline.balance=2,x"], "pipeline.balance"),
     (["pipeline.balance=2,0"], "at least one layer"),
 ])

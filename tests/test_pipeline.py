@@ -97,6 +97,81 @@ def test_pipelined_gradients_equal_unpipelined(comm, schedule, M, how, monkeypat
     all_ranks(comm, ok and worst < 1e-12, f"loss {loss} vs {float(loss_ref)}, grad {worst:.2e}")
 
 
+def _factorings(P):
+    return [(S, P // S) for S in range(1, P + 1) if P % S == 0]
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "mgrit"])
+def test_layered_pipeline_gradients_equal_serial(comm, schedule, exact):
+    # Every pipe x layer factoring of the rank count; MGRIT either in exact sweeps or with
+    # enough two-level iterations to be exact (at most 16 blocks a stage: 9 iterations).
+    from mltrain.comm import Grid
+    from mltrain.nn import ResNet
+    from mltrain.pipeline import LayeredPipeline
+
+    P = comm.Get_size()
+    torch.manual_seed(1)
+    x, y = torch.randn(9, 12, dtype=torch.float64), torch.randint(0, 5, (9,))
+    for S, L in _factorings(P):
+        torch.manual_seed(0)
+        model = ResNet(12, 8, 16, 5).double()
+        ref = ResNet(12, 8, 16, 5).double()
+        ref.load_state_dict(model.state_dict())
+        loss_ref = F.cross_entropy(ref(x), y)
+        loss_ref.backward()
+        gc = Grid.for_world(P, pipe=S, layer=L).build(comm)
+        pipe = LayeredPipeline(model, gc.comms["pipe"], gc.comms["layer"], microbatches=3,
+                               schedule=schedule, levels=2, cf=2, iters=9, bwd_iters=9)
+        pipe.lp.exact = exact
+        loss = pipe.step(x, y)
+        ok = abs(loss - float(loss_ref)) <= 1e-12 * float(loss_ref)
+        mine = {id(p) for p in pipe.parameters()}
+        worst, missing = 0.0, 0
+        for p, q in zip(model.parameters(), ref.parameters()):
+            if id(p) in mine:  # what this rank trains has the serial gradient
+                missing += p.grad is None
+                if p.grad is not None:
+                    worst = max(worst, float((p.grad - q.grad).norm() / q.grad.norm()))
+            else:  # and nothing else gets one
+                missing += p.grad is not None
+        # After gathering, every rank holds the whole network.
+        for p in model.parameters():
+            p.data.add_(1.0)
+        pipe.gather(pipe.segments)
+        again = all(torch.equal(p, q + 1.0) for p, q in zip(model.parameters(),
+                                                            ref.parameters()))
+        gc.free()
+        all_ranks(comm, ok and worst < 1e-12 and not missing and again,
+                  f"S={S} L={L}: loss {loss} vs {float(loss_ref)}, grad {worst:.2e}, "
+                  f"{missing} wrong, gathered {again}")
+
+
+def test_layered_balance_and_errors():
+    from mltrain.nn import MLP, ResNet
+    from mltrain.pipeline import LayeredPipeline, Segment, layered_balance
+
+    assert layered_balance(16, 2, 2, 2, 2) == [9, 9]
+    assert layered_balance(12, 3, 1, 2, 2) == [5, 4, 5]
+    assert layered_balance(8, 1, 1, 3, 2) == [10]
+    with pytest.raises(ConfigError, match="do not make 3 stages of 2 layer ranks"):
+        layered_balance(8, 3, 2, 2, 2)
+    model = ResNet(4, 3, 6, 2)
+    seg = Segment(model, 3, 8)  # blocks 2..5 and the closing
+    assert list(seg.blocks) == list(model.blocks[2:]) and seg.closing is model.closing
+    assert isinstance(seg.opening, torch.nn.Identity)
+    x = torch.randn(2, 4)
+    assert torch.equal(Segment(model, 3, 8)(Segment(model, 0, 3)(x)), model(x))
+    with pytest.raises(ConfigError, match="pipeline.balance"):
+        LayeredPipeline(model, MPI.COMM_SELF, MPI.COMM_SELF, microbatches=1, balance=[7])
+    with pytest.raises(ConfigError, match="pipeline.balance: stage 0 .*divisible"):
+        LayeredPipeline(model, MPI.COMM_SELF, MPI.COMM_SELF, microbatches=1, levels=3, cf=2,
+                        balance=[8])
+    with pytest.raises(ConfigError, match="residual network"):
+        LayeredPipeline(MLP(4, 3, 2, 2), MPI.COMM_SELF, MPI.COMM_SELF, microbatches=1)
+
+
 PIPE = ["model.name=resnet", "model.depth=6", "model.width=16", "run.dtype=float64",
         "data.partition=strided", "data.shuffle=false", "data.batch_size=48", "run.steps=6",
         "optim.name=adam", "optim.lr=0.01", "run.threads=1", "pipeline.microbatches=3"]
@@ -148,6 +223,48 @@ def test_pipeline_checkpoint_resumes_at_another_degree(comm, shared_tmp):
         t.close()
         sub.Free()
     all_ranks(comm, comm.allreduce(int(ok), op=MPI.MIN) == 1)
+
+
+LAYERED = [c.replace("model.depth=6", "model.depth=16") for c in PIPE] + [
+    "mgrit.levels=2", "mgrit.cf=2", "mgrit.iters=9", "mgrit.bwd_iters=9"]
+
+
+@pytest.mark.mpi(min_size=4)
+def test_layered_pipeline_training_and_checkpoint_equal_serial(comm, shared_tmp):
+    # Grid data x pipe=2 x layer=2 (converged MGRIT) trains as the serial network does; its
+    # checkpoint holds every stage's blocks and their Adam state (resumed serially).
+    from mltrain.config import load_config
+    from mltrain.linalg.vector import flat_params
+    from mltrain.train import Trainer
+
+    P = comm.Get_size()
+    ck = shared_tmp / "layered-ck"
+    _, ref = _train(LAYERED, MPI.COMM_SELF)
+    s, par = _train(LAYERED + ["parallel.pipe=2", "parallel.layer=2", "pipeline.balance=7,11",
+                               f"checkpoint.dir={ck}"], comm)
+    diff = float((par - ref).norm() / ref.norm())
+    ok = diff < 1e-10 and s["pipeline_stages"] == 2 and s["layer_parallel"] == 2
+    ok = ok and len(s["mgrit_residuals"]["forward"]) == 9
+    rank = comm.Get_rank()
+    sub = comm.Split(0 if rank == 0 else MPI.UNDEFINED, rank)
+    if sub != MPI.COMM_NULL:
+        t = Trainer(load_config(None, LAYERED + [f"checkpoint.dir={ck}",
+                                                 "checkpoint.resume=true"]), sub, quiet=True,
+                    metrics=False)
+        ok = ok and (torch.equal(flat_params(t.net), par) and t.step == 6
+                     and all("exp_avg" in t.optimizer.state[p] for p in t.net.parameters()))
+        t.close()
+        sub.Free()
+    all_ranks(comm, comm.allreduce(int(ok), op=MPI.MIN) == 1, f"P={P}: {diff:.2e}")
+
+
+def test_layered_pipeline_errors():
+    from conftest import cli_error
+
+    cli_error(["parallel.pipe=2", "parallel.layer=2", "model.name=mlp", "run.steps=1"],
+              "residual network", ranks=4)
+    cli_error(["parallel.pipe=2", "parallel.layer=2", "model.name=resnet", "model.depth=8",
+               "pipeline.balance=2,8", "run.steps=1"], "pipeline.balance: stage 0", ranks=4)
 
 
 def test_pipeline_rank_count_errors():

@@ -18,3 +18,11 @@ for n in ${MLTRAIN_TEST_RANKS:-1 2 3 4}; do
   # `timeout` is the last line of defence against a hang the per-test timeout misses.
   timeout 1800 "$mpiexec" -n "$n" "$py" -m mpi4py tests/mpi_pytest.py -q -p no:cacheprovider tests
 done
+
+# Every axis of the grid at once (data 2 x pipe 2 x layer 2) needs 8 ranks: the tests of
+# the layer-parallel pipeline, oversubscribed 4 to a core.
+for n in ${MLTRAIN_GRID_RANKS:-8}; do
+  echo "== MPI tests of the data x pipe x layer grid on $n ranks"
+  timeout 900 "$mpiexec" -n "$n" "$py" -m mpi4py tests/mpi_pytest.py -q -p no:cacheprovider \
+    tests/test_pipeline.py -k layered
+done

@@ -296,9 +296,6 @@ def _validate(cfg: Config) -> None:
         if cfg.sync.name != "allreduce" or cfg.sync.compression != "none":
             raise ConfigError("parallel.pipe: pipeline training averages gradients itself: "
                               "use sync.name = 'allreduce' without compression")
-        if cfg.parallel.layer > 1:
-            raise ConfigError("parallel.pipe: pipeline and layer parallelism do not combine "
-                              "yet")
     parse_balance(cfg.pipeline.balance)
     if cfg.parallel.layer > 1:
         if cfg.optim.name not in ("sgd", "adam", "tr", "rmtr") or cfg.optim.nested:

@@ -1,6 +1,8 @@
-"""Layer 4: pipeline model parallelism: schedules as data, an MPI executor."""
+"""Layer 4: pipeline model parallelism: schedules as data, an MPI executor, and stages
+that are layer-parallel themselves."""
 from mltrain.pipeline.executor import Pipeline, default_balance, sequential_layers
+from mltrain.pipeline.layered import LayeredPipeline, Segment, layered_balance
 from mltrain.pipeline.schedules import Action, SCHEDULES, build_schedule, check
 
-__all__ = ["Action", "Pipeline", "SCHEDULES", "build_schedule", "check", "default_balance",
-           "sequential_layers"]
+__all__ = ["Action", "LayeredPipeline", "Pipeline", "SCHEDULES", "Segment", "build_schedule",
+           "check", "default_balance", "layered_balance", "sequential_layers"]

@@ -11,7 +11,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mltrain.comm import STATS, broadcast_
-from mltrain.comm.ownership import gather_params
+from mltrain.comm.ownership import gather_params, gather_state
 from mltrain.comm.waiting import probe, wait
 from mltrain.config import ConfigError
 from mltrain.pipeline.schedules import build_schedule
@@ -146,3 +146,7 @@ class Pipeline:
         """Brings every stage's parameters to every rank of the pipe axis (into
         ``layers``), one broadcast per stage. Collective."""
         gather_params(self.groups(layers), self.comm)
+
+    def gather_state(self, optimizer: torch.optim.Optimizer, layers: list[nn.Module]) -> None:
+        """Brings every stage's optimizer state to every rank of the pipe axis. Collective."""
+        gather_state(optimizer, self.groups(layers), self.comm)

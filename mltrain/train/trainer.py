@@ -21,9 +21,8 @@ from mltrain.config import Config, ConfigError, parse_balance, parse_straggler, 
 from mltrain.data import (LABEL_PARTITIONS, ShardLoader, open_dataset, partition,
                           partition_options, steps_per_epoch)
 from mltrain.io import MetricsWriter, latest_checkpoint, load_checkpoint, save_checkpoint
-from mltrain.comm.ownership import gather_state
 from mltrain.mgrit import LayerParallel
-from mltrain.pipeline import Pipeline, sequential_layers
+from mltrain.pipeline import LayeredPipeline, Pipeline, sequential_layers
 from mltrain.multilevel import RMTR, Hierarchy, MGOpt
 from mltrain.nn import build_model
 from mltrain.optim import build_optimizer
@@ -75,17 +74,25 @@ class Trainer:
                                 depth=cfg.model.depth, dtype=self.dtype)
         self.model = model.to(self.dtype)
         self.lp: LayerParallel | None = None
-        if cfg.parallel.layer > 1:
-            m, o = cfg.mgrit, cfg.optim
+        m = cfg.mgrit
+        mgrit = dict(levels=m.levels, cf=m.cf, relax=m.relax, iters=m.iters,
+                     bwd_iters=m.bwd_iters, tol=m.tol, skip=m.skip)
+        if cfg.parallel.layer > 1 and cfg.parallel.pipe == 1:
+            o = cfg.optim
             # RMTR's coarse levels split where the finest does: align to its hierarchy.
             align = o.cf ** (o.levels - 1) if o.name == "rmtr" else 1
             self.lp = agree(comm, lambda: LayerParallel(
-                self.model, self.gc.comms["layer"], levels=m.levels, cf=m.cf, relax=m.relax,
-                iters=m.iters, bwd_iters=m.bwd_iters, tol=m.tol, skip=m.skip, align=align),
-                what="config")
+                self.model, self.gc.comms["layer"], align=align, **mgrit), what="config")
             self.model = self.lp
         self.pipe: Pipeline | None = None
-        if cfg.parallel.pipe > 1:
+        if cfg.parallel.pipe > 1 and cfg.parallel.layer > 1:  # stages layer-parallel
+            p = cfg.pipeline
+            self.pipe = agree(comm, lambda: LayeredPipeline(
+                self.model, self.gc.comms["pipe"], self.gc.comms["layer"],
+                microbatches=p.microbatches, schedule=p.schedule,
+                balance=parse_balance(p.balance), **mgrit), what="config")
+            self._layers = self.pipe.segments
+        elif cfg.parallel.pipe > 1:
             p = cfg.pipeline
             self._layers = agree(comm, lambda: sequential_layers(self.model), what="config")
             self.pipe = agree(comm, lambda: Pipeline(
@@ -141,6 +148,14 @@ class Trainer:
         """The serial network being trained (checkpoints, evaluation): the model, or the
         one a layer-parallel wrapper holds."""
         return self.lp.model if self.lp is not None else self.model
+
+    @property
+    def chain(self) -> LayerParallel | None:
+        """Where this rank runs MGRIT: the layer-parallel model, or its layer-parallel
+        pipeline stage (None without a layer axis)."""
+        if self.lp is not None:
+            return self.lp
+        return self.pipe.lp if isinstance(self.pipe, LayeredPipeline) else None
 
     def _optimizer_and_sync(self, model, levels: int | None = None):
         """The configured optimizer and synchronization scheme for ``model``; multilevel
@@ -315,7 +330,7 @@ class Trainer:
                     self.lp.gather_state(self.optimizer)
             if self.pipe is not None:  # every stage and its optimizer state likewise
                 self.pipe.gather(self._layers)
-                gather_state(self.optimizer, self.pipe.groups(self._layers), self.pipe.comm)
+                self.pipe.gather_state(self.optimizer, self._layers)
             path = save_checkpoint(self.cfg.checkpoint.dir, self.net, self.optimizer,
                                    step=self.step, epoch=epoch, position=pos,
                                    config_text=to_toml(self.cfg), comm=self.comm,
@@ -353,6 +368,9 @@ class Trainer:
         """One pipelined step: the stage's gradients, averaged over the data axis, then the
         optimizer. Collective on the pipe and data axes."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.chain is not None:
+            after = self.cfg.mgrit.exact_after
+            self.chain.exact = bool(after) and self.step >= after
         loss = self.pipe.step(x, y)
         if self._pipe_reducer is not None:
             self._pipe_reducer.reduce()
@@ -395,8 +413,8 @@ class Trainer:
                 with STATS.paused():
                     mean = allreduce_scalar(loss.item(), self.gc.data) / self.dp_size
                 extra = {"consensus_distance": self.sync.distance()} if self.sync.drifts else {}
-                if self.lp is not None:  # MGRIT residual norms, per iteration, last step
-                    extra["mgrit_residuals"] = dict(self.lp.residuals)
+                if self.chain is not None:  # MGRIT residual norms, per iteration, last step
+                    extra["mgrit_residuals"] = dict(self.chain.residuals)
                 if cfg.run.target_loss:  # the whole training set's loss, not the batch's
                     extra["train_loss"] = self.evaluate()["train_loss"]
                 self.metrics.write(step=self.step, epoch=epoch, loss=mean,
@@ -450,7 +468,7 @@ class Trainer:
             "level_steps": self.level_steps,
             "layer_parallel": self.grid.layer,
             "pipeline_stages": self.grid.pipe,
-            "mgrit_residuals": dict(self.lp.residuals) if self.lp is not None else None,
+            "mgrit_residuals": dict(self.chain.residuals) if self.chain is not None else None,
             "fine_grad_evals": self.work(),
             "sync": cfg.sync.name,
             "compression": cfg.sync.compression,
