@@ -83,6 +83,14 @@ def test_handover_terms_match_hand_computed_values():
         4, 0, 0]
     assert handover_time("1f1b", 2, 8, shared, 2) == 0.0  # a core per rank
     assert handover_time("1f1b", 2, 8, Hardware(**HW), 8) == 0.0  # handover_s absent: 0
+    # MGRIT on 2 layer ranks, 2 levels, 2 forward and 1 adjoint iteration: 3 messages per
+    # V-cycle, 6 + 3, and 2 broadcasts; in each of a pipeline's M + S - 1 stage passes.
+    from mltrain.mgrit.model import messages, waits
+
+    assert waits(2, 2, 2, 1) == 11 and waits(1, 2, 2, 1) == 0 and messages(4, 1, 5) == 1
+    assert handover_time("gpipe", 1, 1, shared, 4, 11) == pytest.approx(11e-4)
+    assert handover_time("1f1b", 2, 4, shared, 4, 11) == pytest.approx((6 + 5 * 11) * 1e-4)
+    assert handover_time("1f1b", 2, 4, shared, 2, 11) == 0.0
 
 
 def test_planner_prices_oversubscription():
@@ -145,18 +153,31 @@ def _profile(n=8, seed=0):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("ranks", [1, 2, 4, 8])
-def test_plans_are_feasible_and_never_slower_than_data_parallelism(seed, ranks):
+@pytest.mark.parametrize("residual", [False, True], ids=["chain", "residual"])
+def test_plans_are_feasible_and_never_slower_than_data_parallelism(seed, ranks, residual):
     from mltrain.planner.cost import Hardware
     from mltrain.planner.search import plan
 
-    prof = _profile(seed=seed)
-    hw = Hardware(**HW)
-    configs = plan(prof, hw, ranks, 64)
-    assert configs and all(c["data"] * c["pipe"] == ranks for c in configs)
+    prof = _profile(n=10, seed=seed)
+    # Even seeds: too little memory for the whole model on one rank (parameters,
+    # gradients and Adam state take 4 times the parameter bytes).
+    tight = seed % 2 == 0
+    hw = Hardware(**{**HW, "memory_per_rank": 2.5 * sum(prof.parameter_bytes) if tight
+                     else 8e9})
+    mg = {"levels": 2, "cf": 2, "iters": 2, "bwd_iters": 1}
+    configs = plan(prof, hw, ranks, 64, residual=(1, 9) if residual else None, mgrit=mg)
+    if tight and ranks == 1:
+        assert configs == []
+        return
+    assert configs and all(c["data"] * c["pipe"] * c["layer"] == ranks for c in configs)
+    if not tight and ranks > 1:  # a layer axis exactly for residual networks
+        assert residual == any(c["layer"] > 1 for c in configs)
+    for c in configs:
+        assert c["memory_bytes"] <= hw.memory_per_rank and sum(c["balance"]) == prof.layers
     best = configs[0]
-    assert best["memory_bytes"] <= hw.memory_per_rank and sum(best["balance"]) == prof.layers
-    pure = [c for c in configs if c["pipe"] == 1]
-    assert pure and best["predicted_step_s"] <= pure[0]["predicted_step_s"]
+    pure = [c for c in configs if c["pipe"] == 1 and c["layer"] == 1]
+    assert bool(pure) != tight  # pure data parallelism fits exactly when memory allows
+    assert not pure or best["predicted_step_s"] <= pure[0]["predicted_step_s"]
     times = [c["predicted_step_s"] for c in configs]
     assert times == sorted(times)
 
@@ -266,7 +287,8 @@ def test_bench_hardware_and_pipeline(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     kinds = {(row["pipe"], row["schedule"]) for row in res["rows"]}
-    assert {(1, "none"), (2, "gpipe"), (2, "1f1b")} <= kinds
+    assert {(1, "none"), (2, "gpipe"), (2, "1f1b"), (1, "mgrit")} <= kinds
+    assert all(row["layer"] == 2 for row in res["rows"] if row["schedule"] == "mgrit")
     assert {row["microbatches"] for row in res["rows"] if row["pipe"] == 2} == {1, 2, 4, 8}
     assert res["model_error"] == max(row["model_error"] for row in res["rows"])
     assert res["top_choice_vs_fastest"] >= 1.0
@@ -292,13 +314,49 @@ def test_planner_prices_layer_parallel_mgrit_for_residual_networks():
     hw = Hardware(**HW)
     mg = {"levels": 2, "cf": 4, "iters": 2, "bwd_iters": 1}
     configs = plan(prof, hw, 4, 64, residual=(1, 17), mgrit=mg)
-    layered = [c for c in configs if c["layer"] > 1]
+    layered = [c for c in configs if c["layer"] > 1 and c["pipe"] == 1]
     assert {(c["data"], c["layer"]) for c in layered} == {(2, 2), (1, 4)}
-    assert all(c["pipe"] == 1 and c["schedule"] == "mgrit" for c in layered)
+    assert all(c["schedule"] == "mgrit" and c["balance"] == [18] for c in layered)
     # more MGRIT iterations cost more
     slow = plan(prof, hw, 4, 64, residual=(1, 17), mgrit={**mg, "iters": 4})
     t = {(c["data"], c["layer"]): c["predicted_step_s"] for c in layered}
     for c in slow:
-        if c["layer"] > 1:
+        if c["layer"] > 1 and c["pipe"] == 1:
             assert c["predicted_step_s"] > t[(c["data"], c["layer"])]
     assert not [c for c in plan(prof, hw, 4, 64) if c["layer"] > 1]  # not a residual net
+
+
+def test_planner_prices_pipeline_stages_that_are_layer_parallel():
+    # 4 ranks, 16 blocks in units of cf = 2: the only grid with both axes is 1 x 2 x 2. Its
+    # stage times are the MGRIT work model of the stage's blocks on 2 layer ranks, plus the
+    # opening or closing, plus the transfers; the cut is the best on the units' grid, with
+    # at least a unit per layer rank.
+    from mltrain.mgrit.model import predict
+    from mltrain.planner.cost import Hardware, p2p_time
+    from mltrain.planner.search import _chain_costs, plan
+
+    prof = _profile(n=18, seed=2)
+    prof.forward_s[17] *= 200  # an expensive closing: the last stage takes fewer blocks
+    hw = Hardware(**HW)
+    mg = {"levels": 2, "cf": 2, "iters": 2, "bwd_iters": 1}
+    configs = plan(prof, hw, 4, 64, residual=(1, 17), mgrit=mg)
+    grid = [c for c in configs if c["pipe"] > 1 and c["layer"] > 1]
+    assert {(c["data"], c["pipe"], c["layer"]) for c in grid} == {(1, 2, 2)}
+    assert {(c["microbatches"], c["schedule"]) for c in grid} == {
+        (m, s) for m in (1, 2, 4, 8, 16, 32) for s in ("1f1b", "gpipe")}
+    c = next(c for c in grid if c["microbatches"] == 2 and c["schedule"] == "gpipe")
+    b = 32
+
+    def stages(k):  # k blocks on the first stage
+        first = (predict(k, 2, 2, 2, 2, 1, _chain_costs(prof, hw, 1, 1 + k, b, False))["parallel_s"]
+                 + prof.compute_s(0, 1, b) + 2 * p2p_time(prof.activation_bytes[k] * b, hw)
+                 + p2p_time(0, hw))
+        last = (predict(16 - k, 2, 2, 2, 2, 1, _chain_costs(prof, hw, 1 + k, 17, b, False))
+                ["parallel_s"] + prof.compute_s(17, 18, b))
+        return [first, last]
+    k = c["balance"][0] - 1
+    cuts = (4, 6, 8, 10, 12)  # whole units, two a stage at least
+    assert c["balance"] == [k + 1, 17 - k] and k in cuts and k > 8
+    assert c["predicted_step_s"] == pytest.approx(3 * max(stages(k)), rel=1e-12)
+    assert max(stages(k)) == min(max(stages(j)) for j in cuts)
+    assert c["memory_bytes"] <= hw.memory_per_rank

@@ -388,10 +388,11 @@ def _pipeline(what: str, cfg, args, comm: MPI.Comm) -> int:
     if comm.Get_rank() == 0:
         print(f"bench pipeline: {res['ranks']} rank(s), {res['model']}, global batch "
               f"{res['batch']}; step times (median), planner predictions")
-        print(f"  {'data':>5}{'pipe':>5}{'M':>4}{'schedule':>9}{'step ms':>9}{'vs unpiped':>11}"
-              f"{'model ms':>9}{'error':>7}  balance")
+        print(f"  {'data':>5}{'pipe':>5}{'layer':>6}{'M':>4}{'schedule':>9}{'step ms':>9}"
+              f"{'vs unpiped':>11}{'model ms':>9}{'error':>7}  balance")
         for r in res["rows"]:
-            print(f"  {r['data']:>5}{r['pipe']:>5}{r['microbatches']:>4}{r['schedule']:>9}"
+            print(f"  {r['data']:>5}{r['pipe']:>5}{r['layer']:>6}{r['microbatches']:>4}"
+                  f"{r['schedule']:>9}"
                   f"{r['time_s'] * 1e3:>9.2f}{r['ratio_vs_unpipelined']:>11.2f}"
                   f"{r['predicted_s'] * 1e3:>9.2f}{r['model_error']:>7.2f}  "
                   f"{','.join(map(str, r['balance']))}")

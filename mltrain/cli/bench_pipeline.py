@@ -139,7 +139,8 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
     from mltrain.data import open_dataset
     from mltrain.nn import build_model
     from mltrain.optim import build_optimizer
-    from mltrain.pipeline import Pipeline, sequential_layers
+    from mltrain.mgrit import LayerParallel
+    from mltrain.pipeline import LayeredPipeline, Pipeline, sequential_layers
     from mltrain.planner.search import plan, profile_layers
 
     P, rank = comm.Get_size(), comm.Get_rank()
@@ -173,13 +174,19 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
     every = comm.allgather(mine)
     prof = type(mine)(**{k: [max(vals) for vals in zip(*(getattr(q, k) for q in every))]
                          for k in mine.__dict__})
-    predicted = {(c["data"], c["pipe"], c["microbatches"], c["schedule"]): c
-                 for c in plan(prof, hw, P, B, microbatches=(1, 2, 4, 8))}
+    blocks = getattr(fresh(), "blocks", None)
+    residual = (1, 1 + len(blocks)) if blocks is not None else None
+    m = cfg.mgrit
+    mgrit = dict(levels=m.levels, cf=m.cf, relax=m.relax, iters=m.iters,
+                 bwd_iters=m.bwd_iters, tol=m.tol, skip=m.skip)
+    predicted = {(c["data"], c["pipe"], c["layer"], c["microbatches"], c["schedule"]): c
+                 for c in plan(prof, hw, P, B, microbatches=(1, 2, 4, 8), residual=residual,
+                               mgrit=mgrit)}
     runs = []  # (row, step function, clean-up) for every decomposition measured
-    for (D, S, M, sched), pred in sorted(predicted.items()):
+    for (D, S, L, M, sched), pred in sorted(predicted.items()):
         if S > 2:
             continue  # measured: unpipelined and 2 stages
-        grid = Grid.for_world(P, data=D, pipe=S)
+        grid = Grid.for_world(P, data=D, pipe=S, layer=L)
         gc = grid.build(comm)
         model = fresh()
         broadcast_parameters(model, comm)
@@ -187,20 +194,28 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
                               momentum=cfg.optim.momentum)
         dr = gc.coords["data"]
         x, y = x_all[dr * (B // D):(dr + 1) * (B // D)], y_all[dr * (B // D):(dr + 1) * (B // D)]
-        pipe = (Pipeline(sequential_layers(model), gc.comms["pipe"], microbatches=M,
-                         schedule=sched, balance=pred["balance"]) if S > 1 else None)
-        params = list(pipe.parameters()) if pipe else list(model.parameters())
-        # As the trainer does it: gradients averaged over the data axis after the backward.
+        net, pipe = model, None
+        if S > 1 and L > 1:
+            pipe = LayeredPipeline(model, gc.comms["pipe"], gc.comms["layer"], microbatches=M,
+                                   schedule=sched, balance=pred["balance"], **mgrit)
+        elif S > 1:
+            pipe = Pipeline(sequential_layers(model), gc.comms["pipe"], microbatches=M,
+                            schedule=sched, balance=pred["balance"])
+        elif L > 1:
+            net = LayerParallel(model, gc.comms["layer"], **mgrit)
+        # What this rank trains, as the trainer reduces it over the data axis.
+        params = list(pipe.parameters() if pipe else net.local_modules().parameters()
+                      if L > 1 else model.parameters())
         reducer = (GradReducer(params, gc.data, int(cfg.comm.bucket_mb * 2 ** 20),
                                grad_as_bucket_view=False, max_inflight=cfg.comm.max_inflight)
                    if D > 1 else None)
 
-        def step(model=model, opt=opt, pipe=pipe, reducer=reducer, x=x, y=y):
+        def step(net=net, opt=opt, pipe=pipe, reducer=reducer, x=x, y=y):
             opt.zero_grad(set_to_none=True)
             if pipe is not None:
                 pipe.step(x, y)
             else:
-                F.cross_entropy(model(x), y).backward()
+                F.cross_entropy(net(x), y).backward()
             if reducer is not None:
                 reducer.reduce()
             opt.step()
@@ -209,7 +224,7 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
             if reducer is not None:
                 reducer.remove()
             gc.free()
-        row = {"data": D, "pipe": S, "microbatches": M, "schedule": sched,
+        row = {"data": D, "pipe": S, "layer": L, "microbatches": M, "schedule": sched,
                "balance": pred["balance"], "predicted_s": pred["predicted_step_s"]}
         runs.append((row, step, done))
     med = _interleaved_medians(comm, {i: step for i, (_, step, _) in enumerate(runs)},
@@ -219,7 +234,7 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
         done()
         t = med[i]
         rows.append({**row, "time_s": t, "model_error": abs(row["predicted_s"] - t) / t})
-    base = next(r for r in rows if r["pipe"] == 1)
+    base = next(r for r in rows if r["pipe"] == 1 and r["layer"] == 1)
     for r in rows:
         r["ratio_vs_unpipelined"] = r["time_s"] / base["time_s"]
     top = min(rows, key=lambda r: r["predicted_s"])
@@ -227,5 +242,6 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
     return {"ranks": P, "hardware": hw.__dict__, "model": f"{cfg.model.name} width "
             f"{cfg.model.width} depth {cfg.model.depth}", "batch": B, "rows": rows,
             "model_error": max(r["model_error"] for r in rows),
-            "top_choice": {k: top[k] for k in ("data", "pipe", "microbatches", "schedule")},
+            "top_choice": {k: top[k] for k in ("data", "pipe", "layer", "microbatches",
+                                               "schedule")},
             "top_choice_vs_fastest": top["time_s"] / fastest}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["bookkeeping", "counts", "Costs", "predict"]
+__all__ = ["bookkeeping", "counts", "Costs", "messages", "predict", "waits"]
 
 
 def counts(n: int, levels: int, cf: int, iters: int, relax: str = "F",
@@ -85,6 +85,24 @@ def bookkeeping(n: int, levels: int, cf: int, iters: int, skip: bool = True) -> 
     return skipped * points + (iters - skipped) * 6 * points
 
 
+def messages(P: int, levels: int, iters: int) -> int:
+    """Neighbour messages on a rank's critical path in one MGRIT solve on ``P`` ranks: one
+    per level and direction of each V-cycle (2 levels - 1), one for the sequential solve of
+    one level; none on one rank."""
+    if P == 1:
+        return 0
+    return iters * (2 * levels - 1) if levels > 1 else 1
+
+
+def waits(P: int, levels: int, iters: int, bwd_iters: int) -> int:
+    """The times one forward and backward pass waits for a neighbour's just-produced
+    state: the messages of both solves and the two broadcasts of the final state and of
+    the input's gradient (none on one rank)."""
+    if P == 1:
+        return 0
+    return messages(P, levels, iters) + messages(P, levels, bwd_iters) + 2
+
+
 def predict(N: int, P: int, levels: int, cf: int, iters: int, bwd_iters: int,
             costs: Costs, relax: str = "F", skip: bool = True) -> dict:
     """Predicted serial and layer-parallel forward+backward times and their ratio for
@@ -106,9 +124,7 @@ def predict(N: int, P: int, levels: int, cf: int, iters: int, bwd_iters: int,
         return path[0] * fine + sum(path[1:]) * coarse
 
     def msgs(iters_: int) -> float:
-        if P == 1:
-            return 0.0
-        return (iters_ * (2 * levels - 1) if levels > 1 else 1) * costs.message
+        return messages(P, levels, iters_) * costs.message
 
     serial = N * (costs.serial_forward + costs.serial_backward)
     if levels == 1:

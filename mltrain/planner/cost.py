@@ -19,7 +19,9 @@ Terms (each a function, each tested against hand-computed values):
   stage's message, produced just before. With a core per rank that wait is the link's
   latency (in the stage time above); with cores shared the waiting rank must be scheduled
   again, which costs ``handover_s`` (measured by ``bench hardware``) each time. GPipe's
-  passes queue up behind each other and do not wait so.
+  passes queue up behind each other and do not wait so. A layer-parallel stage (MGRIT)
+  waits so at each neighbour message and broadcast of its solves
+  (``mltrain.mgrit.model.waits``), in each of the pipeline's M + S - 1 stage passes.
 """
 from __future__ import annotations
 
@@ -161,12 +163,14 @@ def extra_waits(schedule: str, S: int, M: int) -> int:
     return 2 * (M - 1) if schedule == "1f1b" and S > 1 else 0
 
 
-def handover_time(schedule: str, S: int, M: int, hw: Hardware, ranks: int) -> float:
-    """Those waits at ``hw.handover_s`` each on a node whose cores ranks share; none with a
-    core per rank."""
+def handover_time(schedule: str, S: int, M: int, hw: Hardware, ranks: int,
+                  chain_waits: int = 0) -> float:
+    """Those waits, and ``chain_waits`` in each of the M + S - 1 stage passes on the
+    pipeline's critical path (MGRIT's neighbour messages in a layer-parallel stage), at
+    ``hw.handover_s`` each on a node whose cores ranks share; none with a core per rank."""
     if hw.oversubscription(ranks) <= 1:
         return 0.0
-    return extra_waits(schedule, S, M) * hw.handover_s
+    return (extra_waits(schedule, S, M) + (M + S - 1) * chain_waits) * hw.handover_s
 
 
 def stage_memory(param_bytes: float, optimizer_bytes: float, activation_bytes: float,

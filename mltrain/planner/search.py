@@ -3,6 +3,7 @@ micro-batch counts and stage boundaries for the fastest predicted step that fits
 Not collective."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -81,58 +82,118 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _chain_costs(prof: Profile, hw: Hardware, lo: int, hi: int, b: float, inter: bool):
+    """MGRIT's unit costs for the residual blocks lo .. hi-1 of the profile on ``b``
+    samples, from their mean (one block's timing is noisy, and the work model multiplies
+    it): a step or a recorded step as a block's forward, a vector-Jacobian product or an
+    autograd pass step as its backward, messages as point-to-point transfers."""
+    from mltrain.mgrit.model import Costs
+
+    t = prof.compute_s(lo, hi, b) / (hi - lo) / hw.compute_speed
+    fwd, bwd = sum(prof.forward_s[lo:hi]), sum(prof.backward_s[lo:hi])
+    f = t * fwd / max(fwd + bwd, 1e-30)
+    bk = t - f
+    state = prof.activation_bytes[lo] * b
+    return Costs(step=f, step_coarse=1.3 * f, vjp=bk, vjp_coarse=1.3 * bk, record=f,
+                 chain_backward=bk, serial_forward=f, serial_backward=bk,
+                 message=p2p_time(state, hw, inter), broadcast=p2p_time(state, hw, inter),
+                 op=0.1 * f)
+
+
 def _layer_parallel(prof: Profile, hw: Hardware, ranks: int, batch: int,
-                    residual: tuple[int, int], mgrit: dict) -> list[dict]:
-    """Configurations data x layer (MGRIT over the residual blocks, layers ``residual`` =
-    (first, end) of the profile), priced by the MGRIT work model with unit costs from the
-    profile: a step or a recorded step as a block's forward, a vector-Jacobian product or
-    an autograd pass step as its backward, messages as point-to-point transfers."""
-    from mltrain.config import ConfigError
-    from mltrain.mgrit import split_layers
-    from mltrain.mgrit.model import Costs, predict
+                    residual: tuple[int, int], mgrit: dict, schedules, microbatches
+                    ) -> list[dict]:
+    """Configurations with a layer axis: data x layer (MGRIT over the residual blocks,
+    layers ``residual`` = (first, end) of the profile) and data x pipe x layer (pipeline
+    stages whose blocks go layer-parallel). Stage boundaries fall on MGRIT's coarsest grid
+    (units of cf^(levels-1) blocks), found by the same dynamic programming over those units
+    as the pipeline's; a stage's time per micro-batch is its MGRIT forward and backward
+    (the work model, ``mltrain.mgrit.model``) plus the opening or closing it holds and its
+    transfers."""
+    from mltrain.mgrit.model import predict, waits
 
     lo, hi = residual
-    N = hi - lo
+    n, N = prof.layers, hi - lo
+    levels, cf = mgrit["levels"], mgrit["cf"]
+    unit = cf ** (levels - 1)
+    if N % unit:
+        return []
+    units = N // unit
+    params = max(sum(prof.parameter_bytes), 1.0)
+    opt_ratio = sum(prof.optimizer_bytes) / params
     out = []
     for L in _divisors(ranks):
-        D = ranks // L
-        if L == 1 or batch % D:
-            continue
-        try:
-            split_layers(N, L, mgrit["levels"], mgrit["cf"])
-        except ConfigError:
-            continue
-        b = batch // D
-        inter = L > hw.ranks_per_node
-        f = prof.compute_s(lo, lo + 1, b) * prof.forward_s[lo] / max(
-            prof.forward_s[lo] + prof.backward_s[lo], 1e-30) / hw.compute_speed
-        bk = prof.compute_s(lo, lo + 1, b) / hw.compute_speed - f
-        state = prof.activation_bytes[lo] * b
-        c = Costs(step=f, step_coarse=1.3 * f, vjp=bk, vjp_coarse=1.3 * bk, record=f,
-                  chain_backward=bk, serial_forward=f, serial_backward=bk,
-                  message=p2p_time(state, hw, inter), broadcast=p2p_time(state, hw, inter),
-                  op=0.1 * f)
-        chain = predict(N, L, mgrit["levels"], mgrit["cf"], mgrit["iters"], mgrit["bwd_iters"],
-                        c)["parallel_s"]
-        ends = prof.compute_s(0, lo, b) + prof.compute_s(hi, prof.layers, b)
-        n_local = -(-N // L)
-        local_params = (sum(prof.parameter_bytes[:lo]) + sum(prof.parameter_bytes[hi:])
-                        + sum(prof.parameter_bytes[lo:hi]) * n_local / N)
-        reduce_s = allreduce_time(local_params, D, hw, ranks > hw.ranks_per_node)
-        update_s = (prof.step_s(0, prof.layers) * local_params
-                    / max(sum(prof.parameter_bytes), 1.0) / hw.compute_speed)
-        memory = stage_memory(local_params, local_params * (
-            sum(prof.optimizer_bytes) / max(sum(prof.parameter_bytes), 1.0)),
-            prof.activation_bytes[lo] * b * n_local * 3, 1)  # states, graphs, adjoints
-        if memory > hw.memory_per_rank:
-            continue
-        out.append({"data": D, "pipe": 1, "layer": L, "microbatches": 1, "schedule": "mgrit",
-                    "balance": [N], "predicted_step_s": (chain + ends / hw.compute_speed
-                                                         + reduce_s + update_s)
-                    * hw.oversubscription(ranks), "compute_s": chain,
-                    "allreduce_s": reduce_s, "optimizer_s": update_s, "handover_s": 0.0,
-                    "memory_bytes": memory,
-                    "comm_bytes": local_params * (2 if D > 1 else 0)})
+        for S in _divisors(ranks // L) if L > 1 else ():
+            D = ranks // (L * S)
+            if batch % D or units < S * L:
+                continue
+            per_rank = batch // D
+            layer_inter = L > hw.ranks_per_node
+            pipe_inter = S * L > hw.ranks_per_node  # a stage's layer ranks sit together
+            for M in (microbatches if S > 1 else (1,)):
+                if M > per_rank or per_rank % M:
+                    continue
+                b = per_rank / M
+                in_flight = {"gpipe": M, "1f1b": min(S, M)}
+
+                def chain(i, j, b=b, L=L, inter=layer_inter):
+                    return predict((j - i) * unit, L, levels, cf, mgrit["iters"],
+                                   mgrit["bwd_iters"],
+                                   _chain_costs(prof, hw, lo + i * unit, lo + j * unit, b,
+                                                inter))["parallel_s"]
+
+                def bounds(i, j):  # units i .. j-1 as profile layers, the ends included
+                    return (0 if i == 0 else lo + i * unit, n if j == units else lo + j * unit)
+
+                def local_params(i, j, L=L):
+                    a, z = bounds(i, j)
+                    blocks = sum(prof.parameter_bytes[lo + i * unit:lo + j * unit])
+                    share = -(-(j - i) // L) / (j - i)  # the busiest layer rank's blocks
+                    return (sum(prof.parameter_bytes[a:z]) - blocks) + blocks * share
+
+                def cost(i, j, b=b, S=S, L=L, inter=pipe_inter):
+                    if j - i < L:  # MGRIT needs a coarse interval per layer rank
+                        return math.inf
+                    a, z = bounds(i, j)
+                    ends = (prof.compute_s(a, lo + i * unit, b)
+                            + prof.compute_s(lo + j * unit, z, b)) / hw.compute_speed
+                    t = chain(i, j) + ends
+                    if S > 1 and j < units:  # output forward (shape ahead), gradient back
+                        nbytes = prof.activation_bytes[z - 1] * b
+                        t += 2 * p2p_time(nbytes, hw, inter) + p2p_time(0, hw, inter)
+                    return t
+
+                for sched in (schedules if S > 1 else ("mgrit",)):
+                    def memory(i, j, b=b, L=L, k=in_flight.get(sched, 1)):
+                        p = local_params(i, j)
+                        n_local = -(-(j - i) // L) * unit
+                        # states, graphs and adjoints of the local blocks per micro-batch
+                        act = prof.activation_bytes[lo + i * unit] * b * n_local * 3
+                        return stage_memory(p, p * opt_ratio, act, k)
+                    found = best_partition(units, S, cost, memory, hw.memory_per_rank)
+                    if found is None:
+                        continue
+                    cuts = [sum(found[1][:k]) for k in range(S + 1)]
+                    stages = list(zip(cuts, cuts[1:]))
+                    stage_s = [cost(i, j) for i, j in stages]
+                    stage_p = [local_params(i, j) for i, j in stages]
+                    reduce_s = max(allreduce_time(p, D, hw, ranks > hw.ranks_per_node)
+                                   for p in stage_p)
+                    update_s = prof.step_s(0, n) * max(stage_p) / params / hw.compute_speed
+                    wake_s = handover_time(sched, S, M, hw, ranks, waits(
+                        L, levels, mgrit["iters"], mgrit["bwd_iters"]))
+                    p2p_bytes = sum(prof.activation_bytes[bounds(i, j)[1] - 1] * per_rank * 2
+                                    for i, j in stages[:-1])
+                    out.append({
+                        "data": D, "pipe": S, "layer": L, "microbatches": M,
+                        "schedule": sched,
+                        "balance": [bounds(i, j)[1] - bounds(i, j)[0] for i, j in stages],
+                        "predicted_step_s": (pipeline_time(stage_s, M) + reduce_s + update_s)
+                        * hw.oversubscription(ranks) + wake_s,
+                        "compute_s": max(stage_s) * M, "allreduce_s": reduce_s,
+                        "optimizer_s": update_s, "handover_s": wake_s,
+                        "memory_bytes": max(memory(i, j) for i, j in stages),
+                        "comm_bytes": max(stage_p) * (2 if D > 1 else 0) + p2p_bytes})
     return out
 
 
@@ -148,7 +209,7 @@ def plan(prof: Profile, hw: Hardware, ranks: int, batch: int, *,
     configs = []
     if residual is not None:
         configs += _layer_parallel(prof, hw, ranks, batch, residual, mgrit or {
-            "levels": 2, "cf": 8, "iters": 2, "bwd_iters": 1})
+            "levels": 2, "cf": 8, "iters": 2, "bwd_iters": 1}, schedules, microbatches)
     for S in _divisors(ranks):
         D = ranks // S
         if S > n or batch % D:
