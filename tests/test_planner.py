@@ -348,7 +348,8 @@ def test_planner_prices_pipeline_stages_that_are_layer_parallel():
     b = 32
 
     def stages(k):  # k blocks on the first stage
-        first = (predict(k, 2, 2, 2, 2, 1, _chain_costs(prof, hw, 1, 1 + k, b, False))["parallel_s"]
+        first = (predict(k, 2, 2, 2, 2, 1, _chain_costs(prof, hw, 1, 1 + k, b, False))
+                 ["parallel_s"]
                  + prof.compute_s(0, 1, b) + 2 * p2p_time(prof.activation_bytes[k] * b, hw)
                  + p2p_time(0, hw))
         last = (predict(16 - k, 2, 2, 2, 2, 1, _chain_costs(prof, hw, 1 + k, 17, b, False))

@@ -140,7 +140,7 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
     from mltrain.nn import build_model
     from mltrain.optim import build_optimizer
     from mltrain.mgrit import LayerParallel
-    from mltrain.pipeline import LayeredPipeline, Pipeline, sequential_layers
+    from mltrain.pipeline import LayeredPipeline, Pipeline, residual_span, sequential_layers
     from mltrain.planner.search import plan, profile_layers
 
     P, rank = comm.Get_size(), comm.Get_rank()
@@ -174,11 +174,8 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
     every = comm.allgather(mine)
     prof = type(mine)(**{k: [max(vals) for vals in zip(*(getattr(q, k) for q in every))]
                          for k in mine.__dict__})
-    blocks = getattr(fresh(), "blocks", None)
-    residual = (1, 1 + len(blocks)) if blocks is not None else None
-    m = cfg.mgrit
-    mgrit = dict(levels=m.levels, cf=m.cf, relax=m.relax, iters=m.iters,
-                 bwd_iters=m.bwd_iters, tol=m.tol, skip=m.skip)
+    residual = residual_span(fresh())
+    mgrit = cfg.mgrit.solver()
     predicted = {(c["data"], c["pipe"], c["layer"], c["microbatches"], c["schedule"]): c
                  for c in plan(prof, hw, P, B, microbatches=(1, 2, 4, 8), residual=residual,
                                mgrit=mgrit)}

@@ -15,7 +15,7 @@ __all__ = ["run_plan", "run_simulate"]
 def _profile(cfg, ranks: int):
     from mltrain.data import open_dataset
     from mltrain.nn import build_model
-    from mltrain.pipeline import sequential_layers
+    from mltrain.pipeline import residual_span, sequential_layers
     from mltrain.planner.search import profile_layers
     from mltrain.utils import torch_dtype
 
@@ -30,26 +30,21 @@ def _profile(cfg, ranks: int):
     prof = profile_layers(layers, torch.randn(b, *ds.input_shape, dtype=dtype),
                           optimizer_state=state, optimizer=cfg.optim.name)
     # Residual networks can also go layer-parallel: their blocks are layers 1 .. N.
-    residual = (1, 1 + len(model.blocks)) if hasattr(model, "blocks") else None
-    return prof, residual
-
-
-def _mgrit(cfg) -> dict:
-    m = cfg.mgrit
-    return {"levels": m.levels, "cf": m.cf, "iters": m.iters, "bwd_iters": m.bwd_iters}
+    return prof, residual_span(model)
 
 
 def _search(cfg, hw, ranks: int, profiled):
     from mltrain.planner.search import plan
 
     prof, residual = profiled
-    configs = plan(prof, hw, ranks, cfg.data.batch_size, residual=residual, mgrit=_mgrit(cfg))
+    mgrit = cfg.mgrit.solver()
+    configs = plan(prof, hw, ranks, cfg.data.batch_size, residual=residual, mgrit=mgrit)
     if configs:
         return configs
     import dataclasses
 
     roomy = dataclasses.replace(hw, memory_per_rank=1e300)  # no limit
-    need = plan(prof, roomy, ranks, cfg.data.batch_size, residual=residual, mgrit=_mgrit(cfg))
+    need = plan(prof, roomy, ranks, cfg.data.batch_size, residual=residual, mgrit=mgrit)
     if not need:
         raise ConfigError(f"--ranks: no decomposition of {ranks} ranks splits the global batch "
                           f"of {cfg.data.batch_size} evenly")
@@ -112,7 +107,8 @@ def run_simulate(cfg, args) -> int:
     from mltrain.planner.search import plan
 
     for P in counts:
-        configs = plan(prof, hw, P, cfg.data.batch_size, residual=residual, mgrit=_mgrit(cfg))
+        configs = plan(prof, hw, P, cfg.data.batch_size, residual=residual,
+                       mgrit=cfg.mgrit.solver())
         if not configs:
             rows.append({"ranks": P, "feasible": False})
             continue

@@ -150,6 +150,11 @@ class MgritConfig:
                           "instead of MGRIT, since truncated iterations bias the gradient "
                           "(0 = never)", min=0)
 
+    def solver(self) -> dict:
+        """The solver settings, as ``LayerParallel`` (and the planner) take them."""
+        return dict(levels=self.levels, cf=self.cf, relax=self.relax, iters=self.iters,
+                    bwd_iters=self.bwd_iters, tol=self.tol, skip=self.skip)
+
 
 @dataclass
 class CommConfig:

@@ -16,7 +16,7 @@ from mltrain.comm.waiting import probe, wait
 from mltrain.config import ConfigError
 from mltrain.pipeline.schedules import build_schedule
 
-__all__ = ["Pipeline", "sequential_layers", "default_balance"]
+__all__ = ["Pipeline", "sequential_layers", "residual_span", "default_balance"]
 
 
 def sequential_layers(model: nn.Module) -> list[nn.Module]:
@@ -32,6 +32,14 @@ def sequential_layers(model: nn.Module) -> list[nn.Module]:
     raise ConfigError(f"parallel.pipe: {type(model).__name__} is not sequential (an "
                       "nn.Sequential, a model with a Sequential .net, or a residual network "
                       "with opening, blocks and closing)")
+
+
+def residual_span(model: nn.Module) -> tuple[int, int] | None:
+    """Where a residual network's blocks sit in ``sequential_layers(model)``: (1, 1 + the
+    number of blocks), after the opening; None for other models."""
+    if all(hasattr(model, a) for a in ("opening", "blocks", "closing")):
+        return 1, 1 + len(model.blocks)
+    return None
 
 
 def default_balance(n: int, stages: int) -> list[int]:

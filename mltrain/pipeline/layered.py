@@ -19,7 +19,6 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mltrain.comm.ownership import gather_state
 from mltrain.config import ConfigError
 from mltrain.mgrit import LayerParallel, split_layers
 from mltrain.pipeline.executor import Pipeline
@@ -116,5 +115,7 @@ class LayeredPipeline(Pipeline):
         super().gather(layers)
 
     def gather_state(self, optimizer: torch.optim.Optimizer, layers: list[nn.Module]) -> None:
+        """Every block's optimizer state from its layer rank, then every stage's from its
+        pipe rank. Collective on both axes."""
         self.lp.gather_state(optimizer)
-        gather_state(optimizer, self.groups(layers), self.comm)
+        super().gather_state(optimizer, layers)

@@ -134,7 +134,6 @@ def _layer_parallel(prof: Profile, hw: Hardware, ranks: int, batch: int,
                 if M > per_rank or per_rank % M:
                     continue
                 b = per_rank / M
-                in_flight = {"gpipe": M, "1f1b": min(S, M)}
 
                 def chain(i, j, b=b, L=L, inter=layer_inter):
                     return predict((j - i) * unit, L, levels, cf, mgrit["iters"],
@@ -164,7 +163,7 @@ def _layer_parallel(prof: Profile, hw: Hardware, ranks: int, batch: int,
                     return t
 
                 for sched in (schedules if S > 1 else ("mgrit",)):
-                    def memory(i, j, b=b, L=L, k=in_flight.get(sched, 1)):
+                    def memory(i, j, b=b, L=L, k=M if sched == "gpipe" else min(S, M)):
                         p = local_params(i, j)
                         n_local = -(-(j - i) // L) * unit
                         # states, graphs and adjoints of the local blocks per micro-batch

@@ -74,9 +74,7 @@ class Trainer:
                                 depth=cfg.model.depth, dtype=self.dtype)
         self.model = model.to(self.dtype)
         self.lp: LayerParallel | None = None
-        m = cfg.mgrit
-        mgrit = dict(levels=m.levels, cf=m.cf, relax=m.relax, iters=m.iters,
-                     bwd_iters=m.bwd_iters, tol=m.tol, skip=m.skip)
+        mgrit = cfg.mgrit.solver()
         if cfg.parallel.layer > 1 and cfg.parallel.pipe == 1:
             o = cfg.optim
             # RMTR's coarse levels split where the finest does: align to its hierarchy.
@@ -351,9 +349,7 @@ class Trainer:
             return torch.tensor(self.optimizer.tr_step(self.model, F.cross_entropy, x, y,
                                                        weight))
         self.sync.before_forward(self.step)
-        if self.lp is not None:
-            after = self.cfg.mgrit.exact_after
-            self.lp.exact = bool(after) and self.step >= after
+        self._exact_sweeps()
         t0 = time.perf_counter()
         loss = F.cross_entropy(self.model(x), y)
         loss.backward()
@@ -364,13 +360,17 @@ class Trainer:
         self.sync.after_step(self.step)
         return loss.detach()
 
+    def _exact_sweeps(self) -> None:
+        """MGRIT or exact sweeps for this step (``mgrit.exact_after``)."""
+        if self.chain is not None:
+            after = self.cfg.mgrit.exact_after
+            self.chain.exact = bool(after) and self.step >= after
+
     def _pipeline_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One pipelined step: the stage's gradients, averaged over the data axis, then the
         optimizer. Collective on the pipe and data axes."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.chain is not None:
-            after = self.cfg.mgrit.exact_after
-            self.chain.exact = bool(after) and self.step >= after
+        self._exact_sweeps()
         loss = self.pipe.step(x, y)
         if self._pipe_reducer is not None:
             self._pipe_reducer.reduce()
