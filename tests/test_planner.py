@@ -91,6 +91,17 @@ def test_handover_terms_match_hand_computed_values():
     assert handover_time("gpipe", 1, 1, shared, 4, 11) == pytest.approx(11e-4)
     assert handover_time("1f1b", 2, 4, shared, 4, 11) == pytest.approx((6 + 5 * 11) * 1e-4)
     assert handover_time("1f1b", 2, 4, shared, 2, 11) == 0.0
+    # The gradient allreduce over 4 ranks on 2 cores: 2 log2(4) = 4 exchange steps, each
+    # with its partner descheduled with probability (4 - 2) / (4 - 1); 2 ranks fit.
+    from mltrain.planner.cost import reduce_waits
+
+    assert reduce_waits(4, shared) == pytest.approx(8 / 3)
+    assert reduce_waits(2, shared) == 0.0 and reduce_waits(4, Hardware(**HW)) == 0.0
+    eight = Hardware(**{**HW, "ranks_per_node": 8, "cores_per_node": 2, "handover_s": 1e-4})
+    assert reduce_waits(8, eight) == pytest.approx(6 * 6 / 7)
+    assert reduce_waits(16, eight) == pytest.approx(8 * 6 / 7)  # 8 of them on a node
+    assert handover_time("gpipe", 1, 1, shared, 4, data=4) == pytest.approx(8 / 3 * 1e-4)
+    assert handover_time("1f1b", 2, 4, shared, 4, data=2) == pytest.approx(6e-4)
 
 
 def test_planner_prices_oversubscription():
@@ -103,7 +114,8 @@ def test_planner_prices_oversubscription():
     key = lambda c: (c["data"], c["pipe"], c["layer"], c["microbatches"], c["schedule"])  # noqa: E731
     assert {key(c): 2 * c["predicted_step_s"] for c in full} == pytest.approx(
         {key(c): c["predicted_step_s"] for c in half})
-    # with a hand-over cost, 1F1B pays 2 (M - 1) of them beyond GPipe
+    # with a hand-over cost, 1F1B pays 2 (M - 1) of them beyond GPipe, and the allreduce
+    # over 4 ranks on 2 cores its 8/3 (above)
     woken = plan(prof, Hardware(**{**HW, "cores_per_node": 2, "handover_s": 1e-3}), 4, 64)
     by = {key(c): c for c in woken}
     for (D, S, L, M, sched), c in by.items():
@@ -112,7 +124,8 @@ def test_planner_prices_oversubscription():
             if c["balance"] == other["balance"]:
                 assert c["predicted_step_s"] - other["predicted_step_s"] == pytest.approx(
                     2 * (M - 1) * 1e-3)
-        assert c["handover_s"] == pytest.approx(2 * (M - 1) * 1e-3 if sched == "1f1b" else 0.0)
+        assert c["handover_s"] == pytest.approx(
+            (2 * (M - 1) if sched == "1f1b" else 0.0) * 1e-3 + (8 / 3e3 if D == 4 else 0.0))
 
 
 def test_hardware_files(tmp_path):

@@ -22,6 +22,11 @@ Terms (each a function, each tested against hand-computed values):
   passes queue up behind each other and do not wait so. A layer-parallel stage (MGRIT)
   waits so at each neighbour message and broadcast of its solves
   (``mltrain.mgrit.model.waits``), in each of the pipeline's M + S - 1 stage passes.
+  The gradient allreduce waits so when its D ranks on a node outnumber the node's C cores:
+  they cannot all run at once, and at each of its 2 ceil(log2 D) exchange steps (recursive
+  halving and doubling, what MPI libraries use for gradient-sized messages) the partner is
+  not running with probability (D - C) / (D - 1) (the other ranks share the C - 1 cores
+  besides the rank's own evenly), and must first be scheduled.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from pathlib import Path
 from mltrain.config import ConfigError
 
 __all__ = ["Hardware", "Profile", "p2p_time", "allreduce_time", "bubble_fraction",
-           "pipeline_time", "extra_waits", "handover_time", "stage_memory", "load_hardware"]
+           "pipeline_time", "extra_waits", "reduce_waits", "handover_time", "stage_memory", "load_hardware"]
 
 # Fields a hardware file may leave out (their defaults: a core per rank, no hand-over cost).
 OPTIONAL = ("cores_per_node", "handover_s")
@@ -163,14 +168,27 @@ def extra_waits(schedule: str, S: int, M: int) -> int:
     return 2 * (M - 1) if schedule == "1f1b" and S > 1 else 0
 
 
+def reduce_waits(D: int, hw: Hardware) -> float:
+    """The gradient allreduce's expected waits for a partner not yet scheduled, when the
+    data axis' ranks on a node outnumber its cores: 2 ceil(log2 D) exchange steps, each
+    finding the partner descheduled with probability (ranks - cores) / (ranks - 1) on the
+    node; none when they fit."""
+    on_node = min(D, hw.ranks_per_node)
+    if D <= 1 or not hw.cores_per_node or on_node <= hw.cores_per_node:
+        return 0.0
+    return 2 * math.ceil(math.log2(D)) * (on_node - hw.cores_per_node) / (on_node - 1)
+
+
 def handover_time(schedule: str, S: int, M: int, hw: Hardware, ranks: int,
-                  chain_waits: int = 0) -> float:
-    """Those waits, and ``chain_waits`` in each of the M + S - 1 stage passes on the
-    pipeline's critical path (MGRIT's neighbour messages in a layer-parallel stage), at
-    ``hw.handover_s`` each on a node whose cores ranks share; none with a core per rank."""
+                  chain_waits: int = 0, data: int = 1) -> float:
+    """Those waits, ``chain_waits`` in each of the M + S - 1 stage passes on the
+    pipeline's critical path (MGRIT's neighbour messages in a layer-parallel stage), and
+    the gradient allreduce's over ``data`` ranks (``reduce_waits``), at ``hw.handover_s``
+    each on a node whose cores ranks share; none with a core per rank."""
     if hw.oversubscription(ranks) <= 1:
         return 0.0
-    return (extra_waits(schedule, S, M) + (M + S - 1) * chain_waits) * hw.handover_s
+    return (extra_waits(schedule, S, M) + (M + S - 1) * chain_waits
+            + reduce_waits(data, hw)) * hw.handover_s
 
 
 def stage_memory(param_bytes: float, optimizer_bytes: float, activation_bytes: float,

@@ -180,7 +180,7 @@ def _layer_parallel(prof: Profile, hw: Hardware, ranks: int, batch: int,
                                    for p in stage_p)
                     update_s = prof.step_s(0, n) * max(stage_p) / params / hw.compute_speed
                     wake_s = handover_time(sched, S, M, hw, ranks, waits(
-                        L, levels, mgrit["iters"], mgrit["bwd_iters"]))
+                        L, levels, mgrit["iters"], mgrit["bwd_iters"]), data=D)
                     p2p_bytes = sum(prof.activation_bytes[bounds(i, j)[1] - 1] * per_rank * 2
                                     for i, j in stages[:-1])
                     out.append({
@@ -246,7 +246,7 @@ def plan(prof: Profile, hw: Hardware, ranks: int, batch: int, *,
                 reduce_s = max(allreduce_time(p, D, hw, data_inter) for p in stage_params)
                 update_s = max(prof.step_s(bounds[k], bounds[k + 1])
                                for k in range(S)) / hw.compute_speed
-                wake_s = handover_time(sched, S, M, hw, ranks)
+                wake_s = handover_time(sched, S, M, hw, ranks, data=D)
                 p2p_bytes = sum(prof.activation_bytes[bounds[k + 1] - 1] * per_rank * 2
                                 for k in range(S - 1))
                 configs.append({
