@@ -229,6 +229,40 @@ def test_profile_of_real_layers():
     assert prof.optimizer_bytes == [2 * p for p in prof.parameter_bytes]
 
 
+def test_profile_of_a_residual_network_measures_mgrit_through_the_solver():
+    import torch
+
+    from mltrain.mgrit.model import Costs, predict
+    from mltrain.mgrit.profile import SOLVER_COSTS
+    from mltrain.nn import ResNet
+    from mltrain.planner.cost import Hardware
+    from mltrain.planner.search import _chain_costs, profile_model
+
+    mgrit = dict(levels=2, cf=2, iters=2, bwd_iters=1)
+    prof, span = profile_model(ResNet(16, 8, 8, 4), torch.randn(32, 16), mgrit=mgrit, reps=2)
+    assert span == (1, 9) and prof.layers == 10
+    assert len(prof.mgrit_slope) == len(prof.mgrit_fixed) == len(SOLVER_COSTS)
+    costs = prof.mgrit_costs(16)
+    assert all(v >= 0 for v in costs.values()) and costs["step"] > 0
+    assert costs["chain_backward"] + costs["record"] > 0
+    # The planner's MGRIT costs are these (at half speed, twice as long); the links its own.
+    hw = Hardware(**{**HW, "compute_speed": 0.5})
+    c = _chain_costs(prof, hw, 1, 9, 16, False)
+    assert all(getattr(c, k) == pytest.approx(2 * v) for k, v in costs.items())
+    assert c.message == pytest.approx(1e-6 + 8 * 4 * 16 / 1e10)
+    # A pass's overhead: the fixed part once, the per-step part for each local step.
+    base = dict(step=1.0, step_coarse=1.0, vjp=1.0, vjp_coarse=1.0, record=1.0,
+                chain_backward=1.0, serial_forward=1.0, serial_backward=1.0, message=0.5,
+                broadcast=0.5)
+    plain = predict(16, 2, 2, 2, 2, 1, Costs(**base))["parallel_s"]
+    over = predict(16, 2, 2, 2, 2, 1, Costs(**base, overhead=3.0, overhead_step=0.25))
+    assert over["parallel_s"] == pytest.approx(plain + 3.0 + 8 * 0.25)
+    # Other models: no MGRIT costs, and none derived.
+    prof, span = profile_model(torch.nn.Sequential(torch.nn.Linear(16, 4)),
+                               torch.randn(8, 16), reps=1)
+    assert span is None and prof.mgrit_costs(8) is None
+
+
 def _cli(*args):
     import subprocess
     import sys

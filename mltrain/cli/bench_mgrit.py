@@ -17,12 +17,12 @@ import time
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
-from torch import nn
 
 from mltrain.comm import broadcast_
 from mltrain.config import ConfigError
 from mltrain.mgrit import LayerParallel, split_layers
 from mltrain.mgrit.model import Costs, predict
+from mltrain.mgrit.profile import seconds_per_call, unit_costs
 from mltrain.nn import ResNet
 
 __all__ = ["bench_mgrit"]
@@ -43,88 +43,22 @@ def _best(fn, reps: int, comm: MPI.Comm, setup=None) -> float:
 
 
 def _unit_costs(net: ResNet, batch: int, cf: int, chain: int, reps: int = 5) -> dict:
-    """Per-step costs of what the solver does, measured on ``net`` itself (long chains run
-    slower per step than short ones: their states and graphs leave the caches), with
-    chains of ``chain`` steps (a rank's share). Not collective."""
+    """The solver's unit costs (``mltrain.mgrit.profile.unit_costs``) on ``net`` itself
+    with chains of ``chain`` steps (a rank's share), and a serial forward and backward step
+    through the whole network. Not collective."""
     width = net.blocks[0].linear.in_features
     N = len(net.blocks)
-    n = chain - chain % cf
-    part = nn.Module()  # the first n blocks, as one rank would hold them
-    part.opening, part.closing = net.opening, net.closing
-    part.blocks = nn.ModuleList(list(net.blocks[:n]))
-    lp = LayerParallel(part, MPI.COMM_SELF, levels=2, cf=cf)
     x = torch.randn(batch, width)
-    g = torch.randn(batch, width)
-
-    def per(fn, n=reps):
-        for _ in range(2):  # warm-up (first autograd calls set up the engine)
-            fn()
-        times = []
-        for _ in range(3):  # the median of three runs: robust to a passing disturbance
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            times.append((time.perf_counter() - t0) / n)
-        return sorted(times)[1]
-
-    # Steps as the solver takes them (its loops and bookkeeping included): F-relaxation
-    # on the fine level, the sequential solve on a coarse one, and the same for the
-    # adjoint with its graphs already built.
-    solver = lp._solver(lp._step, reverse=False, iters=1, sweep=lp._sweep)
-    with torch.no_grad():
-        u = [x.clone() for _ in range(n + 1)]
-        step = per(lambda: solver._f_relax(0, u, None)) / n  # F-points and C-residuals
-        uc = [x.clone() for _ in range(n // cf + 1)]
-        gc = [None] + [g] * (n // cf)
-        step_coarse = per(lambda: solver._coarsest(1, uc, gc)) / (n // cf)
-    adjoint_step, graphs, adjoint_sweep = lp._adjoint_step(u)
-    adj = lp._solver(adjoint_step, reverse=True, iters=1, sweep=adjoint_sweep)
-    lam = [g.clone() for _ in range(n + 1)]
-    with torch.no_grad():
-        warm = per(lambda: adj._f_relax(0, lam, None))
-        # Building what the products need (a recorded step, or the fast path's
-        # linearisation): the relaxation with it built afresh, less the relaxation alone.
-        fresh = per(lambda: (graphs.clear(), adj._f_relax(0, lam, None)))
-    vjp = warm / n
-    linearize = max(fresh - warm, 0.0) / n
-    lc = [g.clone() for _ in range(n // cf + 1)]
-    with torch.no_grad():
-        vjp_c = per(lambda: adj._coarsest(1, lc, gc)) / (n // cf)
-    graphs.clear()
-
-    # The final sweeps as they run: a recorded forward through the rank's blocks, and the
-    # backward through it, which also hands the parameter gradients to autograd and frees
-    # the graphs (the one-level solve on one rank is exactly that pass).
-    exact = LayerParallel(part, MPI.COMM_SELF, levels=1, cf=cf)
-    params = [p for b in net.blocks[:n] for p in b.parameters()]
+    costs = unit_costs(net, x, cf, chain, reps)
     yl = torch.zeros(batch, dtype=torch.long)
-
-    def clear():
-        for p in params:
-            p.grad = None
-
-    def record_pass():
-        clear()
-        exact(x)
-
-    def chain_pass():
-        clear()
-        F.cross_entropy(exact(x), yl).backward()
-    record = per(record_pass) / n
-    chain_backward = per(chain_pass) / n - record
     with torch.no_grad():
-        op = per(lambda: [u[k] - u[k + 1] for k in range(n)]) / n
-        serial_forward = per(lambda: net(x)) / N
+        serial_forward = seconds_per_call(lambda: net(x), reps) / N
 
     def serial_pass():
         F.cross_entropy(net(x.clone().requires_grad_(True)), yl).backward()
-    serial_backward = per(serial_pass) / N - serial_forward
+    serial_backward = seconds_per_call(serial_pass, reps) / N - serial_forward
     net.zero_grad(set_to_none=True)
-    part.zero_grad(set_to_none=True)
-    return dict(step=step, step_coarse=step_coarse, vjp=vjp, vjp_coarse=vjp_c, record=record,
-                linearize=linearize,
-                op=op,
-                chain_backward=max(chain_backward, 0.0), serial_forward=serial_forward,
+    return dict(costs, serial_forward=serial_forward,
                 serial_backward=max(serial_backward, 0.0))
 
 

@@ -140,8 +140,8 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
     from mltrain.nn import build_model
     from mltrain.optim import build_optimizer
     from mltrain.mgrit import LayerParallel
-    from mltrain.pipeline import LayeredPipeline, Pipeline, residual_span, sequential_layers
-    from mltrain.planner.search import plan, profile_layers
+    from mltrain.pipeline import LayeredPipeline, Pipeline, sequential_layers
+    from mltrain.planner.search import plan, profile_model
 
     P, rank = comm.Get_size(), comm.Get_rank()
     torch.set_num_threads(1)
@@ -160,21 +160,25 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
     # will compute at once; in turn on an oversubscribed node); the slowest rank's figures
     # count.
     def measure():
-        return profile_layers(sequential_layers(fresh()), x_all[:max(B // P, 1)],
-                              optimizer_state=state, optimizer=cfg.optim.name)
+        return profile_model(fresh(), x_all[:max(B // P, 1)], mgrit=cfg.mgrit.solver(),
+                             optimizer_state=state, optimizer=cfg.optim.name)
     if hw.oversubscription(P) > 1:
         # More ranks than cores: the model prices the sharing of cores itself, so each
-        # rank measures with a core to itself, in turn, while the others wait politely.
+        # rank measures with a core to itself, in turn, while the others sleep (ranks that
+        # wait by yielding still take time slices, which disturbs a whole MGRIT pass).
         for r in range(P):
             if r == rank:
                 mine = measure()
-            wait(comm.Ibarrier())
+            req = comm.Ibarrier()
+            while not req.Test():
+                time.sleep(1e-3)
     else:
         mine = measure()
+    mine, residual = mine
     every = comm.allgather(mine)
-    prof = type(mine)(**{k: [max(vals) for vals in zip(*(getattr(q, k) for q in every))]
+    prof = type(mine)(**{k: None if getattr(mine, k) is None else
+                         [max(vals) for vals in zip(*(getattr(q, k) for q in every))]
                          for k in mine.__dict__})
-    residual = residual_span(fresh())
     mgrit = cfg.mgrit.solver()
     predicted = {(c["data"], c["pipe"], c["layer"], c["microbatches"], c["schedule"]): c
                  for c in plan(prof, hw, P, B, microbatches=(1, 2, 4, 8), residual=residual,

@@ -15,8 +15,7 @@ __all__ = ["run_plan", "run_simulate"]
 def _profile(cfg, ranks: int):
     from mltrain.data import open_dataset
     from mltrain.nn import build_model
-    from mltrain.pipeline import residual_span, sequential_layers
-    from mltrain.planner.search import profile_layers
+    from mltrain.planner.search import profile_model
     from mltrain.utils import torch_dtype
 
     ds = open_dataset(cfg.data.name, cfg.data.path, cfg.data.num_samples)
@@ -24,13 +23,11 @@ def _profile(cfg, ranks: int):
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, width=cfg.model.width,
                         depth=cfg.model.depth, dtype=dtype)
-    layers = sequential_layers(model)
     b = max(1, cfg.data.batch_size // max(ranks, 1))  # a rank's share, as it will run
     state = {"adam": 2.0, "sgd": 1.0 if cfg.optim.momentum else 0.0}.get(cfg.optim.name, 1.0)
-    prof = profile_layers(layers, torch.randn(b, *ds.input_shape, dtype=dtype),
-                          optimizer_state=state, optimizer=cfg.optim.name)
-    # Residual networks can also go layer-parallel: their blocks are layers 1 .. N.
-    return prof, residual_span(model)
+    # Residual networks can also go layer-parallel: their blocks' span and MGRIT's costs.
+    return profile_model(model, torch.randn(b, *ds.input_shape, dtype=dtype),
+                         mgrit=cfg.mgrit.solver(), optimizer_state=state, optimizer=cfg.optim.name)
 
 
 def _search(cfg, hw, ranks: int, profiled):

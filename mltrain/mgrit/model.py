@@ -71,6 +71,10 @@ class Costs:
     # What an adjoint product needs at a forward state, once per step and solve: a step
     # recorded for autograd, or the block's fast-path linearisation (None: as ``record``).
     linearize: float | None = None
+    # Seconds per forward + backward pass beyond its steps: the solver's set-up, cycle
+    # control and hand-over to autograd, a part fixed and a part per local step.
+    overhead: float = 0.0
+    overhead_step: float = 0.0
 
 
 def bookkeeping(n: int, levels: int, cf: int, iters: int, skip: bool = True) -> int:
@@ -114,7 +118,8 @@ def predict(N: int, P: int, levels: int, cf: int, iters: int, bwd_iters: int,
     linearisations) they need, and, in
     place of its final F-relaxation, one autograd pass through every local step. One
     level: the recorded forward and one autograd pass, through the ranks in turn. Plus
-    the bookkeeping operations, a message per relaxation and the two broadcasts."""
+    the bookkeeping operations, a message per relaxation, the two broadcasts and the
+    fixed overhead of a pass."""
     unit = cf ** (levels - 1)
     n = -(-(N // unit) // P) * unit  # the busiest rank's steps
 
@@ -148,4 +153,5 @@ def predict(N: int, P: int, levels: int, cf: int, iters: int, bwd_iters: int,
     if P > 1:
         fwd += costs.broadcast
         bwd += costs.broadcast
+    bwd += costs.overhead + n * costs.overhead_step
     return {"serial_s": serial, "parallel_s": fwd + bwd, "speedup": serial / (fwd + bwd)}

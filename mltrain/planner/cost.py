@@ -122,11 +122,25 @@ class Profile:
     optimizer_bytes: list[float]
     fixed_s: list[float] | None = None
     optimizer_s: list[float] | None = None
+    # A residual network's MGRIT unit costs (``mltrain.mgrit.profile.SOLVER_COSTS``, in
+    # that order), measured through the solver: seconds per sample and fixed seconds per
+    # step (None: derived from the blocks' layer timings).
+    mgrit_slope: list[float] | None = None
+    mgrit_fixed: list[float] | None = None
 
     def compute_s(self, i: int, j: int, samples: float) -> float:
         """Forward and backward of layers i .. j-1 on a batch of ``samples``."""
         per = sum(self.forward_s[i:j]) + sum(self.backward_s[i:j])
         return per * samples + (sum(self.fixed_s[i:j]) if self.fixed_s else 0.0)
+
+    def mgrit_costs(self, samples: float) -> dict[str, float] | None:
+        """The measured MGRIT unit costs on a batch of ``samples`` (None if not measured)."""
+        if self.mgrit_slope is None or self.mgrit_fixed is None:
+            return None
+        from mltrain.mgrit.profile import SOLVER_COSTS
+
+        return {k: a * samples + c
+                for k, a, c in zip(SOLVER_COSTS, self.mgrit_slope, self.mgrit_fixed)}
 
     def step_s(self, i: int, j: int) -> float:
         """The optimizer step of layers i .. j-1."""

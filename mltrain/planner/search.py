@@ -13,7 +13,7 @@ from mltrain.planner.cost import (Hardware, Profile, allreduce_time, handover_ti
                                   pipeline_time, p2p_time, stage_memory)
 from mltrain.planner.partition import best_partition
 
-__all__ = ["profile_layers", "plan"]
+__all__ = ["profile_layers", "profile_model", "plan"]
 
 
 def profile_layers(layers: list[nn.Module], sample: torch.Tensor, *, reps: int = 5,
@@ -78,6 +78,39 @@ def profile_layers(layers: list[nn.Module], sample: torch.Tensor, *, reps: int =
                    optimizer_s=[opt_s * p / total for p in par])
 
 
+def profile_model(model: nn.Module, sample: torch.Tensor, *, mgrit: dict | None = None,
+                  reps: int = 5, optimizer_state: float = 2.0, optimizer: str = "adam"):
+    """``profile_layers`` of the model's sequential layers on ``sample``, and for a
+    residual network (opening, blocks, closing) its MGRIT unit costs and overhead per pass
+    measured through the solver with the settings ``mgrit`` (``LayerParallel``'s;
+    ``mltrain.mgrit.profile.unit_costs``, chains of all its blocks) on the batch and on
+    half of it. Returns (profile, the blocks' span in the layers or None). Not
+    collective."""
+    from mltrain.pipeline import residual_span, sequential_layers
+
+    prof = profile_layers(sequential_layers(model), sample, reps=reps,
+                          optimizer_state=optimizer_state, optimizer=optimizer)
+    span = residual_span(model)
+    mgrit = mgrit or {}
+    cf = mgrit.get("cf", 2)
+    if span is not None and len(model.blocks) >= cf:
+        from mltrain.mgrit.profile import SOLVER_COSTS, unit_costs
+
+        with torch.no_grad():
+            state = model.opening(sample)
+        b, h = len(state), max(len(state) // 2, 1)
+        N = len(model.blocks)
+        # The fastest runs, as for the layers: a profile taken while other ranks wait
+        # on shared cores is otherwise disturbed.
+        full = unit_costs(model, state, cf, N, reps, mgrit, best=True)
+        half = unit_costs(model, state[:h], cf, N, reps, mgrit, best=True) if b > h else full
+        slope = [max((full[k] - half[k]) / (b - h), 0.0) if b > h else full[k] / b
+                 for k in SOLVER_COSTS]
+        prof.mgrit_slope = slope
+        prof.mgrit_fixed = [max(full[k] - a * b, 0.0) for k, a in zip(SOLVER_COSTS, slope)]
+    return prof, span
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -94,10 +127,14 @@ def _chain_costs(prof: Profile, hw: Hardware, lo: int, hi: int, b: float, inter:
     f = t * fwd / max(fwd + bwd, 1e-30)
     bk = t - f
     state = prof.activation_bytes[lo] * b
+    links = dict(message=p2p_time(state, hw, inter), broadcast=p2p_time(state, hw, inter))
+    measured = prof.mgrit_costs(b)
+    if measured is not None:  # through the solver: its fast paths and loops as they run
+        return Costs(**{k: v / hw.compute_speed for k, v in measured.items()},
+                     serial_forward=f, serial_backward=bk, **links)
     return Costs(step=f, step_coarse=1.3 * f, vjp=bk, vjp_coarse=1.3 * bk, record=f,
-                 chain_backward=bk, serial_forward=f, serial_backward=bk,
-                 message=p2p_time(state, hw, inter), broadcast=p2p_time(state, hw, inter),
-                 op=0.1 * f)
+                 chain_backward=bk, serial_forward=f, serial_backward=bk, op=0.1 * f,
+                 **links)
 
 
 def _layer_parallel(prof: Profile, hw: Hardware, ranks: int, batch: int,
