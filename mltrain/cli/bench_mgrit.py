@@ -12,6 +12,7 @@ to give every rank a whole coarsest interval). Collective.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -22,7 +23,7 @@ from mltrain.comm import broadcast_
 from mltrain.config import ConfigError
 from mltrain.mgrit import LayerParallel, split_layers
 from mltrain.mgrit.model import Costs, predict
-from mltrain.mgrit.profile import seconds_per_call, unit_costs
+from mltrain.mgrit.profile import pass_overhead, seconds_per_call, unit_costs
 from mltrain.nn import ResNet
 
 __all__ = ["bench_mgrit"]
@@ -116,7 +117,13 @@ def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 3
             def parallel():
                 F.cross_entropy(lp(x), y).backward()
             t = _best(parallel, reps, comm, clear)
-            pred = predict(N, P, levels, cf, iters, bwd, costs)
+            # This configuration's overhead per pass (its cycle control, beyond the steps),
+            # measured on one rank's chain by every rank at once; the slowest counts.
+            ov = pass_overhead(net, torch.randn(batch, net.blocks[0].linear.in_features), cf,
+                               max(N // P, cf), mine,
+                               dict(levels=levels, iters=iters, bwd_iters=bwd), reps)
+            pred = predict(N, P, levels, cf, iters, bwd, dataclasses.replace(
+                costs, **{k: comm.allreduce(v, op=MPI.MAX) for k, v in ov.items()}))
             rows.append({"layers": N, "ranks": P, "levels": levels, "iters": iters,
                          "bwd_iters": bwd, "time_s": t, "serial_s": t_serial,
                          "speedup": t_serial / t, "predicted_s": pred["parallel_s"],

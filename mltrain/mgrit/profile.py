@@ -15,7 +15,7 @@ from torch import nn
 from mltrain.mgrit.layer_parallel import LayerParallel
 from mltrain.mgrit.model import Costs, predict
 
-__all__ = ["SOLVER_COSTS", "seconds_per_call", "unit_costs"]
+__all__ = ["SOLVER_COSTS", "pass_overhead", "seconds_per_call", "unit_costs"]
 
 # The solver's unit costs ``unit_costs`` returns (fields of ``model.Costs``).
 SOLVER_COSTS = ("step", "step_coarse", "vjp", "vjp_coarse", "record", "linearize",
@@ -44,10 +44,8 @@ def unit_costs(net: nn.Module, x: torch.Tensor, cf: int, chain: int, reps: int =
     network ``net`` (opening, blocks, closing) on the batch of states ``x`` (the blocks'
     input, e.g. the opening's output), with chains of ``chain`` steps (a rank's share:
     long chains run slower per step than short ones, their states and graphs leave the
-    caches). Needs ``chain >= cf`` blocks. With ``settings`` (``LayerParallel``'s)
-    also the overhead of a pass with them: a real pass on one rank less what the work model
-    makes of its steps, on the chain and on half of it, split into a part fixed per pass
-    and a part per step (else 0). ``best``: see ``seconds_per_call``. Not
+    caches). Needs ``chain >= cf`` blocks. With ``settings`` (``LayerParallel``'s) also
+    ``pass_overhead`` with them (else 0). ``best``: see ``seconds_per_call``. Not
     collective."""
 
     def per(fn, n=reps):
@@ -114,32 +112,48 @@ def unit_costs(net: nn.Module, x: torch.Tensor, cf: int, chain: int, reps: int =
                  chain_backward=max(chain_backward, 0.0), op=op, overhead=0.0,
                  overhead_step=0.0)
     if settings is not None:
-        s = {"levels": 2, "iters": 2, "bwd_iters": 1, "relax": "F", "skip": True,
-             **settings, "cf": cf}
-        unit = cf ** (s["levels"] - 1)
-        model_costs = Costs(**costs, serial_forward=0.0, serial_backward=0.0, message=0.0,
-                            broadcast=0.0)
-
-        def overhead(m: int) -> float:  # a real pass over m blocks less the work model's
-            sub = nn.Module()
-            sub.opening, sub.closing = part.opening, part.closing
-            sub.blocks = nn.ModuleList(list(part.blocks[:m]))
-            lp = LayerParallel(sub, MPI.COMM_SELF, **s)
-
-            def solve_pass():
-                clear()
-                (lp(x) @ probe).sum().backward()
-            measured = per(solve_pass)
-            clear()
-            return measured - predict(m, 1, s["levels"], cf, s["iters"], s["bwd_iters"],
-                                      model_costs, s["relax"], s["skip"])["parallel_s"]
-        # At two chain lengths: a part fixed per pass, and a part per step.
-        n1 = n - n % unit
-        n2 = (n1 // 2) - (n1 // 2) % unit
-        if n1 >= unit:
-            o1 = overhead(n1)
-            o2 = overhead(n2) if n2 >= unit else o1
-            per_step = max((o1 - o2) / (n1 - n2), 0.0) if n2 >= unit else 0.0
-            costs["overhead_step"] = per_step
-            costs["overhead"] = max(o1 - per_step * n1, 0.0)
+        costs.update(pass_overhead(net, x, cf, chain, costs, settings, reps, best))
     return costs
+
+
+def pass_overhead(net: nn.Module, x: torch.Tensor, cf: int, chain: int, costs: dict,
+                  settings: dict, reps: int = 5, best: bool = False) -> dict[str, float]:
+    """What a real forward + backward pass with the solver settings ``settings`` on one
+    rank costs beyond the work model's account of its steps (``costs``: ``unit_costs``),
+    over the first ``chain`` blocks of ``net`` and over half as many: ``overhead`` (fixed
+    per pass) and ``overhead_step`` (per local step). Not collective."""
+    s = {"levels": 2, "iters": 2, "bwd_iters": 1, "relax": "F", "skip": True, **settings,
+         "cf": cf}
+    unit = cf ** (s["levels"] - 1)
+    known = {k: v for k, v in costs.items() if k not in ("overhead", "overhead_step")}
+    model = Costs(**{"serial_forward": 0.0, "serial_backward": 0.0, "message": 0.0,
+                     "broadcast": 0.0, **known})
+    x = x.detach()
+    probe = torch.randn(x.shape[-1], 1, dtype=x.dtype)
+
+    def overhead(m: int) -> float:  # a real pass over m blocks less the work model's
+        sub = nn.Module()
+        sub.opening, sub.closing = nn.Identity(), nn.Identity()
+        sub.blocks = nn.ModuleList(list(net.blocks[:m]))
+        lp = LayerParallel(sub, MPI.COMM_SELF, **s)
+        params = [p for b in sub.blocks for p in b.parameters()]
+
+        def solve_pass():
+            for p in params:
+                p.grad = None
+            (lp(x) @ probe).sum().backward()
+        measured = seconds_per_call(solve_pass, reps, best)
+        for p in params:
+            p.grad = None
+        return measured - predict(m, 1, s["levels"], cf, s["iters"], s["bwd_iters"], model,
+                                  s["relax"], s["skip"])["parallel_s"]
+    n1 = min(chain, len(net.blocks))
+    n1 -= n1 % unit
+    n2 = n1 // 2 - (n1 // 2) % unit
+    if n1 < unit:
+        return {"overhead": 0.0, "overhead_step": 0.0}
+    o1 = overhead(n1)
+    if n2 < unit:
+        return {"overhead": max(o1, 0.0), "overhead_step": 0.0}
+    per_step = max((o1 - overhead(n2)) / (n1 - n2), 0.0)
+    return {"overhead": max(o1 - per_step * n1, 0.0), "overhead_step": per_step}
