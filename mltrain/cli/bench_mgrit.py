@@ -121,7 +121,8 @@ def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 3
             # measured on one rank's chain by every rank at once; the slowest counts.
             ov = pass_overhead(net, torch.randn(batch, net.blocks[0].linear.in_features), cf,
                                max(N // P, cf), mine,
-                               dict(levels=levels, iters=iters, bwd_iters=bwd), reps)
+                               dict(levels=levels, iters=iters, bwd_iters=bwd), reps,
+                               best=True)  # as the passes it predicts: their best
             pred = predict(N, P, levels, cf, iters, bwd, dataclasses.replace(
                 costs, **{k: comm.allreduce(v, op=MPI.MAX) for k, v in ov.items()}))
             rows.append({"layers": N, "ranks": P, "levels": levels, "iters": iters,
