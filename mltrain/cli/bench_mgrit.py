@@ -119,8 +119,7 @@ def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 3
             t = _best(parallel, reps, comm, clear)
             # This configuration's overhead per pass (its cycle control, beyond the steps),
             # measured on one rank's chain by every rank at once; the slowest counts.
-            ov = pass_overhead(net, torch.randn(batch, net.blocks[0].linear.in_features), cf,
-                               max(N // P, cf), mine,
+            ov = pass_overhead(net, x, cf, max(N // P, cf), mine,
                                dict(levels=levels, iters=iters, bwd_iters=bwd), reps,
                                best=True)  # as the passes it predicts: their best
             pred = predict(N, P, levels, cf, iters, bwd, dataclasses.replace(

@@ -90,7 +90,7 @@ def _interleaved_medians(comm: MPI.Comm, steps_by_key: dict, steps: int, rounds:
 
 def measure_hardware(comm: MPI.Comm) -> Hardware:
     """Collective on ``comm``."""
-    P, rank = comm.Get_size(), comm.Get_rank()
+    P = comm.Get_size()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     per_node = local.Get_size()
     # The cores this node's ranks may run on: the union of their affinities.
@@ -168,13 +168,12 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
         # wait by yielding still take time slices, which disturbs a whole MGRIT pass).
         for r in range(P):
             if r == rank:
-                mine = measure()
+                mine, residual = measure()
             req = comm.Ibarrier()
             while not req.Test():
                 time.sleep(1e-3)
     else:
-        mine = measure()
-    mine, residual = mine
+        mine, residual = measure()
     every = comm.allgather(mine)
     prof = type(mine)(**{k: None if getattr(mine, k) is None else
                          [max(vals) for vals in zip(*(getattr(q, k) for q in every))]

@@ -38,6 +38,20 @@ def seconds_per_call(fn, reps: int, best: bool = False) -> float:
     return min(times) if best else sorted(times)[1]
 
 
+def _chain(net: nn.Module, m: int) -> nn.Module:
+    """The first ``m`` blocks of ``net`` as one rank would hold them, without the opening
+    and closing (the chain alone is timed)."""
+    part = nn.Module()
+    part.opening, part.closing = nn.Identity(), nn.Identity()
+    part.blocks = nn.ModuleList(list(net.blocks[:m]))
+    return part
+
+
+def _clear(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.grad = None
+
+
 def unit_costs(net: nn.Module, x: torch.Tensor, cf: int, chain: int, reps: int = 5,
                settings: dict | None = None, best: bool = False) -> dict[str, float]:
     """The solver's unit costs (``SOLVER_COSTS``, seconds per step) for the residual
@@ -54,9 +68,7 @@ def unit_costs(net: nn.Module, x: torch.Tensor, cf: int, chain: int, reps: int =
     if n < cf or n > len(net.blocks):
         raise ValueError(f"unit_costs: a chain of {chain} steps needs {cf} to "
                          f"{len(net.blocks)} blocks")
-    part = nn.Module()  # the first n blocks, as one rank would hold them: the chain alone
-    part.opening, part.closing = nn.Identity(), nn.Identity()
-    part.blocks = nn.ModuleList(list(net.blocks[:n]))
+    part = _chain(net, n)
     lp = LayerParallel(part, MPI.COMM_SELF, levels=2, cf=cf)
     x = x.detach()
     g = torch.randn_like(x)
@@ -88,25 +100,20 @@ def unit_costs(net: nn.Module, x: torch.Tensor, cf: int, chain: int, reps: int =
     # backward through it, which also hands the parameter gradients to autograd and frees
     # the graphs (the one-level solve on one rank is exactly that pass).
     exact = LayerParallel(part, MPI.COMM_SELF, levels=1, cf=cf)
-    params = [p for b in part.blocks for p in b.parameters()]
     probe = torch.randn(x.shape[-1], 1, dtype=x.dtype)
 
-    def clear():
-        for p in params:
-            p.grad = None
-
     def record_pass():
-        clear()
+        _clear(part)
         exact(x)
 
     def chain_pass():
-        clear()
+        _clear(part)
         (exact(x) @ probe).sum().backward()
     record = per(record_pass) / n
     chain_backward = per(chain_pass) / n - record
     with torch.no_grad():
         op = per(lambda: [u[k] - u[k + 1] for k in range(n)]) / n
-    clear()
+    _clear(part)
     costs = dict(step=step, step_coarse=step_coarse, vjp=warm / n, vjp_coarse=vjp_c,
                  record=record, linearize=max(fresh - warm, 0.0) / n,
                  chain_backward=max(chain_backward, 0.0), op=op, overhead=0.0,
@@ -118,13 +125,12 @@ def unit_costs(net: nn.Module, x: torch.Tensor, cf: int, chain: int, reps: int =
 
 def pass_overhead(net: nn.Module, x: torch.Tensor, cf: int, chain: int, costs: dict,
                   settings: dict, reps: int = 5, best: bool = False) -> dict[str, float]:
-    """What a real forward + backward pass with the solver settings ``settings`` on one
-    rank costs beyond the work model's account of its steps (``costs``: ``unit_costs``),
-    over the first ``chain`` blocks of ``net`` and over half as many: ``overhead`` (fixed
-    per pass) and ``overhead_step`` (per local step). Not collective."""
-    s = {"levels": 2, "iters": 2, "bwd_iters": 1, "relax": "F", "skip": True, **settings,
-         "cf": cf}
-    unit = cf ** (s["levels"] - 1)
+    """What a real forward + backward pass with the solver settings ``settings``
+    (``LayerParallel``'s, ``levels`` among them) on one rank costs beyond the work model's
+    account of its steps (``costs``: ``unit_costs``), over the first ``chain`` blocks of
+    ``net`` and over half as many: ``overhead`` (fixed per pass) and ``overhead_step`` (per
+    local step). Not collective."""
+    unit = cf ** (settings["levels"] - 1)
     known = {k: v for k, v in costs.items() if k not in ("overhead", "overhead_step")}
     model = Costs(**{"serial_forward": 0.0, "serial_backward": 0.0, "message": 0.0,
                      "broadcast": 0.0, **known})
@@ -132,21 +138,16 @@ def pass_overhead(net: nn.Module, x: torch.Tensor, cf: int, chain: int, costs: d
     probe = torch.randn(x.shape[-1], 1, dtype=x.dtype)
 
     def overhead(m: int) -> float:  # a real pass over m blocks less the work model's
-        sub = nn.Module()
-        sub.opening, sub.closing = nn.Identity(), nn.Identity()
-        sub.blocks = nn.ModuleList(list(net.blocks[:m]))
-        lp = LayerParallel(sub, MPI.COMM_SELF, **s)
-        params = [p for b in sub.blocks for p in b.parameters()]
+        part = _chain(net, m)
+        lp = LayerParallel(part, MPI.COMM_SELF, **{**settings, "cf": cf})
 
         def solve_pass():
-            for p in params:
-                p.grad = None
+            _clear(part)
             (lp(x) @ probe).sum().backward()
         measured = seconds_per_call(solve_pass, reps, best)
-        for p in params:
-            p.grad = None
-        return measured - predict(m, 1, s["levels"], cf, s["iters"], s["bwd_iters"], model,
-                                  s["relax"], s["skip"])["parallel_s"]
+        _clear(part)
+        return measured - predict(m, 1, lp.levels, cf, lp.iters, lp.bwd_iters, model,
+                                  lp.relax, lp.skip)["parallel_s"]
     n1 = min(chain, len(net.blocks))
     n1 -= n1 % unit
     n2 = n1 // 2 - (n1 // 2) % unit

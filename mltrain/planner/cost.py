@@ -38,7 +38,8 @@ from pathlib import Path
 from mltrain.config import ConfigError
 
 __all__ = ["Hardware", "Profile", "p2p_time", "allreduce_time", "bubble_fraction",
-           "pipeline_time", "extra_waits", "reduce_waits", "handover_time", "stage_memory", "load_hardware"]
+           "pipeline_time", "extra_waits", "reduce_waits", "handover_time", "stage_memory",
+           "load_hardware"]
 
 # Fields a hardware file may leave out (their defaults: a core per rank, no hand-over cost).
 OPTIONAL = ("cores_per_node", "handover_s")

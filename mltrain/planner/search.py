@@ -16,6 +16,12 @@ from mltrain.planner.partition import best_partition
 __all__ = ["profile_layers", "profile_model", "plan"]
 
 
+def _per_sample(full: float, half: float, b: int, h: int) -> float:
+    """The per-sample slope of a time measured on b and on h < b samples (never negative;
+    with one sample, all of it)."""
+    return max((full - half) / (b - h), 0.0) if b > h else full / b
+
+
 def profile_layers(layers: list[nn.Module], sample: torch.Tensor, *, reps: int = 5,
                    optimizer_state: float = 2.0, optimizer: str = "adam") -> Profile:
     """Each layer's forward and backward time on this machine (the best of ``reps``),
@@ -46,8 +52,7 @@ def profile_layers(layers: list[nn.Module], sample: torch.Tensor, *, reps: int =
     h = len(sample[:max(b // 2, 1)])
     fwd, bwd, fixed, act, par = [], [], [], [], []
     for (tf, tb, out), (hf, hb, _) in zip(full, half):
-        slope_f = max((tf - hf) / (b - h), 0.0) if b > h else tf / b
-        slope_b = max((tb - hb) / (b - h), 0.0) if b > h else tb / b
+        slope_f, slope_b = _per_sample(tf, hf, b, h), _per_sample(tb, hb, b, h)
         fwd.append(slope_f)
         bwd.append(slope_b)
         fixed.append(max(tf + tb - (slope_f + slope_b) * b, 0.0))
@@ -104,8 +109,7 @@ def profile_model(model: nn.Module, sample: torch.Tensor, *, mgrit: dict | None 
         # on shared cores is otherwise disturbed.
         full = unit_costs(model, state, cf, N, reps, mgrit, best=True)
         half = unit_costs(model, state[:h], cf, N, reps, mgrit, best=True) if b > h else full
-        slope = [max((full[k] - half[k]) / (b - h), 0.0) if b > h else full[k] / b
-                 for k in SOLVER_COSTS]
+        slope = [_per_sample(full[k], half[k], b, h) for k in SOLVER_COSTS]
         prof.mgrit_slope = slope
         prof.mgrit_fixed = [max(full[k] - a * b, 0.0) for k, a in zip(SOLVER_COSTS, slope)]
     return prof, span
