@@ -3,9 +3,12 @@
 # nothing changed). Knobs: VENV=path, NP=ranks for the demo.
 VENV ?= .venv
 NP ?= 2
+# Absolute: the bootstrap hands compiler paths to builds that run in temporary folders.
+override VENV := $(abspath $(VENV))
 PY := $(VENV)/bin/python
-# The environment's own mpiexec (MPICH wheel) when it has one, else the system's.
-MPIEXEC = $(shell if [ -x $(VENV)/bin/mpiexec ]; then echo $(VENV)/bin/mpiexec; else echo mpiexec; fi)
+# The mpiexec of the MPI that mpi4py uses (the MPICH wheel's, or the site's in system-MPI
+# mode), with Open MPI's oversubscribe/root settings when needed; MLTRAIN_MPIEXEC overrides.
+LAUNCH = $(PY) -m mltrain.launch
 
 .PHONY: venv demo test bench info clean
 
@@ -13,13 +16,13 @@ venv:
 	@VENV=$(VENV) bash tools/bootstrap.sh
 
 demo: venv
-	$(MPIEXEC) -n $(NP) $(PY) -m mltrain
+	$(LAUNCH) -n $(NP) $(PY) -m mltrain
 
 test: venv
 	@VENV=$(VENV) bash tools/run_tests.sh
 
 bench: venv
-	$(MPIEXEC) -n 2 $(PY) -m mltrain bench dp --json bench-dp.json
+	$(LAUNCH) -n 2 $(PY) -m mltrain bench dp --json bench-dp.json
 
 info: venv
 	$(PY) -m mltrain info

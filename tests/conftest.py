@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,13 +67,11 @@ def mpiexec(n: int, args: list[str], *, timeout: float = 300, env: dict | None =
 
     The timeout is a hang guard, not a performance limit.
     """
-    exe = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or "mpiexec"
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    # A nested launch must not inherit the outer job's process-manager wiring.
-    for k in list(full_env):
-        if k.startswith(("PMI_", "HYDRA_", "PMIX_")):
-            del full_env[k]
-    return subprocess.run([exe, "-n", str(n), sys.executable, *args], capture_output=True,
+    from mltrain.launch import mpiexec_argv
+
+    # The launcher that matches mpi4py, in an environment without the outer job's wiring.
+    launch, full_env = mpiexec_argv(n, {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run([*launch, sys.executable, *args], capture_output=True,
                           text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)
 
 
@@ -102,10 +99,35 @@ def against_serial(comm, cfg):
     summary = par.train()
     ser = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
     ser.train()
+    # Second-order runs: the same decisions first, then the iterates.
+    same_decisions(comm, decisions_of(ser), decisions_of(par))
     a, b = flat_params(par.model), flat_params(ser.model)
     par.close()
     ser.close()
     return summary, before, float((a - b).norm() / b.norm())
+
+
+def decisions_of(trainer):
+    """The decision log of a trainer's optimizer (None for first-order optimizers)."""
+    return getattr(trainer.optimizer, "decisions", None)
+
+
+def same_decisions(comm, ref, other, label: str = "") -> None:
+    """Collective assert on ``comm`` that an exactness comparison is meaningful and holds
+    decision by decision: no decision of the reference run lies within round-off
+    (``TIE_BAND``) of its threshold, so no CPU or BLAS could take it the other way, and
+    the other run took the same decisions in the same order (else: the first that
+    differs, with both margins). Does nothing when ``ref`` is None."""
+    from mltrain.utils.decisions import TIE_BAND, first_difference
+
+    if ref is None:
+        return
+    ties = ref.near_ties()
+    all_ranks(comm, not ties, f"{label}: {len(ties)} decisions of the reference run lie "
+              f"within {TIE_BAND:g} of their thresholds, so the comparison would hold or "
+              f"fail by luck of rounding: " + ", ".join(f"#{i} {d}" for i, d in ties[:4]))
+    diff = first_difference(ref, other)
+    all_ranks(comm, diff is None, f"{label}: {diff}")
 
 
 def straight_and_resumed(comm, base: list, ckdir, steps: int = 8):

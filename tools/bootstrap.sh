@@ -8,26 +8,43 @@
 # Environment knobs:
 #   VENV                      where the environment lives (default: <checkout>/.venv)
 #   PYTHON                    interpreter that creates it (default: python3)
-#   MLTRAIN_SYSTEM_MPI=1      use the MPI found on PATH (mpicc) instead of the MPICH wheel
+#   MLTRAIN_SYSTEM_MPI=1      use the site's MPI (MPICC, else the first mpicc on PATH outside
+#                             the environment) instead of the MPICH wheel; the environment
+#                             remembers it, so later runs without the variable keep it
+#   MLTRAIN_SYSTEM_MPI=0      go back to the MPICH wheel
 #   PETSC_DIR / PETSC_ARCH    use an existing PETSc: only petsc4py is built against it
 #   PETSC_CONFIGURE_OPTIONS   extra options for PETSc's configure (pip build)
+#   MLTRAIN_WHEEL_CACHE       where PETSc builds are kept (default ~/.cache/mltrain/wheels)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$here/.venv}
+# Every path absolute: pip builds PETSc in a temporary folder, where a relative compiler path
+# (VENV=.venv from the Makefile) no longer exists.
+[[ $VENV == /* ]] || VENV=$PWD/$VENV
 PYTHON=${PYTHON:-python3}
 PETSC_VERSION=3.26.1
 stamp=$VENV/.mltrain-bootstrap
+# Which MPI this environment was built for (mode, mpicc, mpiexec); read by the launcher
+# (mltrain.launch), the Makefile and the tests, so they start the mpiexec mpi4py matches.
+mpifile=$VENV/.mltrain-mpi
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }
 die() { printf '[bootstrap] error: %s\n' "$*" >&2; exit 1; }
+
+# No MLTRAIN_SYSTEM_MPI: keep what the environment was built with (else the MPICH wheel).
+if [[ -z ${MLTRAIN_SYSTEM_MPI:-} ]]; then
+  MLTRAIN_SYSTEM_MPI=0
+  [[ -f $mpifile ]] && grep -qx 'mode=system' "$mpifile" && MLTRAIN_SYSTEM_MPI=1
+fi
+[[ $MLTRAIN_SYSTEM_MPI == [01] ]] || die "MLTRAIN_SYSTEM_MPI must be 0 or 1, not '$MLTRAIN_SYSTEM_MPI'"
 
 # The stamp records what was installed from which inputs; any change redoes the affected part.
 inputs_hash() {
   (cd "$here" && { find tools/bootstrap.sh tools/relocate_petsc.py requirements.txt setup.py pyproject.toml \
      csrc -type f 2>/dev/null || true; } | sort | xargs -r cat) | sha256sum | cut -c1-16
 }
-want="$(inputs_hash) ${MLTRAIN_SYSTEM_MPI:-0} ${PETSC_DIR:-}/${PETSC_ARCH:-}"
+want="$(inputs_hash) $MLTRAIN_SYSTEM_MPI ${MPICC:-} ${PETSC_DIR:-}/${PETSC_ARCH:-}"
 if [[ -f $stamp && "$(cat "$stamp")" == "$want" && -x $VENV/bin/python ]]; then
   exit 0
 fi
@@ -59,20 +76,69 @@ if [[ ! -x $VENV/bin/python ]]; then
 fi
 py=$VENV/bin/python
 pip() { "$py" -m pip --disable-pip-version-check -q "$@"; }
-export PATH=$VENV/bin:$PATH
 
 # ---- MPI + Python packages -----------------------------------------------------------
-if [[ ${MLTRAIN_SYSTEM_MPI:-0} == 1 ]]; then
-  command -v mpicc >/dev/null || die "MLTRAIN_SYSTEM_MPI=1 but no mpicc on PATH"
-  say "building mpi4py against the system MPI ($(command -v mpicc))"
+# The folder of the libmpi that this environment's mpi4py loads (empty if it cannot load).
+mpi4py_libmpi() {
+  "$py" -c "from mpi4py import MPI
+import os
+print(next(os.path.realpath(l.split()[-1]) for l in open('/proc/self/maps') if '/libmpi' in l))" \
+    2>/dev/null || true
+}
+venv_real=$(cd "$VENV" && pwd -P)
+if [[ $MLTRAIN_SYSTEM_MPI == 1 ]]; then
+  # The site's mpicc, never the environment's own (an earlier MPICH-wheel set-up put one in
+  # $VENV/bin, which comes first on PATH below).
+  nopath=$(printf '%s' "$PATH" | tr ':' '\n' | grep -v -x -F -e "$VENV/bin" -e "$venv_real/bin" |
+           paste -sd: -)
+  mpicc=${MPICC:-$(PATH=$nopath command -v mpicc || true)}
+  [[ -n $mpicc ]] || die "MLTRAIN_SYSTEM_MPI=1 but no mpicc on PATH (load the MPI module, or set MPICC)"
+  [[ $mpicc == /* ]] || mpicc=$(PATH=$nopath command -v "$mpicc") || die "MPICC=$MPICC not found"
+  [[ $mpicc != "$VENV"/* && $mpicc != "$venv_real"/* ]] ||
+    die "MPICC=$mpicc lies inside the environment; point it at the site's MPI"
+  mpibin=$(dirname "$mpicc")
+  mpiexec=$mpibin/mpiexec
+  [[ -x $mpiexec ]] || mpiexec=$(PATH=$nopath command -v mpiexec || true)
+  [[ -n $mpiexec ]] || die "no mpiexec beside $mpicc or on PATH"
+  export PATH=$mpibin:$VENV/bin:$PATH
+  # The MPICH wheel would shadow the site's MPI (its libmpi and mpiexec in the environment).
+  if "$py" -m pip show -q mpich >/dev/null 2>&1; then
+    say "removing the MPICH wheel from $VENV (system MPI mode)"
+    pip uninstall -y mpich
+  fi
   grep -v -E '^(mpich|mpi4py)\b' "$here/requirements.txt" > "$VENV/.requirements-nompi.txt"
   pip install -r "$VENV/.requirements-nompi.txt"
-  MPICC=$(command -v mpicc) pip install --no-binary mpi4py --no-cache-dir mpi4py
+  lib=$(mpi4py_libmpi)
+  built_with=$("$py" -c 'import mpi4py; print(mpi4py.get_config().get("mpicc", ""))' 2>/dev/null || true)
+  if [[ -z $lib || $lib == "$venv_real"/* || $built_with != "$mpicc" ]]; then
+    say "building mpi4py against the system MPI ($mpicc)"
+    MPICC=$mpicc pip install --force-reinstall --no-deps --no-binary mpi4py --no-cache-dir \
+      "$(grep -E '^mpi4py\b' "$here/requirements.txt")"
+  fi
+  lib=$(mpi4py_libmpi)
+  [[ -n $lib ]] || die "mpi4py built against $mpicc does not load"
+  [[ $lib != "$venv_real"/* ]] || die "mpi4py loads $lib from inside the environment, not the
+  system MPI of $mpicc; remove $VENV and run this again"
 else
+  export PATH=$VENV/bin:$PATH
   pip install -r "$here/requirements.txt"
+  mpicc=$VENV/bin/mpicc
+  mpiexec=$VENV/bin/mpiexec
+  [[ -x $mpicc && -x $mpiexec ]] || die "the MPICH wheel did not install mpicc/mpiexec into $VENV/bin"
+  lib=$(mpi4py_libmpi)
+  if [[ $lib != "$venv_real"/* ]]; then
+    # Left from system MPI mode: mpi4py was built against the site's MPI.
+    say "reinstalling mpi4py for the MPICH wheel"
+    pip install --force-reinstall --no-deps --only-binary mpi4py \
+      "$(grep -E '^mpi4py\b' "$here/requirements.txt")"
+    lib=$(mpi4py_libmpi)
+    [[ $lib == "$venv_real"/* ]] || die "mpi4py loads '$lib', not the MPICH wheel's libmpi"
+  fi
 fi
-mpicc=$(command -v mpicc) || die "no mpicc found after installing MPI"
-mpicxx=$(command -v mpicxx || true)
+mpicxx=$(dirname "$mpicc")/mpicxx
+[[ -x $mpicxx ]] || mpicxx=
+mode=wheel; [[ $MLTRAIN_SYSTEM_MPI == 1 ]] && mode=system
+printf 'mode=%s\nmpicc=%s\nmpiexec=%s\nlibmpi=%s\n' "$mode" "$mpicc" "$mpiexec" "$lib" > "$mpifile"
 
 # ---- PETSc + petsc4py ----------------------------------------------------------------
 if [[ -n ${PETSC_DIR:-} ]]; then
@@ -84,18 +150,20 @@ else
   # pip's own wheel cache is keyed by the sdist alone: it would hand back a PETSc built with
   # other configure options or another MPI. Keep our own cache, keyed by what the build
   # depends on, so a fresh clone on this machine reuses a matching build and nothing else.
-  export MPICC=$mpicc MPICXX=${mpicxx:-}
-  # Lean build: no Fortran, no X, optimized, BLAS/LAPACK from the system.
-  export PETSC_CONFIGURE_OPTIONS="--with-fc=0 --with-x=0 --with-debugging=0 \
+  export MPICC=$mpicc MPICXX=$mpicxx
+  # Lean build: no Fortran, no X, no CUDA (a GPU login node's nvcc must not leak in),
+  # optimized, BLAS/LAPACK from the system.
+  export PETSC_CONFIGURE_OPTIONS="--with-fc=0 --with-x=0 --with-cuda=0 --with-debugging=0 \
 COPTFLAGS=-O2 CXXOPTFLAGS=-O2 --with-hwloc=0 --with-ssl=0 ${PETSC_CONFIGURE_OPTIONS:-}"
-  mpi_id=$("$py" -c 'from mpi4py import MPI; print(MPI.Get_library_version())')
+  # Open MPI's version string ends in a NUL byte; bash would warn and drop it.
+  mpi_id=$("$py" -c 'from mpi4py import MPI; print(MPI.Get_library_version().rstrip("\0 \n"))')
   key=$(printf '%s\n' "$PETSC_VERSION" "$PETSC_CONFIGURE_OPTIONS" "$mpi_id" \
         "$("$py" -c 'import sys; print(sys.version)')" "$(cc --version | head -n1)" |
         sha256sum | cut -c1-16)
   cache=${MLTRAIN_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mltrain/wheels}/petsc-$key
   if ! ls "$cache"/petsc-*.whl "$cache"/petsc4py-*.whl >/dev/null 2>&1; then
-    say "building PETSc $PETSC_VERSION + petsc4py against $mpicc (once per machine: about"
-    say "15-25 min on 2 cores; later environments reuse $cache)"
+    say "building PETSc $PETSC_VERSION + petsc4py against $mpicc (once per machine and MPI:"
+    say "10-35 min on 2 cores, depending on load; later environments reuse $cache)"
     mkdir -p "${cache%/*}"
     tmp=$(mktemp -d "${cache%/*}/.tmp.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT

@@ -68,11 +68,16 @@ def gather_info() -> dict:
     from mltrain import __version__, ops
     from mltrain.linalg import has_petsc
 
+    from mltrain.launch import mpi_record, mpiexec_path
+
     comm = MPI.COMM_WORLD
     info = {
         "mltrain": __version__,
         "python": sys.version.split()[0],
-        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
+        # Open MPI's version string ends in a NUL byte.
+        "mpi_library": MPI.Get_library_version().strip("\0 \n").splitlines()[0],
+        "mpi_mode": mpi_record().get("mode", "unknown"),
+        "mpiexec": mpiexec_path(),
         "mpi_standard": "{}.{}".format(*MPI.Get_version()),
         "mpi4py": mpi4py.__version__,
         "mpi4py_libmpi": _mpi_of(mapped_libraries("libmpi")),

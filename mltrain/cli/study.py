@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from mltrain.config import ConfigError, load_config
+from mltrain.launch import clean_env, mpiexec_argv
 
 COLUMNS = ["run", "ranks", "status", "steps", "epochs", "final_loss", "train_accuracy",
            "test_accuracy", "comm_bytes", "comm_calls", "wall_s"]
@@ -61,11 +62,12 @@ def plan(config: str | None, overrides: list[str], grid: str, ranks: str):
     return runs
 
 
-def _launcher(template: str | None, ranks: int) -> list[str]:
+def _launcher(template: str | None, ranks: int) -> tuple[list[str], dict[str, str]]:
+    """The launch prefix and a cleaned environment: this process may itself be an MPI
+    singleton, whose wiring variables would break the child launcher (Open MPI)."""
     if template:
-        return shlex.split(template.format(ranks=ranks))
-    here = Path(sys.executable).parent / "mpiexec"
-    return [str(here) if here.exists() else "mpiexec", "-n", str(ranks)]
+        return shlex.split(template.format(ranks=ranks)), clean_env()
+    return mpiexec_argv(ranks)
 
 
 def run_study(args) -> int:
@@ -83,14 +85,15 @@ def run_study(args) -> int:
         rundir = out / "runs" / name
         rundir.mkdir(parents=True, exist_ok=True)
         summary = rundir / "summary.json"
-        cmd = _launcher(args.launcher, r) + [
+        launch, env = _launcher(args.launcher, r)
+        cmd = launch + [
             sys.executable, "-m", "mltrain", "train", "--quiet", "--summary", str(summary),
             *(["--config", args.config] if args.config else []),
             *itertools.chain.from_iterable(("--set", s) for s in args.overrides + sets),
             "--set", f"run.out_dir={rundir}", "--set", f"run.eval_every={cfg.study.eval_every}"]
         print(f"[{i}/{len(runs)}] {name}: {' '.join(sets)} on {r} ranks", flush=True)
         t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         (rundir / "log.txt").write_text(proc.stdout + proc.stderr)
         row = {"run": name, "ranks": r, **dict(s.split("=", 1) for s in sets)}
         if proc.returncode != 0 or not summary.exists():
