@@ -183,18 +183,22 @@ LP = ["model.name=resnet", "model.depth=8", "model.width=16", "run.dtype=float64
       "mgrit.bwd_iters=5"]
 
 
-def _train(cfg_list, comm):
+def _train(cfg_list, comm, decisions: bool = False):
+    """(summary, final parameters) and, with ``decisions``, the optimizer's decision log."""
     from mltrain.config import load_config
     from mltrain.linalg.vector import flat_params
     from mltrain.train import Trainer
+
+    from conftest import decisions_of
 
     t = Trainer(load_config(None, cfg_list), comm, quiet=True, metrics=False)
     s = t.train()
     if t.lp is not None:
         t.lp.gather()
     params = flat_params(t.net)
+    log = decisions_of(t)
     t.close()
-    return s, params
+    return (s, params, log) if decisions else (s, params)
 
 
 @pytest.mark.mpi(min_size=1)

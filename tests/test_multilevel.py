@@ -94,6 +94,7 @@ NESTED = ["optim.nested=true", "optim.levels=3", "model.depth=8", "model.width=1
 
 
 @pytest.mark.mpi(min_size=1)
+@pytest.mark.exactness
 def test_nested_iteration_is_rank_count_invariant_and_descends(comm):
     exact = ["run.dtype=float64", "data.partition=strided", "data.shuffle=false",
              "optim.name=sgd", "optim.lr=0.05"]
@@ -119,6 +120,7 @@ def test_nested_works_with_any_optimizer_and_is_deterministic(optim):
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("optim", ["adam", "rmtr"])
+@pytest.mark.exactness
 def test_nested_resume_is_bit_exact(comm, shared_tmp, optim):
     from mltrain.io import list_checkpoints
 
@@ -214,6 +216,7 @@ def test_mgopt_one_level_is_its_smoother_and_step_0_is_identity():
 
 
 @pytest.mark.mpi(min_size=1)
+@pytest.mark.exactness
 def test_mgopt_descends_and_is_rank_count_invariant(comm):
     from mltrain.multilevel import MGOpt
 

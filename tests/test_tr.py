@@ -128,6 +128,7 @@ TR = ["optim.name=tr", "run.dtype=float64", "data.partition=strided", "data.shuf
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.exactness
 def test_tr_is_rank_count_invariant_and_descends(comm, curvature):
     require("petsc4py")
     s, before, diff = against_serial(comm, load_config(None, TR + [f"optim.curvature={curvature}"]))
@@ -152,6 +153,7 @@ def test_tr_rejected_step_restores_bits(comm):
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("curvature", ["hessian", "lsr1"])
+@pytest.mark.exactness
 def test_tr_resume_is_bit_exact(comm, shared_tmp, dtype, curvature):
     require("petsc4py")
     base = [x for x in TR if not x.startswith(("run.steps", "run.dtype"))] + [
@@ -290,6 +292,7 @@ def test_lsr1_recovers_a_quadratic():
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("extra", [["optim.curvature=lsr1"], ["optim.batch=full"]],
                          ids=["lsr1", "full"])
+@pytest.mark.exactness
 def test_tr_modes_rank_count_invariant(comm, extra):
     require("petsc4py")
     s, before, diff = against_serial(comm, load_config(None, TR + ["run.steps=8"] + extra))

@@ -23,6 +23,7 @@ from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy, prolong_vec, restrict_grad, restrict_vec
 from mltrain.optim import build_optimizer
 from mltrain.optim.tr import TrustRegion
+from mltrain.utils.decisions import DecisionLog
 
 __all__ = ["MGOpt"]
 
@@ -33,8 +34,11 @@ class MGOpt(LevelOptimizers):
                  post_smooth: int = 1, coarse_iters: int = 2, armijo: float = 1e-4,
                  max_halvings: int = 8, tr: dict | None = None):
         """``tr``: the TrustRegion keywords for ``smoother = "tr"``."""
+        # The line search's decisions and, with a trust-region smoother, its decisions too.
+        self.decisions = log = DecisionLog()
         if smoother == "tr":
-            parts = [TrustRegion(m.parameters(), comm, **(tr or {})) for m in hierarchy.models]
+            parts = [TrustRegion(m.parameters(), comm, decisions=log, level=i, **(tr or {}))
+                     for i, m in enumerate(hierarchy.models)]
         else:
             parts = [build_optimizer(smoother, m.parameters(), lr=lr, momentum=momentum)
                      for m in hierarchy.models]
@@ -128,11 +132,15 @@ class MGOpt(LevelOptimizers):
         slope = float(g @ e)
         x0 = flat_params(model)
         alpha = 0.0
-        if slope < 0:  # a descent direction: Armijo backtracking
+        log = self.decisions
+        scale = float(g.norm() * e.norm())
+        if log.record("descent", slope < 0, 0.0, slope, scale, level):  # Armijo backtracking
             a = 1.0
             for _ in range(self.max_halvings + 1):
                 set_flat_params(model, x0 + a * e)
-                if self._f(level, loss_fn, x, y, v, weight) <= f0 + self.c * a * slope:
+                fa = self._f(level, loss_fn, x, y, v, weight)
+                bar = f0 + self.c * a * slope
+                if log.record("armijo", fa <= bar, bar, fa, abs(fa) + abs(bar), level):
                     alpha = a
                     break
                 a *= 0.5
@@ -149,7 +157,7 @@ class MGOpt(LevelOptimizers):
                "loss_evals": sum(c * s for c, s in zip(cost, self.loss_samples)) / num_train,
                "hvp_evals": 0.0,
                "level_grad_evals": [s / num_train for s in self.grad_samples],
-               "line_search": dict(self.alphas)}
+               "line_search": dict(self.alphas), **self.decisions.summary()}
         if self.smoother == "tr":
             for key, name in (("grad_evals", "gradient_samples"), ("hvp_evals", "product_samples"),
                               ("loss_evals", "loss_samples")):

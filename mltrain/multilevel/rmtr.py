@@ -35,6 +35,7 @@ from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy
 from mltrain.multilevel.transfers import LayerTransfers, Transfers
 from mltrain.optim.tr import TrustRegion
+from mltrain.utils.decisions import BOUND_RTOL, DecisionLog
 
 __all__ = ["RMTR"]
 
@@ -52,14 +53,18 @@ class RMTR(LevelOptimizers):
         through MGRIT."""
         if cycle not in ("V", "W"):
             raise ValueError(f"cycle must be V or W, not {cycle!r}")
+        # Every level's decisions in one sequence, in the order they are taken.
+        self.decisions = log = DecisionLog()
         if layered is None:
             self.nets = list(hierarchy.models)
-            parts = [TrustRegion(m.parameters(), comm, **tr) for m in hierarchy.models]
+            parts = [TrustRegion(m.parameters(), comm, decisions=log, level=i, **tr)
+                     for i, m in enumerate(hierarchy.models)]
             self.T = Transfers(hierarchy)
         else:
             self.nets = list(layered)
             parts = [TrustRegion(lp.vector_parameters(), comm, layer_comm=lp.comm,
-                                 after_set=lp.sync_replicated, **tr) for lp in layered]
+                                 after_set=lp.sync_replicated, decisions=log, level=i, **tr)
+                     for i, lp in enumerate(layered)]
             self.T = LayerTransfers(hierarchy, layered[0].comm, [lp.ranges for lp in layered])
         super().__init__(hierarchy, parts, flat_state=layered is not None)
         self.comm = comm
@@ -102,13 +107,22 @@ class RMTR(LevelOptimizers):
         return self.T.norm(self.T.to_finest(level, d))
 
     def _limit(self, level: int, anchor: torch.Tensor, bound: float):
-        """The fraction t of a step s with ||x + t s - anchor||_level <= bound."""
+        """The fraction t of a step s with ||x + t s - anchor||_level <= bound.
+
+        A step within ``BOUND_RTOL`` (relative) of the bound is on it and taken whole: the
+        first coarse step of an excursion is solved in a ball whose radius is the bound,
+        and with injection and constant prolongation ||P s|| = ||s||, so without the slack
+        the test would be an exact tie decided by the last bit of a norm (which differs
+        between CPUs and BLAS libraries)."""
         T, vec = self.T, self.parts[level]._flat
 
         def limit(s: torch.Tensor) -> float:
             pd = T.to_finest(level, vec.get().to(torch.float64) - anchor)
             ps = T.to_finest(level, s)
-            if T.norm(pd + ps) <= bound:
+            n = T.norm(pd + ps)
+            cut = self.decisions.record("boundary", not n <= bound * (1 + BOUND_RTOL),
+                                        bound * (1 + BOUND_RTOL), n, bound, level)
+            if not cut:
                 return 1.0
             a, b, c = T.dot(ps, ps), 2.0 * T.dot(pd, ps), T.dot(pd, pd) - bound * bound
             return max(0.0, min(1.0, (-b + math.sqrt(max(b * b - 4 * a * c, 0.0))) / (2 * a)))
@@ -139,10 +153,18 @@ class RMTR(LevelOptimizers):
                            limit=self._limit(level, anchor, bound), scale=self.scale[level])
             start = tr.last["start"] if start is None else start
             value = tr.last["value"]
-            if level > 0 and (tr.last["boundary"]
-                              or self._room(level, shift[1], bound) <= self.boundary * bound):
+            # The excursion ends where the iterate reached its bound. A rejected step cut to
+            # the boundary left the iterate where it was: the excursion goes on with a
+            # smaller radius.
+            if level > 0 and self._at_bound(level, shift[1], bound):
                 return start, value, True
         return start, value, False
+
+    def _at_bound(self, level: int, anchor, bound) -> bool:
+        """Whether the excursion on ``level`` is within ``boundary`` x bound of its bound."""
+        room = self._room(level, anchor, bound)
+        return self.decisions.record("room", room <= self.boundary * bound,
+                                     self.boundary * bound, room, bound, level)
 
     def _cycle(self, level: int, shift, bound, value) -> tuple[float, float]:
         """A cycle on ``level`` from its current point, where the objective is ``value``
@@ -175,7 +197,8 @@ class RMTR(LevelOptimizers):
         anchor = shift[1] if shift is not None else None
         self.corrections["tried"][level] += 1
         rg = self.T.restrict_grad(level, g)
-        if self.T.norm(rg) < self.kappa * self.T.norm(g):
+        nr, ng = self.T.norm(rg), self.kappa * self.T.norm(g)
+        if self.decisions.record("kappa", nr < ng, ng, nr, max(nr, ng), level):
             self.corrections["skipped"][level] += 1  # the coarse level cannot help here
             return f, f, False
         x0 = tr._flat.get()
@@ -189,16 +212,19 @@ class RMTR(LevelOptimizers):
         start_c, end_c = self._cycle(level + 1, (rg - gc, anchor_c), room, fc0)
         predicted = start_c - end_c
         sc = ctr._flat.get().to(torch.float64) - anchor_c
-        if not predicted > 0 or not self.T.any(sc):
+        # Every coarse step rejected (sc == 0 bit for bit) is structural, not a decision.
+        if not self.T.any(sc) or not self.decisions.record(
+                "progress", predicted > 0, start_c, end_c, abs(start_c) + abs(end_c), level):
             return f, f, False  # the coarse level made no progress: nothing to prolong
         e = self.T.prolong(level, sc)
         self.bound_checks.append((level, self._norm(level + 1, sc), room))
         tr._set(x0 + e.to(dtype))
         trial = tr.value(model, loss_fn, x, y, w, shift)
         rho = (f - trial) / predicted
-        accepted = math.isfinite(trial) and rho >= tr.eta1
+        accepted = tr._decide("accept", math.isfinite(trial) and rho >= tr.eta1, f, trial,
+                              predicted, tr.eta1)
         if accepted:
-            if rho >= tr.eta2:
+            if tr._decide("grow", rho >= tr.eta2, f, trial, predicted, tr.eta2):
                 tr.radius = min(tr.radius * tr.gamma2, tr.radius_max)
             self.corrections["accepted"][level] += 1
         else:
@@ -207,7 +233,7 @@ class RMTR(LevelOptimizers):
             self.corrections["rejected"][level] += 1
         if level == 0:
             tr._after(accepted)  # the hybrid batch grows on stalls of either kind of step
-        done = level > 0 and self._room(level, anchor, bound) <= self.boundary * bound
+        done = level > 0 and self._at_bound(level, anchor, bound)
         return f, (trial if accepted else f), done
 
     # -- reporting -----------------------------------------------------------------------
@@ -230,6 +256,7 @@ class RMTR(LevelOptimizers):
             "rejected_steps": self.parts[0].counts["rejected"] + self.corrections["rejected"][0],
             "coarse_corrections": dict(self.corrections),
             "radius": self.radius, "batch_factor": self.batch_factor,
+            **self.decisions.summary(),
         }
 
     def work(self, num_train: int) -> float:

@@ -26,6 +26,7 @@ from mltrain.linalg.vector import FlatParams
 from mltrain.linalg.lsr1 import LSR1
 from mltrain.linalg.petsc import NonFiniteError, TRSubproblem, check_options_used, log_event
 from mltrain.linalg.reference import steihaug_cg
+from mltrain.utils.decisions import DecisionLog
 
 __all__ = ["TrustRegion", "NonFiniteError"]
 
@@ -59,11 +60,14 @@ class TrustRegion(torch.optim.Optimizer):
                  eta1: float, eta2: float, gamma1: float, gamma2: float,
                  curvature: str = "hessian", ksp_type: str = "stcg", max_it: int = 50,
                  memory: int = 5, grow_after: int = 0, options_prefix: str = "mltrain_tr_",
-                 layer_comm: MPI.Comm | None = None, after_set=None):
+                 layer_comm: MPI.Comm | None = None, after_set=None,
+                 decisions: DecisionLog | None = None, level: int = 0):
         """``layer_comm``: layer-parallel training, where ``params`` are this rank's part
         of a parameter vector distributed over that communicator (PETSc solves on it,
         dot products are global); ``after_set()`` runs after every change of the
-        parameters (to refresh replicated layers from their owners)."""
+        parameters (to refresh replicated layers from their owners). ``decisions``: where
+        accept/grow decisions (and L-SR1 pair skips) are recorded with their margins, as
+        level ``level`` (a multilevel optimizer shares one log between its levels)."""
         super().__init__(list(params), {"lr": 0.0})
         self.comm = comm
         self.P = comm.Get_size()
@@ -88,7 +92,10 @@ class TrustRegion(torch.optim.Optimizer):
 
             raise ConfigError(f"optim.curvature: layer-parallel trust region needs lsr1 (no "
                               f"{curvature} products through MGRIT yet)")
-        self.lsr1 = LSR1(memory, dot=self._dot) if curvature == "lsr1" else None
+        self.decisions = decisions if decisions is not None else DecisionLog()
+        self.level = level
+        self.lsr1 = LSR1(memory, dot=self._dot, decisions=self.decisions, level=level) \
+            if curvature == "lsr1" else None
         n = sum(p.numel() for g in self.param_groups for p in g["params"])
         if self.layer_comm is not None and not has_petsc:
             from mltrain.config import ConfigError
@@ -142,6 +149,14 @@ class TrustRegion(torch.optim.Optimizer):
 
             ok = self.layer_comm.allreduce(ok, op=_MPI.LAND)
         return ok
+
+    def _decide(self, kind: str, taken: bool, f: float, trial: float, predicted: float,
+                eta: float, level: int | None = None) -> bool:
+        """Records the reduction-ratio test rho = (f - trial) / predicted >= eta as
+        f - trial >= eta predicted, on the scale of its operands; returns ``taken``."""
+        return self.decisions.record(kind, taken, f - trial, eta * predicted,
+                                     abs(f) + abs(trial) + abs(eta * predicted),
+                                     self.level if level is None else level)
 
     def _set(self, flat: torch.Tensor) -> None:
         self._flat.set(flat)
@@ -199,7 +214,8 @@ class TrustRegion(torch.optim.Optimizer):
                 "hvp_evals": c["product_samples"] / num_train,
                 "loss_evals": c["loss_samples"] / num_train,
                 "accepted_steps": c["accepted"], "rejected_steps": c["rejected"],
-                "radius": self.radius, "batch_factor": self.batch_factor}
+                "radius": self.radius, "batch_factor": self.batch_factor,
+                **self.decisions.summary()}
 
     def state_dict(self):
         """As torch's, with the L-SR1 memory: pair k as ``lsr1_s<k>``/``lsr1_y<k>`` split
@@ -299,13 +315,14 @@ class TrustRegion(torch.optim.Optimizer):
         else:
             trial = self.value(model, loss_fn, x, y, weight, shift)
         rho = (loss - trial) / predicted if predicted > 0 else -math.inf
-        accepted = math.isfinite(trial) and rho >= self.eta1
+        accepted = self._decide("accept", math.isfinite(trial) and rho >= self.eta1,
+                                loss, trial, predicted, self.eta1)
         if not accepted:
             self._set(x0)  # bit-for-bit restore
             self.radius = self.radius * self.gamma1
             self.counts["rejected"] += 1
         else:
-            if rho >= self.eta2:
+            if self._decide("grow", rho >= self.eta2, loss, trial, predicted, self.eta2):
                 self.radius = min(self.radius * self.gamma2, self.radius_max)
             self.counts["accepted"] += 1
         self._after(accepted)
