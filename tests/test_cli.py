@@ -88,7 +88,12 @@ def test_jobscript(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "#SBATCH --nodes=2" in r.stdout and "#SBATCH --account=proj1" in r.stdout
-    assert "srun python -m mltrain train" in r.stdout and "batch_size = 64" in r.stdout
+    from mltrain.cli.jobscript import srun_mpi_flag
+    from mltrain.launch import mpi_vendor
+
+    flag = srun_mpi_flag(mpi_vendor())  # pmi2 with the MPICH wheel, pmix with Open MPI
+    assert f'\nsrun --mpi={flag} "$python" -m mltrain train' in r.stdout
+    assert "batch_size = 64" in r.stdout
     bad = subprocess.run(cmd[:-4] + ["--set", "data.batch_size=63"], capture_output=True,
                          text=True, cwd=ROOT)
     assert bad.returncode == 2 and "not divisible by the 8" in bad.stderr

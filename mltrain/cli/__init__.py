@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--partition", default="")
     j.add_argument("--account", default="")
     j.add_argument("--job-name", default="mltrain")
+    j.add_argument("--launcher", choices=["srun", "mpiexec"], default="srun",
+                   help="srun (default; with the --mpi plugin this environment's MPI needs) "
+                   "or this environment's own mpiexec inside the allocation")
+    j.add_argument("--mpi", default="", metavar="PLUGIN",
+                   help="srun's --mpi plugin (default: pmi2 for MPICH and Intel MPI, pmix "
+                   "for Open MPI)")
     return parser
 
 
@@ -130,12 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("jobscript", "partition", "study", "plan", "simulate"):  # no MPI here
         return _without_mpi(command, args)
 
+    import os
+
+    # The launcher's variables as it set them: a singleton MPI may add its own at init.
+    launched_env = dict(os.environ)
     from mpi4py import MPI
 
     from mltrain.comm import CollectiveError, agree, install_abort_hook
 
     comm = MPI.COMM_WORLD
     install_abort_hook(comm)
+    # Before any collective: srun steps whose tasks are each a 1-rank MPI job stop here.
+    if slurm_guard(comm.Get_size(), MPI.Get_library_version(), env=launched_env):
+        return EXIT_USER_ERROR
     try:
         if args.petsc:  # before anything initialises PETSc, so the options take effect
             import shlex
@@ -167,6 +180,81 @@ def main(argv: list[str] | None = None) -> int:
         if comm.Get_rank() == 0:
             print(f"mltrain: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+# Set in a process that an MPI launcher started (the size it announced).
+_MPI_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+
+
+def _int_env(env, name: str) -> int:
+    try:
+        return int(env.get(name, ""))
+    except ValueError:
+        return 0
+
+
+def slurm_mismatch(env, world_size: int) -> int:
+    """The number of tasks of the srun step this process is in when MPI sees only
+    ``world_size`` = 1 of them (each task a separate 1-rank job: srun's MPI plugin does not
+    match the MPI), else 0. Not collective; pure.
+
+    Only inside an srun step (SLURM_PROCID with SLURM_STEP_ID; the batch script itself has
+    no step id) and only when no MPI launcher announced a size equal to the world's: ranks
+    of ``mpiexec -n 1`` inside an allocation, or of Hydra's proxies started with srun, are
+    what their launcher asked for.
+    """
+    if world_size != 1 or "SLURM_PROCID" not in env:
+        return 0
+    if "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
+        return 0
+    tasks = _int_env(env, "SLURM_STEP_NUM_TASKS") or _int_env(env, "SLURM_NTASKS")
+    if tasks <= 1:
+        return 0
+    if any(_int_env(env, var) == world_size for var in _MPI_LAUNCHER_SIZE_VARS):
+        return 0
+    return tasks
+
+
+def mpi_vendor_of(library_version: str) -> str:
+    """``mpich``, ``openmpi``, ``intel`` or ``unknown`` from MPI_Get_library_version's text.
+    Not collective."""
+    if "Open MPI" in library_version:
+        return "openmpi"
+    if "Intel(R) MPI" in library_version:
+        return "intel"
+    if "MPICH" in library_version:
+        return "mpich"
+    return "unknown"
+
+
+def slurm_guard(world_size: int, library_version: str, env=None) -> bool:
+    """The start-up guard against srun steps whose tasks are each a 1-rank MPI job: prints
+    one ``mltrain: error:`` line (from SLURM task 0) naming the ``--mpi`` flag this MPI
+    needs and returns True (the caller exits 2 on every task). Not collective: every task
+    is its own job then, and all decide alike from the same step variables."""
+    import os
+
+    env = os.environ if env is None else env
+    tasks = slurm_mismatch(env, world_size)
+    if not tasks:
+        return False
+    from mltrain.cli.jobscript import VENDOR_NAMES, srun_mpi_flag
+
+    vendor = mpi_vendor_of(library_version)
+    if vendor == "unknown":
+        from mltrain.launch import mpi_vendor
+
+        vendor = mpi_vendor()
+    flag = srun_mpi_flag(vendor)
+    name = VENDOR_NAMES.get(vendor)
+    fix = (f"{name} in this environment needs `srun --mpi={flag}`" if flag else
+           "use `srun --mpi=pmi2` for MPICH or Intel MPI, `srun --mpi=pmix` for Open MPI")
+    if env.get("SLURM_PROCID") == "0":
+        print(f"mltrain: error: SLURM started {tasks} tasks in this step but MPI sees 1 rank "
+              f"in each, so each would train alone: {fix} (or the environment's mpiexec "
+              "inside the allocation; `mltrain jobscript` writes the right line)",
+              file=sys.stderr, flush=True)
+    return True
 
 
 def _without_mpi(command: str, args) -> int:

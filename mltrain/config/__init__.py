@@ -7,6 +7,7 @@ step). Loading is pure Python and identical on every rank; nothing here communic
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -415,7 +416,9 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # A JSON string is a TOML basic string (same escapes for quotes, backslashes and
+    # control characters), except that TOML also wants DEL escaped.
+    return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def to_toml(cfg: Config) -> str:
