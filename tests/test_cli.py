@@ -25,6 +25,38 @@ def test_default_run_reaches_95_percent(tmp_path):
     assert {"step", "loss", "lr", "time"} <= set(metrics[0])
 
 
+def test_default_job_at_16_ranks(tmp_path):
+    """The default job at 16 ranks (8 to a core here): every rank trains in one job (not 16
+    one-rank jobs), the data is split 16 ways and the loss falls."""
+    out = tmp_path / "summary.json"
+    r = mpiexec(16, ["-m", "mltrain", "--quiet", "--set", "run.steps=40", "--summary",
+                     str(out), "--set", f"run.out_dir={tmp_path}"], timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert s["ranks"] == 16 and s["steps"] == 40 and s["comm_bytes"] > 0, s
+    assert s["final_loss"] < 1.0 and s["test_accuracy"] > 0.6, s
+
+
+def test_bench_startup(tmp_path):
+    """bench startup runs both jobs at each rank count and reports what mltrain adds."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "startup.json"
+    r = subprocess.run([sys.executable, "-m", "mltrain", "bench", "startup", "--ranks", "1,2",
+                        "--reps", "1", "--json", str(out)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["ranks"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["floor_s"] > 0 and row["mltrain_s"] > 0 and row["floor_rss_mib"] > 50
+        assert row["ratio"] == pytest.approx(row["mltrain_s"] / row["floor_s"])
+    bad = subprocess.run([sys.executable, "-m", "mltrain", "bench", "startup", "--ranks",
+                          "0,x"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("mltrain: error: --ranks")
+
+
 def test_no_arguments_means_train(tmp_path):
     r = mpiexec(1, ["-m", "mltrain", "--quiet", "--set", "run.steps=3",
                     "--set", f"run.out_dir={tmp_path}"])

@@ -151,6 +151,25 @@ def test_digits_and_synthetic():
                           open_dataset("synthetic", num_samples=100).read_train(np.arange(3))[0])
 
 
+def test_digits_read_directly_equal_scikit_learns():
+    """The bundled file read without scikit-learn gives scikit-learn's arrays exactly."""
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    d = open_dataset("digits")
+    x = np.concatenate([d.read_train(np.arange(d.num_train))[0],
+                        d.read_test(np.arange(d.num_test))[0]]).reshape(-1, 64)
+    y = np.concatenate([d.train_labels(), d.read_test(np.arange(d.num_test))[1]])
+    order = np.lexsort(np.c_[x, y].T)
+    ref_x = (ref.data.astype(np.float32) / 16.0)
+    ref_order = np.lexsort(np.c_[ref_x, ref.target].T)
+    assert np.array_equal(x[order], ref_x[ref_order])
+    assert np.array_equal(y[order], ref.target[ref_order])
+    assert "sklearn" in sys.modules  # (imported here by the test, not by mltrain)
+
+
 def write_idx(folder, n_train=30, n_test=10, rows=4, cols=5, gz=False):
     rng = np.random.default_rng(0)
     out = {}

@@ -45,18 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 unless mpi4py and PETSc load the same MPI library")
     b = sub.add_parser("bench", parents=[common], help="benchmarks against a baseline")
     b.add_argument("what", choices=["dp", "sync", "kernels", "tr", "multilevel", "mgrit",
-                                    "hardware", "pipeline"],
+                                    "hardware", "pipeline", "startup"],
                    help="dp: data-parallel step vs DDP, reducer vs raw allreduce; sync: every "
                    "scheme vs allreduce, with and without a straggler; kernels: C++ kernels vs "
                    "torch references; tr: SGD, Adam and trust region under one work budget; "
                    "multilevel: single-level vs RMTR, MG/OPT, nested iteration to a target "
                    "loss; mgrit: layer-parallel forward+backward vs serial autograd; "
                    "hardware: measure this machine for the planner; pipeline: pipelined vs "
-                   "unpipelined steps, and the planner's predictions")
+                   "unpipelined steps, and the planner's predictions; startup: launch to first step and "
+                   "memory per rank at several rank counts vs a bare torch + MPI job (run it "
+                   "as one process, it starts the jobs)")
     b.add_argument("--json", metavar="OUT.json", help="write the figures as JSON")
     b.add_argument("--steps", type=int, default=0,
                    help="timed steps per variant (0 = 30 for dp, 32 for sync)")
-    b.add_argument("--reps", type=int, default=20, help="timed reductions per variant")
+    b.add_argument("--reps", type=int, default=0, help="timed reductions per variant (dp, "
+                   "0 = 20); jobs per variant (startup, 0 = 2)")
+    b.add_argument("--ranks", default="8,16,32", help="startup: rank counts")
     b.add_argument("--sizes", default="", help="kernels: element counts, e.g. 1e4,1e6")
     b.add_argument("--budget", type=float, default=10.0,
                    help="tr, multilevel: (fine-)gradient equivalents of work per method")
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             i += 1
     args = build_parser().parse_args(argv)
     command = args.command or "train"
-    if command in ("jobscript", "partition", "study", "plan", "simulate"):  # no MPI here
+    if command in ("jobscript", "partition", "study", "plan", "simulate") or (
+            command == "bench" and args.what == "startup"):  # no MPI here: they start jobs
         return _without_mpi(command, args)
 
     import os
@@ -272,6 +277,11 @@ def _without_mpi(command: str, args) -> int:
             from mltrain.cli.study import run_study
 
             return run_study(args)
+        if command == "bench":  # startup
+            from mltrain.cli import bench_startup
+
+            check_writable(args.json, "--json")
+            return bench_startup.run(args)
         if command in ("plan", "simulate"):
             from mltrain.cli.plan import run_plan, run_simulate
 

@@ -287,7 +287,7 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
                       f"{r['step_s_straggler'] * 1e3:>17.1f}{r['straggler_growth']:>8.2f}")
             _write_json(args.json, what, res)
         return 0
-    res = bench_dp(cfg, args.steps or 30, args.reps, comm)
+    res = bench_dp(cfg, args.steps or 30, args.reps or 20, comm)
     if comm.Get_rank() == 0:
         print(f"bench dp: {res['ranks']} ranks x {res['threads_per_rank']} threads, "
               f"{res['model']} {res['parameters'] / 1e6:.2f} M parameters, global batch "
