@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from mltrain.config import ConfigError
+from mltrain.cli.study import parse_ranks
 from mltrain.launch import mpiexec_argv
 
 FLOOR = ("import torch, torch.nn as nn; from mpi4py import MPI; "
@@ -50,16 +50,6 @@ def _job(argv: list[str], env: dict, timeout: float) -> dict:
         raise SystemExit(f"mltrain: error: bench startup: {' '.join(argv[:4])} ... exited "
                          f"{res['code']}: {res['stderr']}")
     return res
-
-
-def parse_ranks(text: str) -> list[int]:
-    try:
-        ranks = [int(r) for r in text.split(",") if r.strip()]
-    except ValueError:
-        raise ConfigError(f"--ranks {text!r}: expected rank counts such as 8,16,32") from None
-    if not ranks or any(r < 1 or r > 4096 for r in ranks):
-        raise ConfigError(f"--ranks {text!r}: rank counts must be between 1 and 4096")
-    return ranks
 
 
 def bench_startup(ranks: list[int], reps: int = 2, timeout: float = 900) -> dict:

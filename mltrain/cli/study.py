@@ -39,13 +39,14 @@ def parse_grid(text: str) -> list[tuple[str, list[str]]]:
     return axes
 
 
-def parse_ranks(text: str) -> list[int]:
+def parse_ranks(text: str, most: int = 4096) -> list[int]:
+    """Rank counts from "1,2,4", each in 1..``most`` (jobs this command starts itself)."""
     try:
         ranks = [int(r) for r in text.split(",") if r.strip()]
     except ValueError:
         raise ConfigError(f"--ranks: expected a list like 1,2,4, got {text!r}") from None
-    if not ranks or min(ranks) < 1:
-        raise ConfigError(f"--ranks: expected positive rank counts, got {text!r}")
+    if not ranks or min(ranks) < 1 or max(ranks) > most:
+        raise ConfigError(f"--ranks: expected rank counts from 1 to {most}, got {text!r}")
     return ranks
 
 
