@@ -36,7 +36,9 @@ class RunConfig:
     epochs: int = _f(30, "passes over the training set when run.steps = 0", min=0)
     dtype: str = _f("float32", "floating-point type of parameters and data",
                     choices=("float32", "float64"))
-    threads: int = _f(0, "torch threads per rank; 0 = cores per node / ranks per node", min=0)
+    threads: int = _f(0, "torch threads per rank; 0 = SLURM_CPUS_PER_TASK, else the CPUs "
+                      "this rank is bound to, else the node's CPUs / ranks per node",
+                      min=0, max=1024)
     out_dir: str = _f("runs", "folder for per-run outputs (metrics JSONL)")
     straggler: str = _f("", "'RANK:FACTOR' slows one rank's compute by FACTOR (sleeps "
                         "FACTOR-1 times its forward+backward time); empty = none")
