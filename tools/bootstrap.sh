@@ -109,7 +109,8 @@ if [[ $MLTRAIN_SYSTEM_MPI == 1 ]]; then
   grep -v -E '^(mpich|mpi4py)\b' "$here/requirements.txt" > "$VENV/.requirements-nompi.txt"
   pip install -r "$VENV/.requirements-nompi.txt"
   lib=$(mpi4py_libmpi)
-  built_with=$("$py" -c 'import mpi4py; print(mpi4py.get_config().get("mpicc", ""))' 2>/dev/null || true)
+  # mpi4py 4 does not say which mpicc built it: the record of the last build does.
+  built_with=$(grep -s '^mpi4py_mpicc=' "$mpifile" | cut -d= -f2- || true)
   if [[ -z $lib || $lib == "$venv_real"/* || $built_with != "$mpicc" ]]; then
     say "building mpi4py against the system MPI ($mpicc)"
     MPICC=$mpicc pip install --force-reinstall --no-deps --no-binary mpi4py --no-cache-dir \
@@ -139,6 +140,7 @@ mpicxx=$(dirname "$mpicc")/mpicxx
 [[ -x $mpicxx ]] || mpicxx=
 mode=wheel; [[ $MLTRAIN_SYSTEM_MPI == 1 ]] && mode=system
 printf 'mode=%s\nmpicc=%s\nmpiexec=%s\nlibmpi=%s\n' "$mode" "$mpicc" "$mpiexec" "$lib" > "$mpifile"
+[[ $mode == system ]] && echo "mpi4py_mpicc=$mpicc" >> "$mpifile"
 
 # ---- PETSc + petsc4py ----------------------------------------------------------------
 if [[ -n ${PETSC_DIR:-} ]]; then
@@ -175,8 +177,12 @@ COPTFLAGS=-O2 CXXOPTFLAGS=-O2 --with-hwloc=0 --with-ssl=0 ${PETSC_CONFIGURE_OPTI
     rm -rf "$cache" && mv "$tmp" "$cache"  # publish whole builds only
     trap - EXIT
   fi
-  if ! "$py" -c 'import petsc, petsc4py' 2>/dev/null; then
+  # Installed from this build, not merely installed: a switch to the site's MPI leaves the
+  # MPICH build of PETSc in place otherwise (it imports, and needs libmpi.so.12).
+  if [[ "$(cat "$VENV/.mltrain-petsc" 2>/dev/null)" != "$key" ]] ||
+     ! "$py" -c 'import petsc, petsc4py' 2>/dev/null; then
     pip install --no-deps --force-reinstall "$cache"/petsc-*.whl "$cache"/petsc4py-*.whl
+    echo "$key" > "$VENV/.mltrain-petsc"
   fi
   # A PETSc or petsc4py wheel taken from pip's cache carries the absolute paths of the
   # environment it was first built in; point them at this environment's MPI and PETSc.
