@@ -23,7 +23,8 @@ import shutil
 import subprocess
 import sys
 
-__all__ = ["clean_env", "mpi_record", "mpiexec_argv", "mpiexec_path", "mpi_vendor"]
+__all__ = ["clean_env", "mpi_family", "mpi_record", "mpiexec_argv", "mpiexec_path",
+           "mpi_vendor"]
 
 # Variables through which a launcher wires its ranks (and an MPI singleton announces
 # itself). A launcher started from inside an MPI process must not inherit them: Open MPI's
@@ -83,6 +84,18 @@ def mpi_vendor(mpiexec: str | None = None) -> str:
     if "HYDRA" in text or "MPICH" in text:
         return "mpich"
     return "unknown"
+
+
+def mpi_family(prefix: str | None = None) -> str:
+    """``openmpi`` or ``mpich`` (MPICH ABI: MPICH, Intel MPI, Cray MPICH) from the soname of
+    the libmpi the bootstrap recorded, without starting anything (every rank of a large job
+    may ask); ``mpi_vendor()`` when there is no record. Not collective."""
+    lib = os.path.basename(mpi_record(prefix).get("libmpi", ""))
+    if lib.startswith("libmpi.so.12"):
+        return "mpich"
+    if lib.startswith("libmpi.so.40"):
+        return "openmpi"
+    return mpi_vendor()
 
 
 def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:

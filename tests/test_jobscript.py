@@ -253,6 +253,22 @@ def test_slurm_mismatch(env, world, expect):
     assert slurm_mismatch(env, world) == expect
 
 
+@pytest.mark.parametrize("env,vendor,expect", [
+    (SLURM_STEP, "mpich", 2),                                 # srun --mpi=none
+    (SLURM_STEP, "openmpi", 2),
+    ({**SLURM_STEP, "PMI_FD": "5", "PMI_RANK": "0"}, "mpich", 0),   # --mpi=pmi2
+    ({**SLURM_STEP, "PMI_FD": "5", "PMI_RANK": "0"}, "openmpi", 2),  # Open MPI needs PMIx
+    ({**SLURM_STEP, "PMIX_RANK": "0", "PMIX_NAMESPACE": "x"}, "openmpi", 0),
+    ({**SLURM_STEP, "PMIX_RANK": "0"}, "mpich", 0),           # MPICH built with PMIx
+    ({**SLURM_STEP, "SLURM_STEP_NUM_TASKS": "1"}, "mpich", 0),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "openmpi", 0),  # the batch script
+])
+def test_missing_wiring_before_mpi_init(env, vendor, expect):
+    from mltrain.cli import missing_wiring
+
+    assert missing_wiring(env, vendor) == expect
+
+
 @pytest.mark.parametrize("library,flag", [
     ("MPICH Version:      5.0.0\nMPICH Release date: ...", "--mpi=pmi2"),
     ("Open MPI v4.1.4, package: Debian OpenMPI", "--mpi=pmix"),

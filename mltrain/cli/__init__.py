@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # The launcher's variables as it set them: a singleton MPI may add its own at init.
     launched_env = dict(os.environ)
+    # Before MPI_Init, which under an srun step without wiring for this MPI aborts (Open
+    # MPI) or starts each task as its own 1-rank job (MPICH).
+    if slurm_wiring_guard(launched_env):
+        return EXIT_USER_ERROR
     from mpi4py import MPI
 
     from mltrain.comm import CollectiveError, agree, install_abort_hook
@@ -220,6 +224,59 @@ def slurm_mismatch(env, world_size: int) -> int:
     return tasks
 
 
+def _srun_tasks(env) -> int:
+    """Tasks of the srun step this process is one of (0 outside a step: the batch script
+    itself has SLURM_PROCID but no step id)."""
+    if "SLURM_PROCID" not in env or ("SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env):
+        return 0
+    return _int_env(env, "SLURM_STEP_NUM_TASKS") or _int_env(env, "SLURM_NTASKS")
+
+
+def missing_wiring(env, vendor: str) -> int:
+    """The tasks of the srun step when it gives this MPI nothing to wire its ranks with,
+    else 0. Not collective; pure; runs before MPI_Init.
+
+    srun's plugin hands each task PMI-1/PMI-2 variables (``PMI_*``: MPICH, Intel MPI) or
+    PMIx ones (``PMIX_*``: Open MPI, and MPICH builds with PMIx). With none at all
+    (``--mpi=none``, a site's ``MpiDefault=none``) no MPI can find its peers; Open MPI
+    (5 only speaks PMIx; Debian's 4.1 too) needs the PMIx ones. A launcher inside the step
+    (mpiexec's ranks) sets them too, so it passes."""
+    tasks = _srun_tasks(env)
+    if tasks <= 1:
+        return 0
+    prefixes = ("PMIX_",) if vendor == "openmpi" else ("PMI_", "PMIX_")
+    return 0 if any(k.startswith(prefixes) for k in env) else tasks
+
+
+def slurm_wiring_guard(env) -> bool:
+    """The start-up guard before MPI_Init: prints one ``mltrain: error:`` line (from SLURM
+    task 0) naming the ``--mpi`` flag this MPI needs and returns True (the caller exits 2)
+    when ``missing_wiring``. Not collective."""
+    if not _srun_tasks(env) > 1:
+        return False
+    from mltrain.launch import mpi_family
+
+    vendor = mpi_family()
+    tasks = missing_wiring(env, vendor)
+    if tasks:
+        _guard_error(env, tasks, vendor, "srun gave MPI no way to connect them")
+    return bool(tasks)
+
+
+def _guard_error(env, tasks: int, vendor: str, what: str) -> None:
+    from mltrain.cli.jobscript import VENDOR_NAMES, srun_mpi_flag
+
+    flag = srun_mpi_flag(vendor)
+    name = VENDOR_NAMES.get(vendor)
+    fix = (f"{name} in this environment needs `srun --mpi={flag}`" if flag else
+           "use `srun --mpi=pmi2` for MPICH or Intel MPI, `srun --mpi=pmix` for Open MPI")
+    if env.get("SLURM_PROCID") == "0":
+        print(f"mltrain: error: SLURM started {tasks} tasks in this step but {what}, so each "
+              f"would train alone: {fix} (or the environment's mpiexec inside the "
+              "allocation; `mltrain jobscript` writes the right line)",
+              file=sys.stderr, flush=True)
+
+
 def mpi_vendor_of(library_version: str) -> str:
     """``mpich``, ``openmpi``, ``intel`` or ``unknown`` from MPI_Get_library_version's text.
     Not collective."""
@@ -243,22 +300,12 @@ def slurm_guard(world_size: int, library_version: str, env=None) -> bool:
     tasks = slurm_mismatch(env, world_size)
     if not tasks:
         return False
-    from mltrain.cli.jobscript import VENDOR_NAMES, srun_mpi_flag
-
     vendor = mpi_vendor_of(library_version)
     if vendor == "unknown":
-        from mltrain.launch import mpi_vendor
+        from mltrain.launch import mpi_family
 
-        vendor = mpi_vendor()
-    flag = srun_mpi_flag(vendor)
-    name = VENDOR_NAMES.get(vendor)
-    fix = (f"{name} in this environment needs `srun --mpi={flag}`" if flag else
-           "use `srun --mpi=pmi2` for MPICH or Intel MPI, `srun --mpi=pmix` for Open MPI")
-    if env.get("SLURM_PROCID") == "0":
-        print(f"mltrain: error: SLURM started {tasks} tasks in this step but MPI sees 1 rank "
-              f"in each, so each would train alone: {fix} (or the environment's mpiexec "
-              "inside the allocation; `mltrain jobscript` writes the right line)",
-              file=sys.stderr, flush=True)
+        vendor = mpi_family()
+    _guard_error(env, tasks, vendor, "MPI sees 1 rank in each")
     return True
 
 

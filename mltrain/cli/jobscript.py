@@ -177,6 +177,10 @@ def jobscript(cfg, args) -> str:
             '  echo "mltrain: error: no mpiexec at $mpiexec on $(hostname)" >&2',
             "  exit 2",
             "fi",
+            *(["# Open MPI's mpiexec refuses root without consent (containers, test clusters).",
+               'if [[ $(id -u) == 0 ]]; then',
+               "  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
+               "fi"] if vendor == "openmpi" else []),
             f'"$mpiexec" -n "$SLURM_NTASKS" {train}',
         ]
     else:
