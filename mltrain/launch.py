@@ -18,22 +18,27 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 
 __all__ = ["clean_env", "mpi_family", "mpi_record", "mpiexec_argv", "mpiexec_path",
-           "mpi_vendor"]
+           "mpi_vendor", "vendor_of"]
 
-# Variables through which a launcher wires its ranks (and an MPI singleton announces
-# itself). A launcher started from inside an MPI process must not inherit them: Open MPI's
-# mpiexec started from a singleton exits 1 with no output, Hydra joins the outer job.
-_WIRING_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "OMPI_", "PRTE_", "OPAL_", "MPIR_",
-                    "MPI_LOCALNRANKS", "MPI_LOCALRANKID", "I_MPI_HYDRA_")
-# User settings among them that are configuration, not wiring, and are kept.
-_KEEP_PREFIXES = ("OMPI_MCA_btl", "OMPI_MCA_pml", "OMPI_MCA_mtl", "OMPI_MCA_osc",
-                  "OMPI_ALLOW_RUN_AS_ROOT", "PMIX_MCA_gds", "PMIX_MCA_psec")
+# Variables through which a launcher wires its ranks (seen on ranks of Hydra and of Open
+# MPI 4; PRTE for Open MPI 5). A launcher started from inside an MPI process must not
+# inherit them: Hydra would join the outer job, Open MPI's mpiexec exits 1 with no output.
+# Everything else, the site's settings included (OMPI_MCA_btl, HYDRA_HOST_FILE,
+# PMIX_MCA_gds, I_MPI_*), is kept.
+_WIRING_PREFIXES = ("PMI_", "PMIX_", "HYDI_", "PRTE_", "OMPI_COMM_WORLD_", "OMPI_MCA_ess",
+                    "OMPI_MCA_orte_", "OMPI_MCA_pmix", "OMPI_MCA_initial_wdir",
+                    "OMPI_MCA_shmem_RUNTIME_QUERY_hint", "OMPI_APP_CTX_", "OMPI_ARGV",
+                    "OMPI_COMMAND", "OMPI_FILE_LOCATION", "OMPI_FIRST_RANKS",
+                    "OMPI_NUM_APP_CTX", "OMPI_UNIVERSE_SIZE", "MPI_LOCALNRANKS",
+                    "MPI_LOCALRANKID")
+_KEEP_PREFIXES = ("PMIX_MCA_", "PRTE_MCA_")
 
 
 def mpi_record(prefix: str | None = None) -> dict[str, str]:
@@ -66,17 +71,9 @@ def mpiexec_path(prefix: str | None = None) -> str:
     return shutil.which("mpiexec") or "mpiexec"
 
 
-@functools.lru_cache(maxsize=None)
-def mpi_vendor(mpiexec: str | None = None) -> str:
-    """``openmpi``, ``mpich``, ``intel`` or ``unknown``, from ``mpiexec --version``.
-    Not collective."""
-    exe = mpiexec or mpiexec_path()
-    try:
-        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30,
-                             env=clean_env(), stdin=subprocess.DEVNULL)
-        text = out.stdout + out.stderr
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def vendor_of(text: str) -> str:
+    """``openmpi``, ``mpich``, ``intel`` or ``unknown`` from an MPI's own words (its
+    library version string or ``mpiexec --version``). Not collective; pure."""
     if "Open MPI" in text or "OpenRTE" in text or "open-mpi" in text:
         return "openmpi"
     if "Intel(R) MPI" in text:
@@ -86,16 +83,26 @@ def mpi_vendor(mpiexec: str | None = None) -> str:
     return "unknown"
 
 
+@functools.lru_cache(maxsize=None)
+def mpi_vendor(mpiexec: str | None = None) -> str:
+    """The vendor of this environment's MPI from ``mpiexec --version`` (``vendor_of``).
+    Starts a process: not for every rank of a job. Not collective."""
+    exe = mpiexec or mpiexec_path()
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30,
+                             env=clean_env(), stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return vendor_of(out.stdout + out.stderr)
+
+
 def mpi_family(prefix: str | None = None) -> str:
-    """``openmpi`` or ``mpich`` (MPICH ABI: MPICH, Intel MPI, Cray MPICH) from the soname of
-    the libmpi the bootstrap recorded, without starting anything (every rank of a large job
-    may ask); ``mpi_vendor()`` when there is no record. Not collective."""
+    """``openmpi``, ``mpich`` (the MPICH ABI: MPICH, Intel MPI, Cray MPICH) or ``unknown``,
+    from the soname of the libmpi the bootstrap recorded. Starts nothing, so every rank of
+    a large job may ask. Not collective."""
     lib = os.path.basename(mpi_record(prefix).get("libmpi", ""))
-    if lib.startswith("libmpi.so.12"):
-        return "mpich"
-    if lib.startswith("libmpi.so.40"):
-        return "openmpi"
-    return mpi_vendor()
+    m = re.match(r"libmpi\w*\.so\.(\d+)", lib)
+    return {"12": "mpich", "40": "openmpi"}.get(m.group(1), "unknown") if m else "unknown"
 
 
 def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:

@@ -253,20 +253,39 @@ def test_slurm_mismatch(env, world, expect):
     assert slurm_mismatch(env, world) == expect
 
 
-@pytest.mark.parametrize("env,vendor,expect", [
-    (SLURM_STEP, "mpich", 2),                                 # srun --mpi=none
-    (SLURM_STEP, "openmpi", 2),
-    ({**SLURM_STEP, "PMI_FD": "5", "PMI_RANK": "0"}, "mpich", 0),   # --mpi=pmi2
-    ({**SLURM_STEP, "PMI_FD": "5", "PMI_RANK": "0"}, "openmpi", 2),  # Open MPI needs PMIx
-    ({**SLURM_STEP, "PMIX_RANK": "0", "PMIX_NAMESPACE": "x"}, "openmpi", 0),
-    ({**SLURM_STEP, "PMIX_RANK": "0"}, "mpich", 0),           # MPICH built with PMIx
-    ({**SLURM_STEP, "SLURM_STEP_NUM_TASKS": "1"}, "mpich", 0),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "openmpi", 0),  # the batch script
+PMI2 = {"PMI_FD": "5", "PMI_RANK": "0", "PMI_SIZE": "2"}
+PMIX = {"PMIX_RANK": "0", "PMIX_NAMESPACE": "slurm.pmix.7.0"}
+
+
+@pytest.mark.parametrize("env,family,mode,expect", [
+    (SLURM_STEP, "mpich", "wheel", 2),                        # srun --mpi=none
+    (SLURM_STEP, "openmpi", "system", 2),
+    ({**SLURM_STEP, **PMI2}, "mpich", "wheel", 0),            # --mpi=pmi2
+    ({**SLURM_STEP, **PMIX}, "openmpi", "system", 0),         # --mpi=pmix
+    ({**SLURM_STEP, **PMIX}, "mpich", "wheel", 2),            # the wheel has no PMIx
+    ({**SLURM_STEP, **PMIX, "PMIX_MCA_gds": "hash"}, "mpich", "wheel", 2),
+    ({**SLURM_STEP, **PMI2}, "openmpi", "system", 0),         # Open MPI built --with-pmi
+    ({**SLURM_STEP, **PMIX}, "mpich", "system", 0),           # a site's MPICH with PMIx
+    (SLURM_STEP, "mpich", "system", 0),      # may read Slurm's libpmi: decided after init
+    (SLURM_STEP, "unknown", "system", 0),
+    ({**SLURM_STEP, "SLURM_STEP_NUM_TASKS": "1"}, "mpich", "wheel", 0),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "openmpi", "system", 0),  # batch script
+    ({**SLURM_STEP, "MLTRAIN_SLURM_GUARD": "0"}, "openmpi", "system", 0),  # opted out
 ])
-def test_missing_wiring_before_mpi_init(env, vendor, expect):
+def test_missing_wiring_before_mpi_init(env, family, mode, expect):
     from mltrain.cli import missing_wiring
 
-    assert missing_wiring(env, vendor) == expect
+    assert missing_wiring(env, family, mode, "/nonexistent/lib/libmpi.so.40") == expect
+
+
+def test_open_mpi_with_pmi_components_is_not_stopped(tmp_path):
+    """An Open MPI built --with-pmi (mca_pmix_s1/s2) reads Slurm's PMI library itself."""
+    from mltrain.cli import missing_wiring
+
+    (tmp_path / "openmpi").mkdir()
+    assert missing_wiring(SLURM_STEP, "openmpi", "system", str(tmp_path / "libmpi.so.40")) == 2
+    (tmp_path / "openmpi" / "mca_pmix_s1.so").write_bytes(b"")
+    assert missing_wiring(SLURM_STEP, "openmpi", "system", str(tmp_path / "libmpi.so.40")) == 0
 
 
 @pytest.mark.parametrize("library,flag", [

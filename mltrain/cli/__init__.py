@@ -202,50 +202,68 @@ def _int_env(env, name: str) -> int:
         return 0
 
 
+def _srun_tasks(env) -> int:
+    """Tasks of the srun step this process is one of; 0 outside a step (the batch script
+    itself has SLURM_PROCID but no step id) or when MLTRAIN_SLURM_GUARD=0 (tasks meant to
+    train alone, a task farm)."""
+    if env.get("MLTRAIN_SLURM_GUARD", "1") == "0" or "SLURM_PROCID" not in env:
+        return 0
+    if "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
+        return 0
+    return _int_env(env, "SLURM_STEP_NUM_TASKS") or _int_env(env, "SLURM_NTASKS")
+
+
 def slurm_mismatch(env, world_size: int) -> int:
     """The number of tasks of the srun step this process is in when MPI sees only
     ``world_size`` = 1 of them (each task a separate 1-rank job: srun's MPI plugin does not
     match the MPI), else 0. Not collective; pure.
 
-    Only inside an srun step (SLURM_PROCID with SLURM_STEP_ID; the batch script itself has
-    no step id) and only when no MPI launcher announced a size equal to the world's: ranks
-    of ``mpiexec -n 1`` inside an allocation, or of Hydra's proxies started with srun, are
+    Only when no MPI launcher announced a size equal to the world's: ranks of
+    ``mpiexec -n 1`` inside an allocation, or of Hydra's proxies started with srun, are
     what their launcher asked for.
     """
-    if world_size != 1 or "SLURM_PROCID" not in env:
-        return 0
-    if "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
-        return 0
-    tasks = _int_env(env, "SLURM_STEP_NUM_TASKS") or _int_env(env, "SLURM_NTASKS")
-    if tasks <= 1:
+    tasks = _srun_tasks(env)
+    if world_size != 1 or tasks <= 1:
         return 0
     if any(_int_env(env, var) == world_size for var in _MPI_LAUNCHER_SIZE_VARS):
         return 0
     return tasks
 
 
-def _srun_tasks(env) -> int:
-    """Tasks of the srun step this process is one of (0 outside a step: the batch script
-    itself has SLURM_PROCID but no step id)."""
-    if "SLURM_PROCID" not in env or ("SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env):
-        return 0
-    return _int_env(env, "SLURM_STEP_NUM_TASKS") or _int_env(env, "SLURM_NTASKS")
+def _open_mpi_speaks_pmi(libmpi: str) -> bool:
+    """Whether the Open MPI of ``libmpi`` has its PMI-1/2 components (built --with-pmi),
+    with which it can run under Slurm's own PMI library without any variable of srun."""
+    import glob
+    import os
+
+    d = os.path.dirname(libmpi)
+    return any(glob.glob(os.path.join(d, *parts, "mca_pmix_s[12].so"))
+               for parts in (("openmpi",), ("openmpi*",), ("openmpi", "lib", "openmpi*")))
 
 
-def missing_wiring(env, vendor: str) -> int:
+def missing_wiring(env, family: str, mode: str = "system", libmpi: str = "") -> int:
     """The tasks of the srun step when it gives this MPI nothing to wire its ranks with,
-    else 0. Not collective; pure; runs before MPI_Init.
+    else 0. Not collective; pure but for a look at Open MPI's components; runs before
+    MPI_Init, where Open MPI would abort and the MPICH wheel would reject PMIx.
 
-    srun's plugin hands each task PMI-1/PMI-2 variables (``PMI_*``: MPICH, Intel MPI) or
-    PMIx ones (``PMIX_*``: Open MPI, and MPICH builds with PMIx). With none at all
-    (``--mpi=none``, a site's ``MpiDefault=none``) no MPI can find its peers; Open MPI
-    (5 only speaks PMIx; Debian's 4.1 too) needs the PMIx ones. A launcher inside the step
-    (mpiexec's ranks) sets them too, so it passes."""
+    srun's plugin hands each task PMI-1/PMI-2 variables (``PMI_*``) or PMIx ones
+    (``PMIX_*``); a launcher inside the step (mpiexec's ranks) sets them too. Decided only
+    where it is certain: Open MPI with neither and no PMI components of its own (5.x and
+    Debian's 4.1 speak only PMIx), and the MPICH wheel without PMI-1/2 ones (it has no
+    PMIx). A site's MPICH, Intel or Cray MPI may read Slurm's PMI library directly; for
+    those the check after MPI_Init (``slurm_mismatch``) decides."""
     tasks = _srun_tasks(env)
     if tasks <= 1:
         return 0
-    prefixes = ("PMIX_",) if vendor == "openmpi" else ("PMI_", "PMIX_")
-    return 0 if any(k.startswith(prefixes) for k in env) else tasks
+    has_pmi = any(k.startswith("PMI_") for k in env)
+    has_pmix = any(k.startswith("PMIX_") and not k.startswith("PMIX_MCA_") for k in env)
+    if family == "openmpi":
+        ok = has_pmi or has_pmix or _open_mpi_speaks_pmi(libmpi)
+    elif family == "mpich" and mode == "wheel":
+        ok = has_pmi
+    else:
+        ok = True
+    return 0 if ok else tasks
 
 
 def slurm_wiring_guard(env) -> bool:
@@ -254,12 +272,29 @@ def slurm_wiring_guard(env) -> bool:
     when ``missing_wiring``. Not collective."""
     if not _srun_tasks(env) > 1:
         return False
-    from mltrain.launch import mpi_family
+    from mltrain.launch import mpi_family, mpi_record
 
-    vendor = mpi_family()
-    tasks = missing_wiring(env, vendor)
+    family, rec = mpi_family(), mpi_record()
+    tasks = missing_wiring(env, family, rec.get("mode", "system"), rec.get("libmpi", ""))
     if tasks:
-        _guard_error(env, tasks, vendor, "srun gave MPI no way to connect them")
+        _guard_error(env, tasks, family, "srun gave MPI no way to connect them")
+    return bool(tasks)
+
+
+def slurm_guard(world_size: int, library_version: str, env=None) -> bool:
+    """The start-up guard after MPI_Init against srun steps whose tasks are each a 1-rank
+    MPI job: prints one ``mltrain: error:`` line (from SLURM task 0) naming the ``--mpi``
+    flag this MPI needs and returns True (the caller exits 2 on every task). Not
+    collective: every task is its own job then, and all decide alike from the same step
+    variables."""
+    import os
+
+    from mltrain.launch import vendor_of
+
+    env = os.environ if env is None else env
+    tasks = slurm_mismatch(env, world_size)
+    if tasks:
+        _guard_error(env, tasks, vendor_of(library_version), "MPI sees 1 rank in each")
     return bool(tasks)
 
 
@@ -267,46 +302,14 @@ def _guard_error(env, tasks: int, vendor: str, what: str) -> None:
     from mltrain.cli.jobscript import VENDOR_NAMES, srun_mpi_flag
 
     flag = srun_mpi_flag(vendor)
-    name = VENDOR_NAMES.get(vendor)
-    fix = (f"{name} in this environment needs `srun --mpi={flag}`" if flag else
-           "use `srun --mpi=pmi2` for MPICH or Intel MPI, `srun --mpi=pmix` for Open MPI")
+    fix = (f"{VENDOR_NAMES[vendor]} in this environment needs `srun --mpi={flag}`" if flag
+           else "use `srun --mpi=pmi2` for MPICH or Intel MPI, `srun --mpi=pmix` for Open "
+           "MPI")
     if env.get("SLURM_PROCID") == "0":
         print(f"mltrain: error: SLURM started {tasks} tasks in this step but {what}, so each "
               f"would train alone: {fix} (or the environment's mpiexec inside the "
-              "allocation; `mltrain jobscript` writes the right line)",
-              file=sys.stderr, flush=True)
-
-
-def mpi_vendor_of(library_version: str) -> str:
-    """``mpich``, ``openmpi``, ``intel`` or ``unknown`` from MPI_Get_library_version's text.
-    Not collective."""
-    if "Open MPI" in library_version:
-        return "openmpi"
-    if "Intel(R) MPI" in library_version:
-        return "intel"
-    if "MPICH" in library_version:
-        return "mpich"
-    return "unknown"
-
-
-def slurm_guard(world_size: int, library_version: str, env=None) -> bool:
-    """The start-up guard against srun steps whose tasks are each a 1-rank MPI job: prints
-    one ``mltrain: error:`` line (from SLURM task 0) naming the ``--mpi`` flag this MPI
-    needs and returns True (the caller exits 2 on every task). Not collective: every task
-    is its own job then, and all decide alike from the same step variables."""
-    import os
-
-    env = os.environ if env is None else env
-    tasks = slurm_mismatch(env, world_size)
-    if not tasks:
-        return False
-    vendor = mpi_vendor_of(library_version)
-    if vendor == "unknown":
-        from mltrain.launch import mpi_family
-
-        vendor = mpi_family()
-    _guard_error(env, tasks, vendor, "MPI sees 1 rank in each")
-    return True
+              "allocation; `mltrain jobscript` writes the right line; MLTRAIN_SLURM_GUARD=0 "
+              "if each task is meant to train alone)", file=sys.stderr, flush=True)
 
 
 def _without_mpi(command: str, args) -> int:

@@ -48,10 +48,11 @@ def petsc_mpi_libraries() -> tuple[list[str], str]:
     ext = extension_path()
     if ext is None:
         return [], "petsc4py is not installed"
+    from mltrain.launch import clean_env
+
     # Launcher variables must not leak into the probe (it must not look like a rank).
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "PMIX_"))}
     r = subprocess.run([sys.executable, "-c", _PROBE, ext], capture_output=True, text=True,
-                       env=env, timeout=60)
+                       env=clean_env(), timeout=60)
     if r.returncode != 0:
         return [], r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "probe failed"
     return r.stdout.split(), ""
