@@ -324,35 +324,39 @@ def test_guard_lets_mpiexec_in_an_allocation_pass(tmp_path):
 
 # ---------------------------------------------------------------- threads
 
-@pytest.mark.parametrize("cpt,mask,node,rpn,expect", [
-    ("4", 64, 64, 8, 4),        # SLURM_CPUS_PER_TASK wins
-    ("16", 8, 64, 8, 8),        # ... but not beyond the CPUs the rank may run on
-    (None, 8, 64, 8, 8),        # bound: the mask is this rank's share, not divided again
-    ("", 2, 64, 4, 2),
-    ("x", 1, 64, 4, 1),
-    (None, 64, 64, 8, 8),       # every rank sees the whole node: divide
-    (None, 2, 2, 4, 1),         # oversubscribed: at least one
-    (None, 4, 4, 1, 4),         # one rank per node
-    ("0", 16, 16, 2, 8),
+R = range  # masks as CPU ranges
+
+
+@pytest.mark.parametrize("cpt,mask,local,expect", [
+    ("4", R(64), [R(64)] * 8, 4),          # SLURM_CPUS_PER_TASK wins
+    ("16", R(8), [R(8)], 8),               # ... but not beyond the CPUs the rank may run on
+    (None, R(8), [R(i * 8, i * 8 + 8) for i in range(8)], 8),  # bound: its own 8, all of them
+    (None, R(64), [R(64)] * 8, 8),         # every rank sees the whole node: divide
+    (None, R(32), [R(32)] * 4 + [R(32, 64)] * 4, 8),  # by socket (Open MPI): 4 share each
+    (None, R(2), [R(2)] * 4, 1),           # oversubscribed: at least one
+    (None, R(4), [R(4)], 4),               # one rank per node
+    ("x", R(4), [R(4)] * 2, 2),
+    ("0", R(16), [R(16)] * 2, 8),
+    (None, R(4), [R(0, 4), R(2, 6)], 2),   # partly overlapping masks share
 ])
-def test_threads_for(cpt, mask, node, rpn, expect):
+def test_threads_for(cpt, mask, local, expect):
     from mltrain.utils import threads_for
 
-    assert threads_for(cpt, mask, node, rpn) == expect
+    assert threads_for(cpt, mask, local) == expect
 
 
-def test_cpu_list_and_set_threads(monkeypatch):
+def test_set_threads(monkeypatch):
     import torch
 
-    from mltrain.utils import _cpu_list_size, set_threads
+    from mltrain.utils import cpu_mask, set_threads
 
-    assert _cpu_list_size("0-3,8,10-11\n") == 7 and _cpu_list_size("5") == 1
     before = torch.get_num_threads()
     try:
         monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
-        assert set_threads(0, 8) == 1 and torch.get_num_threads() == 1
-        assert set_threads(3, 8) == 3
+        assert set_threads(0) == 1 and torch.get_num_threads() == 1
+        assert set_threads(3) == 3
         monkeypatch.delenv("SLURM_CPUS_PER_TASK")
-        assert set_threads(0, 10**6) == 1
+        assert set_threads(0, [cpu_mask()] * 10**4) == 1
+        assert set_threads(0) == len(cpu_mask())
     finally:
         torch.set_num_threads(before)

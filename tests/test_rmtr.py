@@ -11,6 +11,7 @@ from mltrain.multilevel import RMTR, Hierarchy, MGOpt, restrict_grad, restrict_v
 from mltrain.nn import ResNet
 from mltrain.optim.tr import TrustRegion
 from mltrain.train import Trainer
+from mltrain.utils.decisions import BOUND_RTOL
 
 from conftest import against_serial, all_ranks, require, same_decisions, straight_and_resumed
 
@@ -74,7 +75,7 @@ def test_prolonged_coarse_steps_stay_inside_the_fine_radius(cycle):
         checks += r.bound_checks
     # (level corrected, ||prolonged step|| on the finest level, the radius it had to keep)
     assert any(c[0] == 0 for c in checks) and any(c[0] == 1 for c in checks), checks
-    assert all(n <= b * (1 + 1e-12) for _, n, b in checks), checks
+    assert all(n <= b * (1 + BOUND_RTOL) for _, n, b in checks), checks
     assert max(n / b for _, n, b in checks) > 0.5  # the bound is reached, not vacuous
     assert sum(r.corrections["accepted"]) > 0
     r.close()
@@ -234,13 +235,13 @@ LAYERED = ["model.name=resnet", "model.depth=16", "model.width=16", "run.dtype=f
     ["optim.levels=2", "mgrit.levels=2", "mgrit.iters=8", "mgrit.bwd_iters=8"]],
     ids=["W-fw-linear-exact", "V-exact", "V-mgrit"])
 @pytest.mark.exactness
-def test_layer_parallel_rmtr_equals_serial(comm, extra):
+def test_layer_parallel_rmtr_equals_serial(comm, extra, request):
     """RMTR with every level's vector distributed over the layer ranks (PETSc Vecs on the
     layer communicator, halo transfers, MGRIT through every level) takes the serial RMTR's
     decisions, every one of them clear of round-off (checked first), and then its steps:
     the iterates differ only by round-off, amplified through about 20 L-SR1 steps (seen:
     1e-15 for the V-cycle, 1.4e-10 for the W-cycle with full weighting, 5e-12 through
-    2-level MGRIT), hence 1e-8."""
+    2-level MGRIT), hence 1e-10 for the V-cycle and 1e-8 for the others."""
     require("petsc4py")
     from test_mgrit import _train
 
@@ -249,7 +250,8 @@ def test_layer_parallel_rmtr_equals_serial(comm, extra):
     s, par, log = _train(LAYERED + extra + [f"parallel.layer={P}"], comm, decisions=True)
     same_decisions(comm, ref_log, log, "layer-parallel vs serial RMTR")
     diff = float((par - ref).norm() / ref.norm())
-    all_ranks(comm, diff < 1e-8, f"{diff:.2e}")
+    tol = 1e-10 if "V-exact" in request.node.name else 1e-8
+    all_ranks(comm, diff < tol, f"{diff:.2e}")
     all_ranks(comm, s["coarse_corrections"] == s0["coarse_corrections"]
               and abs(s["final_loss"] - s0["final_loss"]) < 1e-6, str(s["coarse_corrections"]))
 

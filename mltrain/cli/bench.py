@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from mltrain.comm import GradReducer, broadcast_parameters
+from mltrain.comm import GradReducer, broadcast_parameters, local_cpu_masks
 from mltrain.config import ConfigError
 from mltrain.nn import build_model
 from mltrain.optim import build_optimizer
@@ -69,9 +69,7 @@ def _max_time(comm: MPI.Comm, fn, reps: int) -> float:
 def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dict:
     """Runs the benchmark and returns its figures. Collective on ``comm``."""
     P = comm.Get_size()
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    threads = set_threads(cfg.run.threads, local.Get_size())
-    local.Free()
+    threads = set_threads(cfg.run.threads, local_cpu_masks(comm))
     width, depth, batch = _bench_shape(cfg)
     if batch % P:
         raise ConfigError(f"data.batch_size: {batch} is not divisible by {P} ranks")

@@ -212,6 +212,19 @@ def reduce_(t: torch.Tensor, comm: MPI.Comm, root: int = 0, op: str = "sum") -> 
 
 
 @collective("any")
+def local_cpu_masks(comm: MPI.Comm) -> list[list[int]]:
+    """The CPU affinity masks of the ranks of ``comm`` on this node (this rank's
+    included), for ``mltrain.utils.set_threads``. Collective on ``comm``."""
+    from mltrain.utils import cpu_mask
+
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return local.allgather(cpu_mask())
+    finally:
+        local.Free()
+
+
+@collective("any")
 def allreduce_scalar(x: float, comm: MPI.Comm, op: str = "sum") -> float:
     """Allreduce of one Python number, in float64. Collective on ``comm``."""
     mpi_op = _op(op)

@@ -134,7 +134,8 @@ class MGOpt(LevelOptimizers):
         alpha = 0.0
         log = self.decisions
         scale = float(g.norm() * e.norm())
-        if log.record("descent", slope < 0, 0.0, slope, scale, level):  # Armijo backtracking
+        # e == 0 (every coarse step rejected) is structural, not a decision: slope is 0.
+        if scale > 0 and log.record("descent", slope < 0, 0.0, slope, scale, level):
             a = 1.0
             for _ in range(self.max_halvings + 1):
                 set_flat_params(model, x0 + a * e)

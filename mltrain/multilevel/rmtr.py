@@ -109,7 +109,7 @@ class RMTR(LevelOptimizers):
     def _limit(self, level: int, anchor: torch.Tensor, bound: float):
         """The fraction t of a step s with ||x + t s - anchor||_level <= bound.
 
-        A step within ``BOUND_RTOL`` (relative) of the bound is on it and taken whole: the
+        A step within ``BOUND_RTOL`` (1e-6, relative) of the bound is on it and taken whole: the
         first coarse step of an excursion is solved in a ball whose radius is the bound,
         and with injection and constant prolongation ||P s|| = ||s||, so without the slack
         the test would be an exact tie decided by the last bit of a norm (which differs
@@ -121,7 +121,7 @@ class RMTR(LevelOptimizers):
             ps = T.to_finest(level, s)
             n = T.norm(pd + ps)
             cut = self.decisions.record("boundary", not n <= bound * (1 + BOUND_RTOL),
-                                        bound * (1 + BOUND_RTOL), n, bound, level)
+                                        n, bound * (1 + BOUND_RTOL), bound, level)
             if not cut:
                 return 1.0
             a, b, c = T.dot(ps, ps), 2.0 * T.dot(pd, ps), T.dot(pd, pd) - bound * bound

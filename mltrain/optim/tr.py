@@ -153,10 +153,13 @@ class TrustRegion(torch.optim.Optimizer):
     def _decide(self, kind: str, taken: bool, f: float, trial: float, predicted: float,
                 eta: float, level: int | None = None) -> bool:
         """Records the reduction-ratio test rho = (f - trial) / predicted >= eta as
-        f - trial >= eta predicted, on the scale of its operands; returns ``taken``."""
+        f - trial >= eta predicted, on the scale of its operands; returns ``taken``. A
+        model that predicts no decrease rejects by itself (margin -inf)."""
+        level = self.level if level is None else level
+        if not predicted > 0:
+            return self.decisions.record(kind, taken, -math.inf, 0.0, 1.0, level)
         return self.decisions.record(kind, taken, f - trial, eta * predicted,
-                                     abs(f) + abs(trial) + abs(eta * predicted),
-                                     self.level if level is None else level)
+                                     abs(f) + abs(trial) + abs(eta * predicted), level)
 
     def _set(self, flat: torch.Tensor) -> None:
         self._flat.set(flat)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from mltrain.comm import (STATS, GradReducer, Grid, agree, allreduce_, allreduce_scalar,
-                          broadcast_parameters)
+                          broadcast_parameters, local_cpu_masks)
 from mltrain.config import Config, ConfigError, parse_balance, parse_straggler, to_toml
 from mltrain.data import (LABEL_PARTITIONS, ShardLoader, open_dataset, partition,
                           partition_options, steps_per_epoch)
@@ -56,9 +56,7 @@ class Trainer:
         self.gc = self.grid.build(comm)
         dcomm = self.gc.data
         self.dp_size, self.dp_rank = dcomm.Get_size(), dcomm.Get_rank()
-        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-        self.threads = set_threads(cfg.run.threads, local.Get_size())
-        local.Free()
+        self.threads = set_threads(cfg.run.threads, local_cpu_masks(comm))
 
         self.dataset = agree(comm, lambda: open_dataset(cfg.data.name, cfg.data.path,
                                                         cfg.data.num_samples), what="data")

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import torch
 
-__all__ = ["get_logger", "launcher_rank", "seed_everything", "set_threads", "threads_for",
-           "torch_dtype"]
+__all__ = ["cpu_mask", "get_logger", "launcher_rank", "seed_everything", "set_threads",
+           "threads_for", "torch_dtype"]
 
 _LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID", "PMIX_RANK")
 
@@ -57,93 +57,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def threads_for(cpus_per_task: str | None, mask: int, node_cpus: int,
-                ranks_per_node: int) -> int:
+def cpu_mask() -> list[int]:
+    """The CPUs this process may run on (its affinity mask; containers and binding
+    launchers narrow it). Not collective."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def threads_for(cpus_per_task: str | None, mask, local_masks) -> int:
     """Torch threads for a rank with ``run.threads = 0``. Not collective; pure.
 
     ``cpus_per_task``: SLURM_CPUS_PER_TASK (None or '' when unset), which wins, capped by
-    the mask; ``mask``: CPUs in this rank's affinity mask; ``node_cpus``: CPUs the node
-    gives this job (its cpuset, else the CPU count). A mask narrower than that is already
-    this rank's share (a launcher bound each rank to its own CPUs) and is used whole; only
-    a mask of the whole node, which every rank on it shares, is divided by the ranks per
-    node.
+    the mask. Otherwise the rank's CPUs (``mask``) divided by the ranks on its node whose
+    masks overlap it (``local_masks``: every local rank's mask, its own included): ranks
+    bound to CPUs of their own keep all of them, ranks that share a socket (Open MPI's
+    default binding) or the whole node (no binding) split what they share.
     """
-    mask = max(1, mask)
+    mine = set(mask) or {0}
     try:
         cpt = int(cpus_per_task or 0)
     except ValueError:
         cpt = 0
     if cpt > 0:
-        return min(cpt, mask)
-    if mask < node_cpus:
-        return mask
-    return max(1, mask // max(1, ranks_per_node))
+        return min(cpt, len(mine))
+    sharing = sum(1 for m in local_masks if mine & set(m)) or 1
+    return max(1, len(mine) // sharing)
 
 
-def _cpu_list_size(text: str) -> int:
-    """Number of CPUs in a Linux CPU list such as ``0-3,8,10-11``."""
-    n = 0
-    for part in text.strip().split(","):
-        if part:
-            lo, _, hi = part.partition("-")
-            n += int(hi or lo) - int(lo) + 1
-    return n
-
-
-def _cgroup_cpus() -> int | None:
-    """CPUs of this process's cpuset cgroup (v2 or v1), None when unreadable. A container's
-    or a SLURM step's cpuset is the part of the node the job may use. Not collective."""
-    try:
-        with open("/proc/self/cgroup", encoding="utf-8") as f:
-            entries = [line.rstrip("\n").split(":", 2) for line in f]
-    except OSError:
-        return None
-    for entry in entries:
-        if len(entry) != 3:
-            continue
-        _, controllers, path = entry
-        if controllers == "":
-            roots, name = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"), "cpuset.cpus.effective"
-        elif "cpuset" in controllers.split(","):
-            roots, name = ("/sys/fs/cgroup/cpuset",), "cpuset.effective_cpus"
-        else:
-            continue
-        for root in roots:
-            # Walk up: the leaf may not have the cpuset controller, or the path is the
-            # host's while the container mounts its own cgroup at the root.
-            parts = [p for p in path.split("/") if p]
-            while True:
-                try:
-                    with open(os.path.join(root, *parts, name), encoding="utf-8") as f:
-                        n = _cpu_list_size(f.read())
-                    if n > 0:
-                        return n
-                except (OSError, ValueError):
-                    pass
-                if not parts:
-                    break
-                parts.pop()
-    return None
-
-
-def set_threads(threads: int, ranks_per_node: int) -> int:
-    """Sets torch's intra-op threads: ``threads`` or, when 0, SLURM_CPUS_PER_TASK, else this
-    rank's share of the node (``threads_for``). Returns the number set. Not collective.
+def set_threads(threads: int, local_masks=None) -> int:
+    """Sets torch's intra-op threads: ``threads`` or, when 0, ``threads_for`` this rank
+    (``local_masks``: the CPU masks of the ranks on this node, from
+    ``mltrain.comm.local_cpu_masks``; None: this process alone). Returns the number set.
+    Not collective.
 
     Oversubscribed ranks that each spawn a thread per core slow everyone down, hence the
     share; a rank bound to its own CPUs already has its share and keeps all of it.
     """
     if threads <= 0:
-        # The affinity mask, not cpu_count: containers and core-binding launchers narrow it.
-        if hasattr(os, "sched_getaffinity"):
-            mask = len(os.sched_getaffinity(0))
-        else:
-            mask = os.cpu_count() or 1
-        node = _cgroup_cpus()
-        if node is None or node < mask:
-            node = os.cpu_count() or mask
-        threads = threads_for(os.environ.get("SLURM_CPUS_PER_TASK"), mask, node,
-                              ranks_per_node)
+        mask = cpu_mask()
+        threads = threads_for(os.environ.get("SLURM_CPUS_PER_TASK"), mask,
+                              [mask] if local_masks is None else local_masks)
     torch.set_num_threads(threads)
     return threads
 
