@@ -3,29 +3,29 @@
 # nothing changed). Knobs: VENV=path, NP=ranks for the demo.
 VENV ?= .venv
 NP ?= 2
-# Absolute: the bootstrap hands compiler paths to builds that run in temporary folders.
-override VENV := $(abspath $(VENV))
-PY := $(VENV)/bin/python
+# The bootstrap and the test runner make VENV absolute themselves (builds run in temporary
+# folders); quoted below, so a path with spaces stays one word.
+PY = $(VENV)/bin/python
 # The mpiexec of the MPI that mpi4py uses (the MPICH wheel's, or the site's in system-MPI
 # mode), with Open MPI's oversubscribe/root settings when needed; MLTRAIN_MPIEXEC overrides.
-LAUNCH = $(PY) -m mltrain.launch
+LAUNCH = "$(PY)" -m mltrain.launch
 
 .PHONY: venv demo test bench info clean
 
 venv:
-	@VENV=$(VENV) bash tools/bootstrap.sh
+	@VENV="$(VENV)" bash tools/bootstrap.sh
 
 demo: venv
-	$(LAUNCH) -n $(NP) $(PY) -m mltrain
+	$(LAUNCH) -n $(NP) "$(PY)" -m mltrain
 
 test: venv
-	@VENV=$(VENV) bash tools/run_tests.sh
+	@VENV="$(VENV)" bash tools/run_tests.sh
 
 bench: venv
-	$(LAUNCH) -n 2 $(PY) -m mltrain bench dp --json bench-dp.json
+	$(LAUNCH) -n 2 "$(PY)" -m mltrain bench dp --json bench-dp.json
 
 info: venv
-	$(PY) -m mltrain info
+	"$(PY)" -m mltrain info
 
 clean:
 	rm -rf build mltrain/*.so mltrain.egg-info .test-logs runs

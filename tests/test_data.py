@@ -152,22 +152,22 @@ def test_digits_and_synthetic():
 
 
 def test_digits_read_directly_equal_scikit_learns():
-    """The bundled file read without scikit-learn gives scikit-learn's arrays exactly."""
+    """The bundled file read without scikit-learn gives scikit-learn's arrays exactly, in
+    the same order (the fixed test split depends on it), and mltrain does not import it."""
+    import subprocess
     import sys
 
     from sklearn.datasets import load_digits
 
+    from mltrain.data.datasets import read_digits
+
     ref = load_digits()
-    d = open_dataset("digits")
-    x = np.concatenate([d.read_train(np.arange(d.num_train))[0],
-                        d.read_test(np.arange(d.num_test))[0]]).reshape(-1, 64)
-    y = np.concatenate([d.train_labels(), d.read_test(np.arange(d.num_test))[1]])
-    order = np.lexsort(np.c_[x, y].T)
-    ref_x = (ref.data.astype(np.float32) / 16.0)
-    ref_order = np.lexsort(np.c_[ref_x, ref.target].T)
-    assert np.array_equal(x[order], ref_x[ref_order])
-    assert np.array_equal(y[order], ref.target[ref_order])
-    assert "sklearn" in sys.modules  # (imported here by the test, not by mltrain)
+    pixels, labels = read_digits()
+    assert np.array_equal(pixels, ref.data) and np.array_equal(labels, ref.target)
+    probe = ("import sys; from mltrain.data import open_dataset; open_dataset('digits'); "
+             "print('sklearn' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False", r.stderr
 
 
 def write_idx(folder, n_train=30, n_test=10, rows=4, cols=5, gz=False):

@@ -77,13 +77,20 @@ def digits_file() -> Path:
     return path
 
 
-def _digits() -> ArrayDataset:
-    with gzip.open(digits_file(), "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.float64)  # 64 pixels (0-16), label
+def read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 digits in the file's order: pixels (0-16, float64) and labels. Not
+    collective."""
+    path = digits_file()
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float64)  # 64 pixels, then the label
     if table.ndim != 2 or table.shape[1] != 65:
-        raise DataError(f"data.name = digits: {digits_file()} is not 65 columns wide")
-    x = (table[:, :64].astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    y = table[:, 64].astype(np.int64)
+        raise DataError(f"data.name = digits: {path} is not 65 columns wide")
+    return table[:, :64], table[:, 64].astype(np.int64)
+
+
+def _digits() -> ArrayDataset:
+    pixels, y = read_digits()
+    x = (pixels.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
     # A fixed split (seed independent of run.seed) so every run is scored on the same 360.
     perm = np.random.default_rng(20240611).permutation(len(x))
     n_test = len(x) // 5
