@@ -88,3 +88,21 @@ def test_gpu_tensors_are_staged(comm):
     b = torch.full((3,), float(comm.Get_rank()), device="cuda")
     broadcast_(b, comm, root=0)
     all_ranks(comm, torch.equal(b.cpu(), torch.zeros(3)))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_local_cpu_masks_and_thread_share(comm):
+    """The masks of the ranks on this node, gathered node-locally, against each rank's own
+    (every rank of the test job shares this machine), and the thread share they give."""
+    from mpi4py import MPI
+
+    from mltrain.comm import local_cpu_masks
+    from mltrain.utils import cpu_mask, threads_for
+
+    masks = local_cpu_masks(comm)
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    expect = local.allgather(cpu_mask())
+    local.Free()
+    all_ranks(comm, masks == expect and cpu_mask() in masks, str(masks))
+    sharing = sum(1 for m in masks if set(m) & set(cpu_mask()))
+    all_ranks(comm, threads_for(None, cpu_mask(), masks) == max(1, len(cpu_mask()) // sharing))
