@@ -12,7 +12,11 @@ import json
 import sys
 
 EXIT_USER_ERROR = 2
-_USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "CollectiveError")
+# Exception kinds (CollectiveError.kind) that are the user's to fix: one line, exit 2.
+# MemoryError is a model or dataset too large for the node; TrainingError a run that
+# diverged.
+_USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "CollectiveError",
+                "MemoryError", "TrainingError")
 
 
 def _common() -> argparse.ArgumentParser:
@@ -116,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--launcher", choices=["srun", "mpiexec"], default="srun",
                    help="srun (default; with the --mpi plugin this environment's MPI needs) "
                    "or this environment's own mpiexec inside the allocation")
+    j.add_argument("--signal-lead", type=int, default=120, metavar="SECONDS",
+                   help="ask SLURM for SIGUSR1 this long before the time limit: the job "
+                   "finishes its step, writes a checkpoint (checkpoint.dir) and stops, and the "
+                   "same script submitted again resumes (0 = no signal)")
     j.add_argument("--mpi", default="", metavar="PLUGIN",
                    help="srun's --mpi plugin (default: pmi2 for MPICH and Intel MPI, pmix "
                    "for Open MPI)")
@@ -168,10 +176,15 @@ def main(argv: list[str] | None = None) -> int:
             from mltrain.linalg.petsc import init
 
             def start_petsc():
+                from mltrain.config import ConfigError
+
                 if not has_petsc:
-                    from mltrain.config import ConfigError
                     raise ConfigError("--petsc: PETSc (petsc4py) is not installed")
-                init(shlex.split(args.petsc))
+                try:
+                    words = shlex.split(args.petsc)
+                except ValueError as e:  # an unbalanced quote
+                    raise ConfigError(f"--petsc {args.petsc!r}: {e}") from None
+                init(words)
             agree(comm, start_petsc, what="config")
         if command == "info":
             from mltrain.cli.info import run_info
@@ -189,8 +202,16 @@ def main(argv: list[str] | None = None) -> int:
         if e.kind not in _USER_ERRORS:
             raise
         if comm.Get_rank() == 0:
-            print(f"mltrain: error: {e}", file=sys.stderr)
+            kind = "out of memory: " if e.kind == "MemoryError" else ""
+            print(f"mltrain: error: {kind}{e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as e:
+        if type(e).__name__ not in _USER_ERRORS:
+            raise  # a bug: the abort hook prints the traceback and ends the job
+        # A user error found on this rank alone, outside `agree` (its peers may be inside
+        # a collective): the line, then end every rank with exit code 2.
+        print(f"mltrain: error: {e}", file=sys.stderr, flush=True)
+        comm.Abort(EXIT_USER_ERROR)
 
 
 def _without_mpi(command: str, args) -> int:
@@ -252,10 +273,21 @@ def _train(cfg, args, comm) -> int:
     trainer = Trainer(cfg, comm, quiet=args.quiet)
     summary = trainer.train()
     trainer.close()
+    if comm.Get_rank() == 0 and args.summary:
+        with open(args.summary, "w") as f:
+            json.dump(summary, f, indent=2)
+    if summary["stopped_by"]:
+        import signal
+
+        if comm.Get_rank() == 0:
+            ck = summary["checkpoint"]
+            print(f"mltrain: stopped by {summary['stopped_by']} after step {summary['steps']} "
+                  + (f"; checkpoint {ck}: run again with --set checkpoint.resume=true to "
+                     "continue" if ck else "; no checkpoint (checkpoint.dir is not set)"),
+                  file=sys.stderr)
+        # The shell's convention for a process ended by a signal: not a success.
+        return 128 + int(signal.Signals[summary["stopped_by"]])
     if comm.Get_rank() == 0:
-        if args.summary:
-            with open(args.summary, "w") as f:
-                json.dump(summary, f, indent=2)
         acc = summary["test_accuracy"]
         print(f"mltrain: {summary['steps']} steps ({summary['epochs']:.1f} epochs) on "
               f"{summary['ranks']} ranks in {summary['wall_s']:.1f} s "

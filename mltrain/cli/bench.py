@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import socket
 import statistics
 import tempfile
@@ -224,12 +225,51 @@ def _write_json(path: str | None, what: str, res: dict) -> None:
             json.dump({"bench": what, **res}, f, indent=2)
 
 
+def parse_sizes(text: str) -> tuple[int, ...] | None:
+    """``--sizes`` ("1e4,1e6") as element counts, None when empty; ConfigError naming it
+    otherwise. Not collective."""
+    if not text:
+        return None
+    try:
+        sizes = tuple(int(float(s)) for s in text.split(","))
+    except (ValueError, OverflowError):
+        raise ConfigError(f"--sizes: expected comma-separated element counts such as "
+                          f"1e4,1e6, got {text!r}") from None
+    if not all(1 <= s <= 1 << 31 for s in sizes):
+        raise ConfigError(f"--sizes: element counts must lie in 1..{1 << 31}, got {text!r}")
+    return sizes
+
+
+def check_args(what: str, cfg, args, ranks: int) -> None:
+    """Every bench option and config value a benchmark depends on, checked before any
+    measurement: ConfigError naming the option. Not collective (every rank alike)."""
+    if args.steps < 0 or args.reps < 0:
+        raise ConfigError(f"--steps {args.steps} / --reps {args.reps}: counts cannot be "
+                          "negative (0 = the benchmark's default)")
+    if not (math.isfinite(args.budget) and args.budget > 0):
+        raise ConfigError(f"--budget: expected a positive number of gradient equivalents, "
+                          f"got {args.budget}")
+    if not (math.isfinite(args.target) and args.target >= 0):
+        raise ConfigError(f"--target: expected a training loss >= 0, got {args.target}")
+    if what == "mgrit" and args.cf < 2:
+        raise ConfigError(f"--cf: the coarsening factor must be at least 2, got {args.cf}")
+    if what == "kernels":
+        if ranks > 1:
+            raise ConfigError("bench kernels: run it as one process (no mpiexec -n > 1)")
+        parse_sizes(args.sizes)
+    if what in ("dp", "sync"):
+        batch = _bench_shape(cfg)[2]
+        if batch % ranks:
+            raise ConfigError(f"data.batch_size: {batch} is not divisible by {ranks} ranks")
+
+
 def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
     """Runs one benchmark, prints its figures on rank 0, writes --json. Collective."""
     from mltrain.cli import check_writable
     from mltrain.comm import agree
 
     agree(comm, lambda: check_writable(args.json, "--json"), what="config")
+    agree(comm, lambda: check_args(what, cfg, args, comm.Get_size()), what="config")
     if what == "multilevel":
         return _multilevel(cfg, args, comm)
     if what == "mgrit":
@@ -257,9 +297,7 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
     if what == "kernels":
         from mltrain.cli.bench_kernels import bench_kernels
 
-        if comm.Get_size() > 1:
-            raise ConfigError("bench kernels: run it as one process (no mpiexec -n > 1)")
-        sizes = tuple(int(float(s)) for s in args.sizes.split(",")) if args.sizes else None
+        sizes = parse_sizes(args.sizes)
         res = bench_kernels(sizes) if sizes else bench_kernels()
         print(f"bench kernels: {res['threads']} threads; speedup = torch reference time / "
               "kernel time (best of several runs)")

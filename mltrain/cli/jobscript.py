@@ -21,7 +21,7 @@ import re
 import shlex
 import sys
 
-from mltrain.config import ConfigError, to_dict, to_toml
+from mltrain.config import ConfigError, check_ranks, to_dict, to_toml
 
 __all__ = ["SRUN_MPI", "VENDOR_NAMES", "embed_text", "jobscript", "srun_mpi_flag"]
 
@@ -106,11 +106,16 @@ def jobscript(cfg, args) -> str:
     if args.mpi and args.launcher != "srun":
         raise ConfigError("--mpi chooses srun's MPI plugin; it does not apply to "
                           f"--launcher {args.launcher}")
-    ranks = args.nodes * args.ntasks_per_node
-    grid = Grid.for_world(ranks, data=cfg.parallel.data)
-    if cfg.data.batch_size % grid.data:
-        raise ConfigError(f"data.batch_size: the global batch {cfg.data.batch_size} is not "
-                          f"divisible by the {grid.data} data-parallel ranks of this job")
+    if not 0 <= args.signal_lead <= 65535:  # SLURM's limit for --signal's time
+        raise ConfigError(f"--signal-lead: expected 0..65535 seconds, got {args.signal_lead}")
+    ranks = check_ranks(args.nodes * args.ntasks_per_node, "--nodes x --ntasks-per-node")
+    grid = Grid.for_config(cfg, ranks)  # the job's own start-up checks, before the queue
+    resumes = bool(cfg.checkpoint.dir) and cfg.sync.name == "allreduce"
+    if resumes:  # submitting the script again continues from the newest checkpoint
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint,
+                                                                     resume=True))
     toml = _check_toml(cfg)
 
     venv = os.path.abspath(sys.prefix)
@@ -129,6 +134,8 @@ def jobscript(cfg, args) -> str:
         f"#SBATCH --time={args.time}",
         "#SBATCH --output=%x-%j.out",
     ]
+    if args.signal_lead:
+        lines.append(f"#SBATCH --signal=USR1@{args.signal_lead}")
     if args.cpus_per_task:
         lines.append(f"#SBATCH --cpus-per-task={args.cpus_per_task}")
     if args.partition:
@@ -138,7 +145,13 @@ def jobscript(cfg, args) -> str:
     lines += [
         "# Written by `mltrain jobscript`. Check it against the cluster without queueing:",
         "#   sbatch --test-only THIS_FILE",
-        f"# {ranks} ranks: data-parallel degree {grid.data}. MPI of the environment: {name}.",
+        f"# {ranks} ranks: data {grid.data} x pipe {grid.pipe} x layer {grid.layer}. MPI of the "
+        f"environment: {name}.",
+        *([f"# SIGUSR1 {args.signal_lead} s before the time limit (and SIGTERM at it) make the "
+           "ranks", "# finish their step" + (", write a checkpoint" if cfg.checkpoint.dir else "")
+           + " and stop (exit code 138 or 143)."] if args.signal_lead else []),
+        *(["# checkpoint.resume is on: submit this script again to continue where it "
+           "stopped."] if resumes else []),
         "",
         "set -euo pipefail",
         "# The environment (tools/bootstrap.sh); it must be on a file system the compute "

@@ -13,12 +13,14 @@ def compute(cfg, ranks: int) -> dict:
 
     Not collective (no MPI).
     """
-    from mltrain.config import ConfigError
+    from mltrain.config import ConfigError, check_ranks
 
-    if ranks < 1:
-        raise ConfigError("--ranks: must be at least 1")
+    check_ranks(ranks)
     d = cfg.data
     ds = open_dataset(d.name, d.path, d.num_samples)
+    if ranks > ds.num_train:
+        raise ConfigError(f"--ranks: {ranks} ranks for {ds.num_train} training samples; "
+                          "every rank needs at least one")
     labels = ds.train_labels()
     groups = partition_all(ds.num_train, ranks, d.partition, cfg.run.seed,
                            labels if d.partition in LABEL_PARTITIONS else None,

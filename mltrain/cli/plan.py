@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from mltrain.config import ConfigError, to_toml
+from mltrain.config import ConfigError, check_ranks, to_toml
 
 __all__ = ["run_plan", "run_simulate"]
 
@@ -56,8 +56,7 @@ def run_plan(cfg, args) -> int:
     from mltrain.planner.cost import load_hardware
 
     hw = load_hardware(args.hardware)
-    if args.ranks < 1:
-        raise ConfigError(f"--ranks: must be at least 1, got {args.ranks}")
+    check_ranks(args.ranks)
     if args.top < 1:
         raise ConfigError(f"--top: must be at least 1, got {args.top}")
     configs = _search(cfg, hw, args.ranks, _profile(cfg, args.ranks))
@@ -97,8 +96,8 @@ def run_simulate(cfg, args) -> int:
     except ValueError:
         raise ConfigError(f"--ranks: expected comma-separated rank counts, got "
                           f"{args.ranks!r}") from None
-    if min(counts) < 1:
-        raise ConfigError("--ranks: rank counts must be at least 1")
+    for n in counts:
+        check_ranks(n)
     prof, residual = _profile(cfg, 1)
     rows = []
     from mltrain.planner.search import plan

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from mltrain.config import ConfigError, load_config
+from mltrain.config import ConfigError, load_config, writable_folder
 from mltrain.launch import clean_env, mpiexec_argv
 
 COLUMNS = ["run", "ranks", "status", "steps", "epochs", "final_loss", "train_accuracy",
@@ -65,10 +65,21 @@ def plan(config: str | None, overrides: list[str], grid: str, ranks: str):
 
 def _launcher(template: str | None, ranks: int) -> tuple[list[str], dict[str, str]]:
     """The launch prefix and a cleaned environment: this process may itself be an MPI
-    singleton, whose wiring variables would break the child launcher (Open MPI)."""
-    if template:
-        return shlex.split(template.format(ranks=ranks)), clean_env()
-    return mpiexec_argv(ranks)
+    singleton, whose wiring variables would break the child launcher (Open MPI). Raises
+    ConfigError naming --launcher when the template cannot be used."""
+    if not template:
+        return mpiexec_argv(ranks)
+    import shutil
+
+    try:
+        words = shlex.split(template.format(ranks=ranks))
+    except (ValueError, KeyError, IndexError, AttributeError) as e:
+        raise ConfigError(f"--launcher {template!r}: not a command with {{ranks}} ({e})") \
+            from None
+    if not words or shutil.which(words[0]) is None:
+        raise ConfigError(f"--launcher {template!r}: no program "
+                          f"{words[0] if words else ''!r} on PATH")
+    return words, clean_env()
 
 
 def run_study(args) -> int:
@@ -79,8 +90,10 @@ def run_study(args) -> int:
     if not grid:
         raise ConfigError("--grid (or study.grid) is required")
     runs = plan(args.config, args.overrides, grid, ranks)
-    out = Path(args.out or cfg.study.out_dir or time.strftime("study-%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
+    for r in sorted({r for _, r, _ in runs}):
+        _launcher(args.launcher, r)  # a bad template fails before any run
+    out = writable_folder(args.out or cfg.study.out_dir
+                          or time.strftime("study-%Y%m%d-%H%M%S"), "--out")
     results, curves = [], {}
     for i, (name, r, sets) in enumerate(runs, 1):
         rundir = out / "runs" / name

@@ -54,6 +54,30 @@ class Grid:
                 f"{g.size} ranks, but the job has {world_size}")
         return g
 
+    @classmethod
+    def for_config(cls, cfg, world_size: int) -> "Grid":
+        """The grid ``cfg.parallel`` asks for on ``world_size`` ranks, with every check
+        that needs only the rank count (the batch against the data axis, micro-batches,
+        the straggler's rank). Raises ConfigError. Not collective: the Trainer runs it on
+        every rank, ``mltrain jobscript`` before submission."""
+        from mltrain.config import parse_straggler
+
+        p = cfg.parallel
+        grid = cls.for_world(world_size, data=p.data, layer=p.layer, pipe=p.pipe)
+        b = cfg.data.batch_size
+        if b % grid.data:
+            raise ConfigError(f"data.batch_size: the global batch {b} is not divisible by "
+                              f"the {grid.data} data-parallel ranks")
+        if grid.pipe > 1 and b // grid.data < cfg.pipeline.microbatches:
+            raise ConfigError(f"pipeline.microbatches: {cfg.pipeline.microbatches} "
+                              f"micro-batches of a per-rank batch of {b // grid.data}")
+        if cfg.run.straggler:
+            rank, _ = parse_straggler(cfg.run.straggler)
+            if rank >= world_size:
+                raise ConfigError(f"run.straggler: rank {rank} does not exist in a job of "
+                                  f"{world_size} ranks")
+        return grid
+
     @property
     def size(self) -> int:
         return prod(getattr(self, ax) for ax in AXES)

@@ -16,7 +16,8 @@ from typing import Any
 
 __all__ = [
     "ConfigError", "Config", "load_config", "parse_override", "parse_straggler", "to_toml",
-    "to_dict", "describe_keys", "parse_balance",
+    "to_dict", "describe_keys", "parse_balance", "check_ranks", "read_text", "writable_folder",
+    "MAX_RANKS",
 ]
 
 
@@ -31,7 +32,8 @@ def _f(default, doc, *, choices=None, min=None, max=None):
 
 @dataclass
 class RunConfig:
-    seed: int = _f(0, "seed of every random choice (initial weights, partitions, shuffles)", min=0)
+    seed: int = _f(0, "seed of every random choice (initial weights, partitions, shuffles)",
+                   min=0, max=2 ** 32 - 1)
     steps: int = _f(0, "optimizer steps; 0 = use run.epochs", min=0)
     epochs: int = _f(30, "passes over the training set when run.steps = 0", min=0)
     dtype: str = _f("float32", "floating-point type of parameters and data",
@@ -161,7 +163,8 @@ class MgritConfig:
 
 @dataclass
 class CommConfig:
-    bucket_mb: float = _f(8.0, "gradient bucket size in MiB (reverse parameter order)", min=0.0)
+    bucket_mb: float = _f(8.0, "gradient bucket size in MiB (reverse parameter order)",
+                          min=1e-3, max=65536.0)
     grad_as_bucket_view: bool = _f(True, "let .grad live inside the bucket (no pack/unpack copies)")
     max_inflight: int = _f(1, "gradient allreduces in flight at once (MPI without an async "
                            "progress thread runs concurrent ones slowly)", min=1)
@@ -316,6 +319,12 @@ def _validate(cfg: Config) -> None:
         if cfg.sync.name != "allreduce":
             raise ConfigError(f"parallel.layer: layer-parallel training needs sync.name = "
                               f"'allreduce', not {cfg.sync.name!r}")
+    if cfg.run.dtype == "float32":  # torch refuses scalars float32 cannot hold, mid-step
+        big = 3.4e38
+        for key in ("lr", "radius", "radius_max", "weight_decay"):
+            if getattr(cfg.optim, key) > big:
+                raise ConfigError(f"optim.{key}: {getattr(cfg.optim, key)} is beyond float32 "
+                                  "(run.dtype); nothing trains at that scale")
     if cfg.optim.nested and cfg.optim.levels < 2:
         raise ConfigError("optim.nested: needs optim.levels >= 2")
     if cfg.optim.name in ("tr", "rmtr") or (cfg.optim.name, cfg.optim.smoother) == ("mgopt", "tr"):
@@ -377,6 +386,66 @@ def parse_straggler(text: str) -> tuple[int, float]:
     return rank, factor
 
 
+# Rank counts mltrain accepts wherever a count is given (--ranks): above the largest
+# machines' core counts, far below what would make a planner loop or a table hang.
+MAX_RANKS = 1 << 24
+# A config or hardware file is a few KiB; the cap keeps a wrong path from being read whole.
+MAX_TEXT_BYTES = 16 << 20
+
+
+def check_ranks(n: int, what: str = "--ranks") -> int:
+    """Returns ``n`` or raises ConfigError unless 1 <= n <= MAX_RANKS. Not collective."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_RANKS:
+        raise ConfigError(f"{what}: rank count {n!r} is outside 1..{MAX_RANKS}")
+    return n
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A small UTF-8 text file (config, hardware), refused with ConfigError naming
+    ``what`` when it is not a regular file (a FIFO would block), too large, or not UTF-8
+    text. Not collective."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} {path}: not a regular file")
+        if st.st_size > MAX_TEXT_BYTES:
+            raise ConfigError(f"{what} {path}: {st.st_size} bytes, more than a config file "
+                              f"has (limit {MAX_TEXT_BYTES})")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TEXT_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot read ({e.strerror or e})") from None
+    if b"\0" in raw:
+        raise ConfigError(f"{what} {path}: a binary file, not TOML text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
+
+
+def writable_folder(path: str | Path, what: str) -> Path:
+    """Creates the folder ``path`` if needed and proves it writable by creating and removing
+    a probe file; ConfigError naming ``what`` otherwise. Not collective."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what}: {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mltrain-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{what}: {path} is not a writable folder ({e.strerror or e})") \
+            from None
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Reads a TOML file (or the built-in default when None) and applies overrides.
 
@@ -384,11 +453,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     """
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from None
+        text = read_text(path, "--config")
         try:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:

@@ -104,6 +104,11 @@ def _synthetic(num_samples: int) -> ArrayDataset:
     rng = np.random.default_rng(7)
     k, shape = 10, (1, 8, 8)
     d = int(np.prod(shape))
+    from mltrain.utils import check_memory
+
+    # float64 draws of the training and test samples, then their float32 copies.
+    check_memory((num_samples + max(k, num_samples // 4)) * d * 12,
+                 f"data.num_samples = {num_samples}", error=DataError)
     centres = rng.normal(0.0, 1.0, (k, d))
     n_test = max(k, num_samples // 4)
 
@@ -197,9 +202,17 @@ class IdxDataset(Dataset):
                 raise DataError(f"{img.path}: {img.count} images but {lab.path} has "
                                 f"{lab.count} labels")
         rows, cols = self._tri.dims[1:]
-        labels = self._trl.array()  # small (one byte per sample): read whole for num_classes
-        super().__init__("idx", self._tri.count, self._tei.count, (1, rows, cols),
-                         int(labels.max()) + 1)
+        if self._tei.dims[1:] != (rows, cols):
+            raise DataError(f"{self._tei.path}: test images are {self._tei.dims[1:]}, "
+                            f"training images {(rows, cols)}")
+        if self._tri.count == 0 or rows * cols == 0:
+            raise DataError(f"{self._tri.path}: no training images, or images of 0 pixels")
+        # Labels are small (one byte per sample): read whole for the class count.
+        classes = int(self._trl.array().max()) + 1
+        if self._tel.count and int(self._tel.array().max()) >= classes:
+            raise DataError(f"{self._tel.path}: test label {int(self._tel.array().max())}, "
+                            f"but training labels are 0..{classes - 1}")
+        super().__init__("idx", self._tri.count, self._tei.count, (1, rows, cols), classes)
 
     @staticmethod
     def _read(img: IdxFile, lab: IdxFile, indices: np.ndarray):
@@ -221,26 +234,74 @@ class IdxDataset(Dataset):
 # -- HDF5 ----------------------------------------------------------------------------------
 class Hdf5Dataset(Dataset):
     """Datasets ``x`` (N, ...) and ``y`` (N,), and optionally ``x_test``/``y_test``.
-    Integer features are scaled by 1/255; float features are used as they are."""
+    Integer features are scaled by 1/255; float features are used as they are. Labels are
+    integers from 0. Everything is checked from the file's metadata and labels at open,
+    before training: shapes, types, label range, the test split against the training
+    split, and that no dataset reads from outside the file."""
 
     def __init__(self, path: Path):
         import h5py
 
+        from mltrain.io.h5safe import check_dataset, walk
+
         self.path = path
         try:
             with h5py.File(path, "r") as f:
-                for k in ("x", "y"):
-                    if k not in f:
+                objects = walk(f, path, DataError)
+                if ("x_test" in objects) != ("y_test" in objects):
+                    raise DataError(f"{path}: has only one of x_test and y_test")
+                names = ("x", "y", "x_test", "y_test") if "x_test" in objects else ("x", "y")
+                for k in names:
+                    if k not in objects:
                         raise DataError(f"data.path: {path} has no dataset {k!r}")
-                n = f["x"].shape[0]
-                if f["y"].shape != (n,):
-                    raise DataError(f"{path}: y has shape {f['y'].shape}, expected ({n},)")
-                shape = tuple(f["x"].shape[1:])
-                n_test = f["x_test"].shape[0] if "x_test" in f and "y_test" in f else 0
-                k = int(np.max(f["y"][...])) + 1
+                    if not isinstance(objects[k], h5py.Dataset):
+                        raise DataError(f"{path}: /{k} is a group, expected a dataset")
+                    check_dataset(objects[k], f"{path}: /{k}", DataError, filters=True)
+                x, y = objects["x"], objects["y"]
+                n, shape = self._check_pair(path, x, y, "x", "y")
+                labels = y[...]
+                k = int(labels.max()) + 1
+                n_test = 0
+                if "x_test" in objects:
+                    xt, yt = objects["x_test"], objects["y_test"]
+                    n_test, test_shape = self._check_pair(path, xt, yt, "x_test", "y_test",
+                                                          allow_empty=True)
+                    if test_shape != shape:
+                        raise DataError(f"{path}: x_test samples have shape {test_shape}, "
+                                        f"x samples {shape}")
+                    if n_test:
+                        lt = yt[...]
+                        if lt.max() >= k:
+                            raise DataError(f"{path}: y_test has label {int(lt.max())}, but "
+                                            f"y has only classes 0..{k - 1}")
         except OSError as e:
             raise DataError(f"data.path: {path} is not a readable HDF5 file ({e})") from None
-        super().__init__("hdf5", n, n_test, shape if len(shape) != 1 else (shape[0],), k)
+        super().__init__("hdf5", n, n_test, shape, k)
+
+    @staticmethod
+    def _check_pair(path: Path, x, y, xk: str, yk: str, allow_empty: bool = False):
+        """(samples, sample shape) of features ``x`` and labels ``y``, or DataError naming
+        what is wrong."""
+        if x.ndim < 2:
+            raise DataError(f"{path}: /{xk} has shape {x.shape}; expected (samples, "
+                            "features...) with at least one feature")
+        n, shape = x.shape[0], tuple(x.shape[1:])
+        if n == 0 and not allow_empty:
+            raise DataError(f"{path}: /{xk} has no samples")
+        if min(shape) == 0:
+            raise DataError(f"{path}: /{xk} samples have shape {shape}, which holds nothing")
+        if x.dtype.kind not in "iuf":
+            raise DataError(f"{path}: /{xk} is {x.dtype}; expected integers or floats")
+        if y.shape != (n,):
+            raise DataError(f"{path}: /{yk} has shape {y.shape}, expected ({n},)")
+        if y.dtype.kind not in "iu":
+            raise DataError(f"{path}: /{yk} is {y.dtype}; class labels must be integers")
+        if n:
+            lo = y[...].min()
+            if lo < 0:
+                raise DataError(f"{path}: /{yk} has the negative label {int(lo)}; labels "
+                                "count classes from 0")
+        return n, shape
 
     def _read(self, xk: str, yk: str, indices: np.ndarray):
         import h5py
@@ -260,6 +321,10 @@ class Hdf5Dataset(Dataset):
         x[order] = xr.astype(np.float32)
         if np.issubdtype(xr.dtype, np.integer):
             x /= np.float32(255)
+        elif len(x) and not np.isfinite(x).all():  # the rank's own samples: a cheap check
+            bad = int(indices[np.argwhere(~np.isfinite(x.reshape(len(x), -1)))[0, 0]])
+            raise DataError(f"{self.path}: /{xk} sample {bad} is not finite (NaN or inf, "
+                            "or too large for float32)")
         y[order] = yr
         return x, y
 

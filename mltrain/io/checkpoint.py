@@ -25,9 +25,11 @@ import torch
 from mpi4py import MPI
 
 from mltrain.comm import agree, broadcast_
+from mltrain.io.h5safe import check_dataset, read_attr, walk
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints",
-           "latest_checkpoint", "FORMAT", "VERSION"]
+           "latest_checkpoint", "prepare_folder", "remove_stale_temporaries", "FORMAT",
+           "VERSION"]
 
 FORMAT = "mltrain-checkpoint"
 VERSION = 1
@@ -54,6 +56,31 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 def latest_checkpoint(folder: str | Path) -> Path | None:
     found = list_checkpoints(folder)
     return found[-1] if found else None
+
+
+_TEMP = re.compile(r"^\.ckpt-\d{8,}\.h5\..+\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Deletes what an interrupted write left in ``folder``: regular files named as
+    save_checkpoint names its temporaries, nothing else. Returns them. Not collective
+    (call it on one rank, when no write is under way)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir()
+             if _TEMP.match(p.name) and p.is_file() and not p.is_symlink()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def prepare_folder(folder: str | Path) -> list[Path]:
+    """Before training: creates ``folder`` if needed, proves it writable and deletes stale
+    temporaries. Raises ConfigError naming checkpoint.dir. Not collective (rank 0's job)."""
+    from mltrain.config import writable_folder
+
+    return remove_stale_temporaries(writable_folder(folder, "checkpoint.dir"))
 
 
 def _optim_arrays(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
@@ -111,14 +138,131 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module,
         if keep > 0:
             for old in list_checkpoints(folder)[:-keep]:
                 old.unlink(missing_ok=True)
+            remove_stale_temporaries(folder)
 
     agree(comm, write, what=f"writing checkpoint {path}")
     return path
 
 
+# What each optimizer keeps per parameter: a checkpoint may hold these and nothing else,
+# shaped like its parameter or scalar, so loading allocates what the optimizer needs.
+_STATE = {"SGD": {"momentum_buffer"}, "Adam": {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"},
+          "TrustRegion": {"radius", "batch_factor", "rejected_streak", "lsr1_gamma"}}
+_LSR1 = re.compile(r"^lsr1_[sy](\d{1,6})$")
+_LEVEL = re.compile(r"^level(\d{1,4})\.(.+)$")
+
+
+def _state_rules(optimizer) -> tuple[set[str], int]:
+    """(state names, L-SR1 pairs) that ``optimizer`` (or, multilevel, any of its levels)
+    can hold."""
+    names, memory = set(), 0
+    for opt in getattr(optimizer, "parts", [optimizer]):
+        names |= _STATE.get(type(opt).__name__, set())
+        lsr1 = getattr(opt, "lsr1", None)
+        if lsr1 is not None:
+            memory = max(memory, lsr1.memory)
+    return names, memory
+
+
+def _state_name_ok(name: str, names: set[str], memory: int) -> bool:
+    m = _LEVEL.match(name)
+    base = m.group(2) if m else name
+    k = _LSR1.match(base)
+    return base in names or (k is not None and int(k.group(1)) < memory)
+
+
+def _inspect(f, path: Path, model: torch.nn.Module, optimizer) -> dict:
+    """Checks everything in an open checkpoint against this run's model and optimizer
+    from metadata alone (no dataset is read): the objects there are, their shapes,
+    types and storage. Returns the attributes."""
+    import h5py
+
+    err = CheckpointError
+    objects = walk(f, path, err)
+    where = str(path)
+    if read_attr(f, "format", where, err, kind="str", limit=64) != FORMAT:
+        raise err(f"{path}: not an mltrain checkpoint (no format={FORMAT!r})")
+    version = read_attr(f, "version", where, err, kind="int")
+    if version is None or version > VERSION or version < 1:
+        raise err(f"{path}: format version {version} is not one this mltrain reads "
+                  f"(1 to {VERSION})")
+    meta = {}
+    for k in ("step", "epoch", "position", "world_size"):
+        v = read_attr(f, k, where, err, kind="int")
+        if v is None or v < (1 if k == "world_size" else 0) or v >= 2 ** 62:
+            raise err(f"{path}: attribute {k!r} is missing or out of range ({v})")
+        meta[k] = v
+    meta["config"] = read_attr(f, "config", where, err, kind="str") or ""
+    saved_opt = read_attr(f, "optimizer", where, err, kind="str", limit=256) or ""
+    if saved_opt != type(optimizer).__name__:
+        raise err(f"{path}: written with optimizer {saved_opt}, but this run uses "
+                  f"{type(optimizer).__name__}")
+    if not isinstance(objects.get("model"), h5py.Group):
+        raise err(f"{path}: has no /model group")
+    names = dict(model.named_parameters())
+    saved = {k[len("model/"):] for k, o in objects.items()
+             if k.startswith("model/") and k.count("/") == 1}
+    missing = [n for n in names if n not in saved]
+    extra = sorted(saved - set(names))
+    if missing or extra:
+        raise err(f"{path}: parameters do not match the model (missing: {missing[:5]}, "
+                  f"unexpected: {extra[:5]}); was it written for another model.* config?")
+    for n, p in names.items():
+        ds = objects[f"model/{n}"]
+        if not isinstance(ds, h5py.Dataset) or tuple(ds.shape) != tuple(p.shape):
+            shape = getattr(ds, "shape", "a group")
+            raise err(f"{path}: /model/{n} has shape {shape}, the model has {tuple(p.shape)}")
+        want = p.detach().cpu().numpy().dtype
+        if ds.dtype != want:
+            raise err(f"{path}: /model/{n} is {ds.dtype}, the model is {p.dtype} "
+                      "(run.dtype differs?)")
+        check_dataset(ds, f"{path}: /model/{n}", err, filters=False)
+    # Optimizer state indices number the optimizer's parameters, or (multilevel) every
+    # level's whole network, the same on every rank whatever the layer-parallel split.
+    params = (optimizer.state_params() if hasattr(optimizer, "state_params") else
+              [p for g in optimizer.param_groups for p in g["params"]])
+    state_names, memory = _state_rules(optimizer)
+    for key, obj in objects.items():
+        parts = key.split("/")
+        if parts[0] in ("model", "optim") and len(parts) == 1:
+            continue
+        if (parts[0] == "model" and len(parts) == 2) or key in ("rng", "rng/torch"):
+            continue  # checked above / below
+        if parts[0] != "optim":
+            raise err(f"{path}: /{key} is not part of an mltrain checkpoint")
+        if not parts[1].isdigit() or int(parts[1]) >= len(params):
+            raise err(f"{path}: /{key}: optimizer state for parameter {parts[1]}, but the "
+                      f"model has {len(params)}")
+        if len(parts) == 2:
+            if not isinstance(obj, h5py.Group):
+                raise err(f"{path}: /{key} is not a group")
+            continue
+        p = params[int(parts[1])]
+        if len(parts) != 3 or not isinstance(obj, h5py.Dataset) or not _state_name_ok(
+                parts[2], state_names, memory):
+            raise err(f"{path}: /{key} is no state that {type(optimizer).__name__} keeps")
+        if obj.shape not in ((), tuple(p.shape)):
+            raise err(f"{path}: /{key} has shape {obj.shape}, parameter has "
+                      f"{tuple(p.shape)}")
+        # Moments and buffers are the parameter's type; the L-SR1 memory is kept in float64.
+        want = (np.dtype(np.float64) if _LSR1.match(parts[2].split(".")[-1]) else
+                p.detach().cpu().numpy().dtype)
+        if obj.dtype.kind != "f" or (obj.shape and obj.dtype != want):
+            raise err(f"{path}: /{key} is {obj.dtype}, expected {want if obj.shape else 'a float'}")
+        check_dataset(obj, f"{path}: /{key}", err, filters=False)
+    rng = objects.get("rng/torch")
+    want = (meta["world_size"], torch.get_rng_state().numel())
+    if not isinstance(rng, h5py.Dataset) or rng.shape != want or rng.dtype != np.uint8:
+        raise err(f"{path}: /rng/torch is missing or is not {want[0]} uint8 rows of "
+                  f"{want[1]} bytes (one per writing rank)")
+    check_dataset(rng, f"{path}: /rng/torch", err, filters=False)
+    return meta
+
+
 def _read_validated(path: Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, np.ndarray]]:
-    """Rank 0's half of loading: everything read into memory and checked."""
+    """Rank 0's half of loading: the file checked from its metadata, then read and its
+    values checked."""
     import h5py
 
     if not path.is_file():
@@ -130,65 +274,22 @@ def _read_validated(path: Path, model: torch.nn.Module,
                               f"{e}") from None
     try:
         with f:
-            if f.attrs.get("format") != FORMAT:
-                raise CheckpointError(f"{path}: not an mltrain checkpoint (no format={FORMAT!r})")
-            if int(f.attrs.get("version", -1)) > VERSION:
-                raise CheckpointError(f"{path}: format version {f.attrs['version']} is newer "
-                                      f"than this mltrain reads ({VERSION})")
-            meta = {k: f.attrs[k] for k in ("step", "epoch", "position", "world_size")}
-            meta = {k: int(v) for k, v in meta.items()}
-            meta["config"] = str(f.attrs.get("config", ""))
-            saved_opt = str(f.attrs.get("optimizer", ""))
-            if saved_opt != type(optimizer).__name__:
-                raise CheckpointError(f"{path}: written with optimizer {saved_opt}, but this "
-                                      f"run uses {type(optimizer).__name__}")
+            meta = _inspect(f, path, model, optimizer)
             arrays: dict[str, np.ndarray] = {}
-            if "model" not in f:
-                raise CheckpointError(f"{path}: has no /model group")
-            names = dict(model.named_parameters())
-            missing = [n for n in names if n not in f["model"]]
-            extra = sorted(set(f["model"].keys()) - set(names)) if not missing else []
-            if missing or extra:
-                raise CheckpointError(
-                    f"{path}: parameters do not match the model (missing: {missing[:5]}, "
-                    f"unexpected: {extra[:5]}); was it written for another model.* config?")
-            for n, p in names.items():
-                ds = f["model"][n]
-                if not isinstance(ds, h5py.Dataset) or tuple(ds.shape) != tuple(p.shape):
-                    shape = getattr(ds, "shape", "a group")
-                    raise CheckpointError(f"{path}: /model/{n} has shape {shape}, the model "
-                                          f"has {tuple(p.shape)}")
-                arr = ds[...]
-                if arr.dtype != p.detach().cpu().numpy().dtype:
-                    raise CheckpointError(f"{path}: /model/{n} is {arr.dtype}, the model is "
-                                          f"{p.dtype} (run.dtype differs?)")
-                arrays[f"model/{n}"] = arr
+            for n, _ in model.named_parameters():
+                arrays[f"model/{n}"] = f["model"][n][...]
             for idx in f.get("optim", {}):
                 for key in f["optim"][idx]:
                     arrays[f"optim/{idx}/{key}"] = f["optim"][idx][key][...]
-            rng = f.get("rng/torch")
-            if rng is None or rng.ndim != 2 or rng.shape[0] != meta["world_size"]:
-                raise CheckpointError(f"{path}: /rng/torch is missing or does not have one row "
-                                      f"per writing rank ({meta['world_size']})")
-            arrays["rng/torch"] = rng[...]
+            arrays["rng/torch"] = f["rng/torch"][...]
     except (OSError, KeyError, ValueError, TypeError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
-    # Optimizer state must belong to existing parameters with matching shapes.
-    # What the state's indices number: the optimizer's parameters, or (multilevel) every
-    # level's whole network, the same on every rank whatever the layer-parallel split.
-    params = (optimizer.state_params() if hasattr(optimizer, "state_params") else
-              [p for g in optimizer.param_groups for p in g["params"]])
     for key, arr in arrays.items():
-        if key.startswith("optim/"):
-            idx = int(key.split("/")[1])
-            if idx >= len(params):
-                raise CheckpointError(f"{path}: optimizer state for parameter {idx}, but the "
-                                      f"model has {len(params)}")
-            if arr.ndim and tuple(arr.shape) != tuple(params[idx].shape):
-                raise CheckpointError(f"{path}: /{key} has shape {arr.shape}, parameter has "
-                                      f"{tuple(params[idx].shape)}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise CheckpointError(f"{path}: /{key} holds non-finite values (NaN or inf); "
+                                  "resume from an earlier checkpoint")
     return meta, arrays
 
 

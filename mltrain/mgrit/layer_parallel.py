@@ -93,7 +93,7 @@ class LayerParallel(nn.Module):
         """``align``: see ``split_layers``; ``ranges``: the blocks of each rank, given
         (a coarse level of a layer-parallel hierarchy splits where its finest level does)."""
         super().__init__()
-        check_protocol(model)
+        check_protocol(model, "layer-parallel training (parallel.layer > 1)")
         self.model, self.comm = model, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.ranges = (split_layers(len(model.blocks), self.size, levels, cf, align)

@@ -21,20 +21,21 @@ __all__ = ["check_protocol", "coarsen", "Hierarchy", "restrict_vec", "prolong_ve
            "to_finest", "finest_metric"]
 
 
-def check_protocol(model: torch.nn.Module) -> None:
-    """Raises ConfigError unless ``model`` exposes the residual-block protocol."""
+def check_protocol(model: torch.nn.Module, what: str = "multilevel training") -> None:
+    """Raises ConfigError unless ``model`` exposes the residual-block protocol; ``what``
+    names the feature that needs it."""
     missing = [a for a in ("opening", "blocks", "closing") if not hasattr(model, a)]
     if missing:
-        raise ConfigError(f"multilevel training needs a residual network with opening, blocks "
-                          f"and closing (see examples/custom_model.py); {type(model).__name__} "
-                          f"lacks {', '.join(missing)}")
+        raise ConfigError(f"{what} needs a residual network with opening, blocks and closing "
+                          f"(model.name = 'resnet', or see examples/custom_model.py); "
+                          f"{type(model).__name__} lacks {', '.join(missing)}")
     blocks = model.blocks
     if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
-        raise ConfigError("multilevel training: model.blocks must be a non-empty ModuleList")
+        raise ConfigError(f"{what}: model.blocks must be a non-empty ModuleList")
     names = [tuple(n for n, _ in b.named_parameters()) for b in blocks]
     if len(set(names)) != 1 or not all(hasattr(b, "h") for b in blocks):
-        raise ConfigError("multilevel training: every block needs the same parameters and a "
-                          "step attribute h")
+        raise ConfigError(f"{what}: every block needs the same parameters and a step "
+                          "attribute h")
 
 
 def _stacked(blocks) -> dict[str, torch.Tensor]:

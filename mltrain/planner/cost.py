@@ -35,7 +35,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from mltrain.config import ConfigError
+from mltrain.config import ConfigError, read_text
 
 __all__ = ["Hardware", "Profile", "p2p_time", "allreduce_time", "bubble_fraction",
            "pipeline_time", "extra_waits", "reduce_waits", "handover_time", "stage_memory",
@@ -92,9 +92,7 @@ def load_hardware(path: str | Path) -> Hardware:
     """A hardware description from TOML (a ``[hardware]`` table with every field of
     ``Hardware``). Raises ConfigError naming a missing, unknown or impossible field."""
     try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"--hardware: cannot read {path}: {e.strerror}") from None
+        data = tomllib.loads(read_text(path, "--hardware"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--hardware: {path} is not valid TOML: {e}") from None
     table = data.get("hardware")

@@ -116,7 +116,9 @@ def profile_model(model: nn.Module, sample: torch.Tensor, *, mgrit: dict | None 
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of ``n``, ascending (in sqrt(n) steps: rank counts can be large)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def _chain_costs(prof: Profile, hw: Hardware, lo: int, hi: int, b: float, inter: bool):

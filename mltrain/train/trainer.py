@@ -6,6 +6,9 @@ bad input ends every rank with the same message instead of a hang.
 """
 from __future__ import annotations
 
+import math
+import signal
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from mltrain.comm import (STATS, GradReducer, Grid, agree, allreduce_, allreduce_scalar,
-                          broadcast_parameters, local_cpu_masks)
+from mltrain.comm import (STATS, CollectiveError, GradReducer, Grid, agree, allreduce_,
+                          allreduce_scalar, broadcast_parameters, local_cpu_masks)
 from mltrain.config import Config, ConfigError, parse_balance, parse_straggler, to_toml
 from mltrain.data import (LABEL_PARTITIONS, ShardLoader, open_dataset, partition,
                           partition_options, steps_per_epoch)
-from mltrain.io import MetricsWriter, latest_checkpoint, load_checkpoint, save_checkpoint
+from mltrain.io import (MetricsWriter, latest_checkpoint, load_checkpoint, prepare_folder,
+                        save_checkpoint)
 from mltrain.mgrit import LayerParallel
 from mltrain.pipeline import LayeredPipeline, Pipeline, sequential_layers
 from mltrain.multilevel import RMTR, Hierarchy, MGOpt
@@ -28,9 +32,39 @@ from mltrain.nn import build_model
 from mltrain.optim import build_optimizer
 from mltrain.optim.tr import TrustRegion
 from mltrain.sync import SyncStrategy, build_sync
-from mltrain.utils import get_logger, seed_everything, set_threads, torch_dtype
+from mltrain.utils import (check_memory, get_logger, seed_everything, set_threads,
+                           torch_dtype)
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "StopSignals"]
+
+# What SLURM sends: SIGTERM at the time limit (SIGKILL follows after KillWait, 30 s by
+# default) and, with `sbatch --signal=USR1@SECONDS`, SIGUSR1 that long before it.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGUSR1 are recorded instead of ending the process, so the
+    training loop finishes its step, writes a checkpoint and exits. Not collective (the
+    loop agrees on the flag). Only the main thread can install handlers; elsewhere this
+    does nothing."""
+
+    def __init__(self):
+        self.received = 0
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._old[s] = signal.signal(s, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old.clear()
 
 
 class Trainer:
@@ -53,16 +87,22 @@ class Trainer:
         self.dtype = torch_dtype(cfg.run.dtype)
 
         self.grid = agree(comm, self._check_grid, what="config")
+        if cfg.checkpoint.dir:  # unwritable or a file: found now, not after training
+            agree(comm, lambda: prepare_folder(cfg.checkpoint.dir) if self.rank == 0 else None,
+                  what="config")
         self.gc = self.grid.build(comm)
         dcomm = self.gc.data
         self.dp_size, self.dp_rank = dcomm.Get_size(), dcomm.Get_rank()
-        self.threads = set_threads(cfg.run.threads, local_cpu_masks(comm))
+        local_masks = local_cpu_masks(comm)
+        self.threads = set_threads(cfg.run.threads, local_masks)
 
         self.dataset = agree(comm, lambda: open_dataset(cfg.data.name, cfg.data.path,
                                                         cfg.data.num_samples), what="data")
         self.steps_per_epoch = agree(comm, self._check_sizes, what="config")
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
 
+        if model is None:  # a model too large for the node is refused, not allocated
+            agree(comm, lambda: self._check_model_memory(len(local_masks)), what="config")
         # Same seed everywhere gives the same initial weights; the broadcast makes it true
         # even across torch builds whose initialisers differ.
         seed_everything(cfg.run.seed)
@@ -270,23 +310,25 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------
     def _check_grid(self) -> Grid:
-        grid = Grid.for_world(self.comm.Get_size(), data=self.cfg.parallel.data,
-                              layer=self.cfg.parallel.layer, pipe=self.cfg.parallel.pipe)
-        if self.cfg.run.straggler:
-            rank, _ = parse_straggler(self.cfg.run.straggler)
-            if rank >= self.comm.Get_size():
-                raise ConfigError(f"run.straggler: rank {rank} does not exist in a job of "
-                                  f"{self.comm.Get_size()} ranks")
-        return grid
+        return Grid.for_config(self.cfg, self.comm.Get_size())
+
+    def _check_model_memory(self, share: int) -> None:
+        """ConfigError when the configured model, its gradients and optimizer state would
+        not fit in this rank's share of the node's available memory (sized on the meta
+        device: nothing is allocated)."""
+        c = self.cfg
+        with torch.device("meta"):
+            m = build_model(c.model.name, self.dataset.input_shape, self.dataset.num_classes,
+                            width=c.model.width, depth=c.model.depth, dtype=self.dtype)
+        nbytes = sum(p.numel() for p in m.parameters()) * self.dtype.itemsize
+        # Parameters and gradients, plus what the optimizer keeps per parameter.
+        copies = {"sgd": 1, "adam": 2}.get(c.optim.name, 2 * c.optim.memory + 2)
+        check_memory(nbytes * (2 + copies), f"model.width = {c.model.width}, model.depth = "
+                     f"{c.model.depth} ({nbytes / 2 ** 20:.0f} MiB of parameters)",
+                     share=share, error=ConfigError)
 
     def _check_sizes(self) -> int:
-        b, p = self.cfg.data.batch_size, self.grid.data
-        if b % p:
-            raise ConfigError(f"data.batch_size: the global batch {b} is not divisible by the "
-                              f"{p} data-parallel ranks")
-        if self.cfg.parallel.pipe > 1 and b // p < self.cfg.pipeline.microbatches:
-            raise ConfigError(f"pipeline.microbatches: {self.cfg.pipeline.microbatches} "
-                              f"micro-batches of a per-rank batch of {b // p}")
+        b = self.cfg.data.batch_size
         spe = steps_per_epoch(self.dataset.num_train, b)
         if spe < 1:
             raise ConfigError(f"data.batch_size: {b} is larger than the training set "
@@ -401,51 +443,21 @@ class Trainer:
                    disable=self.quiet or self.rank != 0, leave=False)
         bytes0, calls0 = STATS.snapshot()
         start_step = self.step
-        reached_at = None
         self.model.train()
+        self.stopped_by: str | None = None
         t0 = time.perf_counter()
-        while self.step < self.total_steps:
-            epoch = self.step // self.steps_per_epoch
-            loss = self.advance()
-            if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
-                with STATS.paused():
-                    mean = allreduce_scalar(loss.item(), self.gc.data) / self.dp_size
-                extra = {"consensus_distance": self.sync.distance()} if self.sync.drifts else {}
-                if self.chain is not None:  # MGRIT residual norms, per iteration, last step
-                    extra["mgrit_residuals"] = dict(self.chain.residuals)
-                if cfg.run.target_loss:  # the whole training set's loss, not the batch's
-                    extra["train_loss"] = self.evaluate()["train_loss"]
-                self.metrics.write(step=self.step, epoch=epoch, loss=mean,
-                                   lr=self.optimizer.param_groups[0]["lr"],
-                                   time=time.perf_counter() - t0,
-                                   comm_bytes=STATS.bytes - bytes0, **extra)
-                bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
-                if cfg.run.target_loss and extra["train_loss"] <= cfg.run.target_loss:
-                    reached_at = self.step
-                    bar.update(1)
-                    break
-            bar.update(1)
-            if (cfg.run.eval_every and self.step % (cfg.run.eval_every * self.steps_per_epoch) == 0
-                    and self.step < self.total_steps):
-                ev = self.evaluate()
-                self.metrics.write(event="eval", step=self.step,
-                                   epoch=self.step / self.steps_per_epoch,
-                                   train_loss=ev["train_loss"],
-                                   test_accuracy=ev["test_accuracy"],
-                                   comm_bytes=STATS.bytes - bytes0,
-                                   time=time.perf_counter() - t0)
-            # Nested iteration writes checkpoints of the full-depth network only: a run
-            # stopped before its finest phase starts over.
-            if (ckpt_every and self.step % ckpt_every == 0 and self.step < self.total_steps
-                    and self.phase == 0):
-                self.save()
+        with StopSignals() as signals:
+            reached_at = self._loop(signals, bar, bytes0, t0, ckpt_every)
         self.finish_phases()
         wall = time.perf_counter() - t0
         bar.close()
         comm_bytes, comm_calls = (a - b for a, b in zip(STATS.snapshot(), (bytes0, calls0)))
         if cfg.checkpoint.dir:
             self.save()
-        ev = self.evaluate()
+        if self.stopped_by:  # the scheduler's grace period is short: no evaluation
+            ev = {"train_loss": None, "train_accuracy": None, "test_accuracy": None}
+        else:
+            ev = self.evaluate()
         steps_run = self.step - start_step
         summary = {
             "ranks": self.comm.Get_size(),
@@ -461,7 +473,8 @@ class Trainer:
             "samples_per_s": steps_run * cfg.data.batch_size / wall if wall > 0 else 0.0,
             "target_loss": cfg.run.target_loss or None,
             "target_reached": (ev["train_loss"] <= cfg.run.target_loss
-                               if cfg.run.target_loss else None),
+                               if cfg.run.target_loss and ev["train_loss"] is not None
+                               else None),
             "target_reached_at_step": reached_at,
             "level_steps": self.level_steps,
             "layer_parallel": self.grid.layer,
@@ -473,6 +486,7 @@ class Trainer:
             "comm_bytes": comm_bytes,
             "comm_calls": comm_calls,
             "checkpoint": self.last_checkpoint,
+            "stopped_by": self.stopped_by,
             "resumed_from": self.resumed_from,
             "metrics": str(self.run_dir / "metrics.jsonl") if self.run_dir else None,
         }
@@ -486,6 +500,62 @@ class Trainer:
         self.metrics.write(event="summary", **summary)
         self.metrics.close()
         return summary
+
+    def _loop(self, signals: StopSignals, bar, bytes0: int, t0: float,
+              ckpt_every: int) -> int | None:
+        """The training steps; returns the step at which run.target_loss was reached (None
+        if not). Stops early, on every rank at the same step, once any rank received
+        SIGTERM or SIGUSR1. Collective."""
+        cfg = self.cfg
+        while self.step < self.total_steps:
+            epoch = self.step // self.steps_per_epoch
+            loss = self.advance()
+            if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
+                with STATS.paused():
+                    mean = allreduce_scalar(loss.item(), self.gc.data) / self.dp_size
+                if not math.isfinite(mean):  # the same mean on every rank: all stop here
+                    raise CollectiveError(
+                        f"the training loss is {mean} at step {self.step} (optim.name = "
+                        f"{cfg.optim.name!r}, optim.lr = {cfg.optim.lr:g}): lower optim.lr"
+                        + (" or optim.radius" if cfg.optim.name in ("tr", "rmtr") else "")
+                        + ", or train in run.dtype = 'float64'", "TrainingError", [])
+                extra = {"consensus_distance": self.sync.distance()} if self.sync.drifts else {}
+                if self.chain is not None:  # MGRIT residual norms, per iteration, last step
+                    extra["mgrit_residuals"] = dict(self.chain.residuals)
+                if cfg.run.target_loss:  # the whole training set's loss, not the batch's
+                    extra["train_loss"] = self.evaluate()["train_loss"]
+                self.metrics.write(step=self.step, epoch=epoch, loss=mean,
+                                   lr=self.optimizer.param_groups[0]["lr"],
+                                   time=time.perf_counter() - t0,
+                                   comm_bytes=STATS.bytes - bytes0, **extra)
+                bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
+                if cfg.run.target_loss and extra["train_loss"] <= cfg.run.target_loss:
+                    bar.update(1)
+                    return self.step
+            bar.update(1)
+            if (cfg.run.eval_every and self.step % (cfg.run.eval_every * self.steps_per_epoch) == 0
+                    and self.step < self.total_steps):
+                ev = self.evaluate()
+                self.metrics.write(event="eval", step=self.step,
+                                   epoch=self.step / self.steps_per_epoch,
+                                   train_loss=ev["train_loss"],
+                                   test_accuracy=ev["test_accuracy"],
+                                   comm_bytes=STATS.bytes - bytes0,
+                                   time=time.perf_counter() - t0)
+            # A signal reaches ranks at different steps: they agree after every step
+            # (one integer; the periodic checkpoint below is then skipped for the final one).
+            with STATS.paused():
+                got = self.comm.allreduce(signals.received, op=MPI.MAX)
+            if got:
+                self.stopped_by = signal.Signals(got).name
+                self.metrics.write(event="stopped", step=self.step, signal=self.stopped_by)
+                return None
+            # Nested iteration writes checkpoints of the full-depth network only: a run
+            # stopped before its finest phase starts over.
+            if (ckpt_every and self.step % ckpt_every == 0 and self.step < self.total_steps
+                    and self.phase == 0):
+                self.save()
+        return None
 
     @torch.no_grad()
     def evaluate(self) -> dict:

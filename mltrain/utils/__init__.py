@@ -104,3 +104,43 @@ def set_threads(threads: int, local_masks=None) -> int:
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def available_memory() -> int | None:
+    """Bytes this process could still allocate: the smaller of the kernel's MemAvailable
+    and the cgroup's remaining limit (batch systems confine jobs with cgroups); None where
+    neither is known. Not collective."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as f:
+                text = f.read().strip()
+            if text != "max" and int(text) < 1 << 60:
+                with open(usage) as f:
+                    found.append(max(int(text) - int(f.read().strip()), 0))
+            break
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None
+
+
+def check_memory(need: int, what: str, *, share: int = 1, error=MemoryError) -> None:
+    """Raises ``error`` naming ``what`` when ``need`` bytes are more than this rank's
+    ``share``-th of the memory still available (``share`` = ranks on the node). Not
+    collective."""
+    free = available_memory()
+    if free is None or need <= free // max(share, 1):
+        return
+    gib = 2 ** 30
+    raise error(f"{what}: needs about {need / gib:.2f} GiB per rank, but this node has "
+                f"{free / gib:.2f} GiB available for {share} rank(s) "
+                f"({free / max(share, 1) / gib:.2f} GiB each)")
