@@ -318,7 +318,8 @@ class Hdf5Dataset(Dataset):
                 xr, yr = xs[srt], ys[srt]
         x = np.empty((len(indices), *xr.shape[1:]), np.float32)
         y = np.empty(len(indices), np.int64)
-        x[order] = xr.astype(np.float32)
+        with np.errstate(over="ignore"):  # too large for float32: found just below
+            x[order] = xr.astype(np.float32)
         if np.issubdtype(xr.dtype, np.integer):
             x /= np.float32(255)
         elif len(x) and not np.isfinite(x).all():  # the rank's own samples: a cheap check
