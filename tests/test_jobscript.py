@@ -73,7 +73,7 @@ def make(vendor: str, monkeypatch, **kw) -> str:
 
     monkeypatch.setattr(mltrain.launch, "mpi_vendor", lambda exe=None: vendor)
     args = dict(nodes=1, ntasks_per_node=2, cpus_per_task=0, time="00:10:00", partition="",
-                account="", job_name="mltrain", launcher="srun", mpi="")
+                account="", job_name="mltrain", launcher="srun", mpi="", signal_lead=120)
     args.update(kw)
     return jobscript(load_config(None, ["run.steps=20"]), Namespace(**args))
 
@@ -126,6 +126,29 @@ def test_script_runs_with_the_frozen_config(tmp_path):
     launched = (tmp_path / "launched.txt").read_text()
     assert f"srun --mpi={FLAG}" in launched and "--config mltrain-77.toml" in launched
     assert "steps = 7" in (tmp_path / "mltrain-77.toml").read_text()
+
+
+def test_script_asks_for_the_signal_and_resumes(tmp_path):
+    """SIGUSR1 before the time limit (the job checkpoints and stops), and a frozen config
+    that resumes, so submitting the same script again continues the run."""
+    r = cli(["jobscript", "--nodes", "1", "--ntasks-per-node", "2", "--signal-lead", "300",
+             "--set", f"checkpoint.dir={tmp_path}/ck"])
+    assert r.returncode == 0, r.stderr
+    assert "\n#SBATCH --signal=USR1@300\n" in r.stdout
+    frozen = recovered_config(r.stdout)
+    assert "resume = true" in frozen and f'dir = "{tmp_path}/ck"' in frozen
+    plain = cli(["jobscript", "--nodes", "1", "--ntasks-per-node", "2", "--signal-lead", "0"])
+    assert "--signal" not in plain.stdout and "resume = false" in recovered_config(plain.stdout)
+
+
+def test_script_refuses_a_grid_the_job_cannot_start(tmp_path):
+    one_error(cli(["jobscript", "--nodes", "2", "--ntasks-per-node", "2", "--set",
+                   "parallel.pipe=3"]), "parallel: 4 ranks cannot be split")
+    one_error(cli(["jobscript", "--nodes", "1", "--ntasks-per-node", "2", "--set",
+                   "parallel.pipe=2", "--set", "pipeline.microbatches=65"]),
+              "pipeline.microbatches")
+    one_error(cli(["jobscript", "--nodes", "1", "--ntasks-per-node", "2", "--set",
+                   "run.straggler=2:3"]), "run.straggler: rank 2")
 
 
 HOSTILE = ["a\nMLTRAIN_CONFIG_BASE64\ntouch PWNED\n#", "x'; touch PWNED; echo '",
@@ -195,7 +218,8 @@ def test_config_injection_frozen_whole(tmp_path, monkeypatch):
                           "touch PWNED\n\x7f\t'\"$(touch PWNED)")
     text = jobscript(original, Namespace(nodes=1, ntasks_per_node=2, cpus_per_task=0,
                                          time="00:10:00", partition="", account="",
-                                         job_name="m", launcher="srun", mpi=""))
+                                         job_name="m", launcher="srun", mpi="",
+                                         signal_lead=120))
     assert recovered_config(text) == to_toml(original)
     run = run_script(text, tmp_path)
     assert run.returncode == 0, run.stderr

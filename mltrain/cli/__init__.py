@@ -206,11 +206,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mltrain: error: {kind}{e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as e:
-        if type(e).__name__ not in _USER_ERRORS:
+        # torch's CPU allocator reports failure as a RuntimeError.
+        oom = isinstance(e, MemoryError) or "can't allocate memory" in str(e)
+        if type(e).__name__ not in _USER_ERRORS and not oom:
             raise  # a bug: the abort hook prints the traceback and ends the job
         # A user error found on this rank alone, outside `agree` (its peers may be inside
         # a collective): the line, then end every rank with exit code 2.
-        print(f"mltrain: error: {e}", file=sys.stderr, flush=True)
+        print(f"mltrain: error: " + (f"out of memory on rank {comm.Get_rank()} ({e}); lower "
+                                     "data.batch_size or model.width, or use more nodes"
+                                     if oom else str(e)), file=sys.stderr, flush=True)
         comm.Abort(EXIT_USER_ERROR)
 
 
