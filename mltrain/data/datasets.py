@@ -242,7 +242,7 @@ class Hdf5Dataset(Dataset):
     def __init__(self, path: Path):
         import h5py
 
-        from mltrain.io.h5safe import check_dataset, walk
+        from mltrain.utils.h5safe import check_dataset, walk
 
         self.path = path
         try:

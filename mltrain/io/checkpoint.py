@@ -25,7 +25,7 @@ import torch
 from mpi4py import MPI
 
 from mltrain.comm import agree, broadcast_
-from mltrain.io.h5safe import check_dataset, read_attr, walk
+from mltrain.utils.h5safe import check_dataset, read_attr, walk
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints",
            "latest_checkpoint", "prepare_folder", "remove_stale_temporaries", "FORMAT",
@@ -259,10 +259,11 @@ def _inspect(f, path: Path, model: torch.nn.Module, optimizer) -> dict:
     return meta
 
 
-def _read_validated(path: Path, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, np.ndarray]]:
+def _read_validated(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    world: int) -> tuple[dict, dict[str, np.ndarray]]:
     """Rank 0's half of loading: the file checked from its metadata, then read and its
-    values checked."""
+    values checked. The RNG states are read only when the job has the writer's ``world``
+    size (otherwise they are not restored)."""
     import h5py
 
     if not path.is_file():
@@ -281,7 +282,8 @@ def _read_validated(path: Path, model: torch.nn.Module,
             for idx in f.get("optim", {}):
                 for key in f["optim"][idx]:
                     arrays[f"optim/{idx}/{key}"] = f["optim"][idx][key][...]
-            arrays["rng/torch"] = f["rng/torch"][...]
+            if meta["world_size"] == world:
+                arrays["rng/torch"] = f["rng/torch"][...]
     except (OSError, KeyError, ValueError, TypeError) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -304,7 +306,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     """
     path = Path(path)
     rank = comm.Get_rank()
-    loaded = agree(comm, lambda: _read_validated(path, model, optimizer) if rank == 0 else None,
+    loaded = agree(comm, lambda: _read_validated(path, model, optimizer, comm.Get_size())
+                   if rank == 0 else None,
                    what="loading checkpoint")
     meta, arrays = loaded if rank == 0 else (None, None)
     # Small metadata by pickle between our own ranks; array payloads as raw buffers.
@@ -313,10 +316,11 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     meta, shapes = layout
     received: dict[str, torch.Tensor] = {}
     for key, shape, dtype in shapes:
+        if key == "rng/torch":  # scattered below, a row to each rank
+            continue
         t = (torch.from_numpy(np.array(arrays[key], order="C")) if rank == 0 else
              torch.from_numpy(np.empty(shape, dtype=np.dtype(dtype))))
-        if key != "rng/torch":
-            broadcast_(t, comm)
+        broadcast_(t, comm)
         received[key] = t
     with torch.no_grad():
         for name, p in model.named_parameters():
