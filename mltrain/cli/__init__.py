@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: the abort hook prints the traceback and ends the job
         # A user error found on this rank alone, outside `agree` (its peers may be inside
         # a collective): the line, then end every rank with exit code 2.
-        print(f"mltrain: error: " + (f"out of memory on rank {comm.Get_rank()} ({e}); lower "
+        print("mltrain: error: " + (f"out of memory on rank {comm.Get_rank()} ({e}); lower "
                                      "data.batch_size or model.width, or use more nodes"
                                      if oom else str(e)), file=sys.stderr, flush=True)
         comm.Abort(EXIT_USER_ERROR)

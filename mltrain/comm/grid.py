@@ -64,6 +64,11 @@ class Grid:
 
         p = cfg.parallel
         grid = cls.for_world(world_size, data=p.data, layer=p.layer, pipe=p.pipe)
+        if cfg.run.straggler:
+            rank, _ = parse_straggler(cfg.run.straggler)
+            if rank >= world_size:
+                raise ConfigError(f"run.straggler: rank {rank} does not exist in a job of "
+                                  f"{world_size} ranks")
         b = cfg.data.batch_size
         if b % grid.data:
             raise ConfigError(f"data.batch_size: the global batch {b} is not divisible by "
@@ -71,11 +76,6 @@ class Grid:
         if grid.pipe > 1 and b // grid.data < cfg.pipeline.microbatches:
             raise ConfigError(f"pipeline.microbatches: {cfg.pipeline.microbatches} "
                               f"micro-batches of a per-rank batch of {b // grid.data}")
-        if cfg.run.straggler:
-            rank, _ = parse_straggler(cfg.run.straggler)
-            if rank >= world_size:
-                raise ConfigError(f"run.straggler: rank {rank} does not exist in a job of "
-                                  f"{world_size} ranks")
         return grid
 
     @property
