@@ -20,10 +20,8 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from mpi4py import MPI
 
-from mltrain.comm import GradReducer
 from mltrain.comm.waiting import wait
 from mltrain.planner.cost import Hardware, extra_waits
 
@@ -135,13 +133,15 @@ def hardware_toml(hw: Hardware) -> str:
 def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dict:
     """``rounds`` rounds of ``steps`` timed steps of every decomposition. Collective on
     ``comm``."""
-    from mltrain.comm import Grid, broadcast_parameters
+    import dataclasses
+
+    from mltrain.comm import Grid
     from mltrain.data import open_dataset
     from mltrain.nn import build_model
-    from mltrain.optim import build_optimizer
-    from mltrain.mgrit import LayerParallel
-    from mltrain.pipeline import LayeredPipeline, Pipeline, sequential_layers
+    from mltrain.optim.base import Batches, Context, Straggler
     from mltrain.planner.search import plan, profile_model
+    from mltrain.train.optimizers import build_method, layer_alignment
+    from mltrain.train.parallelize import parallelize
 
     P, rank = comm.Get_size(), comm.Get_rank()
     torch.set_num_threads(1)
@@ -186,43 +186,24 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
     for (D, S, L, M, sched), pred in sorted(predicted.items()):
         if S > 2:
             continue  # measured: unpipelined and 2 stages
-        grid = Grid.for_world(P, data=D, pipe=S, layer=L)
-        gc = grid.build(comm)
-        model = fresh()
-        broadcast_parameters(model, comm)
-        opt = build_optimizer(cfg.optim.name, model.parameters(), lr=cfg.optim.lr,
-                              momentum=cfg.optim.momentum)
+        # The decomposition as the trainer runs it: its layout and its optimizer.
+        run_cfg = dataclasses.replace(
+            cfg, parallel=dataclasses.replace(cfg.parallel, data=D, pipe=S, layer=L),
+            pipeline=dataclasses.replace(cfg.pipeline, microbatches=M, schedule=sched,
+                                         balance=",".join(map(str, pred["balance"]))
+                                         if S > 1 else ""))
+        gc = Grid.for_world(P, data=D, pipe=S, layer=L).build(comm)
+        layout = parallelize(fresh(), gc, run_cfg, align=layer_alignment(run_cfg))
+        method = build_method(Context(run_cfg, layout, layout.module, Straggler()))
         dr = gc.coords["data"]
         x, y = x_all[dr * (B // D):(dr + 1) * (B // D)], y_all[dr * (B // D):(dr + 1) * (B // D)]
-        net, pipe = model, None
-        if S > 1 and L > 1:
-            pipe = LayeredPipeline(model, gc.comms["pipe"], gc.comms["layer"], microbatches=M,
-                                   schedule=sched, balance=pred["balance"], **mgrit)
-        elif S > 1:
-            pipe = Pipeline(sequential_layers(model), gc.comms["pipe"], microbatches=M,
-                            schedule=sched, balance=pred["balance"])
-        elif L > 1:
-            net = LayerParallel(model, gc.comms["layer"], **mgrit)
-        # What this rank trains, as the trainer reduces it over the data axis.
-        params = list(pipe.parameters() if pipe else net.local_modules().parameters()
-                      if L > 1 else model.parameters())
-        reducer = (GradReducer(params, gc.data, int(cfg.comm.bucket_mb * 2 ** 20),
-                               grad_as_bucket_view=False, max_inflight=cfg.comm.max_inflight)
-                   if D > 1 else None)
 
-        def step(net=net, opt=opt, pipe=pipe, reducer=reducer, x=x, y=y):
-            opt.zero_grad(set_to_none=True)
-            if pipe is not None:
-                pipe.step(x, y)
-            else:
-                F.cross_entropy(net(x), y).backward()
-            if reducer is not None:
-                reducer.reduce()
-            opt.step()
+        def step(method=method, x=x, y=y):
+            method.step(Batches(None, 0, D, B, fixed=(x, y)))
 
-        def done(reducer=reducer, gc=gc):
-            if reducer is not None:
-                reducer.remove()
+        def done(method=method, layout=layout, gc=gc):
+            method.close()
+            layout.close()
             gc.free()
         row = {"data": D, "pipe": S, "layer": L, "microbatches": M, "schedule": sched,
                "balance": pred["balance"], "predicted_s": pred["predicted_step_s"]}

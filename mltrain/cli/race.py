@@ -15,9 +15,10 @@ def work(t: Trainer) -> float:
     """Gradient equivalents so far (on the full network; coarse levels at their cost),
     loss-only evaluations at one half."""
     w = t.work()
-    if hasattr(t.optimizer, "report"):
+    rep = t.method.report(t.dataset.num_train)
+    if "loss_evals" in rep:
         cost = t.hierarchy.cost[t.phase] if t.hierarchy is not None else 1.0
-        w += 0.5 * t.optimizer.report(t.dataset.num_train)["loss_evals"] * cost
+        w += 0.5 * rep["loss_evals"] * cost
     return w
 
 
@@ -60,10 +61,9 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf) -> di
     row.update({"steps": t.step, "curve": curve, **curve[-1],
                 "work_to_target": hit["work"] if hit else None,
                 "wall_to_target": hit["wall_s"] if hit else None, "level_steps": t.level_steps})
-    if hasattr(t.optimizer, "report"):
-        rep = t.optimizer.report(t.dataset.num_train)
-        row.update({k: rep[k] for k in ("accepted_steps", "rejected_steps", "coarse_corrections",
-                                        "line_search") if k in rep})
+    rep = t.method.report(t.dataset.num_train)
+    row.update({k: rep[k] for k in ("accepted_steps", "rejected_steps", "coarse_corrections",
+                                    "line_search") if k in rep})
     t.close()
     return row
 

@@ -250,7 +250,10 @@ class TrustRegion(torch.optim.Optimizer):
         if saved is not None:
             self.state[self._first]["radius"] = torch.as_tensor(saved).to(torch.float64).clone()
         for p in self._params:  # the memory lives in self.lsr1, not in the state
-            for key in [k for k in self.state[p] if k.startswith("lsr1_")]:
+            # (`in` first: indexing the state's defaultdict would add empty entries, which
+            # a flat multilevel state dict refuses when it is saved again.)
+            for key in [k for k in self.state[p] if k.startswith("lsr1_")] if p in self.state \
+                    else []:
                 del self.state[p][key]
         first = raw.get(0, {})
         if self.lsr1 is not None and self.layer_comm is None and "lsr1_gamma" in first:

@@ -1,0 +1,201 @@
+"""What an optimizer is to the Trainer, and the builders of the single-level ones.
+
+Every optimizer the Trainer runs is a ``Method``: ``step`` trains one step on this rank's
+data, ``work`` and ``report`` count what it cost, ``state`` is what checkpoints hold (a
+``torch.optim.Optimizer`` or one with its ``state_dict`` interface), ``sync`` the data-axis
+scheme whose consensus is evaluated, ``close`` frees what it holds. A builder takes a
+``Context`` (config, layout, straggler) and returns a Method; ``mltrain.train.optimizers``
+maps each ``optim.name`` to its builder. Nothing here asks which kind an optimizer is.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mltrain.optim import build_optimizer
+from mltrain.optim.tr import TrustRegion
+from mltrain.sync import SyncStrategy, build_sync
+
+__all__ = ["Batches", "Context", "Method", "Straggler", "first_order", "trust_region",
+           "tr_settings"]
+
+
+class Straggler:
+    """``run.straggler``: this rank's compute takes ``factor`` times longer (it sleeps
+    factor - 1 times what the timed block took), on every training path. Not collective."""
+
+    def __init__(self, factor: float = 1.0):
+        self.factor = factor
+
+    @contextmanager
+    def timed(self):
+        t0 = time.perf_counter()
+        yield
+        if self.factor > 1.0:
+            time.sleep((self.factor - 1.0) * (time.perf_counter() - t0))
+
+
+@dataclass
+class Batches:
+    """This rank's data at one step: the mini-batch, or (trust region's ``optim.batch``)
+    the whole partition or several consecutive mini-batches."""
+
+    loader: Any  # ShardLoader
+    step: int
+    dp_size: int
+    num_train: int
+    fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # the mini-batch, if given
+
+    def minibatch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fixed is not None:
+            return self.fixed
+        return self.loader.batch(*divmod(self.step, self.loader.num_steps))
+
+    def grown(self, mode: str, factor: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(x, y, weight) for ``optim.batch`` = ``mode``: the mini-batch, the whole
+        partition (full, or hybrid grown past an epoch), or ``factor`` consecutive
+        mini-batches (hybrid). weight = local samples x ranks / global samples."""
+        spe = self.loader.num_steps
+        if mode == "full" or factor >= spe:
+            x, y = self.loader.x, self.loader.y
+            return x, y, len(x) * self.dp_size / self.num_train
+        if factor > 1:
+            epoch, pos = divmod(self.step, spe)
+            parts = [self.loader.batch(epoch, (pos + j) % spe) for j in range(factor)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), 1.0
+        return (*self.minibatch(), 1.0)
+
+
+@dataclass
+class Context:
+    """What a builder gets: the config, the run's layout (``mltrain.train.parallelize``),
+    the network to train (the layout's, or a coarse level's in nested iteration), the
+    straggler, and (nested iteration) the number of levels from that network down."""
+
+    cfg: Any
+    layout: Any
+    model: torch.nn.Module
+    straggler: Straggler
+    levels: int | None = None
+
+    @property
+    def layered(self) -> bool:
+        """The network trained is the layout's layer-parallel one."""
+        return self.layout.lp is not None and self.model is self.layout.lp
+
+
+class Method:
+    """An optimizer as the Trainer runs it (see the module docstring).
+
+    ``flat_state``: the state is already replicated on every layer rank (no gather before a
+    checkpoint)."""
+
+    flat_state = False
+
+    def __init__(self, state, sync: SyncStrategy, straggler: Straggler):
+        self.state, self.sync, self.straggler = state, sync, straggler
+
+    @property
+    def lr(self) -> float:
+        return self.state.param_groups[0]["lr"]
+
+    def step(self, batches: Batches) -> torch.Tensor:
+        """One optimizer step; returns this rank's loss (detached). Collective on the
+        layout's axes."""
+        raise NotImplementedError
+
+    def work(self, steps: int, batch_size: int, num_train: int) -> float:
+        """Work so far in gradient equivalents of the network trained."""
+        return steps * batch_size / num_train
+
+    def report(self, num_train: int) -> dict:
+        """Figures for the run summary (work counters, radius, decisions)."""
+        return {}
+
+    def close(self) -> None:
+        """Frees hooks, communicators and solvers. Collective on the data axis."""
+        self.sync.close()
+
+
+class FirstOrder(Method):
+    """A torch optimizer (SGD, Adam) with a data-parallel sync scheme."""
+
+    def __init__(self, state, sync, straggler, layout, model):
+        super().__init__(state, sync, straggler)
+        self.layout, self.model = layout, model
+
+    def step(self, batches: Batches) -> torch.Tensor:
+        self.sync.before_forward(batches.step)
+        with self.straggler.timed():
+            loss = self.layout.loss_backward(*batches.minibatch(), model=self.model)
+        self.sync.after_backward(batches.step)
+        self.state.step()
+        self.sync.after_step(batches.step)
+        return loss
+
+
+class SecondOrder(Method):
+    """An optimizer that evaluates its own objective on the batch (trust region, RMTR,
+    MG/OPT): ``state.tr_step``; it averages gradients and products itself."""
+
+    def __init__(self, state, sync, straggler, model, batch_mode: str):
+        super().__init__(state, sync, straggler)
+        self.model, self.batch_mode = model, batch_mode
+        self.flat_state = bool(getattr(state, "flat_state", False))
+
+    def step(self, batches: Batches) -> torch.Tensor:
+        factor = self.state.batch_factor if self.batch_mode == "hybrid" else 1
+        x, y, weight = batches.grown(self.batch_mode, factor)
+        with self.straggler.timed():
+            value = self.state.tr_step(self.model, F.cross_entropy, x, y, weight)
+        return torch.tensor(value)
+
+    def work(self, steps: int, batch_size: int, num_train: int) -> float:
+        return self.state.work(num_train)
+
+    def report(self, num_train: int) -> dict:
+        return self.state.report(num_train)
+
+    def close(self) -> None:
+        super().close()
+        self.state.close()
+
+
+def tr_settings(o) -> dict:
+    """The trust-region keyword arguments of ``optim.*`` (every level alike)."""
+    return dict(radius=o.radius, radius_max=o.radius_max, eta1=o.eta1, eta2=o.eta2,
+                gamma1=o.gamma1, gamma2=o.gamma2, curvature=o.curvature, ksp_type=o.ksp_type,
+                max_it=o.max_it, memory=o.memory,
+                grow_after=o.grow_after if o.batch == "hybrid" else 0)
+
+
+def first_order(ctx: Context) -> Method:
+    """SGD or Adam on the parameters this rank trains, with ``sync.*``'s scheme (a
+    pipeline averages its own gradients: no scheme). Collective on the data axis."""
+    o, layout = ctx.cfg.optim, ctx.layout
+    opt = build_optimizer(o.name, ctx.model.parameters(), lr=o.lr, momentum=o.momentum,
+                          weight_decay=o.weight_decay)
+    # Layer-parallel: each rank reduces the gradients of what it trains, nothing else.
+    sync = (SyncStrategy(ctx.model, layout.data) if layout.pipe is not None else
+            build_sync(ctx.cfg, layout.lp.local_modules() if ctx.layered else ctx.model,
+                       layout.data))
+    return FirstOrder(opt, sync, ctx.straggler, layout, ctx.model)
+
+
+def trust_region(ctx: Context) -> Method:
+    """Trust region over the parameter vector (distributed over the layer axis when there
+    is one). Collective on the data axis."""
+    layout, o = ctx.layout, ctx.cfg.optim
+    if ctx.layered:  # weight space over the layer axis
+        lp = layout.lp
+        opt = TrustRegion(lp.vector_parameters(), layout.data, layer_comm=lp.comm,
+                          after_set=lp.sync_replicated, **tr_settings(o))
+    else:
+        opt = TrustRegion(ctx.model.parameters(), layout.data, **tr_settings(o))
+    return SecondOrder(opt, SyncStrategy(ctx.model, layout.data), ctx.straggler, ctx.model,
+                       o.batch)

@@ -1,0 +1,63 @@
+"""Nested iteration: train the coarsest network of a depth hierarchy first, prolong its
+weights to the next finer, up to the full depth (``optim.nested``); ``run.steps`` is shared
+equally by the levels, coarsest first."""
+from __future__ import annotations
+
+from mltrain.multilevel import Hierarchy
+
+__all__ = ["Nested"]
+
+
+class Nested:
+    """The phases of a nested run of ``trainer``: which level trains which step, and the
+    switch between levels (the current level's work banked, its weights prolonged, a
+    fresh optimizer for the next; the finest level's is the trainer's first). Collective
+    on the trainer's communicator where it switches."""
+
+    def __init__(self, trainer, o):
+        self.t = trainer
+        self.h = Hierarchy(trainer.model, o.levels, o.cf, o.transfer, o.prolongation)
+        self.steps = [0] * self.h.levels  # steps trained on each level in this run
+        self.coarse_work = 0.0  # work of the levels already trained, fine-gradient units
+        self.fine = trainer.method
+        self.phase = 0
+
+    def phase_of(self, step: int) -> int:
+        L = self.h.levels
+        return max(L - 1 - step // max(self.t.total_steps // L, 1), 0)
+
+    def start(self, step: int) -> None:
+        """Enters the level that trains ``step`` (the coarsest for a new run)."""
+        if self.phase_of(step) > 0:
+            self.phase = self.h.levels
+            self.enter(self.phase_of(step))
+
+    def before(self, step: int) -> None:
+        want = self.phase_of(step)
+        if want != self.phase:
+            self.enter(want)
+
+    def work(self) -> float:
+        t = self.t
+        own = t.method.work(self.steps[self.phase], t.cfg.data.batch_size,
+                            t.dataset.num_train)
+        return self.coarse_work + own * self.h.cost[self.phase]
+
+    def enter(self, level: int) -> None:
+        t, h = self.t, self.h
+        if self.phase < h.levels:  # not the very first entry
+            self.coarse_work += t.method.work(self.steps[self.phase], t.cfg.data.batch_size,
+                                              t.dataset.num_train) * h.cost[self.phase]
+            t.method.close()
+            for lv in range(self.phase - 1, level - 1, -1):
+                h.prolong_to(lv)
+        self.phase = level
+        t.model = h.models[level]
+        # A multilevel optimizer on a coarse level uses the levels below it.
+        t.method = self.fine if level == 0 else t._build(t.model, h.levels - level)
+        t.model.train()
+
+    def finish(self) -> None:
+        """Brings a run that stopped early to the full-depth network."""
+        if self.phase > 0:
+            self.enter(0)
