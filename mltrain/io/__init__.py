@@ -1,7 +1,8 @@
 """Layer 5: HDF5 checkpoints and metrics files."""
 from mltrain.io.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints,
-                                   load_checkpoint, prepare_folder, save_checkpoint)
+                                   load_checkpoint, prepare_folder, resume,
+                                   save_checkpoint)
 from mltrain.io.metrics import MetricsWriter
 
 __all__ = ["CheckpointError", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
-           "prepare_folder", "save_checkpoint", "MetricsWriter"]
+           "prepare_folder", "resume", "save_checkpoint", "MetricsWriter"]

@@ -28,7 +28,7 @@ from mltrain.comm import agree, broadcast_
 from mltrain.utils.h5safe import check_dataset, read_attr, walk
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints",
-           "latest_checkpoint", "prepare_folder", "remove_stale_temporaries", "FORMAT",
+           "latest_checkpoint", "prepare_folder", "resume", "remove_stale_temporaries", "FORMAT",
            "VERSION"]
 
 FORMAT = "mltrain-checkpoint"
@@ -293,6 +293,25 @@ def _read_validated(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             raise CheckpointError(f"{path}: /{key} holds non-finite values (NaN or inf); "
                                   "resume from an earlier checkpoint")
     return meta, arrays
+
+
+def resume(folder: str | Path, model: torch.nn.Module, optimizer, comm: MPI.Comm,
+           log) -> tuple[int, str | None]:
+    """``checkpoint.resume``: restores the newest checkpoint in ``folder``; returns (its
+    step, its path), or (0, None) when there is none (a fresh start, logged). Collective
+    on ``comm``."""
+    path = comm.bcast(latest_checkpoint(folder) if comm.Get_rank() == 0 else None)
+    if path is None:
+        log.info(f"checkpoint.resume: no checkpoint in {folder}; starting fresh")
+        return 0, None
+    meta = load_checkpoint(path, model, optimizer, comm)
+    log.info(f"resumed from {path} at step {meta['step']}")
+    if meta["world_size"] != comm.Get_size() and comm.Get_rank() == 0:
+        log.warning(f"{path} was written by {meta['world_size']} ranks, this job has "
+                    f"{comm.Get_size()}: parameters and optimizer state are restored, but "
+                    "partitions and RNG streams differ, so the run will not be bit-identical "
+                    "to an uninterrupted one")
+    return meta["step"], str(path)
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,

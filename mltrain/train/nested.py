@@ -5,7 +5,36 @@ from __future__ import annotations
 
 from mltrain.multilevel import Hierarchy
 
-__all__ = ["Nested"]
+__all__ = ["Nested", "OnePhase", "phases"]
+
+
+class OnePhase:
+    """The schedule of a run without nested iteration: one phase, the full network."""
+
+    h = None
+    phase = 0
+
+    def __init__(self, trainer):
+        self.t = trainer
+        self.steps = [0]  # steps trained in this run (a resumed run counts from 0)
+
+    def start(self, step: int) -> None:
+        pass
+
+    def before(self, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def work(self) -> float:
+        t = self.t
+        return t.method.work(self.steps[0], t.cfg.data.batch_size, t.dataset.num_train)
+
+
+def phases(trainer, o):
+    """The phase schedule ``optim.nested`` asks for. Not collective."""
+    return Nested(trainer, o) if o.nested else OnePhase(trainer)
 
 
 class Nested:

@@ -1,0 +1,47 @@
+"""Start-up checks of a run that depend on the dataset (the config's own are in
+``mltrain.config``, the rank count's in ``Grid.for_config``). Not collective: the Trainer
+runs each inside ``agree``."""
+from __future__ import annotations
+
+import torch
+
+from mltrain.config import ConfigError
+from mltrain.data import LABEL_PARTITIONS, partition, partition_options, steps_per_epoch
+from mltrain.nn import build_model
+from mltrain.utils import check_memory
+
+__all__ = ["model_memory", "epoch_steps", "my_partition"]
+
+
+def model_memory(cfg, dataset, dtype: torch.dtype, share: int) -> None:
+    """ConfigError when the configured model, its gradients and optimizer state would not
+    fit in this rank's ``share`` of the node's available memory (sized on the meta device:
+    nothing is allocated)."""
+    c = cfg
+    with torch.device("meta"):
+        m = build_model(c.model.name, dataset.input_shape, dataset.num_classes,
+                        width=c.model.width, depth=c.model.depth, dtype=dtype)
+    nbytes = sum(p.numel() for p in m.parameters()) * dtype.itemsize
+    # Parameters and gradients, plus what the optimizer keeps per parameter.
+    copies = {"sgd": 1, "adam": 2}.get(c.optim.name, 2 * c.optim.memory + 2)
+    check_memory(nbytes * (2 + copies), f"model.width = {c.model.width}, model.depth = "
+                 f"{c.model.depth} ({nbytes / 2 ** 20:.0f} MiB of parameters)",
+                 share=share, error=ConfigError)
+
+
+def epoch_steps(cfg, dataset) -> int:
+    """Steps per epoch; ConfigError when the global batch exceeds the training set."""
+    b = cfg.data.batch_size
+    spe = steps_per_epoch(dataset.num_train, b)
+    if spe < 1:
+        raise ConfigError(f"data.batch_size: {b} is larger than the training set "
+                          f"({dataset.num_train} samples)")
+    return spe
+
+
+def my_partition(cfg, dataset, dp_size: int, dp_rank: int):
+    """The training-sample indices of data-parallel rank ``dp_rank`` of ``dp_size``."""
+    d = cfg.data
+    labels = dataset.train_labels() if d.partition in LABEL_PARTITIONS else None
+    return partition(dataset.num_train, dp_size, dp_rank, d.partition, cfg.run.seed, labels,
+                     **partition_options(d))
