@@ -9,6 +9,12 @@ LAYER = {
     "optim": 3, "sync": 3, "multilevel": 4, "mgrit": 4, "pipeline": 4, "planner": 4,
     "train": 5, "io": 5, "cli": 6, "__main__": 6,
 }
+# The order of docs/architecture.md: a package imports only packages before it (so within
+# a layer too: comm builds on ops, optim on sync, pipeline on mgrit, planner on both,
+# train on io).
+ORDER = ["utils", "launch", "config", "_C", "ops", "comm", "linalg", "nn", "data", "sync",
+         "optim", "mgrit", "multilevel", "pipeline", "planner", "io", "train", "cli",
+         "__main__"]
 
 
 def _imports(tree):
@@ -23,17 +29,22 @@ def _imports(tree):
                     yield f"mltrain.{a.name}"
 
 
-def test_no_upward_imports():
-    bad = []
+def _modules():
+    """(path relative to the package, top-level package, imported module names) of every
+    module of mltrain but its __init__."""
     pkg = ROOT / "mltrain"
     for path in pkg.rglob("*.py"):
         rel = path.relative_to(pkg).with_suffix("")
-        top = rel.parts[0]
-        if top == "__init__":
-            continue
+        if rel.parts[0] != "__init__":
+            yield rel, rel.parts[0], [m.split(".") for m in _imports(ast.parse(path.read_text()))]
+
+
+def test_no_upward_imports():
+    bad = []
+    for rel, top, mods in _modules():
         mine = LAYER[top]
-        for mod in _imports(ast.parse(path.read_text())):
-            parts = mod.split(".")
+        for parts in mods:
+            mod = ".".join(parts)
             if parts[0] == "mltrain" and len(parts) > 1 and parts[1] in LAYER:
                 if LAYER[parts[1]] > mine:
                     bad.append(f"{rel} (layer {mine}) imports {mod} (layer {LAYER[parts[1]]})")
@@ -41,4 +52,16 @@ def test_no_upward_imports():
                 bad.append(f"{rel} imports petsc4py (only linalg/petsc.py may)")
             if parts[0] == "mpi4py" and top in ("utils", "config", "launch", "ops", "nn"):
                 bad.append(f"{rel} imports mpi4py (layer {top} must not communicate)")
+    assert not bad, "\n".join(bad)
+
+
+def test_packages_import_only_earlier_ones():
+    assert sorted(ORDER) == sorted(LAYER)
+    assert [LAYER[p] for p in ORDER] == sorted(LAYER[p] for p in ORDER)  # layers in order
+    bad = []
+    for rel, top, mods in _modules():
+        for parts in mods:
+            if parts[0] == "mltrain" and len(parts) > 1 and parts[1] in LAYER \
+                    and parts[1] != top and ORDER.index(parts[1]) > ORDER.index(top):
+                bad.append(f"{rel} imports {'.'.join(parts)}, which comes after {top}")
     assert not bad, "\n".join(bad)

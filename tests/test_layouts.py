@@ -139,3 +139,25 @@ def test_layout_interface(comm):
         Trainer(load_config(None, BASE + ["parallel.layer=3"]), comm, quiet=True,
                 metrics=False)
     t.close()
+
+
+def test_communicators_over_several_axes(comm):
+    """GridComm.over: the ranks sharing every other coordinate, for any set of axes (a
+    trial group is data x pipe x layer), against the grid's arithmetic."""
+    import itertools
+
+    from mltrain.comm import AXES, Grid
+
+    layer = 2 if comm.Get_size() % 2 == 0 else 1
+    gc = Grid.for_world(comm.Get_size(), layer=layer).build(comm)
+    for n in range(1, len(AXES) + 1):
+        for axes in itertools.combinations(AXES, n):
+            sub = gc.over(*axes)
+            members = sub.allgather(comm.Get_rank())
+            want = [r for r in range(comm.Get_size())
+                    if all(gc.grid.coords(r)[a] == gc.coords[a] for a in AXES if a not in axes)]
+            all_ranks(comm, members == want, f"{axes}: {members} != {want}")
+    all_ranks(comm, gc.over("data") is gc.data)
+    with pytest.raises(ValueError, match="unknown axes"):
+        gc.over("depth")
+    gc.free()

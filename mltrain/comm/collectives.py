@@ -21,7 +21,7 @@ from mpi4py import MPI
 from mltrain.comm import waiting
 from mltrain.comm.errors import collective
 
-__all__ = ["STATS", "CommStats", "allreduce_", "iallreduce_", "broadcast_", "allgather",
+__all__ = ["STATS", "CommStats", "allreduce_", "mean_", "iallreduce_", "broadcast_", "allgather",
            "reduce_", "allreduce_scalar", "allgatherv", "isend", "irecv", "Handle", "mpi_buffer"]
 
 
@@ -129,6 +129,13 @@ def allreduce_(t: torch.Tensor, comm: MPI.Comm, op: str = "sum") -> torch.Tensor
         comm.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
     s.writeback()
     return t
+
+
+def mean_(t: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:
+    """In-place mean of ``t`` over ``comm`` (the sum, then divided by the size; one rank
+    leaves it as it is). Collective on ``comm``."""
+    allreduce_(t, comm)
+    return t.div_(comm.Get_size()) if comm.Get_size() > 1 else t
 
 
 @collective("any")

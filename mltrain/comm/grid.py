@@ -147,6 +147,20 @@ class GridComm:
     def data(self) -> MPI.Comm:
         return self.comms["data"]
 
+    def over(self, *axes: str) -> MPI.Comm:
+        """One communicator over several axes at once: the ranks that share every other
+        coordinate (``over("data", "pipe", "layer")`` is a trial group). Made on first
+        use and kept; ordered by the world rank. Collective on the world communicator the
+        first time a set of axes is asked for."""
+        unknown = [a for a in axes if a not in AXES]
+        if unknown or not axes:
+            raise ValueError(f"unknown axes {unknown or axes!r} (known: {', '.join(AXES)})")
+        key = "+".join(a for a in AXES if a in axes)
+        if key not in self.comms:
+            color = self.grid.rank_of(**{**self.coords, **{a: 0 for a in axes}})
+            self.comms[key] = self.world.Split(color, self.rank)
+        return self.comms[key]
+
     def free(self) -> None:
         """Frees the axis communicators. Collective on the world communicator."""
         for c in self.comms.values():

@@ -2,7 +2,7 @@
 ``layer`` axis, forward and backward propagation by MGRIT.
 
 A network with the residual-block protocol (``opening``, ``blocks`` with steps ``h``,
-``closing``; see ``mltrain.multilevel.check_protocol``) keeps its opening and closing
+``closing``; see ``mltrain.nn.check_residual``) keeps its opening and closing
 layers on every layer rank (they are cheap and this keeps the autograd graph ordinary):
 every rank runs the opening on the batch, the blocks go through MGRIT, the last rank's
 final state is broadcast and every rank runs the closing layer and the loss. Rank r owns
@@ -28,7 +28,7 @@ from mltrain.comm import broadcast_
 from mltrain.comm.ownership import gather_params, gather_state
 from mltrain.config import ConfigError
 from mltrain.mgrit.solver import MGRITSolver
-from mltrain.multilevel.hierarchy import check_protocol
+from mltrain.nn import check_residual
 
 __all__ = ["LayerParallel", "split_layers"]
 
@@ -93,7 +93,7 @@ class LayerParallel(nn.Module):
         """``align``: see ``split_layers``; ``ranges``: the blocks of each rank, given
         (a coarse level of a layer-parallel hierarchy splits where its finest level does)."""
         super().__init__()
-        check_protocol(model, "layer-parallel training (parallel.layer > 1)")
+        check_residual(model, "layer-parallel training (parallel.layer > 1)")
         self.model, self.comm = model, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.ranges = (split_layers(len(model.blocks), self.size, levels, cf, align)

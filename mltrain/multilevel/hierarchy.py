@@ -16,26 +16,13 @@ import torch
 
 from mltrain import ops
 from mltrain.config import ConfigError
+from mltrain.nn import check_residual
 
 __all__ = ["check_protocol", "coarsen", "Hierarchy", "restrict_vec", "prolong_vec", "restrict_grad",
            "to_finest", "finest_metric"]
 
 
-def check_protocol(model: torch.nn.Module, what: str = "multilevel training") -> None:
-    """Raises ConfigError unless ``model`` exposes the residual-block protocol; ``what``
-    names the feature that needs it."""
-    missing = [a for a in ("opening", "blocks", "closing") if not hasattr(model, a)]
-    if missing:
-        raise ConfigError(f"{what} needs a residual network with opening, blocks and closing "
-                          f"(model.name = 'resnet', or see examples/custom_model.py); "
-                          f"{type(model).__name__} lacks {', '.join(missing)}")
-    blocks = model.blocks
-    if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
-        raise ConfigError(f"{what}: model.blocks must be a non-empty ModuleList")
-    names = [tuple(n for n, _ in b.named_parameters()) for b in blocks]
-    if len(set(names)) != 1 or not all(hasattr(b, "h") for b in blocks):
-        raise ConfigError(f"{what}: every block needs the same parameters and a step "
-                          "attribute h")
+check_protocol = check_residual  # the residual-block protocol lives in mltrain.nn
 
 
 def _stacked(blocks) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-from mltrain.comm import allreduce_
+from mltrain.comm import mean_
 from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy, prolong_vec, restrict_grad, restrict_vec
@@ -59,8 +59,7 @@ class MGOpt(LevelOptimizers):
         return 1
 
     def _mean(self, t: torch.Tensor) -> torch.Tensor:
-        allreduce_(t, self.comm)
-        return t.div_(self.P) if self.P > 1 else t
+        return mean_(t, self.comm)
 
     def _f_and_grad(self, level, loss_fn, x, y, v, weight=1.0):
         """F_l and its gradient at the level's current parameters (averaged over ranks)."""

@@ -15,7 +15,36 @@ from torch import nn
 
 from mltrain import ops
 
-__all__ = ["MLP", "ResNet", "ResidualBlock", "CNN", "build_model"]
+__all__ = ["MLP", "ResNet", "ResidualBlock", "CNN", "build_model", "is_residual",
+           "check_residual"]
+
+PROTOCOL = ("opening", "blocks", "closing")
+
+
+def is_residual(model: nn.Module) -> bool:
+    """Whether ``model`` has the parts of the residual-block protocol (see the module
+    docstring); ``check_residual`` checks the blocks too."""
+    return all(hasattr(model, a) for a in PROTOCOL)
+
+
+def check_residual(model: nn.Module, what: str = "multilevel training") -> None:
+    """Raises ConfigError unless ``model`` follows the residual-block protocol: opening,
+    a non-empty ModuleList of blocks with the same parameters and a step ``h`` each, and
+    closing. ``what`` names the feature that needs it."""
+    from mltrain.config import ConfigError
+
+    missing = [a for a in PROTOCOL if not hasattr(model, a)]
+    if missing:
+        raise ConfigError(f"{what} needs a residual network with opening, blocks and closing "
+                          f"(model.name = 'resnet', or see examples/custom_model.py); "
+                          f"{type(model).__name__} lacks {', '.join(missing)}")
+    blocks = model.blocks
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise ConfigError(f"{what}: model.blocks must be a non-empty ModuleList")
+    names = [tuple(n for n, _ in b.named_parameters()) for b in blocks]
+    if len(set(names)) != 1 or not all(hasattr(b, "h") for b in blocks):
+        raise ConfigError(f"{what}: every block needs the same parameters and a step "
+                          "attribute h")
 
 
 class MLP(nn.Module):

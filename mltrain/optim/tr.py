@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import torch
 from mpi4py import MPI
 
-from mltrain.comm import allreduce_
+from mltrain.comm import mean_
 from mltrain.linalg import has_petsc
 from mltrain.linalg.curvature import Curvature
 from mltrain.linalg.vector import FlatParams
@@ -134,8 +134,7 @@ class TrustRegion(torch.optim.Optimizer):
             st["rejected_streak"].fill_(0)
 
     def _mean(self, t: torch.Tensor) -> torch.Tensor:
-        allreduce_(t, self.comm)
-        return t.div_(self.P) if self.P > 1 else t
+        return mean_(t, self.comm)
 
     def _dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """a . b of parameter vectors, summed over the layer axis when distributed."""

@@ -14,6 +14,7 @@ from mltrain.comm import STATS, broadcast_
 from mltrain.comm.ownership import gather_params, gather_state
 from mltrain.comm.waiting import probe, wait
 from mltrain.config import ConfigError
+from mltrain.nn import is_residual
 from mltrain.pipeline.schedules import build_schedule
 
 __all__ = ["Pipeline", "sequential_layers", "residual_span", "default_balance"]
@@ -27,7 +28,7 @@ def sequential_layers(model: nn.Module) -> list[nn.Module]:
         return list(model)
     if isinstance(getattr(model, "net", None), nn.Sequential):
         return list(model.net)
-    if all(hasattr(model, a) for a in ("opening", "blocks", "closing")):
+    if is_residual(model):
         return [model.opening, *model.blocks, model.closing]
     raise ConfigError(f"parallel.pipe: {type(model).__name__} is not sequential (an "
                       "nn.Sequential, a model with a Sequential .net, or a residual network "
@@ -37,7 +38,7 @@ def sequential_layers(model: nn.Module) -> list[nn.Module]:
 def residual_span(model: nn.Module) -> tuple[int, int] | None:
     """Where a residual network's blocks sit in ``sequential_layers(model)``: (1, 1 + the
     number of blocks), after the opening; None for other models."""
-    if all(hasattr(model, a) for a in ("opening", "blocks", "closing")):
+    if is_residual(model):
         return 1, 1 + len(model.blocks)
     return None
 

@@ -20,6 +20,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mltrain.config import ConfigError
+from mltrain.nn import check_residual
 from mltrain.mgrit import LayerParallel, split_layers
 from mltrain.pipeline.executor import Pipeline
 
@@ -74,10 +75,7 @@ class LayeredPipeline(Pipeline):
                  microbatches: int, schedule: str = "1f1b", balance: list[int] | None = None,
                  loss_fn=None, **mgrit):
         S, L = pipe_comm.Get_size(), layer_comm.Get_size()
-        if not all(hasattr(model, a) for a in ("opening", "blocks", "closing")):
-            raise ConfigError(f"parallel.layer: pipeline stages go layer-parallel only for a "
-                              f"residual network (opening, blocks, closing); "
-                              f"{type(model).__name__} is not one")
+        check_residual(model, "parallel.layer: layer-parallel pipeline stages")
         N = len(model.blocks)
         levels, cf = mgrit.get("levels", 2), mgrit.get("cf", 2)
         if balance:

@@ -9,13 +9,13 @@ from __future__ import annotations
 from mpi4py import MPI
 
 from mltrain.sync.allreduce import AllReduce
-from mltrain.sync.base import FlatParams, SyncStrategy, average_, consensus_distance
+from mltrain.sync.base import FlatParams, SyncStrategy, consensus_distance
 from mltrain.sync.compression import build_compressor
 from mltrain.sync.gossip import DPSGD, SGP, AsyncPushSum, PushSum, exponential_peers
 from mltrain.sync.hierarchical import Hierarchical
 from mltrain.sync.local import EASGD, LocalSGD
 
-__all__ = ["SyncStrategy", "FlatParams", "average_", "consensus_distance", "AllReduce",
+__all__ = ["SyncStrategy", "FlatParams", "consensus_distance", "AllReduce",
            "LocalSGD", "EASGD", "SGP", "DPSGD", "PushSum", "AsyncPushSum", "Hierarchical",
            "exponential_peers", "build_sync", "build_compressor"]
 

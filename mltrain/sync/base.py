@@ -7,18 +7,12 @@ from contextlib import contextmanager
 import torch
 from mpi4py import MPI
 
-from mltrain.comm import STATS, allreduce_
+from mltrain.comm import STATS, mean_
 from mltrain.linalg.vector import FlatParams
 
-__all__ = ["SyncStrategy", "FlatParams", "average_", "consensus_distance"]
+__all__ = ["SyncStrategy", "FlatParams", "consensus_distance"]
 
 
-def average_(flat: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:
-    """In-place average of ``flat`` over ``comm``. Collective on ``comm``."""
-    allreduce_(flat, comm)
-    if comm.Get_size() > 1:
-        flat.div_(comm.Get_size())
-    return flat
 
 
 def consensus_distance(flat: torch.Tensor, comm: MPI.Comm) -> float:
@@ -27,9 +21,9 @@ def consensus_distance(flat: torch.Tensor, comm: MPI.Comm) -> float:
     Collective on ``comm``.
     """
     with STATS.paused():
-        mean = average_(flat.clone(), comm)
+        mean = mean_(flat.clone(), comm)
         d = torch.tensor([float((flat - mean).norm())], dtype=torch.float64)
-        return float(average_(d, comm)[0])
+        return float(mean_(d, comm)[0])
 
 
 class SyncStrategy:
@@ -68,7 +62,7 @@ class SyncStrategy:
         Collective on the data axis.
         """
         with STATS.paused():
-            return average_(self.flat.get(), self.comm)
+            return mean_(self.flat.get(), self.comm)
 
     @contextmanager
     def consensus(self):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from mltrain.comm import GradReducer, allreduce_
-from mltrain.sync.base import SyncStrategy, average_
+from mltrain.comm import GradReducer, allreduce_, mean_
+from mltrain.sync.base import SyncStrategy
 
 __all__ = ["LocalSGD", "EASGD"]
 
@@ -41,7 +41,7 @@ class LocalSGD(SyncStrategy):
 
     def after_step(self, step):
         if not self._sync_grads(step) and (step + 1 - self.warmup) % self.period == 0:
-            self.flat.set(average_(self.flat.get(self._buf), self.comm))
+            self.flat.set(mean_(self.flat.get(self._buf), self.comm))
 
     def close(self):
         self.reducer.remove()
