@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
+from mltrain.cli.timing import mean_of_slowest
 from mltrain.comm import GradReducer, broadcast_parameters, local_cpu_masks
 from mltrain.config import ConfigError
 from mltrain.nn import build_model
@@ -55,16 +56,6 @@ def _init_gloo(comm: MPI.Comm):
     dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}",
                             rank=comm.Get_rank(), world_size=comm.Get_size())
     return dist
-
-
-def _max_time(comm: MPI.Comm, fn, reps: int) -> float:
-    """Seconds per call, the slowest rank's."""
-    comm.Barrier()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    comm.Barrier()
-    return comm.allreduce((time.perf_counter() - t0) / reps, op=MPI.MAX)
 
 
 def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dict:
@@ -114,8 +105,8 @@ def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dic
     per = max(1, steps // rounds)
     t_ml, t_ddp = [], []
     for _ in range(rounds):
-        t_ml.append(_max_time(comm, ml_step, per))
-        t_ddp.append(_max_time(comm, ddp_step, per))
+        t_ml.append(mean_of_slowest(comm, ml_step, per))
+        t_ddp.append(mean_of_slowest(comm, ddp_step, per))
     step_ml, step_ddp = statistics.median(t_ml), statistics.median(t_ddp)
 
     # (c) reduction bandwidth: the reducer on ready gradients vs one raw Allreduce
@@ -130,8 +121,8 @@ def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dic
     reducer.reduce()
     t_raw, t_red = [], []
     for _ in range(rounds):
-        t_raw.append(_max_time(comm, raw, max(1, reps // rounds)))
-        t_red.append(_max_time(comm, reducer.reduce, max(1, reps // rounds)))
+        t_raw.append(mean_of_slowest(comm, raw, max(1, reps // rounds)))
+        t_red.append(mean_of_slowest(comm, reducer.reduce, max(1, reps // rounds)))
     t_raw_s, t_red_s = statistics.median(t_raw), statistics.median(t_red)
     dist.destroy_process_group()
     reducer.remove()
@@ -264,65 +255,72 @@ def check_args(what: str, cfg, args, ranks: int) -> None:
 
 
 def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
-    """Runs one benchmark, prints its figures on rank 0, writes --json. Collective."""
+    """Runs one benchmark (``BENCHMARKS[what]``), prints its figures on rank 0, writes
+    --json. Collective."""
     from mltrain.cli import check_writable
     from mltrain.comm import agree
 
     agree(comm, lambda: check_writable(args.json, "--json"), what="config")
     agree(comm, lambda: check_args(what, cfg, args, comm.Get_size()), what="config")
-    if what == "multilevel":
-        return _multilevel(cfg, args, comm)
-    if what == "mgrit":
-        return _mgrit(args, comm)
-    if what in ("hardware", "pipeline"):
-        return _pipeline(what, cfg, args, comm)
-    if what == "tr":
-        from mltrain.cli.bench_tr import bench_tr
-        from mltrain.cli.race import plot
+    return BENCHMARKS[what](what, cfg, args, comm)
 
-        agree(comm, lambda: check_writable(args.plot, "--plot"), what="config")
-        res = bench_tr(args.config, args.overrides, comm, budget=args.budget)
-        if comm.Get_rank() == 0:
-            print(f"bench tr: {res['dataset']}, {res['model']}, {res['ranks']} rank(s), "
-                  f"{res['budget']:g} gradient equivalents of work each")
-            print(f"  {'method':<12}{'steps':>7}{'work':>8}{'wall s':>9}{'train loss':>12}"
-                  f"{'test acc':>10}")
-            for r in res["methods"]:
-                print(f"  {r['method']:<12}{r['steps']:>7}{r['work']:>8.2f}{r['wall_s']:>9.2f}"
-                      f"{r['train_loss']:>12.4f}{r['test_accuracy']:>10.4f}")
-            _write_json(args.json, what, res)
-            if args.plot:
-                plot(res, args.plot)
-        return 0
-    if what == "kernels":
-        from mltrain.cli.bench_kernels import bench_kernels
 
-        sizes = parse_sizes(args.sizes)
-        res = bench_kernels(sizes) if sizes else bench_kernels()
-        print(f"bench kernels: {res['threads']} threads; speedup = torch reference time / "
-              "kernel time (best of several runs)")
-        names = list(res["speedup_at_largest"])
-        sizes = sorted({r["elements"] for r in res["rows"]})
-        print(f"  {'kernel':<26}" + "".join(f"{n:>10.0e}" for n in sizes))
-        for name in names:
-            cells = {r["elements"]: r["speedup"] for r in res["rows"] if r["kernel"] == name}
-            print(f"  {name:<26}" + "".join(f"{cells[n]:>10.2f}" for n in sizes))
+def _tr(what: str, cfg, args, comm: MPI.Comm) -> int:
+    from mltrain.cli import check_writable
+    from mltrain.cli.bench_tr import bench_tr
+    from mltrain.cli.race import plot
+    from mltrain.comm import agree
+
+    agree(comm, lambda: check_writable(args.plot, "--plot"), what="config")
+    res = bench_tr(args.config, args.overrides, comm, budget=args.budget)
+    if comm.Get_rank() == 0:
+        print(f"bench tr: {res['dataset']}, {res['model']}, {res['ranks']} rank(s), "
+              f"{res['budget']:g} gradient equivalents of work each")
+        print(f"  {'method':<12}{'steps':>7}{'work':>8}{'wall s':>9}{'train loss':>12}"
+              f"{'test acc':>10}")
+        for r in res["methods"]:
+            print(f"  {r['method']:<12}{r['steps']:>7}{r['work']:>8.2f}{r['wall_s']:>9.2f}"
+                  f"{r['train_loss']:>12.4f}{r['test_accuracy']:>10.4f}")
         _write_json(args.json, what, res)
-        return 0
-    if what == "sync":
-        # A whole number of every scheme's period (16, 8, 4) in the timed window.
-        res = bench_sync(cfg, args.steps or 32, comm)
-        if comm.Get_rank() == 0:
-            print(f"bench sync: {res['ranks']} ranks, {res['model']}, global batch "
-                  f"{res['global_batch']}, {res['steps']} timed steps; ratios vs allreduce")
-            print(f"  {'scheme':<22}{'step ms':>9}{'ratio':>7}{'MB/step':>10}{'bytes ratio':>13}"
-                  f"{'2x straggler ms':>17}{'growth':>8}")
-            for r in res["schemes"]:
-                print(f"  {r['scheme']:<22}{r['step_s'] * 1e3:>9.1f}{r['step_ratio']:>7.2f}"
-                      f"{r['bytes_per_step'] / 1e6:>10.3f}{r['bytes_ratio']:>13.4f}"
-                      f"{r['step_s_straggler'] * 1e3:>17.1f}{r['straggler_growth']:>8.2f}")
-            _write_json(args.json, what, res)
-        return 0
+        if args.plot:
+            plot(res, args.plot)
+    return 0
+
+
+def _kernels(what: str, cfg, args, comm: MPI.Comm) -> int:
+    from mltrain.cli.bench_kernels import bench_kernels
+
+    sizes = parse_sizes(args.sizes)
+    res = bench_kernels(sizes) if sizes else bench_kernels()
+    print(f"bench kernels: {res['threads']} threads; speedup = torch reference time / "
+          "kernel time (best of several runs)")
+    names = list(res["speedup_at_largest"])
+    sizes = sorted({r["elements"] for r in res["rows"]})
+    print(f"  {'kernel':<26}" + "".join(f"{n:>10.0e}" for n in sizes))
+    for name in names:
+        cells = {r["elements"]: r["speedup"] for r in res["rows"] if r["kernel"] == name}
+        print(f"  {name:<26}" + "".join(f"{cells[n]:>10.2f}" for n in sizes))
+    _write_json(args.json, what, res)
+    return 0
+
+
+def _sync(what: str, cfg, args, comm: MPI.Comm) -> int:
+    # A whole number of every scheme's period (16, 8, 4) in the timed window.
+    res = bench_sync(cfg, args.steps or 32, comm)
+    if comm.Get_rank() == 0:
+        print(f"bench sync: {res['ranks']} ranks, {res['model']}, global batch "
+              f"{res['global_batch']}, {res['steps']} timed steps; ratios vs allreduce")
+        print(f"  {'scheme':<22}{'step ms':>9}{'ratio':>7}{'MB/step':>10}{'bytes ratio':>13}"
+              f"{'2x straggler ms':>17}{'growth':>8}")
+        for r in res["schemes"]:
+            print(f"  {r['scheme']:<22}{r['step_s'] * 1e3:>9.1f}{r['step_ratio']:>7.2f}"
+                  f"{r['bytes_per_step'] / 1e6:>10.3f}{r['bytes_ratio']:>13.4f}"
+                  f"{r['step_s_straggler'] * 1e3:>17.1f}{r['straggler_growth']:>8.2f}")
+        _write_json(args.json, what, res)
+    return 0
+
+
+def _dp(what: str, cfg, args, comm: MPI.Comm) -> int:
     res = bench_dp(cfg, args.steps or 30, args.reps or 20, comm)
     if comm.Get_rank() == 0:
         print(f"bench dp: {res['ranks']} ranks x {res['threads_per_rank']} threads, "
@@ -338,7 +336,7 @@ def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
     return 0
 
 
-def _multilevel(cfg, args, comm: MPI.Comm) -> int:
+def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
     from mltrain.cli import check_writable
     from mltrain.cli.bench_multilevel import METHODS, bench_multilevel, plot
     from mltrain.comm import agree
@@ -374,7 +372,7 @@ def _multilevel(cfg, args, comm: MPI.Comm) -> int:
     return 0
 
 
-def _mgrit(args, comm: MPI.Comm) -> int:
+def _mgrit(what: str, cfg, args, comm: MPI.Comm) -> int:
     from mltrain.cli.bench_mgrit import bench_mgrit
     from mltrain.comm import agree
 
@@ -438,3 +436,10 @@ def _pipeline(what: str, cfg, args, comm: MPI.Comm) -> int:
               f"{res['top_choice']} measures {res['top_choice_vs_fastest']:.2f}x the fastest")
         _write_json(args.json, what, res)
     return 0
+
+
+# `mltrain bench WHAT`: each runner takes (what, cfg, args, comm); startup runs without MPI
+# (mltrain.cli.bench_startup, started by the CLI itself).
+BENCHMARKS = {"dp": _dp, "sync": _sync, "kernels": _kernels, "tr": _tr,
+              "multilevel": _multilevel, "mgrit": _mgrit, "hardware": _pipeline,
+              "pipeline": _pipeline}

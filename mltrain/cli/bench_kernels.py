@@ -3,22 +3,10 @@ same process, sizes 1e4 .. 1e8 elements. Speedup = reference time / kernel time 
 several repetitions). Not collective (run it as one process)."""
 from __future__ import annotations
 
-import time
-
 import torch
 
 from mltrain import ops
-
-
-def _best(fn, budget_s: float = 0.3, min_reps: int = 3, max_reps: int = 50) -> float:
-    fn()  # warm-up: first touch of the output pages
-    times = []
-    t_end = time.perf_counter() + budget_s
-    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from mltrain.cli.timing import best_alone
 
 
 def _cases(n: int):
@@ -63,7 +51,7 @@ def bench_kernels(sizes=(10**4, 10**5, 10**6, 10**7, 10**8)) -> dict:
     rows = []
     for n in sizes:
         for name, kernel, reference in _cases(n):
-            t_k, t_r = _best(kernel), _best(reference)
+            t_k, t_r = best_alone(kernel), best_alone(reference)
             rows.append({"kernel": name, "elements": n, "kernel_s": t_k, "reference_s": t_r,
                          "speedup": t_r / t_k})
     largest = max(sizes)

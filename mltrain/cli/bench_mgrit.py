@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
+from mltrain.cli.timing import best_of_slowest
 from mltrain.comm import broadcast_
 from mltrain.config import ConfigError
 from mltrain.mgrit import LayerParallel, split_layers
@@ -29,18 +30,6 @@ from mltrain.nn import ResNet
 __all__ = ["bench_mgrit"]
 
 CONFIGS = [(1, 1, 1)] + [(lv, it, 1) for lv in (2, 3) for it in (1, 2, 3)]
-
-
-def _best(fn, reps: int, comm: MPI.Comm, setup=None) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        if setup is not None:
-            setup()
-        comm.Barrier()
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    return best
 
 
 def _unit_costs(net: ResNet, batch: int, cf: int, chain: int, reps: int = 5) -> dict:
@@ -79,7 +68,7 @@ def _messages(batch: int, width: int, comm: MPI.Comm, reps: int = 100) -> dict:
                 comm.Recv(buf.numpy(), source=0)
                 comm.Send(buf.numpy(), dest=0)
         msg = comm.bcast((time.perf_counter() - t0) / reps / 2)
-        bcast = _best(lambda: broadcast_(buf, comm), 20, comm)
+        bcast = best_of_slowest(lambda: broadcast_(buf, comm), 20, comm)
     return {"message": msg, "broadcast": bcast}
 
 
@@ -106,7 +95,7 @@ def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 3
         def serial():
             if rank == 0:
                 F.cross_entropy(net(x), y).backward()
-        t_serial = _best(serial, reps, comm, clear)
+        t_serial = best_of_slowest(serial, reps, comm, clear)
         for levels, iters, bwd in CONFIGS:
             try:
                 split_layers(N, P, levels, cf)
@@ -116,7 +105,7 @@ def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 3
 
             def parallel():
                 F.cross_entropy(lp(x), y).backward()
-            t = _best(parallel, reps, comm, clear)
+            t = best_of_slowest(parallel, reps, comm, clear)
             # This configuration's overhead per pass (its cycle control, beyond the steps),
             # measured on one rank's chain by every rank at once; the slowest counts.
             ov = pass_overhead(net, x, cf, max(N // P, cf), mine,

@@ -22,7 +22,7 @@ import time
 import torch
 from mpi4py import MPI
 
-from mltrain.comm.waiting import wait
+from mltrain.cli.timing import interleaved_medians
 from mltrain.planner.cost import Hardware, extra_waits
 
 __all__ = ["measure_hardware", "bench_pipeline", "hardware_toml"]
@@ -63,27 +63,10 @@ def _handover(comm: MPI.Comm, M: int = 8, steps: int = 10, rounds: int = 3) -> f
     layers.append(nn.Linear(256, 10))
     x, y = torch.randn(32, 256), torch.randint(0, 10, (32,))
     pipes = {s: Pipeline(layers, pair, microbatches=M, schedule=s) for s in ("gpipe", "1f1b")}
-    med = _interleaved_medians(comm, {s: (lambda p=p: p.step(x, y)) for s, p in pipes.items()},
+    med = interleaved_medians(comm, {s: (lambda p=p: p.step(x, y)) for s, p in pipes.items()},
                                steps, rounds)
     pair.Free()
     return max(med["1f1b"] - med["gpipe"], 0.0) / extra_waits("1f1b", 2, M)
-
-
-def _interleaved_medians(comm: MPI.Comm, steps_by_key: dict, steps: int, rounds: int) -> dict:
-    """The median (over ``rounds`` rounds of ``steps`` timed calls after a warm-up) of each
-    step function's time on the slowest rank. The rounds go over all functions in turn, so
-    that a slow phase of the machine (the scheduler, with more ranks than cores) falls on
-    all of them rather than on one. Collective on ``comm``."""
-    times: dict = {k: [] for k in steps_by_key}
-    for _ in range(rounds):
-        for k, step in steps_by_key.items():
-            step()  # warm-up (and the first round's allocations)
-            for _ in range(steps):
-                wait(comm.Ibarrier())
-                t0 = time.perf_counter()
-                step()
-                times[k].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    return {k: sorted(t)[len(t) // 2] for k, t in times.items()}
 
 
 def measure_hardware(comm: MPI.Comm) -> Hardware:
@@ -208,7 +191,7 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
         row = {"data": D, "pipe": S, "layer": L, "microbatches": M, "schedule": sched,
                "balance": pred["balance"], "predicted_s": pred["predicted_step_s"]}
         runs.append((row, step, done))
-    med = _interleaved_medians(comm, {i: step for i, (_, step, _) in enumerate(runs)},
+    med = interleaved_medians(comm, {i: step for i, (_, step, _) in enumerate(runs)},
                                steps, rounds)
     rows = []
     for i, (row, _, done) in enumerate(runs):
