@@ -302,3 +302,37 @@ def test_layer_parallel_rmtr_resumes_at_any_degree(comm, shared_tmp):
         all_ranks(comm, resumes(shared_tmp / "lp-rmtr", degree, layered), f"at {degree}")
     serial = write(shared_tmp / "serial-rmtr", 1)
     all_ranks(comm, resumes(shared_tmp / "serial-rmtr", P, serial), "serial at P")
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("method", ["rmtr", "mgopt"])
+def test_every_level_has_its_own_petsc_options(comm, method):
+    """-mltrain_tr_* applies to every level, -mltrain_<method>_l<k>_* to level k alone (and
+    wins); an option for a level that does not exist is an error naming it."""
+    require("petsc4py")
+    from mltrain.comm import CollectiveError
+    from mltrain.linalg.petsc import init
+
+    opts = init().Options()
+    cfg = load_config(None, ["model.width=8", "model.depth=4", "run.steps=1", "run.threads=1",
+                             f"optim.name={method}", "optim.levels=2", "optim.smoother=tr"])
+
+    def max_its():
+        t = Trainer(cfg, comm, quiet=True, metrics=False)
+        its = [part.solver.ksp.getTolerances()[3] for part in t.optimizer.parts]
+        t.close()
+        return its
+
+    try:
+        opts.setValue("mltrain_tr_ksp_max_it", 7)
+        opts.setValue(f"mltrain_{method}_l1_ksp_max_it", 3)
+        all_ranks(comm, max_its() == [7, 3])
+        opts.delValue(f"mltrain_{method}_l1_ksp_max_it")
+        all_ranks(comm, max_its() == [7, 7])
+        opts.setValue(f"mltrain_{method}_l9_ksp_type", "gltr")
+        with pytest.raises(CollectiveError, match=f"mltrain_{method}_l9_ksp_type"):
+            Trainer(cfg, comm, quiet=True, metrics=False)
+    finally:
+        for key in ("mltrain_tr_ksp_max_it", f"mltrain_{method}_l1_ksp_max_it",
+                    f"mltrain_{method}_l9_ksp_type"):
+            opts.delValue(key)

@@ -148,11 +148,12 @@ class TRSubproblem:
     """
 
     def __init__(self, n: int, *, ksp_type: str = "stcg", max_it: int = 50,
-                 rtol: float = 1e-6, options_prefix: str = "mltrain_tr_", comm=None):
+                 rtol: float = 1e-6, options_prefix: str = "mltrain_tr_",
+                 shared_prefix: str | None = None, comm=None):
         PETSc = init()
         self.PETSc = PETSc
         self.n = n
-        self.prefix = options_prefix
+        self.prefix, self.shared = options_prefix, shared_prefix
         self.comm = comm
         self.ctx = _ShellContext(None)
         if comm is None:
@@ -176,10 +177,16 @@ class TRSubproblem:
     def _from_options(self) -> None:
         from mltrain.config import ConfigError
 
+        prefix = self.prefix
         try:
+            if self.shared:  # the options every level shares, then this level's own
+                self.ksp.setOptionsPrefix(prefix := self.shared)
+                self.ksp.setFromOptions()
+                self.ksp.setOptionsPrefix(prefix := self.prefix)
             self.ksp.setFromOptions()
         except self.PETSc.Error as e:  # e.g. -mltrain_tr_ksp_type nonsense
-            raise ConfigError(f"--petsc: PETSc rejected the options under -{self.prefix}: "
+            self.ksp.setOptionsPrefix(self.prefix)
+            raise ConfigError(f"--petsc: PETSc rejected the options under -{prefix}: "
                               f"{str(e).strip().splitlines()[-1]}") from None
 
     def solve(self, g, radius: float, op):

@@ -22,7 +22,7 @@ from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy, prolong_vec, restrict_grad, restrict_vec
 from mltrain.optim import build_optimizer
-from mltrain.optim.tr import TrustRegion
+from mltrain.optim.tr import TrustRegion, check_level_options
 from mltrain.utils.decisions import DecisionLog
 
 __all__ = ["MGOpt"]
@@ -37,8 +37,11 @@ class MGOpt(LevelOptimizers):
         # The line search's decisions and, with a trust-region smoother, its decisions too.
         self.decisions = log = DecisionLog()
         if smoother == "tr":
-            parts = [TrustRegion(m.parameters(), comm, decisions=log, level=i, **(tr or {}))
+            parts = [TrustRegion(m.parameters(), comm, decisions=log, level=i,
+                                 options_prefix=f"mltrain_mgopt_l{i}_",
+                                 shared_prefix="mltrain_tr_", **(tr or {}))
                      for i, m in enumerate(hierarchy.models)]
+            check_level_options("mltrain_mgopt_")
         else:
             parts = [build_optimizer(smoother, m.parameters(), lr=lr, momentum=momentum)
                      for m in hierarchy.models]

@@ -34,7 +34,7 @@ from mpi4py import MPI
 from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy
 from mltrain.multilevel.transfers import LayerTransfers, Transfers
-from mltrain.optim.tr import TrustRegion
+from mltrain.optim.tr import TrustRegion, check_level_options
 from mltrain.utils.decisions import BOUND_RTOL, DecisionLog
 
 __all__ = ["RMTR"]
@@ -57,15 +57,20 @@ class RMTR(LevelOptimizers):
         self.decisions = log = DecisionLog()
         if layered is None:
             self.nets = list(hierarchy.models)
-            parts = [TrustRegion(m.parameters(), comm, decisions=log, level=i, **tr)
+            parts = [TrustRegion(m.parameters(), comm, decisions=log, level=i,
+                                 options_prefix=f"mltrain_rmtr_l{i}_",
+                                 shared_prefix="mltrain_tr_", **tr)
                      for i, m in enumerate(hierarchy.models)]
             self.T = Transfers(hierarchy)
         else:
             self.nets = list(layered)
             parts = [TrustRegion(lp.vector_parameters(), comm, layer_comm=lp.comm,
-                                 after_set=lp.sync_replicated, decisions=log, level=i, **tr)
+                                 after_set=lp.sync_replicated, decisions=log, level=i,
+                                 options_prefix=f"mltrain_rmtr_l{i}_",
+                                 shared_prefix="mltrain_tr_", **tr)
                      for i, lp in enumerate(layered)]
             self.T = LayerTransfers(hierarchy, layered[0].comm, [lp.ranges for lp in layered])
+        check_level_options("mltrain_rmtr_")
         super().__init__(hierarchy, parts, flat_state=layered is not None)
         self.comm = comm
         self.gamma = 1 if cycle == "V" else 2
@@ -114,10 +119,10 @@ class RMTR(LevelOptimizers):
         and with injection and constant prolongation ||P s|| = ||s||, so without the slack
         the test would be an exact tie decided by the last bit of a norm (which differs
         between CPUs and BLAS libraries)."""
-        T, vec = self.T, self.parts[level]._flat
+        T, tr = self.T, self.parts[level]
 
         def limit(s: torch.Tensor) -> float:
-            pd = T.to_finest(level, vec.get().to(torch.float64) - anchor)
+            pd = T.to_finest(level, tr.iterate.to(torch.float64) - anchor)
             ps = T.to_finest(level, s)
             n = T.norm(pd + ps)
             cut = self.decisions.record("boundary", not n <= bound * (1 + BOUND_RTOL),
@@ -132,7 +137,7 @@ class RMTR(LevelOptimizers):
         """How far level ``level`` may still move (fine-measured): inf on the finest."""
         if level == 0:
             return math.inf
-        d = self.parts[level]._flat.get().to(torch.float64) - anchor
+        d = self.parts[level].iterate.to(torch.float64) - anchor
         return bound - self._norm(level, d)
 
     # -- the cycle -----------------------------------------------------------------------
@@ -201,38 +206,29 @@ class RMTR(LevelOptimizers):
         if self.decisions.record("kappa", nr < ng, ng, nr, max(nr, ng), level):
             self.corrections["skipped"][level] += 1  # the coarse level cannot help here
             return f, f, False
-        x0 = tr._flat.get()
+        x0 = tr.iterate
         dtype = x0.dtype
         xc0 = self.T.restrict(level, x0)
-        ctr._set(xc0)
+        ctr.set_iterate(xc0)
         fc0, gc = ctr.objective(coarse, loss_fn, x, y, w)
         anchor_c = xc0.to(torch.float64)
         room = tr.radius if level == 0 else min(tr.radius, self._room(level, anchor, bound))
         # h_c(x) = f_c(x) + (P^T g - grad f_c(xc0)) . (x - xc0): h_c(xc0) = f_c(xc0)
         start_c, end_c = self._cycle(level + 1, (rg - gc, anchor_c), room, fc0)
         predicted = start_c - end_c
-        sc = ctr._flat.get().to(torch.float64) - anchor_c
+        sc = ctr.iterate.to(torch.float64) - anchor_c
         # Every coarse step rejected (sc == 0 bit for bit) is structural, not a decision.
         if not self.T.any(sc) or not self.decisions.record(
                 "progress", predicted > 0, start_c, end_c, abs(start_c) + abs(end_c), level):
             return f, f, False  # the coarse level made no progress: nothing to prolong
         e = self.T.prolong(level, sc)
         self.bound_checks.append((level, self._norm(level + 1, sc), room))
-        tr._set(x0 + e.to(dtype))
+        tr.set_iterate(x0 + e.to(dtype))
         trial = tr.value(model, loss_fn, x, y, w, shift)
-        rho = (f - trial) / predicted
-        accepted = tr._decide("accept", math.isfinite(trial) and rho >= tr.eta1, f, trial,
-                              predicted, tr.eta1)
-        if accepted:
-            if tr._decide("grow", rho >= tr.eta2, f, trial, predicted, tr.eta2):
-                tr.radius = min(tr.radius * tr.gamma2, tr.radius_max)
-            self.corrections["accepted"][level] += 1
-        else:
-            tr._set(x0)  # bit-for-bit restore
-            tr.radius = tr.radius * tr.gamma1
-            self.corrections["rejected"][level] += 1
+        accepted = tr.accept(f, trial, predicted, x0)  # the fine level's rule, written once
+        self.corrections["accepted" if accepted else "rejected"][level] += 1
         if level == 0:
-            tr._after(accepted)  # the hybrid batch grows on stalls of either kind of step
+            tr.after_step(accepted)  # the hybrid batch grows on stalls of either kind of step
         done = level > 0 and self._at_bound(level, anchor, bound)
         return f, (trial if accepted else f), done
 

@@ -47,6 +47,14 @@ class _TorchSolver:
         pass
 
 
+def check_level_options(prefix: str) -> None:
+    """ConfigError naming every PETSc option under ``prefix`` (a multilevel optimizer's,
+    such as ``-mltrain_rmtr_l9_ksp_type`` for a level that does not exist) that no level
+    read. Call after every level's solver is built. Not collective."""
+    if has_petsc:
+        check_options_used(prefix)
+
+
 def _event(name: str):
     return log_event(name) if has_petsc else nullcontext()
 
@@ -60,14 +68,18 @@ class TrustRegion(torch.optim.Optimizer):
                  eta1: float, eta2: float, gamma1: float, gamma2: float,
                  curvature: str = "hessian", ksp_type: str = "stcg", max_it: int = 50,
                  memory: int = 5, grow_after: int = 0, options_prefix: str = "mltrain_tr_",
-                 layer_comm: MPI.Comm | None = None, after_set=None,
+                 shared_prefix: str | None = None, layer_comm: MPI.Comm | None = None,
+                 after_set=None,
                  decisions: DecisionLog | None = None, level: int = 0):
         """``layer_comm``: layer-parallel training, where ``params`` are this rank's part
         of a parameter vector distributed over that communicator (PETSc solves on it,
         dot products are global); ``after_set()`` runs after every change of the
         parameters (to refresh replicated layers from their owners). ``decisions``: where
         accept/grow decisions (and L-SR1 pair skips) are recorded with their margins, as
-        level ``level`` (a multilevel optimizer shares one log between its levels)."""
+        level ``level`` (a multilevel optimizer shares one log between its levels).
+        ``options_prefix``: the PETSc options of this solver (a multilevel optimizer gives
+        each level its own); ``shared_prefix``: options read first, that every level shares
+        (the level's own win)."""
         super().__init__(list(params), {"lr": 0.0})
         self.comm = comm
         self.P = comm.Get_size()
@@ -103,8 +115,10 @@ class TrustRegion(torch.optim.Optimizer):
             raise ConfigError("parallel.layer: layer-parallel trust region needs PETSc")
         if has_petsc:
             self.solver = TRSubproblem(n, ksp_type=ksp_type, max_it=max_it,
-                                       options_prefix=options_prefix, comm=self.layer_comm)
-            check_options_used(options_prefix)  # a misspelt -mltrain_tr_... is an error
+                                       options_prefix=options_prefix,
+                                       shared_prefix=shared_prefix, comm=self.layer_comm)
+            for prefix in filter(None, (shared_prefix, options_prefix)):
+                check_options_used(prefix)  # a misspelt -mltrain_tr_... is an error
         else:
             self.solver = _TorchSolver(max_it)
         # Evaluations, and the global samples behind them (for full-gradient equivalents).
@@ -125,6 +139,39 @@ class TrustRegion(torch.optim.Optimizer):
     @property
     def batch_factor(self) -> int:
         return int(self.state[self._first]["batch_factor"])
+
+    @property
+    def iterate(self) -> torch.Tensor:
+        """This rank's part of the parameter vector, flat (a copy)."""
+        return self._flat.get()
+
+    def set_iterate(self, flat: torch.Tensor) -> None:
+        """Sets the parameter vector (and, layer-parallel, the replicated parts).
+        Collective on the layer axis when there is one."""
+        self._set(flat)
+
+    def accept(self, f: float, trial: float, predicted: float, x0: torch.Tensor) -> bool:
+        """The acceptance and radius rule of a step that moved the iterate from ``x0``:
+        rho = (f - trial) / predicted; below eta1 the step is undone (bit for bit) and the
+        radius shrinks by gamma1, at or above eta2 it grows by gamma2 (up to radius_max).
+        Both tests are recorded as decisions. Used for this optimizer's own steps and for a
+        multilevel method's prolonged coarse corrections. Returns whether it was accepted.
+        Collective on the layer axis (the restore)."""
+        rho = (f - trial) / predicted if predicted > 0 else -math.inf
+        accepted = self._decide("accept", math.isfinite(trial) and rho >= self.eta1, f, trial,
+                                predicted, self.eta1)
+        if accepted:
+            if self._decide("grow", rho >= self.eta2, f, trial, predicted, self.eta2):
+                self.radius = min(self.radius * self.gamma2, self.radius_max)
+        else:
+            self._set(x0)  # bit-for-bit restore
+            self.radius = self.radius * self.gamma1
+        return accepted
+
+    def after_step(self, accepted: bool) -> None:
+        """Counts a step of the run (accepted or not) for the hybrid batch: after
+        ``grow_after`` rejections in a row the batch doubles."""
+        self._after(accepted)
 
     def _after(self, accepted: bool) -> None:
         st = self.state[self._first]
@@ -319,18 +366,9 @@ class TrustRegion(torch.optim.Optimizer):
                 self.lsr1.update(s, g_trial - g)
         else:
             trial = self.value(model, loss_fn, x, y, weight, shift)
-        rho = (loss - trial) / predicted if predicted > 0 else -math.inf
-        accepted = self._decide("accept", math.isfinite(trial) and rho >= self.eta1,
-                                loss, trial, predicted, self.eta1)
-        if not accepted:
-            self._set(x0)  # bit-for-bit restore
-            self.radius = self.radius * self.gamma1
-            self.counts["rejected"] += 1
-        else:
-            if self._decide("grow", rho >= self.eta2, loss, trial, predicted, self.eta2):
-                self.radius = min(self.radius * self.gamma2, self.radius_max)
-            self.counts["accepted"] += 1
-        self._after(accepted)
+        accepted = self.accept(loss, trial, predicted, x0)
+        self.counts["accepted" if accepted else "rejected"] += 1
+        self.after_step(accepted)
         self.last = {"accepted": accepted, "boundary": t < 1.0, "start": loss,
                      "value": trial if accepted else loss}
         return loss
