@@ -9,7 +9,7 @@ from mltrain.config import load_config
 from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.multilevel import RMTR, Hierarchy, MGOpt, restrict_grad, restrict_vec
 from mltrain.nn import ResNet
-from mltrain.optim.tr import TrustRegion
+from mltrain.optim.tr import Objective, TrustRegion
 from mltrain.train import Trainer
 from mltrain.utils.decisions import BOUND_RTOL
 
@@ -45,12 +45,13 @@ def test_tau_corrected_coarse_gradient_is_the_restricted_fine_gradient(transfer,
     h = Hierarchy(ResNet(64, 8, 8, 10).double(), 2, 2, transfer, prolongation)
     fine, coarse = (TrustRegion(m.parameters(), MPI.COMM_SELF, **TR_KEYS) for m in h.models)
     x, y = _batch()
-    _, g = fine.objective(h.models[0], F.cross_entropy, x, y)
+    _, g = fine.objective(Objective(h.models[0], F.cross_entropy, x, y))
     xc0 = restrict_vec(h, 0, flat_params(h.models[0]))
     set_flat_params(h.models[1], xc0)
-    _, gc = coarse.objective(h.models[1], F.cross_entropy, x, y)
+    _, gc = coarse.objective(Objective(h.models[1], F.cross_entropy, x, y))
     rg = restrict_grad(h, 0, g)
-    value, g_tau = coarse.objective(h.models[1], F.cross_entropy, x, y, shift=(rg - gc, xc0))
+    value, g_tau = coarse.objective(Objective(h.models[1], F.cross_entropy, x, y,
+                                              shift=(rg - gc, xc0)))
     assert torch.allclose(g_tau, rg, rtol=0, atol=1e-15)
     # P^T is the adjoint of P: first-order models agree on prolonged steps.
     from mltrain.multilevel import prolong_vec
@@ -71,7 +72,7 @@ def test_prolonged_coarse_steps_stay_inside_the_fine_radius(cycle):
     x, y = _batch()
     checks = []
     for _ in range(12):
-        r.tr_step(model, F.cross_entropy, x, y)
+        r.tr_step(Objective(model, F.cross_entropy, x, y))
         checks += r.bound_checks
     # (level corrected, ||prolonged step|| on the finest level, the radius it had to keep)
     assert any(c[0] == 0 for c in checks) and any(c[0] == 1 for c in checks), checks
@@ -88,7 +89,7 @@ def test_rmtr_kappa_skips_the_coarse_levels():
     r = RMTR(Hierarchy(model, 2, 2), MPI.COMM_SELF, kappa=1e9, **TR_KEYS)
     x, y = _batch()
     before = flat_params(model)
-    r.tr_step(model, F.cross_entropy, x, y)
+    r.tr_step(Objective(model, F.cross_entropy, x, y))
     assert r.corrections["skipped"] == r.corrections["tried"] == [1]
     assert r.parts[1].counts["gradients"] == 0 and not torch.equal(before, flat_params(model))
     r.close()

@@ -228,7 +228,7 @@ def test_torch_steihaug_matches_petsc_stcg(definite, radius):
 
 def test_non_finite_trial_point_is_rejected():
     require("petsc4py")
-    from mltrain.optim.tr import TrustRegion
+    from mltrain.optim.tr import Objective, TrustRegion
 
     model, x, y = _tiny()
     opt = TrustRegion(model.parameters(), MPI.COMM_SELF, radius=1.0, radius_max=10.0,
@@ -242,7 +242,7 @@ def test_non_finite_trial_point_is_rejected():
         return loss if calls["n"] == 1 else loss * float("nan")
 
     x0 = flat_params(model)
-    opt.tr_step(model, loss_fn, x, y)
+    opt.tr_step(Objective(model, loss_fn, x, y))
     assert opt.counts["rejected"] == 1 and opt.radius == 0.25
     assert torch.equal(flat_params(model), x0)
     opt.close()

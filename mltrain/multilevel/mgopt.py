@@ -22,7 +22,7 @@ from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy, prolong_vec, restrict_grad, restrict_vec
 from mltrain.optim import build_optimizer
-from mltrain.optim.tr import TrustRegion, check_level_options
+from mltrain.optim.tr import Objective, TrustRegion, check_level_options
 from mltrain.utils.decisions import DecisionLog
 
 __all__ = ["MGOpt"]
@@ -96,7 +96,7 @@ class MGOpt(LevelOptimizers):
                 # F_l = f_l - v . x: the same minimiser as f_l - v . (x - x0)
                 shift = None if v is None else (-v.to(torch.float64),
                                                  torch.zeros_like(v, dtype=torch.float64))
-                opt.tr_step(model, loss_fn, x, y, weight, shift=shift)
+                opt.tr_step(Objective(model, loss_fn, x, y, weight, shift))
                 continue
             _, g = self._f_and_grad(level, loss_fn, x, y, v, weight)
             off = 0
@@ -105,9 +105,10 @@ class MGOpt(LevelOptimizers):
                 off += p.numel()
             opt.step()
 
-    def tr_step(self, model, loss_fn, x, y, weight: float = 1.0) -> float:
+    def tr_step(self, obj: Objective) -> float:
         """One V-cycle from the finest level on this rank's batch; returns the loss at the
         start. Collective."""
+        model, loss_fn, x, y, weight = obj.model, obj.loss_fn, obj.x, obj.y, obj.weight
         assert model is self.h.models[0]
         with torch.no_grad():
             start = torch.tensor([float(loss_fn(model(x), y)) * weight], dtype=torch.float64)

@@ -34,7 +34,7 @@ from mpi4py import MPI
 from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy
 from mltrain.multilevel.transfers import LayerTransfers, Transfers
-from mltrain.optim.tr import TrustRegion, check_level_options
+from mltrain.optim.tr import Objective, TrustRegion, check_level_options
 from mltrain.utils.decisions import BOUND_RTOL, DecisionLog
 
 __all__ = ["RMTR"]
@@ -95,15 +95,14 @@ class RMTR(LevelOptimizers):
     def batch_factor(self) -> int:
         return self.parts[0].batch_factor
 
-    def tr_step(self, model, loss_fn, x, y, weight: float = 1.0) -> float:
+    def tr_step(self, obj: Objective) -> float:
         """One cycle from the finest level; returns the loss where it started. With one
         level this is exactly one trust-region step. Collective."""
-        assert model is self.nets[0]
+        assert obj.model is self.nets[0]
         self.bound_checks = []
         if self.h.levels == 1:
-            return self.parts[0].tr_step(model, loss_fn, x, y, weight)
-        self._batch = (loss_fn, x, y, weight)
-        start, _ = self._cycle(0, None, math.inf, None)
+            return self.parts[0].tr_step(obj)
+        start, _ = self._cycle(0, obj, math.inf, None)
         return start
 
     # -- helpers -------------------------------------------------------------------------
@@ -141,20 +140,18 @@ class RMTR(LevelOptimizers):
         return bound - self._norm(level, d)
 
     # -- the cycle -----------------------------------------------------------------------
-    def _smooth(self, level, steps, shift, bound, value):
+    def _smooth(self, level, obj: Objective, steps, bound, value):
         """Up to ``steps`` trust-region steps on level ``level`` from objective ``value``
         (None: not known yet); returns (start value, end value, done) where done says the
         excursion reached its bound."""
-        loss_fn, x, y, w = self._batch
-        tr, model = self.parts[level], self.nets[level]
+        tr, shift = self.parts[level], obj.shift
         start = value
         for _ in range(steps):
             if level == 0:
-                tr.tr_step(model, loss_fn, x, y, w, shift=shift)
+                tr.tr_step(obj)
             else:
                 anchor = shift[1]
-                tr.tr_step(model, loss_fn, x, y, w, shift=shift,
-                           radius=self._room(level, anchor, bound),
+                tr.tr_step(obj, radius=self._room(level, anchor, bound),
                            limit=self._limit(level, anchor, bound), scale=self.scale[level])
             start = tr.last["start"] if start is None else start
             value = tr.last["value"]
@@ -171,34 +168,33 @@ class RMTR(LevelOptimizers):
         return self.decisions.record("room", room <= self.boundary * bound,
                                      self.boundary * bound, room, bound, level)
 
-    def _cycle(self, level: int, shift, bound, value) -> tuple[float, float]:
+    def _cycle(self, level: int, obj: Objective, bound, value) -> tuple[float, float]:
         """A cycle on ``level`` from its current point, where the objective is ``value``
         (None: not evaluated yet); returns the objective at the start and at the end.
-        ``shift = (delta, anchor)`` (None on the finest level); ``bound`` limits the
-        fine-measured length of the excursion from ``anchor``."""
+        ``obj`` is the level's objective on the cycle's batch, shifted by ``(delta,
+        anchor)`` below the finest level; ``bound`` limits the fine-measured length of the
+        excursion from ``anchor``."""
         tr = self.parts[level]
         if level > 0:  # an excursion starts with the level's own radius, within its room
             tr.radius = min(tr.radius, bound)
         if level == self.h.levels - 1:
-            start, end, _ = self._smooth(level, self.coarse_iters, shift, bound, value)
+            start, end, _ = self._smooth(level, obj, self.coarse_iters, bound, value)
             return start, end
-        start, value, done = self._smooth(level, self.pre, shift, bound, value)
+        start, value, done = self._smooth(level, obj, self.pre, bound, value)
         for _ in range(self.gamma):
             if done:
                 break
-            f, value, done = self._correct(level, shift, bound)
+            f, value, done = self._correct(level, obj, bound)
             start = f if start is None else start
         if not done:
-            _, value, done = self._smooth(level, self.post, shift, bound, value)
+            _, value, done = self._smooth(level, obj, self.post, bound, value)
         return start, value
 
-    def _correct(self, level, shift, bound) -> tuple[float, float, bool]:
+    def _correct(self, level, obj: Objective, bound) -> tuple[float, float, bool]:
         """One coarse correction of level ``level``; returns the objective before and
         after it, and whether the excursion reached its bound."""
-        loss_fn, x, y, w = self._batch
-        tr, model = self.parts[level], self.nets[level]
-        coarse, ctr = self.nets[level + 1], self.parts[level + 1]
-        f, g = tr.objective(model, loss_fn, x, y, w, shift)
+        tr, ctr, shift = self.parts[level], self.parts[level + 1], obj.shift
+        f, g = tr.objective(obj)
         anchor = shift[1] if shift is not None else None
         self.corrections["tried"][level] += 1
         rg = self.T.restrict_grad(level, g)
@@ -210,11 +206,12 @@ class RMTR(LevelOptimizers):
         dtype = x0.dtype
         xc0 = self.T.restrict(level, x0)
         ctr.set_iterate(xc0)
-        fc0, gc = ctr.objective(coarse, loss_fn, x, y, w)
+        coarse = obj.on(self.nets[level + 1])  # the same batch, unshifted
+        fc0, gc = ctr.objective(coarse)
         anchor_c = xc0.to(torch.float64)
         room = tr.radius if level == 0 else min(tr.radius, self._room(level, anchor, bound))
         # h_c(x) = f_c(x) + (P^T g - grad f_c(xc0)) . (x - xc0): h_c(xc0) = f_c(xc0)
-        start_c, end_c = self._cycle(level + 1, (rg - gc, anchor_c), room, fc0)
+        start_c, end_c = self._cycle(level + 1, coarse.shifted((rg - gc, anchor_c)), room, fc0)
         predicted = start_c - end_c
         sc = ctr.iterate.to(torch.float64) - anchor_c
         # Every coarse step rejected (sc == 0 bit for bit) is structural, not a decision.
@@ -224,7 +221,7 @@ class RMTR(LevelOptimizers):
         e = self.T.prolong(level, sc)
         self.bound_checks.append((level, self._norm(level + 1, sc), room))
         tr.set_iterate(x0 + e.to(dtype))
-        trial = tr.value(model, loss_fn, x, y, w, shift)
+        trial = tr.value(obj)
         accepted = tr.accept(f, trial, predicted, x0)  # the fine level's rule, written once
         self.corrections["accepted" if accepted else "rejected"][level] += 1
         if level == 0:

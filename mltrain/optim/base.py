@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mltrain.optim import build_optimizer
-from mltrain.optim.tr import TrustRegion
+from mltrain.optim.tr import Objective, TrustRegion
 from mltrain.sync import SyncStrategy, build_sync
 
 __all__ = ["Batches", "Context", "Method", "Straggler", "first_order", "trust_region",
@@ -152,7 +152,7 @@ class SecondOrder(Method):
         factor = self.state.batch_factor if self.batch_mode == "hybrid" else 1
         x, y, weight = batches.grown(self.batch_mode, factor)
         with self.straggler.timed():
-            value = self.state.tr_step(self.model, F.cross_entropy, x, y, weight)
+            value = self.state.tr_step(Objective(self.model, F.cross_entropy, x, y, weight))
         return torch.tensor(value)
 
     def work(self, steps: int, batch_size: int, num_train: int) -> float:

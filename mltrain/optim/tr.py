@@ -14,7 +14,9 @@ so every rank solves the same subproblem and takes the same step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 
 import torch
 from mpi4py import MPI
@@ -28,7 +30,7 @@ from mltrain.linalg.petsc import NonFiniteError, TRSubproblem, check_options_use
 from mltrain.linalg.reference import steihaug_cg
 from mltrain.utils.decisions import DecisionLog
 
-__all__ = ["TrustRegion", "NonFiniteError"]
+__all__ = ["TrustRegion", "Objective", "NonFiniteError", "check_level_options"]
 
 
 class _TorchSolver:
@@ -57,6 +59,29 @@ def check_level_options(prefix: str) -> None:
 
 def _event(name: str):
     return log_event(name) if has_petsc else nullcontext()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a trust-region step minimizes: the mean over the data axis of ``weight`` x
+    ``loss_fn(model(x), y)`` (``weight`` = local samples x ranks / global samples, 1 for
+    equal shares), plus ``delta . (theta - anchor)`` for ``shift = (delta, anchor)`` (a
+    multilevel method's first-order correction). The optimizer evaluates it: ``value``,
+    ``objective`` (value and gradient), and curvature products inside ``tr_step``."""
+
+    model: torch.nn.Module
+    loss_fn: Callable
+    x: torch.Tensor
+    y: torch.Tensor
+    weight: float = 1.0
+    shift: tuple | None = None
+
+    def on(self, model: torch.nn.Module, shift: tuple | None = None) -> "Objective":
+        """The same batch on another network (a coarse level), with ``shift``."""
+        return replace(self, model=model, shift=shift)
+
+    def shifted(self, shift: tuple | None) -> "Objective":
+        return replace(self, shift=shift)
 
 
 class TrustRegion(torch.optim.Optimizer):
@@ -219,15 +244,16 @@ class TrustRegion(torch.optim.Optimizer):
         delta, anchor = shift
         return self._dot(delta, self._flat.get().to(torch.float64) - anchor)
 
-    def value(self, model, loss_fn, x, y, weight: float = 1.0, shift=None) -> float:
-        """The objective (loss averaged over the data axis, plus the linear term of
-        ``shift = (delta, anchor)`` when given) at the model's parameters. Collective."""
-        self._samples = len(x) * self.P / weight
+    def value(self, obj: Objective) -> float:
+        """``obj`` at the model's current parameters. Collective on the data axis (and the
+        layer axis for a shift's dot product)."""
+        self._samples = len(obj.x) * self.P / obj.weight
         with torch.no_grad():
-            value = torch.tensor([float(loss_fn(model(x), y)) * weight], dtype=torch.float64)
+            value = torch.tensor([float(obj.loss_fn(obj.model(obj.x), obj.y)) * obj.weight],
+                                 dtype=torch.float64)
         self.counts["losses"] += 1
         self.counts["loss_samples"] += self._samples
-        return float(self._mean(value)[0]) + self._shifted(model, shift)
+        return float(self._mean(value)[0]) + self._shifted(obj.model, obj.shift)
 
     def _loss_and_grad(self, curv: Curvature, weight: float, shift=None):
         with _event("mltrain_gradient"):
@@ -243,11 +269,11 @@ class TrustRegion(torch.optim.Optimizer):
             g = g + shift[0]
         return loss, g
 
-    def objective(self, model, loss_fn, x, y, weight: float = 1.0, shift=None):
-        """(value, float64 gradient) of the objective ``value`` describes. Collective."""
-        self._samples = len(x) * self.P / weight
-        return self._loss_and_grad(Curvature(model, loss_fn, x, y, "lsr1", self._params), weight,
-                                   shift)
+    def objective(self, obj: Objective):
+        """(value, float64 gradient) of ``obj`` at the current parameters. Collective."""
+        self._samples = len(obj.x) * self.P / obj.weight
+        return self._loss_and_grad(Curvature(obj.model, obj.loss_fn, obj.x, obj.y, "lsr1",
+                                             self._params), obj.weight, obj.shift)
 
     def work(self, num_train: int) -> float:
         """Gradient and curvature-product evaluations so far, in full gradients of this
@@ -311,22 +337,22 @@ class TrustRegion(torch.optim.Optimizer):
             self.lsr1.restore(pairs, float(first["lsr1_gamma"]))
 
     def step(self, closure=None):  # noqa: D102 - torch API; use tr_step
-        raise RuntimeError("TrustRegion needs the batch: call tr_step(model, loss_fn, x, y)")
+        raise RuntimeError("TrustRegion needs the batch: call tr_step(Objective(model, "
+                           "loss_fn, x, y))")
 
-    def tr_step(self, model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
-                weight: float = 1.0, *, shift=None, radius: float | None = None,
-                limit=None, scale: torch.Tensor | None = None) -> float:
-        """One trust-region iteration on this rank's batch; returns the averaged objective
-        at the point it started from. ``weight`` scales this rank's share (local samples x P
-        / global samples) when ranks hold batches of different sizes.
+    def tr_step(self, obj: Objective, *, radius: float | None = None, limit=None,
+                scale: torch.Tensor | None = None) -> float:
+        """One trust-region iteration on ``obj`` (this rank's batch); returns the averaged
+        objective at the point it started from.
 
-        For multilevel use: ``shift = (delta, anchor)`` adds delta . (x - anchor) to the
-        loss (a first-order correction); ``radius`` solves in a smaller ball than the
-        optimizer's own; ``limit(s)`` returns the fraction t in (0, 1] of the step s that
-        may be taken (a bound in another norm); ``scale`` (positive, float64) measures the
-        trust region in the norm ||scale * s||. ``self.last`` says what happened.
+        For multilevel use: ``radius`` solves in a smaller ball than the optimizer's own;
+        ``limit(s)`` returns the fraction t in (0, 1] of the step s that may be taken (a
+        bound in another norm); ``scale`` (positive, float64) measures the trust region in
+        the norm ||scale * s||. ``self.last`` says what happened.
 
         Collective on the data-axis communicator."""
+        model, loss_fn, x, y = obj.model, obj.loss_fn, obj.x, obj.y
+        weight, shift = obj.weight, obj.shift
         self._samples = len(x) * self.P / weight  # the global batch behind this step
         curv = Curvature(model, loss_fn, x, y, self.curvature, self._params)
         loss, g = self._loss_and_grad(curv, weight, shift)
@@ -365,7 +391,7 @@ class TrustRegion(torch.optim.Optimizer):
             if math.isfinite(trial) and self._finite(g_trial):
                 self.lsr1.update(s, g_trial - g)
         else:
-            trial = self.value(model, loss_fn, x, y, weight, shift)
+            trial = self.value(obj)
         accepted = self.accept(loss, trial, predicted, x0)
         self.counts["accepted" if accepted else "rejected"] += 1
         self.after_step(accepted)
