@@ -65,3 +65,14 @@ def test_packages_import_only_earlier_ones():
                     and parts[1] != top and ORDER.index(parts[1]) > ORDER.index(top):
                 bad.append(f"{rel} imports {'.'.join(parts)}, which comes after {top}")
     assert not bad, "\n".join(bad)
+
+
+def test_collective_docstrings_name_their_communicator():
+    """DESIGN.md: a docstring says whether a function is collective and on which
+    communicator; a bare "Collective." says only half."""
+    import re
+
+    bare = [f"{path.relative_to(ROOT)}:{n}" for path in (ROOT / "mltrain").rglob("*.py")
+            for n, line in enumerate(path.read_text().splitlines(), 1)
+            if re.search(r"\bCollective\.(\s|\"|$)", line)]
+    assert not bare, "\n".join(bare)

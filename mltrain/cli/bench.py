@@ -256,7 +256,7 @@ def check_args(what: str, cfg, args, ranks: int) -> None:
 
 def run_bench(what: str, cfg, args, comm: MPI.Comm) -> int:
     """Runs one benchmark (``BENCHMARKS[what]``), prints its figures on rank 0, writes
-    --json. Collective."""
+    --json. Collective on ``comm``."""
     from mltrain.cli import check_writable
     from mltrain.comm import agree
 

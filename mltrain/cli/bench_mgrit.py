@@ -8,7 +8,7 @@ all ranks of the job are timed (best of ``reps``, the slowest rank). Unit costs 
 vector-Jacobian product, a message) are measured once; the work model
 (``mltrain.mgrit.model``) turns them and the algorithm's step counts into a predicted time,
 compared with every measurement, and extrapolated to 1024 ranks (for networks deep enough
-to give every rank a whole coarsest interval). Collective.
+to give every rank a whole coarsest interval). Collective on the job's communicator.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def _unit_costs(net: ResNet, batch: int, cf: int, chain: int, reps: int = 5) -> 
 
 
 def _messages(batch: int, width: int, comm: MPI.Comm, reps: int = 100) -> dict:
-    """Half a ping-pong between ranks 0 and 1, and a broadcast, of one state. Collective."""
+    """Half a ping-pong between ranks 0 and 1, and a broadcast, of one state. Collective on
+    ``comm``."""
     msg = bcast = 0.0
     P, rank = comm.Get_size(), comm.Get_rank()
     if P > 1:

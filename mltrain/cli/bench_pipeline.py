@@ -5,14 +5,15 @@ node's memory over its ranks), point-to-point latency (8-byte ping-pong) and ban
 (16 MiB ping-pong) within a node and, when the job spans nodes, between nodes; the cores
 a node's ranks may run on (the union of their CPU affinities); when they are fewer than the
 node's ranks, the cost of a pipeline hand-over on shared cores (below); the compute speed is
-1 (the planner profiles on the machine it plans for). Collective.
+1 (the planner profiles on the machine it plans for). Collective on the job's communicator.
 
 pipeline: the training step of the configured model (forward, backward, data-axis gradient
 average, optimizer) for every decomposition the rank count allows: unpipelined (pure data
 parallelism, the baseline) and pipelined with 2 stages, 1 to 8 micro-batches, both
 schedules; the planner's predicted step time for each, from the layer profile and the
 hardware measured in the same run; the model's error, and where the planner's top choice
-ranks among the measured. The decompositions are timed in interleaved rounds. Collective.
+ranks among the measured. The decompositions are timed in interleaved rounds. Collective
+on the job's communicator.
 """
 from __future__ import annotations
 

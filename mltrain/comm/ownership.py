@@ -13,7 +13,7 @@ __all__ = ["gather_params", "gather_state"]
 @torch.no_grad()
 def gather_params(groups: list[list[torch.nn.Parameter]], comm: MPI.Comm) -> None:
     """``groups[r]``: the parameters rank r owns (the same lists on every rank). Copies each
-    group from its owner to every rank, one broadcast per rank. Collective."""
+    group from its owner to every rank, one broadcast per rank. Collective on ``comm``."""
     me = comm.Get_rank()
     for r, params in enumerate(groups):
         if not params:
@@ -30,7 +30,7 @@ def gather_params(groups: list[list[torch.nn.Parameter]], comm: MPI.Comm) -> Non
 def gather_state(optimizer: torch.optim.Optimizer, groups: list[list[torch.nn.Parameter]],
                  comm: MPI.Comm) -> None:
     """Brings the optimizer state (momentum, Adam moments) of ``groups[r]`` from rank r to
-    every rank, so a checkpoint from any rank holds all of it. Collective."""
+    every rank, so a checkpoint from any rank holds all of it. Collective on ``comm``."""
     me = comm.Get_rank()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     index = {id(p): i for i, p in enumerate(params)}

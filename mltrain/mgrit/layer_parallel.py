@@ -141,7 +141,7 @@ class LayerParallel(nn.Module):
 
     def sync_replicated(self) -> None:
         """Copies the opening from the first rank and the closing from the last to every
-        rank (after an update of the distributed vector). Collective."""
+        rank (after an update of the distributed vector). Collective on the layer axis."""
         groups: list[list[nn.Parameter]] = [[] for _ in range(self.size)]
         groups[0] += list(self.model.opening.parameters())
         groups[-1] += list(self.model.closing.parameters())
@@ -159,12 +159,12 @@ class LayerParallel(nn.Module):
 
     def gather(self) -> None:
         """Brings every block's parameters from its owner to every rank (one broadcast per
-        rank), so each rank holds the whole current network. Collective."""
+        rank), so each rank holds the whole current network. Collective on the layer axis."""
         gather_params(self._groups(), self.comm)
 
     def gather_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Brings the optimizer state of every block's parameters from its owner to every
-        rank, so a checkpoint from any rank holds all of it. Collective."""
+        rank, so a checkpoint from any rank holds all of it. Collective on the layer axis."""
         gather_state(optimizer, self._groups(), self.comm)
 
 
@@ -212,7 +212,7 @@ class LayerParallel(nn.Module):
         """MGRIT forward from the opening's output ``z``; returns the final state
         (broadcast) and (local states, the recorded final sweep). With ``record`` the final
         sweep runs each interval as one autograd chain from its (leaf) start point through
-        the interval's steps, for the backward. Collective."""
+        the interval's steps, for the backward. Collective on the layer axis."""
         n = self.hi - self.lo
         chains: dict[int, tuple] = {}
 
@@ -284,7 +284,8 @@ class LayerParallel(nn.Module):
         """Adjoint MGRIT from the gradient of the final state; returns the gradient of the
         opening's output (broadcast) and this rank's parameter gradients. The final sweep
         is one autograd pass per interval through the forward's recorded chain, giving the
-        adjoint at its points and the gradients of its blocks' parameters. Collective."""
+        adjoint at its points and the gradients of its blocks' parameters. Collective on the
+        layer axis."""
         u, chains = saved
         n = self.hi - self.lo
         grads: list[list[torch.Tensor] | None] = [None] * n

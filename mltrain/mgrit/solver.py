@@ -203,7 +203,7 @@ class MGRITSolver:
 
     def norm(self, u, g=None) -> float:
         """The global 2-norm of the fine-level C-point residual of ``u``, computed afresh.
-        Collective."""
+        Collective on the solver's communicator (the layer axis)."""
         req = self._exchange_start(u, 0)
         self._exchange_end(req)
         self._complete_send()
@@ -227,7 +227,7 @@ class MGRITSolver:
         place of the solver: for each (start, end) it sets u[start+1 .. end-1] (and u[end]
         when ``inclusive``, the one-level sequential solve) from u[start], and, when not
         ``inclusive``, returns per interval the state its last step gives (Phi(u[end-1]),
-        for the residual). Collective."""
+        for the residual). Collective on the solver's communicator (the layer axis)."""
         iters = self.iters if iters is None else iters
         self.residuals = []
         self._final = final

@@ -17,7 +17,7 @@ class LevelOptimizers:
         state dict keeps all of it on parameter 0 (keys ``level<l>.<key>``). Layer-parallel
         levels need this: their parameter lists differ from rank to rank, parameter 0
         exists on every one."""
-        self.h, self.parts, self.flat_state = hierarchy, parts, flat_state
+        self.hierarchy, self.parts, self.flat_state = hierarchy, parts, flat_state
 
     @property
     def param_groups(self) -> list[dict]:
@@ -25,12 +25,12 @@ class LevelOptimizers:
 
     def _sizes(self) -> list[int]:
         """Parameters per level in the serial layout (each level's whole network)."""
-        return [len(list(m.parameters())) for m in self.h.models]
+        return [len(list(m.parameters())) for m in self.hierarchy.models]
 
     def state_params(self) -> list:
         """The parameters the state dict's indices number (in the serial layout): every
         level's network, finest first."""
-        return [p for m in self.h.models for p in m.parameters()]
+        return [p for m in self.hierarchy.models for p in m.parameters()]
 
     def state_dict(self) -> dict:
         sds = [opt.state_dict() for opt in self.parts]
@@ -73,5 +73,5 @@ class LevelOptimizers:
             opt.load_state_dict({"state": own, "param_groups": opt.state_dict()["param_groups"]})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for m in self.h.models:
+        for m in self.hierarchy.models:
             m.zero_grad(set_to_none=set_to_none)

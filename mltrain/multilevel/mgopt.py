@@ -46,7 +46,7 @@ class MGOpt(LevelOptimizers):
             parts = [build_optimizer(smoother, m.parameters(), lr=lr, momentum=momentum)
                      for m in hierarchy.models]
         super().__init__(hierarchy, parts)
-        self.comm, self.P = comm, comm.Get_size()
+        self.comm, self.ranks = comm, comm.Get_size()
         self.smoother = smoother
         self.pre, self.post, self.coarse_iters = pre_smooth, post_smooth, coarse_iters
         self.c, self.max_halvings = armijo, max_halvings
@@ -66,12 +66,12 @@ class MGOpt(LevelOptimizers):
 
     def _f_and_grad(self, level, loss_fn, x, y, v, weight=1.0):
         """F_l and its gradient at the level's current parameters (averaged over ranks)."""
-        model = self.h.models[level]
+        model = self.hierarchy.models[level]
         params = [p for p in model.parameters()]
         loss = loss_fn(model(x), y)
         g = torch.autograd.grad(loss, params)
         self.grad_evals[level] += 1
-        self.grad_samples[level] += len(x) * self.P / weight
+        self.grad_samples[level] += len(x) * self.ranks / weight
         packed = torch.cat([torch.cat([t.reshape(-1) for t in g]),
                             loss.detach().reshape(1).to(g[0].dtype)])
         self._mean(packed.mul_(weight))
@@ -82,15 +82,15 @@ class MGOpt(LevelOptimizers):
         return f, grad
 
     def _f(self, level, loss_fn, x, y, v, weight=1.0) -> float:
-        model = self.h.models[level]
+        model = self.hierarchy.models[level]
         with torch.no_grad():
             f = torch.tensor([float(loss_fn(model(x), y)) * weight], dtype=torch.float64)
-        self.loss_samples[level] += len(x) * self.P / weight
+        self.loss_samples[level] += len(x) * self.ranks / weight
         f = float(self._mean(f)[0])
         return f - float(v @ flat_params(model)) if v is not None else f
 
     def _smooth(self, level, loss_fn, x, y, v, steps, weight=1.0) -> None:
-        model, opt = self.h.models[level], self.parts[level]
+        model, opt = self.hierarchy.models[level], self.parts[level]
         for _ in range(steps):
             if isinstance(opt, TrustRegion):
                 # F_l = f_l - v . x: the same minimiser as f_l - v . (x - x0)
@@ -107,31 +107,31 @@ class MGOpt(LevelOptimizers):
 
     def tr_step(self, obj: Objective) -> float:
         """One V-cycle from the finest level on this rank's batch; returns the loss at the
-        start. Collective."""
+        start. Collective on the data axis."""
         model, loss_fn, x, y, weight = obj.model, obj.loss_fn, obj.x, obj.y, obj.weight
-        assert model is self.h.models[0]
+        assert model is self.hierarchy.models[0]
         with torch.no_grad():
             start = torch.tensor([float(loss_fn(model(x), y)) * weight], dtype=torch.float64)
-        self.loss_samples[0] += len(x) * self.P / weight
+        self.loss_samples[0] += len(x) * self.ranks / weight
         start = float(self._mean(start)[0])
         self.cycle(0, loss_fn, x, y, None, weight)
         return start
 
     def cycle(self, level, loss_fn, x, y, v=None, weight=1.0) -> None:
         """One V-cycle from ``level`` on the batch (x, y)."""
-        model = self.h.models[level]
-        if level == self.h.levels - 1:
+        model = self.hierarchy.models[level]
+        if level == self.hierarchy.levels - 1:
             self._smooth(level, loss_fn, x, y, v, self.coarse_iters, weight)
             return
         self._smooth(level, loss_fn, x, y, v, self.pre, weight)
         f0, g = self._f_and_grad(level, loss_fn, x, y, v, weight)
-        coarse = self.h.models[level + 1]
-        x_h0 = restrict_vec(self.h, level, flat_params(model))
+        coarse = self.hierarchy.models[level + 1]
+        x_h0 = restrict_vec(self.hierarchy, level, flat_params(model))
         set_flat_params(coarse, x_h0)
         _, g_h = self._f_and_grad(level + 1, loss_fn, x, y, None, weight)
-        v_h = g_h - restrict_grad(self.h, level, g)  # grad F_H(x_H0) = P^T grad F_h(x)
+        v_h = g_h - restrict_grad(self.hierarchy, level, g)  # grad F_H(x_H0) = P^T grad F_h(x)
         self.cycle(level + 1, loss_fn, x, y, v_h, weight)
-        e = prolong_vec(self.h, level, flat_params(coarse) - x_h0)
+        e = prolong_vec(self.hierarchy, level, flat_params(coarse) - x_h0)
         slope = float(g @ e)
         x0 = flat_params(model)
         alpha = 0.0
@@ -156,7 +156,7 @@ class MGOpt(LevelOptimizers):
 
     def report(self, num_train: int) -> dict:
         """Work in fine-gradient equivalents and per level. Not collective."""
-        cost = self.h.cost
+        cost = self.hierarchy.cost
         out = {"grad_evals": sum(c * s for c, s in zip(cost, self.grad_samples)) / num_train,
                "loss_evals": sum(c * s for c, s in zip(cost, self.loss_samples)) / num_train,
                "hvp_evals": 0.0,

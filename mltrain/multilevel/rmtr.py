@@ -97,10 +97,11 @@ class RMTR(LevelOptimizers):
 
     def tr_step(self, obj: Objective) -> float:
         """One cycle from the finest level; returns the loss where it started. With one
-        level this is exactly one trust-region step. Collective."""
+        level this is exactly one trust-region step. Collective on the data axis (and the layer
+        axis, layer-parallel)."""
         assert obj.model is self.nets[0]
         self.bound_checks = []
-        if self.h.levels == 1:
+        if self.hierarchy.levels == 1:
             return self.parts[0].tr_step(obj)
         start, _ = self._cycle(0, obj, math.inf, None)
         return start
@@ -177,7 +178,7 @@ class RMTR(LevelOptimizers):
         tr = self.parts[level]
         if level > 0:  # an excursion starts with the level's own radius, within its room
             tr.radius = min(tr.radius, bound)
-        if level == self.h.levels - 1:
+        if level == self.hierarchy.levels - 1:
             start, end, _ = self._smooth(level, obj, self.coarse_iters, bound, value)
             return start, end
         start, value, done = self._smooth(level, obj, self.pre, bound, value)
@@ -221,19 +222,19 @@ class RMTR(LevelOptimizers):
         e = self.T.prolong(level, sc)
         self.bound_checks.append((level, self._norm(level + 1, sc), room))
         tr.set_iterate(x0 + e.to(dtype))
-        trial = tr.value(obj)
-        accepted = tr.accept(f, trial, predicted, x0)  # the fine level's rule, written once
+        f_trial = tr.value(obj)
+        accepted = tr.accept(f, f_trial, predicted, x0)  # the fine level's rule, written once
         self.corrections["accepted" if accepted else "rejected"][level] += 1
         if level == 0:
             tr.after_step(accepted)  # the hybrid batch grows on stalls of either kind of step
         done = level > 0 and self._at_bound(level, anchor, bound)
-        return f, (trial if accepted else f), done
+        return f, (f_trial if accepted else f), done
 
     # -- reporting -----------------------------------------------------------------------
     def report(self, num_train: int) -> dict:
         """Work in fine-gradient equivalents (each level's samples weighted by its cost
         relative to the finest), per level, and step counts. Not collective."""
-        cost = self.h.cost
+        cost = self.hierarchy.cost
         per = [{k: p.counts[k] for k in ("gradient_samples", "product_samples",
                                            "loss_samples")} for p in self.parts]
         def total(key):

@@ -31,22 +31,22 @@ class Transfers:
     """Whole vectors (every rank holds all of each). Not collective."""
 
     def __init__(self, hierarchy: Hierarchy):
-        self.h = hierarchy
+        self.hierarchy = hierarchy
 
     def restrict(self, level: int, v: torch.Tensor) -> torch.Tensor:
-        return restrict_vec(self.h, level, v)
+        return restrict_vec(self.hierarchy, level, v)
 
     def prolong(self, level: int, v: torch.Tensor) -> torch.Tensor:
-        return prolong_vec(self.h, level, v)
+        return prolong_vec(self.hierarchy, level, v)
 
     def restrict_grad(self, level: int, g: torch.Tensor) -> torch.Tensor:
-        return restrict_grad(self.h, level, g)
+        return restrict_grad(self.hierarchy, level, g)
 
     def to_finest(self, level: int, v: torch.Tensor) -> torch.Tensor:
-        return to_finest(self.h, level, v)
+        return to_finest(self.hierarchy, level, v)
 
     def metric(self, level: int) -> torch.Tensor:
-        return finest_metric(self.h, level)
+        return finest_metric(self.hierarchy, level)
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
         return float(a @ b)
@@ -106,7 +106,7 @@ class LayerTransfers(Transfers):
         return from_left, from_right
 
     def _restrict_stack(self, t: torch.Tensor) -> torch.Tensor:
-        cf, mode = self.h.cf, self.h.restriction
+        cf, mode = self.hierarchy.cf, self.hierarchy.restriction
         if mode == "injection":
             return ops.restrict(t, cf, mode)
         # Full weighting of coarse block j reads fine blocks cf j - (cf-1) .. cf j + cf-1:
@@ -116,7 +116,7 @@ class LayerTransfers(Transfers):
         return out[len(lh) // cf:]
 
     def _prolong_stack(self, t: torch.Tensor) -> torch.Tensor:
-        cf, mode = self.h.cf, self.h.prolongation
+        cf, mode = self.hierarchy.cf, self.hierarchy.prolongation
         if mode == "constant":
             return ops.prolong(t, cf, mode)
         # Linear: a fine cell reads its coarse block and the next (at the last cell of the
@@ -126,9 +126,9 @@ class LayerTransfers(Transfers):
         return out[len(lh) * cf:len(out) - len(rh) * cf]
 
     def _adjoint_stack(self, g: torch.Tensor) -> torch.Tensor:
-        cf, mode = self.h.cf, self.h.prolongation
+        cf, mode = self.hierarchy.cf, self.hierarchy.prolongation
         if mode == "constant":
-            return _prolong_adjoint(self.h, g)
+            return _prolong_adjoint(self.hierarchy, g)
         # The adjoint of this rank's rows of the windowed prolongation, then the parts that
         # fall on the neighbours' blocks sent to them and added.
         n = len(g) // cf
@@ -180,9 +180,9 @@ class LayerTransfers(Transfers):
         return v
 
     def metric(self, level: int) -> torch.Tensor:
-        whole = dict(zip((n for n, _ in self.h.models[level].named_parameters()),
-                         finest_metric(self.h, level).split(
-                             [p.numel() for p in self.h.models[level].parameters()])))
+        whole = dict(zip((n for n, _ in self.hierarchy.models[level].named_parameters()),
+                         finest_metric(self.hierarchy, level).split(
+                             [p.numel() for p in self.hierarchy.models[level].parameters()])))
         return torch.cat([whole[n] for n, _ in self.layout[level]])
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:

@@ -107,7 +107,7 @@ class TrustRegion(torch.optim.Optimizer):
         (the level's own win)."""
         super().__init__(list(params), {"lr": 0.0})
         self.comm = comm
-        self.P = comm.Get_size()
+        self.ranks = comm.Get_size()
         self.layer_comm = layer_comm if layer_comm is not None and layer_comm.Get_size() > 1 \
             else None
         self.after_set = after_set
@@ -175,18 +175,18 @@ class TrustRegion(torch.optim.Optimizer):
         Collective on the layer axis when there is one."""
         self._set(flat)
 
-    def accept(self, f: float, trial: float, predicted: float, x0: torch.Tensor) -> bool:
+    def accept(self, f: float, f_trial: float, predicted: float, x0: torch.Tensor) -> bool:
         """The acceptance and radius rule of a step that moved the iterate from ``x0``:
-        rho = (f - trial) / predicted; below eta1 the step is undone (bit for bit) and the
+        rho = (f - f_trial) / predicted; below eta1 the step is undone (bit for bit) and the
         radius shrinks by gamma1, at or above eta2 it grows by gamma2 (up to radius_max).
         Both tests are recorded as decisions. Used for this optimizer's own steps and for a
         multilevel method's prolonged coarse corrections. Returns whether it was accepted.
         Collective on the layer axis (the restore)."""
-        rho = (f - trial) / predicted if predicted > 0 else -math.inf
-        accepted = self._decide("accept", math.isfinite(trial) and rho >= self.eta1, f, trial,
-                                predicted, self.eta1)
+        rho = (f - f_trial) / predicted if predicted > 0 else -math.inf
+        accepted = self._decide("accept", math.isfinite(f_trial) and rho >= self.eta1, f,
+                                f_trial, predicted, self.eta1)
         if accepted:
-            if self._decide("grow", rho >= self.eta2, f, trial, predicted, self.eta2):
+            if self._decide("grow", rho >= self.eta2, f, f_trial, predicted, self.eta2):
                 self.radius = min(self.radius * self.gamma2, self.radius_max)
         else:
             self._set(x0)  # bit-for-bit restore
@@ -221,16 +221,16 @@ class TrustRegion(torch.optim.Optimizer):
             ok = self.layer_comm.allreduce(ok, op=_MPI.LAND)
         return ok
 
-    def _decide(self, kind: str, taken: bool, f: float, trial: float, predicted: float,
+    def _decide(self, kind: str, taken: bool, f: float, f_trial: float, predicted: float,
                 eta: float, level: int | None = None) -> bool:
-        """Records the reduction-ratio test rho = (f - trial) / predicted >= eta as
-        f - trial >= eta predicted, on the scale of its operands; returns ``taken``. A
+        """Records the reduction-ratio test rho = (f - f_trial) / predicted >= eta as
+        f - f_trial >= eta predicted, on the scale of its operands; returns ``taken``. A
         model that predicts no decrease rejects by itself (margin -inf)."""
         level = self.level if level is None else level
         if not predicted > 0:
             return self.decisions.record(kind, taken, -math.inf, 0.0, 1.0, level)
-        return self.decisions.record(kind, taken, f - trial, eta * predicted,
-                                     abs(f) + abs(trial) + abs(eta * predicted), level)
+        return self.decisions.record(kind, taken, f - f_trial, eta * predicted,
+                                     abs(f) + abs(f_trial) + abs(eta * predicted), level)
 
     def _set(self, flat: torch.Tensor) -> None:
         self._flat.set(flat)
@@ -247,7 +247,7 @@ class TrustRegion(torch.optim.Optimizer):
     def value(self, obj: Objective) -> float:
         """``obj`` at the model's current parameters. Collective on the data axis (and the
         layer axis for a shift's dot product)."""
-        self._samples = len(obj.x) * self.P / obj.weight
+        self._samples = len(obj.x) * self.ranks / obj.weight
         with torch.no_grad():
             value = torch.tensor([float(obj.loss_fn(obj.model(obj.x), obj.y)) * obj.weight],
                                  dtype=torch.float64)
@@ -270,8 +270,9 @@ class TrustRegion(torch.optim.Optimizer):
         return loss, g
 
     def objective(self, obj: Objective):
-        """(value, float64 gradient) of ``obj`` at the current parameters. Collective."""
-        self._samples = len(obj.x) * self.P / obj.weight
+        """(value, float64 gradient) of ``obj`` at the current parameters. Collective on
+        the data axis (and the layer axis when the vector is distributed)."""
+        self._samples = len(obj.x) * self.ranks / obj.weight
         return self._loss_and_grad(Curvature(obj.model, obj.loss_fn, obj.x, obj.y, "lsr1",
                                              self._params), obj.weight, obj.shift)
 
@@ -353,7 +354,7 @@ class TrustRegion(torch.optim.Optimizer):
         Collective on the data-axis communicator."""
         model, loss_fn, x, y = obj.model, obj.loss_fn, obj.x, obj.y
         weight, shift = obj.weight, obj.shift
-        self._samples = len(x) * self.P / weight  # the global batch behind this step
+        self._samples = len(x) * self.ranks / weight  # the global batch behind this step
         curv = Curvature(model, loss_fn, x, y, self.curvature, self._params)
         loss, g = self._loss_and_grad(curv, weight, shift)
         if not (math.isfinite(loss) and self._finite(g)):
@@ -386,17 +387,17 @@ class TrustRegion(torch.optim.Optimizer):
         x0 = self._flat.get()
         self._set(x0 + s.to(dtype))
         if self.lsr1 is not None:  # the trial gradient also feeds the SR1 memory
-            trial, g_trial = self._loss_and_grad(
+            f_trial, g_trial = self._loss_and_grad(
                 Curvature(model, loss_fn, x, y, "lsr1", self._params), weight, shift)
-            if math.isfinite(trial) and self._finite(g_trial):
+            if math.isfinite(f_trial) and self._finite(g_trial):
                 self.lsr1.update(s, g_trial - g)
         else:
-            trial = self.value(obj)
-        accepted = self.accept(loss, trial, predicted, x0)
+            f_trial = self.value(obj)
+        accepted = self.accept(loss, f_trial, predicted, x0)
         self.counts["accepted" if accepted else "rejected"] += 1
         self.after_step(accepted)
         self.last = {"accepted": accepted, "boundary": t < 1.0, "start": loss,
-                     "value": trial if accepted else loss}
+                     "value": f_trial if accepted else loss}
         return loss
 
     def close(self) -> None:

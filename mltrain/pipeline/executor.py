@@ -91,7 +91,7 @@ class Pipeline:
         """Forward and backward of the batch (x, y) in micro-batches; gradients accumulate
         in this stage's parameters as for the whole batch's mean loss. Returns that loss
         (on every stage). Every stage passes the same batch; only the first reads x and
-        only the last y. Collective."""
+        only the last y. Collective on the pipe axis."""
         B = len(x)
         if B < self.M:
             raise ConfigError(f"pipeline.microbatches: {self.M} micro-batches of a batch of {B}")
@@ -153,9 +153,10 @@ class Pipeline:
 
     def gather(self, layers: list[nn.Module]) -> None:
         """Brings every stage's parameters to every rank of the pipe axis (into
-        ``layers``), one broadcast per stage. Collective."""
+        ``layers``), one broadcast per stage. Collective on the pipe axis."""
         gather_params(self.groups(layers), self.comm)
 
     def gather_state(self, optimizer: torch.optim.Optimizer, layers: list[nn.Module]) -> None:
-        """Brings every stage's optimizer state to every rank of the pipe axis. Collective."""
+        """Brings every stage's optimizer state to every rank of the pipe axis. Collective on
+        the pipe axis."""
         gather_state(optimizer, self.groups(layers), self.comm)

@@ -16,7 +16,8 @@ __all__ = ["train"]
 
 
 def train(t) -> dict:
-    """Runs the remaining steps and returns the summary. Collective."""
+    """Runs the remaining steps and returns the summary. Collective on the trainer's
+    communicator."""
     from tqdm import tqdm
 
     cfg = t.cfg
@@ -57,7 +58,7 @@ def _loop(t, signals: StopSignals, bar, bytes0: int, t0: float,
           ckpt_every: int) -> int | None:
     """The training steps; returns the step at which run.target_loss was reached (None
     if not). Stops early, on every rank at the same step, once any rank received
-    SIGTERM or SIGUSR1. Collective."""
+    SIGTERM or SIGUSR1. Collective on the trainer's communicator."""
     cfg = t.cfg
     while t.step < t.total_steps:
         epoch = t.step // t.steps_per_epoch

@@ -11,7 +11,7 @@ __all__ = ["Nested", "OnePhase", "phases"]
 class OnePhase:
     """The schedule of a run without nested iteration: one phase, the full network."""
 
-    h = None
+    hierarchy = None
     phase = 0
 
     def __init__(self, trainer):
@@ -45,20 +45,20 @@ class Nested:
 
     def __init__(self, trainer, o):
         self.t = trainer
-        self.h = Hierarchy(trainer.model, o.levels, o.cf, o.transfer, o.prolongation)
-        self.steps = [0] * self.h.levels  # steps trained on each level in this run
+        self.hierarchy = Hierarchy(trainer.model, o.levels, o.cf, o.transfer, o.prolongation)
+        self.steps = [0] * self.hierarchy.levels  # steps trained on each level in this run
         self.coarse_work = 0.0  # work of the levels already trained, fine-gradient units
         self.fine = trainer.method
         self.phase = 0
 
     def phase_of(self, step: int) -> int:
-        L = self.h.levels
+        L = self.hierarchy.levels
         return max(L - 1 - step // max(self.t.total_steps // L, 1), 0)
 
     def start(self, step: int) -> None:
         """Enters the level that trains ``step`` (the coarsest for a new run)."""
         if self.phase_of(step) > 0:
-            self.phase = self.h.levels
+            self.phase = self.hierarchy.levels
             self.enter(self.phase_of(step))
 
     def before(self, step: int) -> None:
@@ -70,20 +70,20 @@ class Nested:
         t = self.t
         own = t.method.work(self.steps[self.phase], t.cfg.data.batch_size,
                             t.dataset.num_train)
-        return self.coarse_work + own * self.h.cost[self.phase]
+        return self.coarse_work + own * self.hierarchy.cost[self.phase]
 
     def enter(self, level: int) -> None:
-        t, h = self.t, self.h
-        if self.phase < h.levels:  # not the very first entry
+        t, hier = self.t, self.hierarchy
+        if self.phase < hier.levels:  # not the very first entry
             self.coarse_work += t.method.work(self.steps[self.phase], t.cfg.data.batch_size,
-                                              t.dataset.num_train) * h.cost[self.phase]
+                                              t.dataset.num_train) * hier.cost[self.phase]
             t.method.close()
             for lv in range(self.phase - 1, level - 1, -1):
-                h.prolong_to(lv)
+                hier.prolong_to(lv)
         self.phase = level
-        t.model = h.models[level]
+        t.model = hier.models[level]
         # A multilevel optimizer on a coarse level uses the levels below it.
-        t.method = self.fine if level == 0 else t._build(t.model, h.levels - level)
+        t.method = self.fine if level == 0 else t._build(t.model, hier.levels - level)
         t.model.train()
 
     def finish(self) -> None:

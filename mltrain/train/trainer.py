@@ -110,7 +110,7 @@ class Trainer:
 
     def _build(self, model: torch.nn.Module, levels: int | None = None):
         """The configured optimizer for ``model`` (multilevel ones over ``levels`` levels).
-        Collective."""
+        Collective on the trainer's communicator."""
         ctx = Context(self.cfg, self.layout, model, self.straggler, levels)
         return agree(self.comm, lambda: build_method(ctx), what="config")
 
@@ -123,13 +123,13 @@ class Trainer:
     optimizer = property(lambda self: self.method.state,
                          doc="What checkpoints hold of the optimizer (its state dict).")
     sync = property(lambda self: self.method.sync)
-    hierarchy = property(lambda self: self.phases.h)
+    hierarchy = property(lambda self: self.phases.hierarchy)
     phase = property(lambda self: self.phases.phase)
     level_steps = property(lambda self: self.phases.steps)
 
     def advance(self) -> torch.Tensor:
         """Trains one step (switching nested-iteration levels when due); returns the local
-        loss. Collective."""
+        loss. Collective on the trainer's communicator."""
         self.phases.before(self.step)
         epoch, pos = divmod(self.step, self.steps_per_epoch)
         loss = self.train_step(*self.loader.batch(epoch, pos))
@@ -138,7 +138,8 @@ class Trainer:
         return loss
 
     def finish_phases(self) -> None:
-        """Brings a nested run that stopped early to the full-depth network. Collective."""
+        """Brings a nested run that stopped early to the full-depth network. Collective on
+        the trainer's communicator."""
         self.phases.finish()
 
     def work(self) -> float:
@@ -177,7 +178,8 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------
     def train(self) -> dict:
-        """Runs the remaining steps and returns the summary. Collective."""
+        """Runs the remaining steps and returns the summary. Collective on the trainer's
+        communicator."""
         return run_loop(self)
 
     def evaluate(self) -> dict:
@@ -187,7 +189,8 @@ class Trainer:
                         self.dtype)
 
     def close(self) -> None:
-        """Removes hooks and frees solvers and communicators. Collective."""
+        """Removes hooks and frees solvers and communicators. Collective on the trainer's
+        communicator."""
         self.method.close()
         self.layout.close()
         self.metrics.close()
