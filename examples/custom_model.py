@@ -7,8 +7,8 @@ with a step ``h``, ``closing``), which the layer-parallel and multilevel trainer
 for data parallelism any module that maps inputs to logits will do. Multilevel training of
 it over a depth hierarchy (docs/multilevel.md):
 
-    mpiexec -n 2 python examples/custom_model.py --set optim.name=rmtr --set optim.levels=2
-    mpiexec -n 2 python examples/custom_model.py --set optim.nested=true --set optim.levels=2
+    mpiexec -n 2 python examples/custom_model.py --set optim.name=rmtr --set multilevel.levels=2
+    mpiexec -n 2 python examples/custom_model.py --set multilevel.nested=true --set multilevel.levels=2
 """
 import argparse
 

@@ -86,7 +86,7 @@ MPI_CASES = [  # (ranks, arguments after `-m mltrain`, what the message must con
     (2, ["--set", "sync.name=sgp", "--set", "sync.compression=topk"], "sync.compression"),
     (2, ["--set", "data.batch_size=100000"], "larger than the training set"),
     (2, ["--summary", "/nonexistent/s.json"], "--summary"),
-    (2, ["--set", "optim.name=rmtr", "--set", "optim.levels=9"], "optim.levels"),
+    (2, ["--set", "optim.name=rmtr", "--set", "multilevel.levels=9"], "multilevel.levels"),
 ]
 
 SERIAL_CASES = [  # commands that start no MPI themselves

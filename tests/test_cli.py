@@ -262,7 +262,7 @@ def test_bench_multilevel_smoke(tmp_path):
     r = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--budget", "1.0", "--target",
                     "1.5", "--json", str(out), "--plot", str(png), "--set", "model.name=resnet",
                     "--set", "model.depth=8", "--set", "model.width=16", "--set",
-                    "optim.max_it=5"], timeout=600)
+                    "tr.max_it=5"], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     rows = {m["method"]: m for m in res["methods"]}

@@ -85,9 +85,9 @@ def test_docs_list_every_key():
 
 @pytest.mark.parametrize("extra, match", [
     (["parallel.layer=2", "optim.name=mgopt"], "optim.name"),
-    (["parallel.layer=2", "optim.name=rmtr", "optim.curvature=hessian"], "optim.curvature"),
-    (["parallel.layer=2", "optim.name=rmtr", "optim.nested=true", "optim.levels=2"], "nested"),
-    (["parallel.layer=2", "optim.name=tr", "optim.curvature=ggn"], "optim.curvature"),
+    (["parallel.layer=2", "optim.name=rmtr", "tr.curvature=hessian"], "tr.curvature"),
+    (["parallel.layer=2", "optim.name=rmtr", "multilevel.nested=true", "multilevel.levels=2"], "nested"),
+    (["parallel.layer=2", "optim.name=tr", "tr.curvature=ggn"], "tr.curvature"),
     (["parallel.layer=2", "sync.name=localsgd"], "sync.name"),
     (["parallel.pipe=2", "optim.name=tr"], "optim.name"),
     (["parallel.pipe=2", "sync.name=localsgd"], "sync.name"),
@@ -98,3 +98,48 @@ def test_docs_list_every_key():
 def test_model_parallel_config_errors(extra, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, extra)
+
+
+def test_rules_table_in_the_docs_is_the_one_the_loader_checks():
+    from mltrain.config import rules_table
+
+    assert rules_table() in (ROOT / "docs" / "configuration.md").read_text()
+
+
+@pytest.mark.parametrize("old, new", [("optim.curvature=lsr1", "tr.curvature"),
+                                      ("optim.levels=2", "multilevel.levels"),
+                                      ("optim.smoother=tr", "mgopt.smoother")])
+def test_moved_keys_name_their_new_place(tmp_path, old, new):
+    with pytest.raises(ConfigError, match=f"moved to {new}"):
+        load_config(None, [old])
+    section, rest = old.split(".")
+    key, value = rest.split("=")
+    f = tmp_path / "old.toml"
+    f.write_text(f'[{section}]\n{key} = "{value}"\n' if not value.isdigit() else
+                 f"[{section}]\n{key} = {value}\n")
+    with pytest.raises(ConfigError, match=f"moved to {new}"):
+        load_config(f)
+
+
+def test_every_rule_can_be_broken_and_names_a_key():
+    """Each rule of the table fires on some config, and its message names a key of its row."""
+    from mltrain.config import RULES
+
+    breaking = {
+        0: ["run.steps=0", "run.epochs=0"], 1: ["data.partition=dirichlet", "data.alpha=0"],
+        2: ["data.name=idx"], 3: ["parallel.pipe=2", "optim.name=tr"],
+        4: ["parallel.pipe=2", "sync.name=sgp"], 5: ["parallel.layer=2", "optim.name=mgopt"],
+        6: ["parallel.layer=2", "optim.name=tr"], 7: ["parallel.layer=2", "sync.name=sgp"],
+        8: ["optim.lr=1e39"], 9: ["multilevel.nested=true"],
+        10: ["optim.name=tr", "tr.radius=20"], 11: ["optim.name=tr", "sync.name=sgp"],
+        12: ["sync.name=sgp", "sync.compression=fp16"],
+        13: ["sync.compression=topk", "sync.topk_ratio=0"],
+        14: ["sync.name=sgp", "checkpoint.resume=true", "checkpoint.dir=x"],
+        15: ["checkpoint.every=3"],
+    }
+    assert sorted(breaking) == list(range(len(RULES)))
+    for i, rule in enumerate(RULES):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, breaking[i])
+        named = [k.strip("`").rstrip("*") for k in rule.keys.split(", ")]
+        assert any(k in str(err.value) for k in named), (i, str(err.value))

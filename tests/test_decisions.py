@@ -43,8 +43,8 @@ def test_margins_near_ties_and_first_difference():
 # radius is the excursion's bound.
 TIED = ["model.name=resnet", "model.depth=16", "model.width=16", "run.dtype=float64",
         "data.partition=strided", "data.shuffle=false", "data.batch_size=48", "run.steps=6",
-        "run.threads=1", "optim.name=rmtr", "optim.curvature=lsr1", "optim.cf=2",
-        "optim.levels=2", "optim.transfer=injection", "optim.prolongation=constant"]
+        "run.threads=1", "optim.name=rmtr", "tr.curvature=lsr1", "multilevel.cf=2",
+        "multilevel.levels=2", "multilevel.transfer=injection", "multilevel.prolongation=constant"]
 
 
 @pytest.mark.parametrize("ulps", [-2, 2])

@@ -13,9 +13,9 @@ def test_every_example_is_listed():
 
 
 RUNS = [(p, []) for p in EXAMPLES] + [
-    (ROOT / "examples" / "custom_model.py", ["--set", "optim.name=rmtr", "--set", "optim.levels=2"]),
-    (ROOT / "examples" / "custom_model.py", ["--set", "optim.nested=true", "--set",
-                                             "optim.levels=2"])]
+    (ROOT / "examples" / "custom_model.py", ["--set", "optim.name=rmtr", "--set", "multilevel.levels=2"]),
+    (ROOT / "examples" / "custom_model.py", ["--set", "multilevel.nested=true", "--set",
+                                             "multilevel.levels=2"])]
 
 
 @pytest.mark.parametrize("script, extra", RUNS,

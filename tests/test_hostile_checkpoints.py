@@ -176,9 +176,9 @@ def test_every_optimizers_checkpoint_passes_the_checks(comm, shared_tmp, optim):
     """Adam's moments and step, trust region's radius and L-SR1 memory, RMTR's levels:
     all within what the checks accept, and resumed."""
     extra = {"adam": ["optim.name=adam"],
-             "tr": ["optim.name=tr", "optim.curvature=lsr1", "optim.memory=3"],
-             "rmtr": ["optim.name=rmtr", "optim.levels=2", "model.depth=4",
-                      "optim.curvature=lsr1"]}[optim]
+             "tr": ["optim.name=tr", "tr.curvature=lsr1", "tr.memory=3"],
+             "rmtr": ["optim.name=rmtr", "multilevel.levels=2", "model.depth=4",
+                      "tr.curvature=lsr1"]}[optim]
     ckdir = shared_tmp / f"ok-{optim}"
     common = BASE + extra
     t = Trainer(load_config(None, common + ["run.steps=3", f"checkpoint.dir={ckdir}"]), comm,

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.mpi(min_size=2)
 OPTIMIZERS = {
     "sgd": ["optim.name=sgd"],
     "adam": ["optim.name=adam"],
-    "tr": ["optim.name=tr", "optim.curvature=lsr1"],
-    "rmtr": ["optim.name=rmtr", "optim.levels=2", "optim.curvature=lsr1"],
-    "mgopt": ["optim.name=mgopt", "optim.levels=2"],
-    "nested": ["optim.name=sgd", "optim.levels=2", "optim.nested=true"],
+    "tr": ["optim.name=tr", "tr.curvature=lsr1"],
+    "rmtr": ["optim.name=rmtr", "multilevel.levels=2", "tr.curvature=lsr1"],
+    "mgopt": ["optim.name=mgopt", "multilevel.levels=2"],
+    "nested": ["optim.name=sgd", "multilevel.levels=2", "multilevel.nested=true"],
 }
 LAYOUTS = {"data": [], "layer": ["parallel.layer=2"], "pipe": ["parallel.pipe=2"]}
 # The support table of docs/architecture.md: None = trains, else the refusal's key.

@@ -254,8 +254,8 @@ def test_layer_parallel_rank_count_errors():
               "coarsest intervals")
     # RMTR's hierarchy splits with the MGRIT levels: 8 blocks in units of 2 x 4.
     cli_error(["parallel.layer=2", "model.depth=8", "mgrit.levels=2", "optim.name=rmtr",
-               "optim.curvature=lsr1", "optim.levels=3", "run.steps=1"],
-              "x optim.cf^(optim.levels-1) = 2 x 4 = 8 leave 1 coarsest intervals")
+               "tr.curvature=lsr1", "multilevel.levels=3", "run.steps=1"],
+              "x multilevel.cf^(multilevel.levels-1) = 2 x 4 = 8 leave 1 coarsest intervals")
 
 
 @pytest.mark.parametrize("n, levels, iters, relax, skip", [
@@ -282,7 +282,7 @@ def test_layer_parallel_trust_region_equals_serial(comm, levels):
     Vec on the layer communicator) takes the serial trust region's steps."""
     require("petsc4py")
     tr = [x for x in LP if not x.startswith(("optim.", "mgrit."))] + [
-        "optim.name=tr", "optim.curvature=lsr1", "run.steps=8", f"mgrit.levels={levels}",
+        "optim.name=tr", "tr.curvature=lsr1", "run.steps=8", f"mgrit.levels={levels}",
         "mgrit.iters=5", "mgrit.bwd_iters=5"]
     _, ref = _train(tr, MPI.COMM_SELF)
     P = comm.Get_size()
@@ -300,7 +300,7 @@ def test_layer_parallel_trust_region_resumes(comm, shared_tmp):
     require("petsc4py")
     ck = shared_tmp / "lp-tr"
     tr = [x for x in LP if not x.startswith(("optim.", "mgrit."))] + [
-        "optim.name=tr", "optim.curvature=lsr1", "mgrit.levels=1",
+        "optim.name=tr", "tr.curvature=lsr1", "mgrit.levels=1",
         f"parallel.layer={comm.Get_size()}", f"checkpoint.dir={ck}"]
     _, first = _train(tr + ["run.steps=4"], comm)
     t = Trainer(load_config(None, tr + ["run.steps=8", "checkpoint.resume=true"]), comm,

@@ -73,10 +73,10 @@ def test_hierarchy_errors_and_user_models():
         Hierarchy(ResNet(64, 8, 6, 10), levels=3, cf=2)
     with pytest.raises(ConfigError, match="lacks opening, blocks"):
         Hierarchy(MLP(64, 8, 2, 10), levels=2, cf=2)
-    with pytest.raises(ConfigError, match="optim.nested"):
-        load_config(None, ["optim.nested=true"])
+    with pytest.raises(ConfigError, match="multilevel.nested"):
+        load_config(None, ["multilevel.nested=true"])
     with pytest.raises(CollectiveError, match="lacks opening"):
-        Trainer(load_config(None, ["optim.nested=true", "optim.levels=2", "model.name=mlp"]),
+        Trainer(load_config(None, ["multilevel.nested=true", "multilevel.levels=2", "model.name=mlp"]),
                 MPI.COMM_SELF, quiet=True, metrics=False)
     # The example's convolutional ODE network follows the protocol.
     from conftest import ROOT
@@ -89,7 +89,7 @@ def test_hierarchy_errors_and_user_models():
     assert h.models[1](torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
-NESTED = ["optim.nested=true", "optim.levels=3", "model.depth=8", "model.width=16",
+NESTED = ["multilevel.nested=true", "multilevel.levels=3", "model.depth=8", "model.width=16",
           "run.steps=30", "data.batch_size=24", "run.threads=1"]
 
 

@@ -98,9 +98,9 @@ def test_rmtr_kappa_skips_the_coarse_levels():
 @pytest.mark.parametrize("curvature", ["hessian", "lsr1"])
 def test_rmtr_with_one_level_is_the_trust_region_trainer(curvature):
     require("petsc4py")
-    common = SMALL + ["run.steps=12", f"optim.curvature={curvature}"]
+    common = SMALL + ["run.steps=12", f"tr.curvature={curvature}"]
     s_tr, _, p_tr = _run(common + ["optim.name=tr"])
-    s_ml, _, p_ml = _run(common + ["optim.name=rmtr", "optim.levels=1"])
+    s_ml, _, p_ml = _run(common + ["optim.name=rmtr", "multilevel.levels=1"])
     assert torch.equal(p_tr, p_ml)
     for key in ("grad_evals", "hvp_evals", "accepted_steps", "rejected_steps", "radius"):
         assert s_tr[key] == s_ml[key], key
@@ -108,19 +108,19 @@ def test_rmtr_with_one_level_is_the_trust_region_trainer(curvature):
 
 @pytest.mark.parametrize("smoother", ["sgd", "adam"])
 def test_mgopt_with_one_level_is_its_smoother(smoother):
-    common = SMALL + ["run.steps=10", "optim.lr=0.01", "optim.coarse_iters=1"]
+    common = SMALL + ["run.steps=10", "optim.lr=0.01", "multilevel.coarse_iters=1"]
     _, _, p_ref = _run(common + [f"optim.name={smoother}", "optim.momentum=0"])
-    _, _, p_mg = _run(common + ["optim.name=mgopt", f"optim.smoother={smoother}",
-                                "optim.momentum=0", "optim.levels=1"])
+    _, _, p_mg = _run(common + ["optim.name=mgopt", f"mgopt.smoother={smoother}",
+                                "optim.momentum=0", "multilevel.levels=1"])
     assert torch.allclose(p_ref, p_mg, rtol=1e-5, atol=1e-6)
 
 
-ML = [["optim.name=rmtr", "optim.levels=3"], ["optim.name=rmtr", "optim.levels=2", "optim.cycle=W"],
-      ["optim.name=rmtr", "optim.levels=2", "optim.batch=hybrid", "optim.curvature=ggn"],
-      ["optim.name=mgopt", "optim.levels=3", "optim.lr=0.05"],
-      ["optim.name=mgopt", "optim.levels=2", "optim.smoother=adam"],
-      ["optim.name=mgopt", "optim.levels=2", "optim.smoother=tr"],
-      ["optim.name=rmtr", "optim.levels=2", "optim.nested=true"]]
+ML = [["optim.name=rmtr", "multilevel.levels=3"], ["optim.name=rmtr", "multilevel.levels=2", "multilevel.cycle=W"],
+      ["optim.name=rmtr", "multilevel.levels=2", "tr.batch=hybrid", "tr.curvature=ggn"],
+      ["optim.name=mgopt", "multilevel.levels=3", "optim.lr=0.05"],
+      ["optim.name=mgopt", "multilevel.levels=2", "mgopt.smoother=adam"],
+      ["optim.name=mgopt", "multilevel.levels=2", "mgopt.smoother=tr"],
+      ["optim.name=rmtr", "multilevel.levels=2", "multilevel.nested=true"]]
 
 
 @pytest.mark.parametrize("extra", ML, ids=lambda e: "-".join(x.split("=")[1] for x in e))
@@ -138,9 +138,9 @@ def test_multilevel_optimizers_descend_and_are_deterministic(extra):
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("extra", [["optim.name=rmtr", "optim.levels=3"],
-                                   ["optim.name=mgopt", "optim.levels=2",
-                                    "optim.smoother=adam"]], ids=["rmtr", "mgopt"])
+@pytest.mark.parametrize("extra", [["optim.name=rmtr", "multilevel.levels=3"],
+                                   ["optim.name=mgopt", "multilevel.levels=2",
+                                    "mgopt.smoother=adam"]], ids=["rmtr", "mgopt"])
 @pytest.mark.exactness
 def test_multilevel_rank_count_invariant(comm, extra):
     require("petsc4py")
@@ -152,9 +152,9 @@ def test_multilevel_rank_count_invariant(comm, extra):
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("extra", [["optim.name=rmtr", "optim.levels=2"],
-                                   ["optim.name=mgopt", "optim.levels=2",
-                                    "optim.smoother=adam"]], ids=["rmtr", "mgopt"])
+@pytest.mark.parametrize("extra", [["optim.name=rmtr", "multilevel.levels=2"],
+                                   ["optim.name=mgopt", "multilevel.levels=2",
+                                    "mgopt.smoother=adam"]], ids=["rmtr", "mgopt"])
 @pytest.mark.exactness
 def test_multilevel_resume_is_bit_exact(comm, shared_tmp, extra):
     require("petsc4py")
@@ -170,7 +170,7 @@ def test_multilevel_needs_a_residual_network():
     from mltrain.comm import CollectiveError
 
     with pytest.raises(CollectiveError, match="opening, blocks"):
-        Trainer(load_config(None, ["optim.name=rmtr", "optim.levels=2", "model.name=mlp"]),
+        Trainer(load_config(None, ["optim.name=rmtr", "multilevel.levels=2", "model.name=mlp"]),
                 MPI.COMM_SELF, quiet=True, metrics=False)
 
 
@@ -224,16 +224,16 @@ def test_layer_transfers_equal_serial(comm, transfer, prolongation):
 
 LAYERED = ["model.name=resnet", "model.depth=16", "model.width=16", "run.dtype=float64",
            "data.partition=strided", "data.shuffle=false", "data.batch_size=48",
-           "run.steps=6", "run.threads=1", "optim.name=rmtr", "optim.curvature=lsr1",
-           "optim.cf=2", "mgrit.cf=2"]
+           "run.steps=6", "run.threads=1", "optim.name=rmtr", "tr.curvature=lsr1",
+           "multilevel.cf=2", "mgrit.cf=2"]
 
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("extra", [
-    ["optim.levels=2", "mgrit.levels=1", "optim.transfer=full_weighting",
-     "optim.prolongation=linear", "optim.cycle=W"],
-    ["optim.levels=2", "mgrit.levels=1"],
-    ["optim.levels=2", "mgrit.levels=2", "mgrit.iters=8", "mgrit.bwd_iters=8"]],
+    ["multilevel.levels=2", "mgrit.levels=1", "multilevel.transfer=full_weighting",
+     "multilevel.prolongation=linear", "multilevel.cycle=W"],
+    ["multilevel.levels=2", "mgrit.levels=1"],
+    ["multilevel.levels=2", "mgrit.levels=2", "mgrit.iters=8", "mgrit.bwd_iters=8"]],
     ids=["W-fw-linear-exact", "V-exact", "V-mgrit"])
 @pytest.mark.exactness
 def test_layer_parallel_rmtr_equals_serial(comm, extra, request):
@@ -267,7 +267,7 @@ def test_layer_parallel_rmtr_resumes_at_any_degree(comm, shared_tmp):
     from mltrain.train import Trainer
 
     P, rank = comm.Get_size(), comm.Get_rank()
-    cfg = LAYERED + ["optim.levels=2", "mgrit.levels=1", "run.steps=4"]
+    cfg = LAYERED + ["multilevel.levels=2", "mgrit.levels=1", "run.steps=4"]
 
     def write(folder, degree):
         sub = comm.Split(0 if rank < degree else MPI.UNDEFINED, rank)
@@ -316,7 +316,7 @@ def test_every_level_has_its_own_petsc_options(comm, method):
 
     opts = init().Options()
     cfg = load_config(None, ["model.width=8", "model.depth=4", "run.steps=1", "run.threads=1",
-                             f"optim.name={method}", "optim.levels=2", "optim.smoother=tr"])
+                             f"optim.name={method}", "multilevel.levels=2", "mgopt.smoother=tr"])
 
     def max_its():
         t = Trainer(cfg, comm, quiet=True, metrics=False)

@@ -131,7 +131,7 @@ TR = ["optim.name=tr", "run.dtype=float64", "data.partition=strided", "data.shuf
 @pytest.mark.exactness
 def test_tr_is_rank_count_invariant_and_descends(comm, curvature):
     require("petsc4py")
-    s, before, diff = against_serial(comm, load_config(None, TR + [f"optim.curvature={curvature}"]))
+    s, before, diff = against_serial(comm, load_config(None, TR + [f"tr.curvature={curvature}"]))
     all_ranks(comm, diff < 1e-10, f"{curvature}: {diff:.2e}")
     all_ranks(comm, s["final_loss"] < before and s["accepted_steps"] > 0, str(s))
     all_ranks(comm, s["accepted_steps"] + s["rejected_steps"] == 15 and s["hvp_evals"] > 0)
@@ -140,7 +140,7 @@ def test_tr_is_rank_count_invariant_and_descends(comm, curvature):
 @pytest.mark.mpi(min_size=1)
 def test_tr_rejected_step_restores_bits(comm):
     require("petsc4py")
-    cfg = load_config(None, TR + ["optim.eta1=1.0", "optim.eta2=1.0", "run.steps=1"])
+    cfg = load_config(None, TR + ["tr.eta1=1.0", "tr.eta2=1.0", "run.steps=1"])
     t = Trainer(cfg, comm, quiet=True, metrics=False)
     x0 = flat_params(t.model)
     r0 = t.optimizer.radius
@@ -157,7 +157,7 @@ def test_tr_rejected_step_restores_bits(comm):
 def test_tr_resume_is_bit_exact(comm, shared_tmp, dtype, curvature):
     require("petsc4py")
     base = [x for x in TR if not x.startswith(("run.steps", "run.dtype"))] + [
-        f"run.dtype={dtype}", f"optim.curvature={curvature}"]
+        f"run.dtype={dtype}", f"tr.curvature={curvature}"]
     straight, second = straight_and_resumed(comm, base, shared_tmp / f"tr-{dtype}-{curvature}")
     all_ranks(comm, torch.equal(flat_params(straight.model), flat_params(second.model))
               and straight.optimizer.radius == second.optimizer.radius)
@@ -176,10 +176,10 @@ def test_tr_non_finite_loss_is_a_clear_error():
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["optim.radius=0"], "optim.radius"), (["optim.radius=20"], "optim.radius"),
-    (["optim.eta1=0.9", "optim.eta2=0.5"], "optim.eta1"), (["optim.gamma1=1.0"], "optim.gamma1"),
-    (["sync.name=localsgd"], "sync.name"), (["optim.curvature=exact"], "optim.curvature"),
-    (["optim.ksp_type=gmres"], "optim.ksp_type"),
+    (["tr.radius=0"], "tr.radius"), (["tr.radius=20"], "tr.radius"),
+    (["tr.eta1=0.9", "tr.eta2=0.5"], "tr.eta1"), (["tr.gamma1=1.0"], "tr.gamma1"),
+    (["sync.name=localsgd"], "sync.name"), (["tr.curvature=exact"], "tr.curvature"),
+    (["tr.ksp_type=gmres"], "tr.ksp_type"),
 ])
 def test_tr_config_errors(extra, match):
     with pytest.raises(ConfigError, match=match):
@@ -290,22 +290,22 @@ def test_lsr1_recovers_a_quadratic():
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("extra", [["optim.curvature=lsr1"], ["optim.batch=full"]],
+@pytest.mark.parametrize("extra", [["tr.curvature=lsr1"], ["tr.batch=full"]],
                          ids=["lsr1", "full"])
 @pytest.mark.exactness
 def test_tr_modes_rank_count_invariant(comm, extra):
     require("petsc4py")
     s, before, diff = against_serial(comm, load_config(None, TR + ["run.steps=8"] + extra))
     all_ranks(comm, diff < 1e-10 and s["final_loss"] < before, f"{extra}: {diff:.2e}")
-    if "optim.batch=full" in extra:
+    if "tr.batch=full" in extra:
         all_ranks(comm, s["grad_evals"] == pytest.approx(8.0), str(s["grad_evals"]))
 
 
 @pytest.mark.mpi(min_size=1)
 def test_tr_hybrid_batch_grows_when_steps_fail(comm):
     require("petsc4py")
-    cfg = load_config(None, TR + ["optim.batch=hybrid", "optim.grow_after=2", "run.steps=4",
-                                  "optim.eta1=1.0", "optim.eta2=1.0"])
+    cfg = load_config(None, TR + ["tr.batch=hybrid", "tr.grow_after=2", "run.steps=4",
+                                  "tr.eta1=1.0", "tr.eta2=1.0"])
     t = Trainer(cfg, comm, quiet=True, metrics=False)
     s = t.train()
     # 4 rejected steps, 2 in a row double the batch: 1 -> 2 -> 4 mini-batches per step

@@ -22,17 +22,17 @@ __all__ = ["METHODS", "bench_multilevel", "plot"]
 
 
 def methods(curvature: str) -> list[tuple[str, list[str]]]:
-    tr = ["optim.name=tr", f"optim.curvature={curvature}"]
+    tr = ["optim.name=tr", f"tr.curvature={curvature}"]
     return [
         ("sgd", ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"]),
         ("adam", ["optim.name=adam", "optim.lr=0.003"]),
         ("tr", tr),
-        ("rmtr-2", ["optim.name=rmtr", "optim.levels=2", f"optim.curvature={curvature}"]),
-        ("rmtr-3", ["optim.name=rmtr", "optim.levels=3", f"optim.curvature={curvature}"]),
-        ("mgopt-3", ["optim.name=mgopt", "optim.levels=3", "optim.smoother=adam",
+        ("rmtr-2", ["optim.name=rmtr", "multilevel.levels=2", f"tr.curvature={curvature}"]),
+        ("rmtr-3", ["optim.name=rmtr", "multilevel.levels=3", f"tr.curvature={curvature}"]),
+        ("mgopt-3", ["optim.name=mgopt", "multilevel.levels=3", "mgopt.smoother=adam",
                      "optim.lr=0.003"]),
-        ("nested-3", ["optim.name=adam", "optim.lr=0.003", "optim.nested=true",
-                      "optim.levels=3"]),
+        ("nested-3", ["optim.name=adam", "optim.lr=0.003", "multilevel.nested=true",
+                      "multilevel.levels=3"]),
     ]
 
 

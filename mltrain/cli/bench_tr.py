@@ -15,11 +15,11 @@ from mltrain.config import load_config
 METHODS = [
     ("sgd", ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"]),
     ("adam", ["optim.name=adam", "optim.lr=0.003"]),
-    ("tr-hessian", ["optim.name=tr", "optim.curvature=hessian"]),
-    ("tr-ggn", ["optim.name=tr", "optim.curvature=ggn"]),
-    ("tr-lsr1", ["optim.name=tr", "optim.curvature=lsr1"]),
-    ("tr-ggn-hybrid", ["optim.name=tr", "optim.curvature=ggn", "optim.batch=hybrid"]),
-    ("tr-ggn-full", ["optim.name=tr", "optim.curvature=ggn", "optim.batch=full"]),
+    ("tr-hessian", ["optim.name=tr", "tr.curvature=hessian"]),
+    ("tr-ggn", ["optim.name=tr", "tr.curvature=ggn"]),
+    ("tr-lsr1", ["optim.name=tr", "tr.curvature=lsr1"]),
+    ("tr-ggn-hybrid", ["optim.name=tr", "tr.curvature=ggn", "tr.batch=hybrid"]),
+    ("tr-ggn-full", ["optim.name=tr", "tr.curvature=ggn", "tr.batch=full"]),
 ]
 
 

@@ -12,11 +12,11 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = [
     "ConfigError", "Config", "load_config", "parse_override", "parse_straggler", "to_toml",
-    "to_dict", "describe_keys", "parse_balance", "check_ranks", "read_text", "writable_folder",
+    "to_dict", "describe_keys", "parse_balance", "check_ranks", "read_text", "writable_folder", "RULES", "rules_table", "MOVED",
     "MAX_RANKS",
 ]
 
@@ -79,46 +79,58 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = _f("adam", "optimizer (rmtr, mgopt: multilevel, over optim.levels)",
-                   choices=("sgd", "adam", "tr", "rmtr", "mgopt"))
-    lr: float = _f(3e-3, "learning rate", min=0.0)
+    name: str = _f("adam", "optimizer (tr: trust region, see [tr]; rmtr, mgopt: multilevel, "
+                   "see [multilevel])", choices=("sgd", "adam", "tr", "rmtr", "mgopt"))
+    lr: float = _f(3e-3, "learning rate (sgd, adam; mgopt's first-order smoothers)", min=0.0)
     momentum: float = _f(0.9, "SGD momentum (heavy ball)", min=0.0, max=1.0)
     weight_decay: float = _f(0.0, "L2 weight decay", min=0.0)
-    radius: float = _f(0.5, "tr: initial trust-region radius", min=0.0)
-    radius_max: float = _f(10.0, "tr: largest radius", min=0.0)
-    eta1: float = _f(0.1, "tr: steps with actual/predicted reduction below this are rejected",
+
+
+@dataclass
+class TrConfig:
+    radius: float = _f(0.5, "initial trust-region radius", min=0.0)
+    radius_max: float = _f(10.0, "largest radius", min=0.0)
+    eta1: float = _f(0.1, "steps with actual/predicted reduction below this are rejected",
                      min=0.0, max=1.0)
-    eta2: float = _f(0.75, "tr: at or above this ratio the radius grows", min=0.0, max=1.0)
-    gamma1: float = _f(0.5, "tr: radius factor after a rejected step", min=0.0, max=1.0)
-    gamma2: float = _f(2.0, "tr: radius factor after a very successful step", min=1.0)
-    curvature: str = _f("hessian", "tr: curvature model", choices=("hessian", "ggn", "lsr1"))
-    memory: int = _f(5, "tr with lsr1: curvature pairs kept", min=1)
-    batch: str = _f("minibatch", "tr: each step's data: a mini-batch, the whole training set, "
+    eta2: float = _f(0.75, "at or above this ratio the radius grows", min=0.0, max=1.0)
+    gamma1: float = _f(0.5, "radius factor after a rejected step", min=0.0, max=1.0)
+    gamma2: float = _f(2.0, "radius factor after a very successful step", min=1.0)
+    curvature: str = _f("hessian", "curvature model", choices=("hessian", "ggn", "lsr1"))
+    memory: int = _f(5, "with curvature = lsr1: curvature pairs kept", min=1)
+    batch: str = _f("minibatch", "each step's data: a mini-batch, the whole training set, "
                     "or hybrid (mini-batches grown when steps keep failing)",
                     choices=("minibatch", "full", "hybrid"))
-    grow_after: int = _f(3, "tr with batch = hybrid: double the batch after this many "
+    grow_after: int = _f(3, "with batch = hybrid: double the batch after this many "
                          "rejected steps in a row", min=1)
-    levels: int = _f(1, "multilevel: levels of the depth hierarchy (level l has "
-                     "model.depth / cf^l residual blocks)", min=1)
-    cf: int = _f(2, "multilevel: coarsening factor in depth", min=2)
-    transfer: str = _f("injection", "multilevel: restriction of block parameters",
+    ksp_type: str = _f("stcg", "PETSc Krylov method for the subproblem",
+                       choices=("stcg", "nash", "gltr"))
+    max_it: int = _f(50, "most Krylov iterations per step", min=1)
+
+
+@dataclass
+class MultilevelConfig:
+    levels: int = _f(1, "levels of the depth hierarchy (level l has model.depth / cf^l "
+                     "residual blocks)", min=1)
+    cf: int = _f(2, "coarsening factor in depth", min=2)
+    transfer: str = _f("injection", "restriction of block parameters",
                        choices=("injection", "full_weighting"))
-    prolongation: str = _f("constant", "multilevel: prolongation of block parameters",
+    prolongation: str = _f("constant", "prolongation of block parameters",
                            choices=("constant", "linear"))
     nested: bool = _f(False, "nested iteration: train the coarsest network first, prolong "
                       "its weights to the next finer, up to the full depth (run.steps "
-                      "shared equally by the levels)")
+                      "shared equally by the levels; any optim.name)")
     cycle: str = _f("V", "rmtr: V- or W-cycle (one or two coarse corrections per level)",
                     choices=("V", "W"))
     pre_smooth: int = _f(1, "rmtr, mgopt: smoothing steps before the coarse correction", min=0)
     post_smooth: int = _f(1, "rmtr, mgopt: smoothing steps after the coarse correction", min=0)
     coarse_iters: int = _f(2, "rmtr, mgopt: steps on the coarsest level", min=1)
     kappa: float = _f(1e-3, "rmtr: recurse only when ||P^T g|| >= kappa ||g||", min=0.0)
-    smoother: str = _f("sgd", "mgopt: every level's smoother (sgd and adam use optim.lr and "
-                       "optim.momentum; tr the trust-region keys)", choices=("sgd", "adam", "tr"))
-    ksp_type: str = _f("stcg", "tr: PETSc Krylov method for the subproblem",
-                       choices=("stcg", "nash", "gltr"))
-    max_it: int = _f(50, "tr: most Krylov iterations per step", min=1)
+
+
+@dataclass
+class MgoptConfig:
+    smoother: str = _f("sgd", "every level's smoother (sgd and adam use optim.lr and "
+                       "optim.momentum; tr the [tr] keys)", choices=("sgd", "adam", "tr"))
 
 
 @dataclass
@@ -214,6 +226,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    tr: TrConfig = field(default_factory=TrConfig)
+    multilevel: MultilevelConfig = field(default_factory=MultilevelConfig)
+    mgopt: MgoptConfig = field(default_factory=MgoptConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     mgrit: MgritConfig = field(default_factory=MgritConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -261,8 +276,18 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+# Keys that moved out of [optim] into their component's section: named in the error.
+MOVED = {**{f"optim.{f.name}": f"tr.{f.name}" for f in dataclasses.fields(TrConfig)},
+         **{f"optim.{f.name}": f"multilevel.{f.name}"
+            for f in dataclasses.fields(MultilevelConfig)},
+         "optim.smoother": "mgopt.smoother"}
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
     full = f"{section}.{key}"
+    if full in MOVED:
+        raise ConfigError(f"{full}: moved to {MOVED[full]} (trust-region, multilevel and "
+                          "MG/OPT keys have their own sections)")
     if section not in _SECTIONS:
         raise ConfigError(f"{full}: unknown section {section!r} "
                           f"(known: {', '.join(sorted(_SECTIONS))})")
@@ -289,74 +314,148 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return parts[0], parts[1], value
 
 
+@dataclass(frozen=True)
+class Rule:
+    """One compatibility rule between keys: ``broken(cfg)`` is the error message naming
+    the key when ``cfg`` breaks it (None otherwise); ``keys`` and ``text`` are its row in
+    docs/configuration.md (``rules_table``)."""
+
+    keys: str
+    text: str
+    broken: Callable[["Config"], str | None]
+
+
+# Which optimizers each model-parallel axis supports (nested iteration counts as its own).
+LAYOUT_SUPPORT = {"parallel.layer": ("sgd", "adam", "tr", "rmtr"),
+                  "parallel.pipe": ("sgd", "adam")}
+_SELF_AVERAGING = ("tr", "rmtr", "mgopt")  # they average their own gradients and products
+_F32_MAX = 3.4e38
+
+
+def _kind(c: "Config") -> str:
+    return "nested iteration" if c.multilevel.nested else repr(c.optim.name)
+
+
+def _layout(key: str):
+    def broken(c):
+        degree = c.parallel.layer if key == "parallel.layer" else c.parallel.pipe
+        ok = LAYOUT_SUPPORT[key]
+        if degree > 1 and (c.optim.name not in ok or c.multilevel.nested):
+            what = "layer-parallel" if key == "parallel.layer" else "pipeline"
+            names = ", ".join(repr(n) for n in ok)
+            return (f"{key}: {what} training works with optim.name = {names} (not yet "
+                    f"{_kind(c)})")
+        return None
+    return broken
+
+
+def _uses_tr(c: "Config") -> bool:
+    return c.optim.name in ("tr", "rmtr") or (c.optim.name, c.mgopt.smoother) == ("mgopt", "tr")
+
+
+def _first(*checks):
+    """The first message of ``checks`` (pairs of condition and message), or None."""
+    return next((msg for cond, msg in checks if cond), None)
+
+
+RULES = [
+    Rule("run.steps, run.epochs", "at least one is positive",
+         lambda c: _first((c.run.steps == 0 and c.run.epochs == 0,
+                           "run.steps and run.epochs are both 0: nothing to train"))),
+    Rule("data.alpha", "positive for data.partition = dirichlet, quantity",
+         lambda c: _first((c.data.partition in ("dirichlet", "quantity") and c.data.alpha <= 0,
+                           "data.alpha: must be positive"))),
+    Rule("data.path", "required for data.name = idx, hdf5",
+         lambda c: _first((c.data.name in ("idx", "hdf5") and not c.data.path,
+                           f"data.path: required when data.name = {c.data.name!r}"))),
+    Rule("parallel.pipe, optim.name", "pipelines train with "
+         + ", ".join(LAYOUT_SUPPORT["parallel.pipe"]) + " (no nested iteration)",
+         _layout("parallel.pipe")),
+    Rule("parallel.pipe, sync.*", "pipelines average their own gradients: sync.name = "
+         "allreduce, no compression",
+         lambda c: _first((c.parallel.pipe > 1 and (c.sync.name != "allreduce"
+                                                    or c.sync.compression != "none"),
+                           "parallel.pipe: pipeline training averages gradients itself: use "
+                           "sync.name = 'allreduce' without compression"))),
+    Rule("parallel.layer, optim.name", "layer-parallel training with "
+         + ", ".join(LAYOUT_SUPPORT["parallel.layer"]) + " (no nested iteration)",
+         _layout("parallel.layer")),
+    Rule("parallel.layer, tr.curvature", "layer-parallel trust region and RMTR use lsr1",
+         lambda c: _first((c.parallel.layer > 1 and c.optim.name in ("tr", "rmtr")
+                           and c.tr.curvature != "lsr1",
+                           f"tr.curvature: layer-parallel trust region needs 'lsr1' (no "
+                           f"{c.tr.curvature!r} products through MGRIT yet)"))),
+    Rule("parallel.layer, sync.name", "layer-parallel training uses sync.name = allreduce",
+         lambda c: _first((c.parallel.layer > 1 and c.sync.name != "allreduce",
+                           f"parallel.layer: layer-parallel training needs sync.name = "
+                           f"'allreduce', not {c.sync.name!r}"))),
+    Rule("optim.lr, optim.weight_decay, tr.radius, tr.radius_max",
+         "within float32 when run.dtype = float32",
+         lambda c: _first(*((c.run.dtype == "float32" and getattr(sec, k) > _F32_MAX,
+                             f"{name}.{k}: {getattr(sec, k)} is beyond float32 (run.dtype); "
+                             "nothing trains at that scale")
+                            for name, sec, keys in (("optim", c.optim, ("lr", "weight_decay")),
+                                                    ("tr", c.tr, ("radius", "radius_max")))
+                            for k in keys))),
+    Rule("multilevel.nested, multilevel.levels", "nested iteration needs 2 levels or more",
+         lambda c: _first((c.multilevel.nested and c.multilevel.levels < 2,
+                           "multilevel.nested: needs multilevel.levels >= 2"))),
+    Rule("tr.radius, tr.radius_max, tr.eta1, tr.eta2, tr.gamma1",
+         "0 < radius <= radius_max, eta1 <= eta2, 0 < gamma1 < 1 (when a trust region runs)",
+         lambda c: _first(
+             (_uses_tr(c) and not 0 < c.tr.radius <= c.tr.radius_max,
+              f"tr.radius: need 0 < radius <= radius_max, got {c.tr.radius} and "
+              f"{c.tr.radius_max}"),
+             (_uses_tr(c) and c.tr.eta1 > c.tr.eta2,
+              f"tr.eta1: {c.tr.eta1} is above tr.eta2 = {c.tr.eta2}"),
+             (_uses_tr(c) and not 0 < c.tr.gamma1 < 1,
+              f"tr.gamma1: must lie strictly between 0 and 1, got {c.tr.gamma1}"))),
+    Rule("optim.name, sync.*", "tr, rmtr and mgopt average their own gradients: sync.name = "
+         "allreduce, no compression",
+         lambda c: _first((c.optim.name in _SELF_AVERAGING
+                           and (c.sync.name != "allreduce" or c.sync.compression != "none"),
+                           f"optim.name = {c.optim.name!r} averages its own gradients and "
+                           "curvature products: use sync.name = 'allreduce' without "
+                           "compression"))),
+    Rule("sync.compression", "only with sync.name = allreduce",
+         lambda c: _first((c.sync.compression != "none" and c.sync.name != "allreduce",
+                           f"sync.compression: applies to sync.name = 'allreduce', not "
+                           f"{c.sync.name!r}"))),
+    Rule("sync.topk_ratio", "positive with sync.compression = topk",
+         lambda c: _first((c.sync.compression == "topk" and c.sync.topk_ratio <= 0,
+                           "sync.topk_ratio: must be positive"))),
+    Rule("checkpoint.resume, sync.name", "resume only with sync.name = allreduce",
+         lambda c: _first((c.checkpoint.resume and c.sync.name != "allreduce",
+                           f"checkpoint.resume: not supported yet with sync.name = "
+                           f"{c.sync.name!r} (its checkpoints hold the consensus model, not "
+                           "every replica and the scheme's state); start a new run from it"))),
+    Rule("checkpoint.resume, checkpoint.every", "need checkpoint.dir",
+         lambda c: _first((c.checkpoint.resume and not c.checkpoint.dir,
+                           "checkpoint.resume: needs checkpoint.dir"),
+                          (c.checkpoint.every and not c.checkpoint.dir,
+                           "checkpoint.every: needs checkpoint.dir"))),
+]
+
+
+def rules_table() -> str:
+    """RULES as the markdown table docs/configuration.md includes (a test keeps them
+    equal)."""
+    rows = ["| keys | rule |", "|---|---|"]
+    rows += [f"| {', '.join(f'`{k}`' for k in r.keys.split(', '))} | {r.text} |"
+             for r in RULES]
+    return "\n".join(rows) + "\n"
+
+
 def _validate(cfg: Config) -> None:
-    """Cross-key checks that do not depend on the rank count."""
-    if cfg.run.steps == 0 and cfg.run.epochs == 0:
-        raise ConfigError("run.steps and run.epochs are both 0: nothing to train")
-    if cfg.data.partition in ("dirichlet", "quantity") and cfg.data.alpha <= 0:
-        raise ConfigError("data.alpha: must be positive")
-    if cfg.data.name in ("idx", "hdf5") and not cfg.data.path:
-        raise ConfigError(f"data.path: required when data.name = {cfg.data.name!r}")
+    """Cross-key checks that do not depend on the rank count: every rule of RULES, and
+    the typed values of run.straggler and pipeline.balance."""
     if cfg.run.straggler:
         parse_straggler(cfg.run.straggler)
-    if cfg.parallel.pipe > 1:
-        if cfg.optim.name not in ("sgd", "adam") or cfg.optim.nested:
-            raise ConfigError(f"parallel.pipe: pipeline training works with optim.name = "
-                              f"'sgd' or 'adam' (not yet {cfg.optim.name!r}"
-                              f"{' with nested iteration' if cfg.optim.nested else ''})")
-        if cfg.sync.name != "allreduce" or cfg.sync.compression != "none":
-            raise ConfigError("parallel.pipe: pipeline training averages gradients itself: "
-                              "use sync.name = 'allreduce' without compression")
     parse_balance(cfg.pipeline.balance)
-    if cfg.parallel.layer > 1:
-        if cfg.optim.name not in ("sgd", "adam", "tr", "rmtr") or cfg.optim.nested:
-            raise ConfigError(f"parallel.layer: layer-parallel training works with optim.name "
-                              f"= 'sgd', 'adam', 'tr' or 'rmtr' (not yet {cfg.optim.name!r}"
-                              f"{' with nested iteration' if cfg.optim.nested else ''})")
-        if cfg.optim.name in ("tr", "rmtr") and cfg.optim.curvature != "lsr1":
-            raise ConfigError(f"optim.curvature: layer-parallel trust region needs 'lsr1' "
-                              f"(no {cfg.optim.curvature!r} products through MGRIT yet)")
-        if cfg.sync.name != "allreduce":
-            raise ConfigError(f"parallel.layer: layer-parallel training needs sync.name = "
-                              f"'allreduce', not {cfg.sync.name!r}")
-    if cfg.run.dtype == "float32":  # torch refuses scalars float32 cannot hold, mid-step
-        big = 3.4e38
-        for key in ("lr", "radius", "radius_max", "weight_decay"):
-            if getattr(cfg.optim, key) > big:
-                raise ConfigError(f"optim.{key}: {getattr(cfg.optim, key)} is beyond float32 "
-                                  "(run.dtype); nothing trains at that scale")
-    if cfg.optim.nested and cfg.optim.levels < 2:
-        raise ConfigError("optim.nested: needs optim.levels >= 2")
-    if cfg.optim.name in ("tr", "rmtr") or (cfg.optim.name, cfg.optim.smoother) == ("mgopt", "tr"):
-        o = cfg.optim
-        if not 0 < o.radius <= o.radius_max:
-            raise ConfigError(f"optim.radius: need 0 < radius <= radius_max, got {o.radius} "
-                              f"and {o.radius_max}")
-        if o.eta1 > o.eta2:
-            raise ConfigError(f"optim.eta1: {o.eta1} is above optim.eta2 = {o.eta2}")
-        if not 0 < o.gamma1 < 1:
-            raise ConfigError(f"optim.gamma1: must lie strictly between 0 and 1, got {o.gamma1}")
-        if cfg.sync.name != "allreduce" or cfg.sync.compression != "none":
-            raise ConfigError(f"optim.name = {o.name!r} averages its own gradients and "
-                              "curvature products: use sync.name = 'allreduce' without "
-                              "compression")
-    if cfg.optim.name == "mgopt" and (cfg.sync.name != "allreduce"
-                                      or cfg.sync.compression != "none"):
-        raise ConfigError("optim.name = 'mgopt' averages its own gradients: use sync.name = "
-                          "'allreduce' without compression")
-    if cfg.sync.compression != "none" and cfg.sync.name != "allreduce":
-        raise ConfigError(f"sync.compression: applies to sync.name = 'allreduce', not "
-                          f"{cfg.sync.name!r}")
-    if cfg.sync.compression == "topk" and cfg.sync.topk_ratio <= 0:
-        raise ConfigError("sync.topk_ratio: must be positive")
-    if cfg.checkpoint.resume and cfg.sync.name not in ("allreduce",):
-        raise ConfigError(f"checkpoint.resume: not supported yet with sync.name = "
-                          f"{cfg.sync.name!r} (its checkpoints hold the consensus model, not "
-                          "every replica and the scheme's state); start a new run from it")
-    if cfg.checkpoint.resume and not cfg.checkpoint.dir:
-        raise ConfigError("checkpoint.resume: needs checkpoint.dir")
-    if cfg.checkpoint.every and not cfg.checkpoint.dir:
-        raise ConfigError("checkpoint.every: needs checkpoint.dir")
+    for rule in RULES:
+        message = rule.broken(cfg)
+        if message:
+            raise ConfigError(message)
 
 
 def parse_balance(text: str) -> list[int] | None:

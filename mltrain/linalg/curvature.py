@@ -24,7 +24,7 @@ class Curvature:
         """``params``: the parameters to differentiate (default: all of the model's);
         a subset works for gradients (``loss_and_grad``) only."""
         if kind not in CURVATURES:
-            raise ValueError(f"optim.curvature: {kind!r} is not one of {CURVATURES}")
+            raise ValueError(f"tr.curvature: {kind!r} is not one of {CURVATURES}")
         self.model, self.loss_fn, self.x, self.y, self.kind = model, loss_fn, x, y, kind
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = ([p for p in model.parameters() if p.requires_grad] if params is None

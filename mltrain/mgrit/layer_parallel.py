@@ -37,11 +37,11 @@ def split_layers(n: int, ranks: int, levels: int, cf: int,
                  align: int = 1) -> list[tuple[int, int]]:
     """Balanced contiguous [lo, hi) block ranges, one per rank, whose ends are multiples
     of cf^(levels-1) (C-points on every level) times ``align`` (a depth hierarchy's
-    cf^(optim.levels-1), so that every level of it splits on the same boundaries). Raises
+    cf^(multilevel.levels-1), so that every level of it splits on the same boundaries). Raises
     ConfigError when the depth cannot carry the ranks, levels or coarsening factor. Not
     collective."""
     unit = cf ** (levels - 1) * align
-    what = "mgrit.cf^(mgrit.levels-1)" + (f" x optim.cf^(optim.levels-1) = {cf ** (levels - 1)}"
+    what = "mgrit.cf^(mgrit.levels-1)" + (f" x multilevel.cf^(multilevel.levels-1) = {cf ** (levels - 1)}"
                                           f" x {align}" if align > 1 else "")
     if n < ranks:
         raise ConfigError(f"parallel.layer: {n} residual blocks cannot be shared by {ranks} "

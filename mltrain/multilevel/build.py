@@ -12,7 +12,7 @@ __all__ = ["rmtr", "mgopt"]
 
 
 def _hierarchy(ctx: Context) -> Hierarchy:
-    o = ctx.cfg.optim
+    o = ctx.cfg.multilevel
     net = ctx.layout.lp.model if ctx.layered else ctx.model
     return Hierarchy(net, ctx.levels or o.levels, o.cf, o.transfer, o.prolongation)
 
@@ -23,10 +23,10 @@ def _common(o) -> dict:
 
 
 def rmtr(ctx: Context) -> Method:
-    """RMTR over ``optim.levels`` levels; layer-parallel when the network is, every coarse
+    """RMTR over ``multilevel.levels`` levels; layer-parallel when the network is, every coarse
     level split where the finest is (and switched to exact sweeps with it). Collective on
     the data axis."""
-    o, layout = ctx.cfg.optim, ctx.layout
+    o, layout = ctx.cfg.multilevel, ctx.layout
     h = _hierarchy(ctx)
     layered = None
     if ctx.layered:
@@ -34,16 +34,16 @@ def rmtr(ctx: Context) -> Method:
                                  for lv in range(1, h.levels)]
         layout.chains.extend(layered[1:])
     opt = RMTR(h, layout.data, cycle=o.cycle, kappa=o.kappa, layered=layered,
-               **_common(o), **tr_settings(o))
+               **_common(o), **tr_settings(ctx.cfg.tr))
     return SecondOrder(opt, SyncStrategy(ctx.model, layout.data), ctx.straggler, ctx.model,
-                       o.batch)
+                       ctx.cfg.tr.batch)
 
 
 def mgopt(ctx: Context) -> Method:
-    """MG/OPT over ``optim.levels`` levels with ``optim.smoother`` on each. Collective on
+    """MG/OPT over ``multilevel.levels`` levels with ``mgopt.smoother`` on each. Collective on
     the data axis."""
     o, layout = ctx.cfg.optim, ctx.layout
-    opt = MGOpt(_hierarchy(ctx), layout.data, lr=o.lr, smoother=o.smoother,
-                momentum=o.momentum, tr=tr_settings(o), **_common(o))
+    opt = MGOpt(_hierarchy(ctx), layout.data, lr=o.lr, smoother=ctx.cfg.mgopt.smoother,
+                momentum=o.momentum, tr=tr_settings(ctx.cfg.tr), **_common(ctx.cfg.multilevel))
     return SecondOrder(opt, SyncStrategy(ctx.model, layout.data), ctx.straggler, ctx.model,
-                       o.batch)
+                       ctx.cfg.tr.batch)

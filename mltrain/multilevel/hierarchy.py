@@ -45,7 +45,7 @@ def coarsen(model: torch.nn.Module, cf: int, restriction: str = "injection"):
     check_protocol(model)
     n = len(model.blocks)
     if n % cf:
-        raise ConfigError(f"optim.cf: {n} residual blocks are not divisible by cf = {cf}")
+        raise ConfigError(f"multilevel.cf: {n} residual blocks are not divisible by cf = {cf}")
     coarse = copy.deepcopy(model)
     coarse.blocks = torch.nn.ModuleList(copy.deepcopy(model.blocks[i]) for i in range(n // cf))
     for b, fine_b in zip(coarse.blocks, model.blocks[::cf]):
@@ -69,9 +69,9 @@ class Hierarchy:
         check_protocol(model)
         n = len(model.blocks)
         if levels < 1:
-            raise ConfigError("optim.levels: must be at least 1")
+            raise ConfigError("multilevel.levels: must be at least 1")
         if n % cf ** (levels - 1):
-            raise ConfigError(f"optim.levels: {n} residual blocks cannot be coarsened "
+            raise ConfigError(f"multilevel.levels: {n} residual blocks cannot be coarsened "
                               f"{levels - 1} times by cf = {cf} (need a multiple of "
                               f"{cf ** (levels - 1)})")
         self.cf, self.restriction, self.prolongation = cf, restriction, prolongation

@@ -42,7 +42,7 @@ class Straggler:
 
 @dataclass
 class Batches:
-    """This rank's data at one step: the mini-batch, or (trust region's ``optim.batch``)
+    """This rank's data at one step: the mini-batch, or (trust region's ``tr.batch``)
     the whole partition or several consecutive mini-batches."""
 
     loader: Any  # ShardLoader
@@ -57,7 +57,7 @@ class Batches:
         return self.loader.batch(*divmod(self.step, self.loader.num_steps))
 
     def grown(self, mode: str, factor: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(x, y, weight) for ``optim.batch`` = ``mode``: the mini-batch, the whole
+        """(x, y, weight) for ``tr.batch`` = ``mode``: the mini-batch, the whole
         partition (full, or hybrid grown past an epoch), or ``factor`` consecutive
         mini-batches (hybrid). weight = local samples x ranks / global samples."""
         spe = self.loader.num_steps
@@ -167,7 +167,7 @@ class SecondOrder(Method):
 
 
 def tr_settings(o) -> dict:
-    """The trust-region keyword arguments of ``optim.*`` (every level alike)."""
+    """The trust-region keyword arguments of ``[tr]`` (``o``; every level alike)."""
     return dict(radius=o.radius, radius_max=o.radius_max, eta1=o.eta1, eta2=o.eta2,
                 gamma1=o.gamma1, gamma2=o.gamma2, curvature=o.curvature, ksp_type=o.ksp_type,
                 max_it=o.max_it, memory=o.memory,
@@ -182,15 +182,16 @@ def first_order(ctx: Context) -> Method:
                           weight_decay=o.weight_decay)
     # Layer-parallel: each rank reduces the gradients of what it trains, nothing else.
     sync = (SyncStrategy(ctx.model, layout.data) if layout.pipe is not None else
-            build_sync(ctx.cfg, layout.lp.local_modules() if ctx.layered else ctx.model,
-                       layout.data))
+            build_sync(ctx.cfg.sync, ctx.cfg.comm,
+                       layout.lp.local_modules() if ctx.layered else ctx.model, layout.data,
+                       seed=ctx.cfg.run.seed))
     return FirstOrder(opt, sync, ctx.straggler, layout, ctx.model)
 
 
 def trust_region(ctx: Context) -> Method:
     """Trust region over the parameter vector (distributed over the layer axis when there
     is one). Collective on the data axis."""
-    layout, o = ctx.layout, ctx.cfg.optim
+    layout, o = ctx.layout, ctx.cfg.tr
     if ctx.layered:  # weight space over the layer axis
         lp = layout.lp
         opt = TrustRegion(lp.vector_parameters(), layout.data, layer_comm=lp.comm,

@@ -127,7 +127,7 @@ class TrustRegion(torch.optim.Optimizer):
         if self.layer_comm is not None and curvature != "lsr1":
             from mltrain.config import ConfigError
 
-            raise ConfigError(f"optim.curvature: layer-parallel trust region needs lsr1 (no "
+            raise ConfigError(f"tr.curvature: layer-parallel trust region needs lsr1 (no "
                               f"{curvature} products through MGRIT yet)")
         self.decisions = decisions if decisions is not None else DecisionLog()
         self.level = level

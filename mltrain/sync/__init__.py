@@ -20,17 +20,17 @@ __all__ = ["SyncStrategy", "FlatParams", "consensus_distance", "AllReduce",
            "exponential_peers", "build_sync", "build_compressor"]
 
 
-def build_sync(cfg, model, comm: MPI.Comm) -> SyncStrategy:
-    """The scheme ``cfg.sync`` names, over the data-parallel communicator ``comm``.
+def build_sync(s, c, model, comm: MPI.Comm, *, seed: int = 0) -> SyncStrategy:
+    """The scheme the ``[sync]`` section ``s`` names, with the ``[comm]`` section ``c``'s
+    buckets, over the data-parallel communicator ``comm`` (``seed``: PowerSGD's start).
 
     Collective on ``comm`` (some schemes split communicators).
     """
-    s = cfg.sync
-    bucket = dict(bucket_bytes=int(cfg.comm.bucket_mb * (1 << 20)),
-                  views=cfg.comm.grad_as_bucket_view, max_inflight=cfg.comm.max_inflight)
+    bucket = dict(bucket_bytes=int(c.bucket_mb * (1 << 20)),
+                  views=c.grad_as_bucket_view, max_inflight=c.max_inflight)
     if s.name == "allreduce":
         comp = build_compressor(s.compression, comm, topk_ratio=s.topk_ratio, rank=s.rank,
-                                seed=cfg.run.seed)
+                                seed=seed)
         return AllReduce(model, comm, compressor=comp, **bucket)
     if s.name == "localsgd":
         return LocalSGD(model, comm, period=s.period, warmup_steps=s.warmup_steps, **bucket)

@@ -23,7 +23,7 @@ def model_memory(cfg, dataset, dtype: torch.dtype, share: int) -> None:
                         width=c.model.width, depth=c.model.depth, dtype=dtype)
     nbytes = sum(p.numel() for p in m.parameters()) * dtype.itemsize
     # Parameters and gradients, plus what the optimizer keeps per parameter.
-    copies = {"sgd": 1, "adam": 2}.get(c.optim.name, 2 * c.optim.memory + 2)
+    copies = {"sgd": 1, "adam": 2}.get(c.optim.name, 2 * c.tr.memory + 2)
     check_memory(nbytes * (2 + copies), f"model.width = {c.model.width}, model.depth = "
                  f"{c.model.depth} ({nbytes / 2 ** 20:.0f} MiB of parameters)",
                  share=share, error=ConfigError)

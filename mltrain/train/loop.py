@@ -69,7 +69,7 @@ def _loop(t, signals: StopSignals, bar, bytes0: int, t0: float,
             if not math.isfinite(mean):  # the same mean on every rank: all stop here
                 raise CollectiveError(
                     f"the training loss is {mean} at step {t.step} (optim.name = "
-                    f"{cfg.optim.name!r}): lower optim.lr (optim.radius for trust-region "
+                    f"{cfg.optim.name!r}): lower optim.lr (tr.radius for trust-region "
                     "methods), or train in run.dtype = 'float64'", "TrainingError", [])
             extra = {"consensus_distance": t.sync.distance()} if t.sync.drifts else {}
             if t.layout.chain is not None:  # MGRIT residual norms of the last step

@@ -1,5 +1,5 @@
 """Nested iteration: train the coarsest network of a depth hierarchy first, prolong its
-weights to the next finer, up to the full depth (``optim.nested``); ``run.steps`` is shared
+weights to the next finer, up to the full depth (``multilevel.nested``); ``run.steps`` is shared
 equally by the levels, coarsest first."""
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class OnePhase:
 
 
 def phases(trainer, o):
-    """The phase schedule ``optim.nested`` asks for. Not collective."""
+    """The phase schedule ``multilevel.nested`` asks for. Not collective."""
     return Nested(trainer, o) if o.nested else OnePhase(trainer)
 
 

@@ -24,5 +24,5 @@ def build_method(ctx: Context) -> Method:
 def layer_alignment(cfg) -> int:
     """Layer-parallel splits fall on multiples of this: RMTR's coarse levels split where
     the finest does, so the finest aligns to its hierarchy's coarsening."""
-    o = cfg.optim
-    return o.cf ** (o.levels - 1) if o.name == "rmtr" else 1
+    m = cfg.multilevel
+    return m.cf ** (m.levels - 1) if cfg.optim.name == "rmtr" else 1

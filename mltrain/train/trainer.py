@@ -82,7 +82,7 @@ class Trainer:
         self.model = self.layout.module  # what the current phase trains
         self.method = self._build(self.model)
         # Nested iteration trains the coarse levels first; otherwise one phase.
-        self.phases = agree(comm, lambda: phases(self, cfg.optim), what="config")
+        self.phases = agree(comm, lambda: phases(self, cfg.multilevel), what="config")
 
         idx = agree(comm, lambda: checks.my_partition(cfg, self.dataset, self.dp_size,
                                                       self.dp_rank), what="config")
@@ -148,7 +148,7 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on this rank's batch (``x``, ``y``; trust region's
-        ``optim.batch`` may take more of the partition); returns the local loss (detached).
+        ``tr.batch`` may take more of the partition); returns the local loss (detached).
         Collective on the grid's axes."""
         after = self.cfg.mgrit.exact_after
         self.layout.set_exact(bool(after) and self.step >= after)
