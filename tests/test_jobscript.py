@@ -59,6 +59,8 @@ def run_script(script: str, workdir: Path) -> subprocess.CompletedProcess:
         exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     path = workdir / "job.sbatch"
     path.write_text(script)
+    syntax = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr  # every generated script parses
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=f"{stub}:{env['PATH']}", SLURM_JOB_ID="77", SLURM_NTASKS="2")
     return subprocess.run(["bash", str(path)], capture_output=True, text=True, cwd=workdir,
