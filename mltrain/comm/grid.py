@@ -60,12 +60,10 @@ class Grid:
         that needs only the rank count (the batch against the data axis, micro-batches,
         the straggler's rank). Raises ConfigError. Not collective: the Trainer runs it on
         every rank, ``mltrain jobscript`` before submission."""
-        from mltrain.config import parse_straggler
-
         p = cfg.parallel
         grid = cls.for_world(world_size, data=p.data, layer=p.layer, pipe=p.pipe)
-        if cfg.run.straggler:
-            rank, _ = parse_straggler(cfg.run.straggler)
+        if cfg.run.straggler_spec:
+            rank, _ = cfg.run.straggler_spec
             if rank >= world_size:
                 raise ConfigError(f"run.straggler: rank {rank} does not exist in a job of "
                                   f"{world_size} ranks")

@@ -51,6 +51,11 @@ class RunConfig:
     log_every: int = _f(10, "steps between metrics records (the loss is reduced over ranks then)",
                         min=1)
 
+    @property
+    def straggler_spec(self) -> tuple[int, float] | None:
+        """``straggler`` as (rank, factor), None when empty (ConfigError when malformed)."""
+        return parse_straggler(self.straggler) if self.straggler else None
+
 
 @dataclass
 class DataConfig:
@@ -150,6 +155,11 @@ class PipelineConfig:
                        "(PipeDream-flush: fewer activations in flight)",
                        choices=("gpipe", "1f1b"))
     balance: str = _f("", "layers per stage, comma-separated (empty: as even as possible)")
+
+    @property
+    def balance_list(self) -> list[int] | None:
+        """``balance`` as layers per stage, None when empty (ConfigError when malformed)."""
+        return parse_balance(self.balance)
 
 
 @dataclass
@@ -449,9 +459,10 @@ def rules_table() -> str:
 def _validate(cfg: Config) -> None:
     """Cross-key checks that do not depend on the rank count: every rule of RULES, and
     the typed values of run.straggler and pipeline.balance."""
-    if cfg.run.straggler:
-        parse_straggler(cfg.run.straggler)
-    parse_balance(cfg.pipeline.balance)
+    # run.straggler and pipeline.balance as typed values: parsed here, so a malformed one
+    # stops the load (the properties give the same values wherever they are used).
+    cfg.run.straggler_spec
+    cfg.pipeline.balance_list
     for rule in RULES:
         message = rule.broken(cfg)
         if message:

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mltrain.comm import GradReducer, agree, broadcast_parameters
-from mltrain.config import parse_balance
 from mltrain.mgrit import LayerParallel
 from mltrain.pipeline import LayeredPipeline, Pipeline, sequential_layers
 
@@ -111,13 +110,13 @@ def parallelize(model: nn.Module, gc, cfg, *, align: int = 1) -> Layout:
     elif gc.grid.pipe > 1 and gc.grid.layer > 1:  # stages themselves layer-parallel
         pipe = agree(comm, lambda: LayeredPipeline(
             model, gc.comms["pipe"], gc.comms["layer"], microbatches=p.microbatches,
-            schedule=p.schedule, balance=parse_balance(p.balance), **mgrit), what="config")
+            schedule=p.schedule, balance=p.balance_list, **mgrit), what="config")
         layers = pipe.segments
     elif gc.grid.pipe > 1:
         layers = agree(comm, lambda: sequential_layers(model), what="config")
         pipe = agree(comm, lambda: Pipeline(
             layers, gc.comms["pipe"], microbatches=p.microbatches, schedule=p.schedule,
-            balance=parse_balance(p.balance)), what="config")
+            balance=p.balance_list), what="config")
     # Layer ranks and pipeline stages hold replicas of the whole network too: the same
     # weights everywhere.
     broadcast_parameters(model, comm if lp is not None or pipe is not None else gc.data)

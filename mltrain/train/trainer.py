@@ -15,7 +15,7 @@ import torch
 from mpi4py import MPI
 
 from mltrain.comm import STATS, Grid, agree, local_cpu_masks
-from mltrain.config import Config, parse_straggler, to_toml
+from mltrain.config import Config, to_toml
 from mltrain.data import ShardLoader, open_dataset
 from mltrain.io import MetricsWriter, prepare_folder, resume, save_checkpoint
 from mltrain.nn import build_model
@@ -76,8 +76,8 @@ class Trainer:
         self.layout = parallelize(model.to(self.dtype), self.gc, cfg,
                                   align=layer_alignment(cfg))
         self.straggler = Straggler()
-        if cfg.run.straggler:  # an emulated slow machine, for comparing schemes
-            rank, factor = parse_straggler(cfg.run.straggler)
+        if cfg.run.straggler_spec:  # an emulated slow machine, for comparing schemes
+            rank, factor = cfg.run.straggler_spec
             self.straggler.factor = factor if rank == self.rank else 1.0
         self.model = self.layout.module  # what the current phase trains
         self.method = self._build(self.model)
