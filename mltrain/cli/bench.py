@@ -7,6 +7,7 @@ in rounds so that machine noise hits both alike. Only ratios are meant to be com
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import socket
@@ -60,6 +61,11 @@ def _init_gloo(comm: MPI.Comm):
 
 def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dict:
     """Runs the benchmark and returns its figures. Collective on ``comm``."""
+    from mltrain.comm import Grid
+    from mltrain.optim.base import Batches, Context, Straggler
+    from mltrain.train.optimizers import build_method
+    from mltrain.train.parallelize import parallelize
+
     P = comm.Get_size()
     threads = set_threads(cfg.run.threads, local_cpu_masks(comm))
     width, depth, batch = _bench_shape(cfg)
@@ -75,16 +81,18 @@ def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dic
     x = torch.randn(batch // P, *shape, generator=g, dtype=dtype)
     y = torch.randint(0, classes, (batch // P,), generator=g)
 
-    # (a) mltrain: bucketed overlapped reducer
-    reducer = GradReducer(model.parameters(), comm, int(cfg.comm.bucket_mb * 2**20),
-                          cfg.comm.grad_as_bucket_view, cfg.comm.max_inflight)
-    opt = build_optimizer("sgd", model.parameters(), lr=1e-3, momentum=0.9)
+    # (a) mltrain: the Trainer's own step (its layout and optimizer: SGD with the allreduce
+    # scheme, whose bucketed reducer overlaps the backward pass)
+    run = dataclasses.replace(
+        cfg, optim=dataclasses.replace(cfg.optim, name="sgd", lr=1e-3, momentum=0.9),
+        parallel=dataclasses.replace(cfg.parallel, data=0, pipe=1, layer=1),
+        sync=dataclasses.replace(cfg.sync, name="allreduce", compression="none"))
+    gc = Grid.for_world(P).build(comm)
+    layout = parallelize(model, gc, run)
+    method = build_method(Context(run, layout, layout.module, Straggler()))
 
     def ml_step():
-        reducer.prepare()
-        F.cross_entropy(model(x), y).backward()
-        reducer.finish()
-        opt.step()
+        method.step(Batches(None, 0, P, batch, fixed=(x, y)))
 
     # (b) torch DDP with gloo
     dist = _init_gloo(comm)
@@ -109,7 +117,12 @@ def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dic
         t_ddp.append(mean_of_slowest(comm, ddp_step, per))
     step_ml, step_ddp = statistics.median(t_ml), statistics.median(t_ddp)
 
-    # (c) reduction bandwidth: the reducer on ready gradients vs one raw Allreduce
+    method.close()
+    gc.free()
+    # (c) reduction bandwidth: the reducer itself (a component benchmark) on ready
+    # gradients vs one raw Allreduce of the same bytes
+    reducer = GradReducer(model.parameters(), comm, int(cfg.comm.bucket_mb * 2**20),
+                          cfg.comm.grad_as_bucket_view, cfg.comm.max_inflight)
     n = reducer.num_elements
     nbytes = n * torch.tensor([], dtype=dtype).element_size()
     for p in model.parameters():
