@@ -22,10 +22,11 @@ from mpi4py import MPI
 from mltrain.cli.timing import best_of_slowest
 from mltrain.comm import broadcast_
 from mltrain.config import ConfigError
-from mltrain.mgrit import LayerParallel, split_layers
+from mltrain.mgrit import split_layers
 from mltrain.mgrit.model import Costs, predict
 from mltrain.mgrit.profile import pass_overhead, seconds_per_call, unit_costs
 from mltrain.nn import ResNet
+from mltrain.train.parallelize import layer_parallel
 
 __all__ = ["bench_mgrit"]
 
@@ -102,7 +103,8 @@ def bench_mgrit(comm: MPI.Comm, depths=(64, 128, 256, 512, 1024), width: int = 3
                 split_layers(N, P, levels, cf)
             except ConfigError:
                 continue
-            lp = LayerParallel(net, comm, levels=levels, cf=cf, iters=iters, bwd_iters=bwd)
+            lp = layer_parallel(net, comm, dict(levels=levels, cf=cf, iters=iters,
+                                                bwd_iters=bwd))
 
             def parallel():
                 F.cross_entropy(lp(x), y).backward()

@@ -17,7 +17,7 @@ from mltrain.comm import GradReducer, agree, broadcast_parameters
 from mltrain.mgrit import LayerParallel
 from mltrain.pipeline import LayeredPipeline, Pipeline, sequential_layers
 
-__all__ = ["Layout", "parallelize"]
+__all__ = ["Layout", "parallelize", "layer_parallel"]
 
 
 class Layout:
@@ -97,6 +97,14 @@ class Layout:
             self._reducer = None
 
 
+def layer_parallel(model: nn.Module, layer_comm, mgrit: dict, *, align: int = 1) -> LayerParallel:
+    """``model``'s residual blocks split over ``layer_comm`` and propagated by MGRIT with the
+    solver settings ``mgrit`` (``MgritConfig.solver()``); the one place a layer-parallel
+    network is made (``parallelize``, and ``bench mgrit`` for the solver alone, on any
+    number of ranks, one included). Not collective."""
+    return LayerParallel(model, layer_comm, align=align, **mgrit)
+
+
 def parallelize(model: nn.Module, gc, cfg, *, align: int = 1) -> Layout:
     """``model`` laid out over the grid ``gc`` as ``cfg.parallel`` asks; every rank ends
     with rank 0's weights. ``align``: layer-parallel splits fall on multiples of it (a
@@ -105,8 +113,8 @@ def parallelize(model: nn.Module, gc, cfg, *, align: int = 1) -> Layout:
     comm, mgrit, p = gc.world, cfg.mgrit.solver(), cfg.pipeline
     lp, pipe, layers = None, None, None
     if gc.grid.layer > 1 and gc.grid.pipe == 1:
-        lp = agree(comm, lambda: LayerParallel(model, gc.comms["layer"], align=align,
-                                               **mgrit), what="config")
+        lp = agree(comm, lambda: layer_parallel(model, gc.comms["layer"], mgrit, align=align),
+                   what="config")
     elif gc.grid.pipe > 1 and gc.grid.layer > 1:  # stages themselves layer-parallel
         pipe = agree(comm, lambda: LayeredPipeline(
             model, gc.comms["pipe"], gc.comms["layer"], microbatches=p.microbatches,
