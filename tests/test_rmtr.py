@@ -316,6 +316,7 @@ def test_every_level_has_its_own_petsc_options(comm, method):
 
     opts = init().Options()
     cfg = load_config(None, ["model.width=8", "model.depth=4", "run.steps=1", "run.threads=1",
+                             "data.batch_size=24",
                              f"optim.name={method}", "multilevel.levels=2", "mgopt.smoother=tr"])
 
     def max_its():
