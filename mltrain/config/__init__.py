@@ -129,7 +129,7 @@ class MultilevelConfig:
     pre_smooth: int = _f(1, "rmtr, mgopt: smoothing steps before the coarse correction", min=0)
     post_smooth: int = _f(1, "rmtr, mgopt: smoothing steps after the coarse correction", min=0)
     coarse_iters: int = _f(2, "rmtr, mgopt: steps on the coarsest level", min=1)
-    kappa: float = _f(1e-3, "rmtr: recurse only when ||P^T g|| >= kappa ||g||", min=0.0)
+    kappa: float = _f(1e-3, "rmtr: recurse only when norm(P^T g) >= kappa norm(g)", min=0.0)
 
 
 @dataclass
