@@ -99,6 +99,15 @@ def _world_size(f):
     f.attrs["world_size"] = -1
 
 
+def _optim_dataset(f):  # /optim itself a dataset: declared 2 GB, read row by row if let in
+    del f["optim"]
+    f.create_dataset("optim", shape=(1, 500_000_000), dtype="f4", chunks=(1, 4096))
+
+
+def _scalar_state(f):  # a momentum that is no parameter's shape fails only at the first step
+    _replace(f, "optim/0/momentum_buffer", data=np.float32(0.5))
+
+
 def _string_model(f):
     shape = f[f"model/{PARAM}"].shape
     del f[f"model/{PARAM}"]
@@ -122,6 +131,8 @@ HOSTILE = [
     (_big_config, "over 1048576 bytes"),
     (_world_size, "'world_size' is missing or out of range"),
     (_string_model, "the model is torch.float32"),
+    (_optim_dataset, "/optim is not a group"),
+    (_scalar_state, "has shape (), expected (8, 64)"),
 ]
 
 
@@ -223,3 +234,25 @@ def test_unusable_checkpoint_folder_fails_before_training(comm, shared_tmp, wher
                 quiet=True, metrics=False)
     all_ranks(comm, "checkpoint.dir" in str(err.value) and message in str(err.value),
               str(err.value))
+
+
+def test_incomplete_optimizer_state_is_a_clear_error(comm, shared_tmp):
+    """Adam's moments without its step count pass every per-dataset check; restoring them
+    must still end as a CheckpointError on every rank, not a traceback."""
+    ckdir = shared_tmp / "adam-no-step"
+    adam = [a for a in BASE if not a.startswith("optim.")] + ["optim.name=adam"]
+    t = Trainer(load_config(None, adam + ["run.steps=2", f"checkpoint.dir={ckdir}"]), comm,
+                quiet=True, metrics=False)
+    t.train()
+    t.close()
+    if comm.Get_rank() == 0:
+        with h5py.File(list_checkpoints(ckdir)[-1], "r+") as f:
+            for idx in f["optim"]:
+                del f["optim"][idx]["step"]
+    comm.Barrier()
+    with pytest.raises(CollectiveError) as err:
+        Trainer(load_config(None, adam + ["run.steps=4", f"checkpoint.dir={ckdir}",
+                                          "checkpoint.resume=true"]), comm, quiet=True,
+                metrics=False)
+    all_ranks(comm, err.value.kind == "CheckpointError" and "does not fit Adam" in
+              str(err.value), f"{err.value.kind}: {err.value}")

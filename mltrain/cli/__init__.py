@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print("mltrain: error: " + (f"out of memory on rank {comm.Get_rank()} ({e}); lower "
                                      "data.batch_size or model.width, or use more nodes"
                                      if oom else str(e)), file=sys.stderr, flush=True)
+        if comm.Get_size() == 1:  # nobody to wake: no MPI abort banner
+            return EXIT_USER_ERROR
         comm.Abort(EXIT_USER_ERROR)
 
 
@@ -287,7 +289,8 @@ def _train(cfg, args, comm) -> int:
             ck = summary["checkpoint"]
             print(f"mltrain: stopped by {summary['stopped_by']} after step {summary['steps']} "
                   + (f"; checkpoint {ck}: run again with --set checkpoint.resume=true to "
-                     "continue" if ck else "; no checkpoint (checkpoint.dir is not set)"),
+                     "continue" if ck else "; no checkpoint (checkpoint.dir is not set, or "
+                     "nested iteration was still on a coarse level)"),
                   file=sys.stderr)
         # The shell's convention for a process ended by a signal: not a success.
         return 128 + int(signal.Signals[summary["stopped_by"]])

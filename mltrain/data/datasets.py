@@ -296,6 +296,11 @@ class Hdf5Dataset(Dataset):
             raise DataError(f"{path}: /{yk} has shape {y.shape}, expected ({n},)")
         if y.dtype.kind not in "iu":
             raise DataError(f"{path}: /{yk} is {y.dtype}; class labels must be integers")
+        from mltrain.utils import check_memory
+
+        # The labels are read whole (and indexed by the partitions): a count declared far
+        # beyond what the file holds must not be allocated.
+        check_memory(n * 8 * 4, f"{path}: /{yk} declares {n} samples", error=DataError)
         if n:
             lo = y[...].min()
             if lo < 0:

@@ -148,6 +148,7 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module,
 # shaped like its parameter or scalar, so loading allocates what the optimizer needs.
 _STATE = {"SGD": {"momentum_buffer"}, "Adam": {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"},
           "TrustRegion": {"radius", "batch_factor", "rejected_streak", "lsr1_gamma"}}
+_SCALARS = {"step", "radius", "batch_factor", "rejected_streak", "lsr1_gamma"}
 _LSR1 = re.compile(r"^lsr1_[sy](\d{1,6})$")
 _LEVEL = re.compile(r"^level(\d{1,4})\.(.+)$")
 
@@ -222,6 +223,10 @@ def _inspect(f, path: Path, model: torch.nn.Module, optimizer) -> dict:
     params = (optimizer.state_params() if hasattr(optimizer, "state_params") else
               [p for g in optimizer.param_groups for p in g["params"]])
     state_names, memory = _state_rules(optimizer)
+    for top in ("optim", "rng"):  # groups, or nothing: a dataset here would be read whole
+        if top in objects and not isinstance(objects[top], h5py.Group):
+            raise err(f"{path}: /{top} is not a group")
+    state_keys = []
     for key, obj in objects.items():
         parts = key.split("/")
         if parts[0] in ("model", "optim") and len(parts) == 1:
@@ -241,15 +246,20 @@ def _inspect(f, path: Path, model: torch.nn.Module, optimizer) -> dict:
         if len(parts) != 3 or not isinstance(obj, h5py.Dataset) or not _state_name_ok(
                 parts[2], state_names, memory):
             raise err(f"{path}: /{key} is no state that {type(optimizer).__name__} keeps")
-        if obj.shape not in ((), tuple(p.shape)):
-            raise err(f"{path}: /{key} has shape {obj.shape}, parameter has "
-                      f"{tuple(p.shape)}")
+        # Counters and radii are scalars; moments, buffers and L-SR1 pairs are shaped like
+        # their parameter.
+        base = parts[2].split(".")[-1]
+        shape = () if base in _SCALARS else tuple(p.shape)
+        if obj.shape != shape:
+            raise err(f"{path}: /{key} has shape {obj.shape}, expected {shape}")
         # Moments and buffers are the parameter's type; the L-SR1 memory is kept in float64.
         want = (np.dtype(np.float64) if _LSR1.match(parts[2].split(".")[-1]) else
                 p.detach().cpu().numpy().dtype)
         if obj.dtype.kind != "f" or (obj.shape and obj.dtype != want):
             raise err(f"{path}: /{key} is {obj.dtype}, expected {want if obj.shape else 'a float'}")
         check_dataset(obj, f"{path}: /{key}", err, filters=False)
+        state_keys.append(key)
+    meta["state_keys"] = state_keys
     rng = objects.get("rng/torch")
     want = (meta["world_size"], torch.get_rng_state().numel())
     if not isinstance(rng, h5py.Dataset) or rng.shape != want or rng.dtype != np.uint8:
@@ -279,12 +289,11 @@ def _read_validated(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             arrays: dict[str, np.ndarray] = {}
             for n, _ in model.named_parameters():
                 arrays[f"model/{n}"] = f["model"][n][...]
-            for idx in f.get("optim", {}):
-                for key in f["optim"][idx]:
-                    arrays[f"optim/{idx}/{key}"] = f["optim"][idx][key][...]
+            for key in meta.pop("state_keys"):  # exactly the datasets _inspect checked
+                arrays[key] = f[key][...]
             if meta["world_size"] == world:
                 arrays["rng/torch"] = f["rng/torch"][...]
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
@@ -350,7 +359,15 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
             _, idx, name = key.split("/", 2)
             state.setdefault(int(idx), {})[name] = t.clone()
     sd = optimizer.state_dict()
-    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+    def restore() -> None:  # incomplete state (Adam without step, an L-SR1 pair half there)
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{path}: the optimizer state does not fit "
+                                  f"{type(optimizer).__name__} ({type(e).__name__}: {e})") \
+                from None
+    agree(comm, restore, what="loading checkpoint")
     if meta["world_size"] == comm.Get_size():
         rng = comm.scatter(list(arrays["rng/torch"]) if rank == 0 else None, root=0)
         torch.set_rng_state(torch.from_numpy(np.array(rng, order="C")))

@@ -1,6 +1,8 @@
 """Synchronous gradient averaging: the bucketed, overlapped reducer, optionally compressed."""
 from __future__ import annotations
 
+import torch
+
 from mltrain.comm import GradReducer
 from mltrain.sync.base import SyncStrategy
 
@@ -30,6 +32,12 @@ class AllReduce(SyncStrategy):
     def before_forward(self, step):
         if self.reducer is not None:
             self.reducer.prepare()
+        elif self.compressor is None:  # one rank: zeros, as the reducer's buckets give
+            for p in self.flat.params:  # (a parameter the loss misses still steps on 0)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad.zero_()
         else:
             self.model.zero_grad(set_to_none=True)
 

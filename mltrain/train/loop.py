@@ -29,18 +29,24 @@ def train(t) -> dict:
     t.model.train()
     t.stopped_by = None
     t0 = time.perf_counter()
+    # The handlers stay until the summary is made: a signal after the last step (SLURM's
+    # lead time may start there) must not kill one rank inside the final collectives. Only
+    # the flag the ranks agreed on in the loop changes what happens next.
     with StopSignals() as signals:
         reached_at = _loop(t, signals, bar, bytes0, t0, ckpt_every)
-    t.finish_phases()
-    wall = time.perf_counter() - t0
-    bar.close()
-    comm_bytes, comm_calls = (a - b for a, b in zip(STATS.snapshot(), (bytes0, calls0)))
-    if cfg.checkpoint.dir:
-        t.save()
-    if t.stopped_by:  # the scheduler's grace period is short: no evaluation
-        ev = {"train_loss": None, "train_accuracy": None, "test_accuracy": None}
-    else:
-        ev = t.evaluate()
+        # A nested run stopped on a coarse level writes no checkpoint: resuming restarts
+        # its coarse levels from their initial weights, as a periodic checkpoint would.
+        coarse = t.phase > 0
+        t.finish_phases()
+        wall = time.perf_counter() - t0
+        bar.close()
+        comm_bytes, comm_calls = (a - b for a, b in zip(STATS.snapshot(), (bytes0, calls0)))
+        if cfg.checkpoint.dir and not (t.stopped_by and coarse):
+            t.save()
+        if t.stopped_by:  # the scheduler's grace period is short: no evaluation
+            ev = {"train_loss": None, "train_accuracy": None, "test_accuracy": None}
+        else:
+            ev = t.evaluate()
     summary = run_summary(t, ev, wall, comm_bytes, comm_calls,
                           t.step - start_step, reached_at)
     # Work in full-gradient equivalents: samples evaluated / training-set size (the

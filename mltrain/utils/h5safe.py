@@ -3,8 +3,9 @@
 HDF5 can make a small file read other files (external links, external raw storage,
 virtual datasets), and a dataset can declare far more elements than the file holds
 (unallocated or chunked storage reads back as fill values). These checks look only at
-metadata, so a hostile file is refused before it can cost memory or reach outside
-itself. Not collective.
+metadata: a hostile file is refused before it can reach outside itself, and (checkpoints,
+``filters=False``) before it can cost memory; data files may be compressed, so their
+declared sizes are bounded against free memory by the reader. Not collective.
 """
 from __future__ import annotations
 
