@@ -172,10 +172,10 @@ def _state_name_ok(name: str, names: set[str], memory: int) -> bool:
     return base in names or (k is not None and int(k.group(1)) < memory)
 
 
-def _inspect(f, path: Path, model: torch.nn.Module, optimizer) -> dict:
+def _inspect(f, path: Path, model: torch.nn.Module, optimizer) -> tuple[dict, list[str]]:
     """Checks everything in an open checkpoint against this run's model and optimizer
     from metadata alone (no dataset is read): the objects there are, their shapes,
-    types and storage. Returns the attributes."""
+    types and storage. Returns the attributes and the optimizer-state datasets."""
     import h5py
 
     err = CheckpointError
@@ -259,14 +259,13 @@ def _inspect(f, path: Path, model: torch.nn.Module, optimizer) -> dict:
             raise err(f"{path}: /{key} is {obj.dtype}, expected {want if obj.shape else 'a float'}")
         check_dataset(obj, f"{path}: /{key}", err, filters=False)
         state_keys.append(key)
-    meta["state_keys"] = state_keys
     rng = objects.get("rng/torch")
     want = (meta["world_size"], torch.get_rng_state().numel())
     if not isinstance(rng, h5py.Dataset) or rng.shape != want or rng.dtype != np.uint8:
         raise err(f"{path}: /rng/torch is missing or is not {want[0]} uint8 rows of "
                   f"{want[1]} bytes (one per writing rank)")
     check_dataset(rng, f"{path}: /rng/torch", err, filters=False)
-    return meta
+    return meta, state_keys
 
 
 def _read_validated(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -285,11 +284,11 @@ def _read_validated(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                               f"{e}") from None
     try:
         with f:
-            meta = _inspect(f, path, model, optimizer)
+            meta, state_keys = _inspect(f, path, model, optimizer)
             arrays: dict[str, np.ndarray] = {}
             for n, _ in model.named_parameters():
                 arrays[f"model/{n}"] = f["model"][n][...]
-            for key in meta.pop("state_keys"):  # exactly the datasets _inspect checked
+            for key in state_keys:  # exactly the datasets _inspect checked
                 arrays[key] = f[key][...]
             if meta["world_size"] == world:
                 arrays["rng/torch"] = f["rng/torch"][...]

@@ -63,13 +63,14 @@ def train(t) -> dict:
 def _loop(t, signals: StopSignals, bar, bytes0: int, t0: float,
           ckpt_every: int) -> int | None:
     """The training steps; returns the step at which run.target_loss was reached (None
-    if not). Stops early, on every rank at the same step, once any rank received
-    SIGTERM or SIGUSR1. Collective on the trainer's communicator."""
+    if not). Stops early, on every rank at the same logged step (every run.log_every),
+    once any rank received SIGTERM or SIGUSR1. Collective on the trainer's communicator."""
     cfg = t.cfg
     while t.step < t.total_steps:
         epoch = t.step // t.steps_per_epoch
         loss = t.advance()
-        if t.step % cfg.run.log_every == 0 or t.step == t.total_steps:
+        logged = t.step % cfg.run.log_every == 0 or t.step == t.total_steps
+        if logged:
             with STATS.paused():
                 mean = allreduce_scalar(loss.item(), t.gc.data) / t.dp_size
             if not math.isfinite(mean):  # the same mean on every rank: all stop here
@@ -100,10 +101,14 @@ def _loop(t, signals: StopSignals, bar, bytes0: int, t0: float,
                             test_accuracy=ev["test_accuracy"],
                             comm_bytes=STATS.bytes - bytes0,
                             time=time.perf_counter() - t0)
-        # A signal reaches ranks at different steps: they agree after every step
-        # (one integer; the periodic checkpoint below is then skipped for the final one).
-        with STATS.paused():
-            got = t.comm.allreduce(signals.received, op=MPI.MAX)
+        # A signal reaches ranks at different steps: they agree on it where they meet
+        # anyway, at the logged steps (a collective every step would tie asynchronous
+        # schemes to their slowest rank); the periodic checkpoint below then gives way to
+        # the final one.
+        got = 0
+        if logged:
+            with STATS.paused():
+                got = t.comm.allreduce(signals.received, op=MPI.MAX)
         if got:
             t.stopped_by = signal.Signals(got).name
             t.metrics.write(event="stopped", step=t.step, signal=t.stopped_by)
