@@ -1,7 +1,7 @@
 import pytest
 
 from mltrain.config import (Config, ConfigError, describe_keys, load_config, parse_override,
-                            to_toml)
+                            resolve, to_toml)
 
 from conftest import ROOT
 
@@ -74,7 +74,7 @@ def test_toml_round_trip(tmp_path):
     f = tmp_path / "rt.toml"
     f.write_text(to_toml(cfg))
     assert load_config(f) == cfg
-    assert Config() == load_config()
+    assert resolve(Config()) == load_config()
 
 
 def test_docs_list_every_key():
@@ -129,7 +129,7 @@ def test_every_rule_can_be_broken_and_names_a_key():
         0: ["run.steps=0", "run.epochs=0"], 1: ["data.partition=dirichlet", "data.alpha=0"],
         2: ["data.name=idx"], 3: ["parallel.pipe=2", "optim.name=tr"],
         4: ["parallel.pipe=2", "sync.name=sgp"], 5: ["parallel.layer=2", "optim.name=mgopt"],
-        6: ["parallel.layer=2", "optim.name=tr"], 7: ["parallel.layer=2", "sync.name=sgp"],
+        6: ["parallel.layer=2", "optim.name=tr", "tr.curvature=hessian"], 7: ["parallel.layer=2", "sync.name=sgp"],
         8: ["optim.lr=1e39"], 9: ["multilevel.nested=true"],
         10: ["optim.name=tr", "tr.radius=20"], 11: ["optim.name=tr", "sync.name=sgp"],
         12: ["sync.name=sgp", "sync.compression=fp16"],

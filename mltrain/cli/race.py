@@ -12,14 +12,9 @@ __all__ = ["race", "plot", "work"]
 
 
 def work(t: Trainer) -> float:
-    """Gradient equivalents so far (on the full network; coarse levels at their cost),
-    loss-only evaluations at one half."""
-    w = t.work()
-    rep = t.method.report(t.dataset.num_train)
-    if "loss_evals" in rep:
-        cost = t.hierarchy.cost[t.phase] if t.hierarchy is not None else 1.0
-        w += 0.5 * rep["loss_evals"] * cost
-    return w
+    """Fine-gradient equivalents so far, every evaluation at its measured price
+    (``mltrain.optim.costs``)."""
+    return t.work()
 
 
 def race(cfg, comm, budget: float, points: int, target: float = -math.inf) -> dict:
@@ -34,7 +29,7 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf) -> di
         # Nested iteration: equal steps per level, as many as spend the budget in all.
         per_step = cfg.data.batch_size / t.dataset.num_train
         t.total_steps = t.hierarchy.levels * math.ceil(
-            budget / (per_step * sum(t.hierarchy.cost)))
+            budget / (per_step * sum(t.phases.cost)))
     ev = t.evaluate()
     curve = [{"work": 0.0, "wall_s": 0.0, "train_loss": ev["train_loss"],
               "test_accuracy": ev["test_accuracy"]}]

@@ -17,7 +17,7 @@ from typing import Any, Callable
 __all__ = [
     "ConfigError", "Config", "load_config", "parse_override", "parse_straggler", "to_toml",
     "to_dict", "describe_keys", "parse_balance", "check_ranks", "read_text", "writable_folder", "RULES", "rules_table", "MOVED",
-    "MAX_RANKS",
+    "MAX_RANKS", "resolve",
 ]
 
 
@@ -50,6 +50,10 @@ class RunConfig:
                          "(0 = only at the end)", min=0)
     log_every: int = _f(10, "steps between metrics records (the loss is reduced over ranks then)",
                         min=1)
+    costs: str = _f("measured", "how work figures price an evaluation: measured (each kind "
+                    "on each level timed at start-up, in plain gradients of the full "
+                    "network) or unit (every evaluation 1: counts, reproducible to the bit)",
+                    choices=("measured", "unit"))
 
     @property
     def straggler_spec(self) -> tuple[int, float] | None:
@@ -100,11 +104,12 @@ class TrConfig:
     eta2: float = _f(0.75, "at or above this ratio the radius grows", min=0.0, max=1.0)
     gamma1: float = _f(0.5, "radius factor after a rejected step", min=0.0, max=1.0)
     gamma2: float = _f(2.0, "radius factor after a very successful step", min=1.0)
-    curvature: str = _f("hessian", "curvature model", choices=("hessian", "ggn", "lsr1"))
+    curvature: str = _f("auto", "curvature model (auto: lsr1 for rmtr and layer-parallel "
+                        "runs, hessian otherwise)", choices=("auto", "hessian", "ggn", "lsr1"))
     memory: int = _f(5, "with curvature = lsr1: curvature pairs kept", min=1)
-    batch: str = _f("minibatch", "each step's data: a mini-batch, the whole training set, "
-                    "or hybrid (mini-batches grown when steps keep failing)",
-                    choices=("minibatch", "full", "hybrid"))
+    batch: str = _f("auto", "each step's data: a mini-batch, the whole training set, "
+                    "or hybrid (mini-batches grown when steps keep failing); auto: hybrid "
+                    "for rmtr, minibatch otherwise", choices=("auto", "minibatch", "full", "hybrid"))
     grow_after: int = _f(3, "with batch = hybrid: double the batch after this many "
                          "rejected steps in a row", min=1)
     ksp_type: str = _f("stcg", "PETSc Krylov method for the subproblem",
@@ -126,10 +131,19 @@ class MultilevelConfig:
                       "shared equally by the levels; any optim.name)")
     cycle: str = _f("V", "rmtr: V- or W-cycle (one or two coarse corrections per level)",
                     choices=("V", "W"))
-    pre_smooth: int = _f(1, "rmtr, mgopt: smoothing steps before the coarse correction", min=0)
-    post_smooth: int = _f(1, "rmtr, mgopt: smoothing steps after the coarse correction", min=0)
-    coarse_iters: int = _f(2, "rmtr, mgopt: steps on the coarsest level", min=1)
+    pre_smooth: int = _f(3, "rmtr, mgopt: smoothing steps before the coarse correction "
+                         "(rmtr: at most, see stop_on_success)", min=0)
+    post_smooth: int = _f(3, "rmtr, mgopt: smoothing steps after the coarse correction "
+                          "(rmtr: at most)", min=0)
+    coarse_iters: int = _f(2, "rmtr, mgopt: steps on the coarsest level (rmtr: at most)",
+                           min=1)
     kappa: float = _f(1e-3, "rmtr: recurse only when norm(P^T g) >= kappa norm(g)", min=0.0)
+    smooth_max_it: int = _f(5, "rmtr: most Krylov iterations of a smoothing step's "
+                            "subproblem (0 = tr.max_it)", min=0)
+    coarse_max_it: int = _f(0, "rmtr: most Krylov iterations of a coarsest-level step's "
+                            "subproblem (0 = tr.max_it)", min=0)
+    stop_on_success: bool = _f(True, "rmtr: a smoothing phase and a coarsest-level solve "
+                               "end at their first accepted step")
 
 
 @dataclass
@@ -580,7 +594,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if field_ is not None and field_.type == "str" and not isinstance(value, str):
             value = text.split("=", 1)[1].strip()  # --set checkpoint.dir=2024 is a string
         _apply(cfg, section, key, value)
+    resolve(cfg)
     _validate(cfg)
+    return cfg
+
+
+def resolve(cfg: Config) -> Config:
+    """Replaces the ``auto`` defaults by what they mean for this run (in place; returns
+    ``cfg``): multilevel trust region runs as published, L-SR1 on every level with hybrid
+    batches; layer-parallel runs need L-SR1 (no curvature products through MGRIT). Not
+    collective."""
+    rmtr = cfg.optim.name == "rmtr"
+    if cfg.tr.curvature == "auto":
+        cfg.tr.curvature = "lsr1" if rmtr or cfg.parallel.layer > 1 else "hessian"
+    if cfg.tr.batch == "auto":
+        cfg.tr.batch = "hybrid" if rmtr else "minibatch"
     return cfg
 
 

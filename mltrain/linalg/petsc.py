@@ -168,6 +168,7 @@ class TRSubproblem:
         self.ksp.getPC().setType("none")
         self.ksp.setOperators(self.mat)
         self.ksp.setTolerances(rtol=rtol, max_it=max_it)
+        self.max_it = max_it
         self.b = (PETSc.Vec().createSeq(n, comm=PETSc.COMM_SELF) if comm is None else
                   PETSc.Vec().createMPI((n, None), comm=comm))
         self.x = self.b.duplicate()
@@ -189,15 +190,21 @@ class TRSubproblem:
             raise ConfigError(f"--petsc: PETSc rejected the options under -{prefix}: "
                               f"{str(e).strip().splitlines()[-1]}") from None
 
-    def solve(self, g, radius: float, op):
-        """Returns (step s as float64 tensor, predicted reduction -m(s) >= 0, reason)."""
+    def solve(self, g, radius: float, op, max_it: int | None = None):
+        """Returns (step s as float64 tensor, predicted reduction -m(s) >= 0, reason).
+        ``max_it`` caps this solve's iterations below the configured limit (a multilevel
+        smoothing step's budget)."""
         import torch
 
         self.ctx.op = op
         self.ctx.bad = False
         PETSc = self.PETSc
         PETSc.Options().setValue(f"{self.prefix}ksp_cg_radius", float(radius))
+        # The configured limit first (a previous cap must not stick), then the options.
+        self.ksp.setTolerances(max_it=self.max_it)
         self._from_options()  # the radius, and whatever the user set under the prefix
+        if max_it is not None:
+            self.ksp.setTolerances(max_it=min(max_it, self.ksp.getTolerances()[3]))
         self.b.getArray()[:] = -g.to(torch.float64).numpy()
         self.x.set(0.0)
         self.ksp.solve(self.b, self.x)

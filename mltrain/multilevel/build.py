@@ -34,9 +34,10 @@ def rmtr(ctx: Context) -> Method:
                                  for lv in range(1, h.levels)]
         layout.chains.extend(layered[1:])
     opt = RMTR(h, layout.data, cycle=o.cycle, kappa=o.kappa, layered=layered,
-               **_common(o), **tr_settings(ctx.cfg.tr))
+               smooth_max_it=o.smooth_max_it or None, coarse_max_it=o.coarse_max_it or None,
+               stop_on_success=o.stop_on_success, **_common(o), **tr_settings(ctx.cfg.tr))
     return SecondOrder(opt, SyncStrategy(ctx.model, layout.data), ctx.straggler, ctx.model,
-                       ctx.cfg.tr.batch)
+                       ctx.cfg.tr.batch, ctx.cfg.run.costs)
 
 
 def mgopt(ctx: Context) -> Method:
@@ -46,4 +47,4 @@ def mgopt(ctx: Context) -> Method:
     opt = MGOpt(_hierarchy(ctx), layout.data, lr=o.lr, smoother=ctx.cfg.mgopt.smoother,
                 momentum=o.momentum, tr=tr_settings(ctx.cfg.tr), **_common(ctx.cfg.multilevel))
     return SecondOrder(opt, SyncStrategy(ctx.model, layout.data), ctx.straggler, ctx.model,
-                       ctx.cfg.tr.batch)
+                       ctx.cfg.tr.batch, ctx.cfg.run.costs)

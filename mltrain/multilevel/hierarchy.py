@@ -60,8 +60,8 @@ class Hierarchy:
 
     ``restrict_to(l)`` overwrites level l+1's parameters with the restriction of level
     l's; ``prolong_to(l)`` overwrites level l's parameters with the prolongation of level
-    l+1's (nested iteration); ``cost[l]`` is level l's cost relative to the finest
-    (parameter counts). Not collective.
+    l+1's (nested iteration). Not collective. (What a level costs is measured, not
+    derived from it: ``mltrain.optim.costs``.)
     """
 
     def __init__(self, model: torch.nn.Module, levels: int, cf: int,
@@ -78,8 +78,6 @@ class Hierarchy:
         self.models = [model]
         for _ in range(levels - 1):
             self.models.append(coarsen(self.models[-1], cf, restriction))
-        total = [sum(p.numel() for p in m.parameters()) for m in self.models]
-        self.cost = [t / total[0] for t in total]
 
     @property
     def levels(self) -> int:

@@ -22,6 +22,8 @@ from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy, prolong_vec, restrict_grad, restrict_vec
 from mltrain.optim import build_optimizer
+from mltrain.optim.costs import Prices, measure, time_level
+from mltrain.optim.evals import EvalCache
 from mltrain.optim.tr import Objective, TrustRegion, check_level_options
 from mltrain.utils.decisions import DecisionLog
 
@@ -36,10 +38,14 @@ class MGOpt(LevelOptimizers):
         """``tr``: the TrustRegion keywords for ``smoother = "tr"``."""
         # The line search's decisions and, with a trust-region smoother, its decisions too.
         self.decisions = log = DecisionLog()
+        # One cache per level, shared with a trust-region smoother: both store float64
+        # (loss, gradient) pairs computed alike, so neither recomputes the other's.
+        self.caches = [EvalCache() for _ in hierarchy.models]
         if smoother == "tr":
             parts = [TrustRegion(m.parameters(), comm, decisions=log, level=i,
                                  options_prefix=f"mltrain_mgopt_l{i}_",
-                                 shared_prefix="mltrain_tr_", **(tr or {}))
+                                 shared_prefix="mltrain_tr_", cache=self.caches[i],
+                                 **(tr or {}))
                      for i, m in enumerate(hierarchy.models)]
             check_level_options("mltrain_mgopt_")
         else:
@@ -54,6 +60,7 @@ class MGOpt(LevelOptimizers):
         self.grad_evals = [0] * hierarchy.levels
         self.grad_samples = [0.0] * hierarchy.levels
         self.loss_samples = [0.0] * hierarchy.levels
+        self.prices = Prices.unit(hierarchy.levels)  # until measure_costs
         self.last_alpha: float | None = None
         self.alphas = {"taken": 0, "zero": 0}
 
@@ -65,66 +72,82 @@ class MGOpt(LevelOptimizers):
         return mean_(t, self.comm)
 
     def _f_and_grad(self, level, loss_fn, x, y, v, weight=1.0):
-        """F_l and its gradient at the level's current parameters (averaged over ranks)."""
+        """F_l and its float64 gradient at the level's current parameters (averaged over
+        ranks; from the level's cache when this point and batch were evaluated)."""
         model = self.hierarchy.models[level]
-        params = [p for p in model.parameters()]
-        loss = loss_fn(model(x), y)
-        g = torch.autograd.grad(loss, params)
-        self.grad_evals[level] += 1
-        self.grad_samples[level] += len(x) * self.ranks / weight
-        packed = torch.cat([torch.cat([t.reshape(-1) for t in g]),
-                            loss.detach().reshape(1).to(g[0].dtype)])
-        self._mean(packed.mul_(weight))
-        grad, f = packed[:-1], float(packed[-1])
+        it = flat_params(model)
+        hit = self.caches[level].find(model, x, y, weight, it, True)
+        if hit is not None:
+            f, grad = hit
+        else:
+            params = [p for p in model.parameters()]
+            loss = loss_fn(model(x), y)
+            g = torch.autograd.grad(loss, params)
+            self.grad_evals[level] += 1
+            self.grad_samples[level] += len(x) * self.ranks / weight
+            # packed as the trust-region smoother packs, so the shared cache holds one kind
+            packed = torch.cat([torch.cat([t.reshape(-1) for t in g]).to(torch.float64),
+                                torch.tensor([float(loss.detach())], dtype=torch.float64)])
+            self._mean(packed.mul_(weight))
+            grad, f = packed[:-1], float(packed[-1])
+            self.caches[level].store(model, x, y, weight, it, f, grad)
         if v is not None:
-            f -= float(v @ flat_params(model))
+            f -= float(v @ it.to(torch.float64))
             grad = grad - v
         return f, grad
 
     def _f(self, level, loss_fn, x, y, v, weight=1.0) -> float:
         model = self.hierarchy.models[level]
-        with torch.no_grad():
-            f = torch.tensor([float(loss_fn(model(x), y)) * weight], dtype=torch.float64)
-        self.loss_samples[level] += len(x) * self.ranks / weight
-        f = float(self._mean(f)[0])
-        return f - float(v @ flat_params(model)) if v is not None else f
+        it = flat_params(model)
+        hit = self.caches[level].find(model, x, y, weight, it, False)
+        if hit is not None:
+            f = hit[0]
+        else:
+            with torch.no_grad():
+                f = torch.tensor([float(loss_fn(model(x), y)) * weight], dtype=torch.float64)
+            self.loss_samples[level] += len(x) * self.ranks / weight
+            f = float(self._mean(f)[0])
+            self.caches[level].store(model, x, y, weight, it, f, None)
+        return f - float(v @ it.to(torch.float64)) if v is not None else f
 
-    def _smooth(self, level, loss_fn, x, y, v, steps, weight=1.0) -> None:
+    def _smooth(self, level, loss_fn, x, y, v, steps, weight=1.0) -> float | None:
+        """``steps`` smoother steps on F_l; returns F_l where the first one started (None
+        without steps)."""
         model, opt = self.hierarchy.models[level], self.parts[level]
+        start = None
         for _ in range(steps):
             if isinstance(opt, TrustRegion):
                 # F_l = f_l - v . x: the same minimiser as f_l - v . (x - x0)
                 shift = None if v is None else (-v.to(torch.float64),
                                                  torch.zeros_like(v, dtype=torch.float64))
-                opt.tr_step(Objective(model, loss_fn, x, y, weight, shift))
+                f = opt.tr_step(Objective(model, loss_fn, x, y, weight, shift))
+                start = f if start is None else start
                 continue
-            _, g = self._f_and_grad(level, loss_fn, x, y, v, weight)
+            f, g = self._f_and_grad(level, loss_fn, x, y, v, weight)
+            start = f if start is None else start
             off = 0
             for p in model.parameters():
                 p.grad = g[off:off + p.numel()].view_as(p).to(p.dtype)
                 off += p.numel()
             opt.step()
+        return start
 
     def tr_step(self, obj: Objective) -> float:
         """One V-cycle from the finest level on this rank's batch; returns the loss at the
         start. Collective on the data axis."""
         model, loss_fn, x, y, weight = obj.model, obj.loss_fn, obj.x, obj.y, obj.weight
         assert model is self.hierarchy.models[0]
-        with torch.no_grad():
-            start = torch.tensor([float(loss_fn(model(x), y)) * weight], dtype=torch.float64)
-        self.loss_samples[0] += len(x) * self.ranks / weight
-        start = float(self._mean(start)[0])
-        self.cycle(0, loss_fn, x, y, None, weight)
-        return start
+        return self.cycle(0, loss_fn, x, y, None, weight)
 
-    def cycle(self, level, loss_fn, x, y, v=None, weight=1.0) -> None:
-        """One V-cycle from ``level`` on the batch (x, y)."""
+    def cycle(self, level, loss_fn, x, y, v=None, weight=1.0) -> float:
+        """One V-cycle from ``level`` on the batch (x, y); returns F_l where it started
+        (taken from its first evaluation, not from an extra forward pass)."""
         model = self.hierarchy.models[level]
         if level == self.hierarchy.levels - 1:
-            self._smooth(level, loss_fn, x, y, v, self.coarse_iters, weight)
-            return
-        self._smooth(level, loss_fn, x, y, v, self.pre, weight)
+            return self._smooth(level, loss_fn, x, y, v, self.coarse_iters, weight)
+        start = self._smooth(level, loss_fn, x, y, v, self.pre, weight)
         f0, g = self._f_and_grad(level, loss_fn, x, y, v, weight)
+        start = f0 if start is None else start
         coarse = self.hierarchy.models[level + 1]
         x_h0 = restrict_vec(self.hierarchy, level, flat_params(model))
         set_flat_params(coarse, x_h0)
@@ -132,7 +155,7 @@ class MGOpt(LevelOptimizers):
         v_h = g_h - restrict_grad(self.hierarchy, level, g)  # grad F_H(x_H0) = P^T grad F_h(x)
         self.cycle(level + 1, loss_fn, x, y, v_h, weight)
         e = prolong_vec(self.hierarchy, level, flat_params(coarse) - x_h0)
-        slope = float(g @ e)
+        slope = float(g @ e.to(torch.float64))
         x0 = flat_params(model)
         alpha = 0.0
         log = self.decisions
@@ -153,26 +176,48 @@ class MGOpt(LevelOptimizers):
             self.last_alpha = alpha
             self.alphas["taken" if alpha > 0 else "zero"] += 1
         self._smooth(level, loss_fn, x, y, v, self.post, weight)
+        return start
+
+    def samples(self) -> list[dict[str, float]]:
+        """Per level, the global samples of each kind of evaluation (the smoother's
+        included). Not collective."""
+        out = []
+        for lv in range(self.hierarchy.levels):
+            own = {"gradient": self.grad_samples[lv], "loss": self.loss_samples[lv]}
+            part = self.parts[lv]
+            if isinstance(part, TrustRegion):
+                own = {k: v + own.get(k, 0.0) for k, v in part.samples().items()}
+            out.append(own)
+        return out
+
+    def measure_costs(self, obj: Objective, reps: int = 3) -> None:
+        """Prices every level's evaluations by timing them on ``obj``'s batch
+        (``mltrain.optim.costs``). Collective on the data axis."""
+        times = [time_level(m, obj.loss_fn, obj.x, obj.y,
+                            p.curvature if isinstance(p, TrustRegion) else "lsr1", reps=reps)
+                 for m, p in zip(self.hierarchy.models, self.parts)]
+        self.prices = measure(times, (self.comm,))
 
     def report(self, num_train: int) -> dict:
-        """Work in fine-gradient equivalents and per level. Not collective."""
-        cost = self.hierarchy.cost
-        out = {"grad_evals": sum(c * s for c, s in zip(cost, self.grad_samples)) / num_train,
-               "loss_evals": sum(c * s for c, s in zip(cost, self.loss_samples)) / num_train,
-               "hvp_evals": 0.0,
-               "level_grad_evals": [s / num_train for s in self.grad_samples],
-               "line_search": dict(self.alphas), **self.decisions.summary()}
-        if self.smoother == "tr":
-            for key, name in (("grad_evals", "gradient_samples"), ("hvp_evals", "product_samples"),
-                              ("loss_evals", "loss_samples")):
-                out[key] += sum(c * p.counts[name] for c, p in zip(cost, self.parts)) / num_train
-            out["level_grad_evals"] = [a + p.counts["gradient_samples"] / num_train
-                                       for a, p in zip(out["level_grad_evals"], self.parts)]
+        """Work in fine-gradient equivalents (``work`` priced, ``*_evals`` counted) and per
+        level. Not collective."""
+        samples = self.samples()
+
+        def total(*kinds):
+            return sum(s.get(k, 0.0) for s in samples for k in kinds) / num_train
+
+        out = {"work": self.work(num_train),
+               "grad_evals": total("gradient", "graph_gradient"),
+               "loss_evals": total("loss"), "hvp_evals": total("product"),
+               "level_grad_evals": [(s.get("gradient", 0.0) + s.get("graph_gradient", 0.0))
+                                    / num_train for s in samples],
+               "cache_hits": [dict(c.hits) for c in self.caches],
+               "line_search": dict(self.alphas), "prices": self.prices.as_dict(),
+               **self.decisions.summary()}
         return out
 
     def work(self, num_train: int) -> float:
-        r = self.report(num_train)
-        return r["grad_evals"] + r["hvp_evals"]
+        return self.prices.work(self.samples(), num_train)
 
     def close(self) -> None:
         for p in self.parts:

@@ -27,6 +27,8 @@ Collective on the data-axis communicator.
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 
 import torch
 from mpi4py import MPI
@@ -34,6 +36,7 @@ from mpi4py import MPI
 from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy
 from mltrain.multilevel.transfers import LayerTransfers, Transfers
+from mltrain.optim.costs import Prices, measure, time_level
 from mltrain.optim.tr import Objective, TrustRegion, check_level_options
 from mltrain.utils.decisions import BOUND_RTOL, DecisionLog
 
@@ -44,8 +47,15 @@ class RMTR(LevelOptimizers):
     def __init__(self, hierarchy: Hierarchy, comm: MPI.Comm, *, cycle: str = "V",
                  pre_smooth: int = 1, post_smooth: int = 1, coarse_iters: int = 2,
                  kappa: float = 1e-3, boundary: float = 0.05, layered: list | None = None,
-                 **tr):
+                 smooth_max_it: int | None = None, coarse_max_it: int | None = None,
+                 stop_on_success: bool = True, **tr):
         """``tr``: the TrustRegion keywords (radius, eta1, ..., curvature), every level.
+
+        ``smooth_max_it``, ``coarse_max_it``: the Krylov budget of a smoothing step's and of a
+        coarsest-level step's subproblem (None: ``tr``'s max_it); ``stop_on_success``: a
+        smoothing phase and a coarsest-level solve end at their first accepted step
+        (smoothing only has to damp what the coarse level cannot see, not solve the fine
+        problem; Gratton, Sartenaer, Toint 2008 and Utopia's RMTR alike).
 
         ``layered``: layer-parallel training, one ``LayerParallel`` per level (wrapping
         ``hierarchy.models``, the coarse ones split where the finest is): each level's
@@ -76,7 +86,10 @@ class RMTR(LevelOptimizers):
         self.gamma = 1 if cycle == "V" else 2
         self.pre, self.post, self.coarse_iters = pre_smooth, post_smooth, coarse_iters
         self.kappa, self.boundary = kappa, boundary
+        self.smooth_max_it, self.coarse_max_it = smooth_max_it, coarse_max_it
+        self.stop_on_success = stop_on_success
         L = hierarchy.levels
+        self.prices = Prices.unit(L)  # until measure_costs
         # Coarse corrections tried, skipped by the kappa test, accepted, rejected; per level
         # the correction is applied on (0 .. L-2).
         self.corrections = {k: [0] * max(L - 1, 1)
@@ -85,6 +98,12 @@ class RMTR(LevelOptimizers):
         self.scale = [None] + [self.T.metric(lv).sqrt() for lv in range(1, L)]
         # (level, ||step||_l, bound) for each prolonged coarse step of the last cycle.
         self.bound_checks: list[tuple[int, float, float]] = []
+        # Per level l < L-1, each coarse correction tried on it: cos(P^T g, grad f_{l+1}) at
+        # the restricted point (how well the coarse gradient sees the fine one), the
+        # reduction ratio rho of the prolonged step, ||P s|| / room, and acceptance.
+        # (Bounded: the report gives medians over the last 1000 per level.)
+        self.diagnostics = [deque(maxlen=1000) for _ in range(max(L - 1, 1))]
+        self._cycle_diag: list[list[dict]] = [[] for _ in range(max(L - 1, 1))]
 
     # The fine level's trust-region state is the run's (radius, hybrid batch factor).
     @property
@@ -101,6 +120,7 @@ class RMTR(LevelOptimizers):
         axis, layer-parallel)."""
         assert obj.model is self.nets[0]
         self.bound_checks = []
+        self._cycle_diag = [[] for _ in self._cycle_diag]
         if self.hierarchy.levels == 1:
             return self.parts[0].tr_step(obj)
         start, _ = self._cycle(0, obj, math.inf, None)
@@ -141,19 +161,23 @@ class RMTR(LevelOptimizers):
         return bound - self._norm(level, d)
 
     # -- the cycle -----------------------------------------------------------------------
-    def _smooth(self, level, obj: Objective, steps, bound, value):
+    def _smooth(self, level, obj: Objective, steps, bound, value, coarsest: bool = False):
         """Up to ``steps`` trust-region steps on level ``level`` from objective ``value``
         (None: not known yet); returns (start value, end value, done) where done says the
-        excursion reached its bound."""
+        excursion reached its bound. Each subproblem is solved within ``smooth_max_it``
+        iterations (``coarse_max_it`` on the ``coarsest`` level); with ``stop_on_success``
+        the steps end at the first accepted one."""
         tr, shift = self.parts[level], obj.shift
         start = value
+        max_it = self.coarse_max_it if coarsest else self.smooth_max_it
         for _ in range(steps):
             if level == 0:
-                tr.tr_step(obj)
+                tr.tr_step(obj, max_it=max_it)
             else:
                 anchor = shift[1]
                 tr.tr_step(obj, radius=self._room(level, anchor, bound),
-                           limit=self._limit(level, anchor, bound), scale=self.scale[level])
+                           limit=self._limit(level, anchor, bound), scale=self.scale[level],
+                           max_it=max_it)
             start = tr.last["start"] if start is None else start
             value = tr.last["value"]
             # The excursion ends where the iterate reached its bound. A rejected step cut to
@@ -161,6 +185,8 @@ class RMTR(LevelOptimizers):
             # smaller radius.
             if level > 0 and self._at_bound(level, shift[1], bound):
                 return start, value, True
+            if self.stop_on_success and tr.last["accepted"]:
+                break
         return start, value, False
 
     def _at_bound(self, level: int, anchor, bound) -> bool:
@@ -176,10 +202,11 @@ class RMTR(LevelOptimizers):
         anchor)`` below the finest level; ``bound`` limits the fine-measured length of the
         excursion from ``anchor``."""
         tr = self.parts[level]
-        if level > 0:  # an excursion starts with the level's own radius, within its room
-            tr.radius = min(tr.radius, bound)
+        if level > 0:  # each excursion starts afresh with all the room its parent gives it
+            tr.radius = min(bound, tr.radius_max)
         if level == self.hierarchy.levels - 1:
-            start, end, _ = self._smooth(level, obj, self.coarse_iters, bound, value)
+            start, end, _ = self._smooth(level, obj, self.coarse_iters, bound, value,
+                                         coarsest=True)
             return start, end
         start, value, done = self._smooth(level, obj, self.pre, bound, value)
         for _ in range(self.gamma):
@@ -209,6 +236,11 @@ class RMTR(LevelOptimizers):
         ctr.set_iterate(xc0)
         coarse = obj.on(self.nets[level + 1])  # the same batch, unshifted
         fc0, gc = ctr.objective(coarse)
+        ngc = self.T.norm(gc)
+        diag = {"cos": self.T.dot(rg, gc) / (nr * ngc) if nr * ngc > 0 else 0.0,
+                "rho": None, "step_over_room": 0.0, "accepted": False}
+        self.diagnostics[level].append(diag)
+        self._cycle_diag[level].append(diag)
         anchor_c = xc0.to(torch.float64)
         room = tr.radius if level == 0 else min(tr.radius, self._room(level, anchor, bound))
         # h_c(x) = f_c(x) + (P^T g - grad f_c(xc0)) . (x - xc0): h_c(xc0) = f_c(xc0)
@@ -220,10 +252,14 @@ class RMTR(LevelOptimizers):
                 "progress", predicted > 0, start_c, end_c, abs(start_c) + abs(end_c), level):
             return f, f, False  # the coarse level made no progress: nothing to prolong
         e = self.T.prolong(level, sc)
-        self.bound_checks.append((level, self._norm(level + 1, sc), room))
+        step = self._norm(level + 1, sc)
+        self.bound_checks.append((level, step, room))
         tr.set_iterate(x0 + e.to(dtype))
         f_trial = tr.value(obj)
         accepted = tr.accept(f, f_trial, predicted, x0)  # the fine level's rule, written once
+        rho = (f - f_trial) / predicted
+        diag.update(rho=rho if math.isfinite(rho) else None,
+                    step_over_room=step / room if room > 0 else None, accepted=accepted)
         self.corrections["accepted" if accepted else "rejected"][level] += 1
         if level == 0:
             tr.after_step(accepted)  # the hybrid batch grows on stalls of either kind of step
@@ -231,31 +267,64 @@ class RMTR(LevelOptimizers):
         return f, (f_trial if accepted else f), done
 
     # -- reporting -----------------------------------------------------------------------
+    def measure_costs(self, obj: Objective, reps: int = 3) -> None:
+        """Prices every level's evaluations by timing them on ``obj``'s batch, relative to
+        the finest level's plain gradient (``mltrain.optim.costs``). Collective on the data
+        axis (and the layer axis)."""
+        times = [time_level(net, obj.loss_fn, obj.x, obj.y, p.curvature, p._params, reps)
+                 for net, p in zip(self.nets, self.parts)]
+        self.prices = measure(times, (self.comm, self.parts[0].layer_comm))
+
     def report(self, num_train: int) -> dict:
-        """Work in fine-gradient equivalents (each level's samples weighted by its cost
-        relative to the finest), per level, and step counts. Not collective."""
-        cost = self.hierarchy.cost
-        per = [{k: p.counts[k] for k in ("gradient_samples", "product_samples",
-                                           "loss_samples")} for p in self.parts]
-        def total(key):
-            return sum(c * q[key] for c, q in zip(cost, per)) / num_train
+        """Work in fine-gradient equivalents: ``work`` priced (each kind on each level at
+        its measured price), the ``*_evals`` counted (samples / training-set size, summed
+        over levels); per level counts, steps and coarse-correction diagnostics. Not
+        collective."""
+        per = [{k: p.counts[k] for k in ("gradient_samples", "graph_gradient_samples",
+                                           "product_samples", "loss_samples")}
+               for p in self.parts]
+
+        def total(*keys):
+            return sum(q[k] for q in per for k in keys) / num_train
+
+        def med(values):
+            values = [v for v in values if v is not None]
+            return statistics.median(values) if values else None
+
+        diag = [{"corrections": len(d), "cos": med([c["cos"] for c in d]),
+                 "rho": med([c["rho"] for c in d]),
+                 "step_over_room": med([c["step_over_room"] for c in d]),
+                 "accepted": self.corrections["accepted"][lv],
+                 "rejected": self.corrections["rejected"][lv],
+                 "skipped": self.corrections["skipped"][lv]}
+                for lv, d in enumerate(self.diagnostics)] if self.hierarchy.levels > 1 else []
         return {
-            "grad_evals": total("gradient_samples"), "hvp_evals": total("product_samples"),
-            "loss_evals": total("loss_samples"),
-            "level_grad_evals": [q["gradient_samples"] / num_train for q in per],
+            "work": self.work(num_train),
+            "grad_evals": total("gradient_samples", "graph_gradient_samples"),
+            "hvp_evals": total("product_samples"), "loss_evals": total("loss_samples"),
+            "level_grad_evals": [(q["gradient_samples"] + q["graph_gradient_samples"])
+                                 / num_train for q in per],
             "level_hvp_evals": [q["product_samples"] / num_train for q in per],
+            "level_loss_evals": [q["loss_samples"] / num_train for q in per],
             "level_accepted": [p.counts["accepted"] for p in self.parts],
             "level_rejected": [p.counts["rejected"] for p in self.parts],
+            "level_diagnostics": diag,
+            "cache_hits": [dict(p.cache.hits) for p in self.parts],
             "accepted_steps": self.parts[0].counts["accepted"] + self.corrections["accepted"][0],
             "rejected_steps": self.parts[0].counts["rejected"] + self.corrections["rejected"][0],
             "coarse_corrections": dict(self.corrections),
             "radius": self.radius, "batch_factor": self.batch_factor,
-            **self.decisions.summary(),
+            "prices": self.prices.as_dict(), **self.decisions.summary(),
         }
 
+    def step_metrics(self) -> dict:
+        """The last cycle's coarse corrections per level (cos, rho, ||P s|| / room,
+        accepted), for the metrics records. Not collective."""
+        return {"corrections": [[dict(c) for c in d] for d in self._cycle_diag]} \
+            if self.hierarchy.levels > 1 else {}
+
     def work(self, num_train: int) -> float:
-        r = self.report(num_train)
-        return r["grad_evals"] + r["hvp_evals"]
+        return self.prices.work([p.samples() for p in self.parts], num_train)
 
     def close(self) -> None:
         for p in self.parts:

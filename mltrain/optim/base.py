@@ -117,6 +117,11 @@ class Method:
         """Figures for the run summary (work counters, radius, decisions)."""
         return {}
 
+    def step_metrics(self) -> dict:
+        """Figures of the last step for the metrics records (a multilevel method's
+        coarse corrections)."""
+        return {}
+
     def close(self) -> None:
         """Frees hooks, communicators and solvers. Collective on the data axis."""
         self.sync.close()
@@ -143,16 +148,24 @@ class SecondOrder(Method):
     """An optimizer that evaluates its own objective on the batch (trust region, RMTR,
     MG/OPT): ``state.tr_step``; it averages gradients and products itself."""
 
-    def __init__(self, state, sync, straggler, model, batch_mode: str):
+    def __init__(self, state, sync, straggler, model, batch_mode: str, costs: str = "measured"):
+        """``costs``: ``run.costs``; measured prices are timed on the first step's batch
+        (``mltrain.optim.costs``)."""
         super().__init__(state, sync, straggler)
         self.model, self.batch_mode = model, batch_mode
         self.flat_state = bool(getattr(state, "flat_state", False))
+        self.to_measure = costs == "measured"
 
     def step(self, batches: Batches) -> torch.Tensor:
         factor = self.state.batch_factor if self.batch_mode == "hybrid" else 1
         x, y, weight = batches.grown(self.batch_mode, factor)
+        obj = Objective(self.model, F.cross_entropy, x, y, weight)
+        if self.to_measure:  # prices are ratios: the mini-batch times them well enough
+            self.to_measure = False
+            self.state.measure_costs(Objective(self.model, F.cross_entropy,
+                                               *batches.minibatch(), 1.0))
         with self.straggler.timed():
-            value = self.state.tr_step(Objective(self.model, F.cross_entropy, x, y, weight))
+            value = self.state.tr_step(obj)
         return torch.tensor(value)
 
     def work(self, steps: int, batch_size: int, num_train: int) -> float:
@@ -160,6 +173,10 @@ class SecondOrder(Method):
 
     def report(self, num_train: int) -> dict:
         return self.state.report(num_train)
+
+    def step_metrics(self) -> dict:
+        fn = getattr(self.state, "step_metrics", None)
+        return fn() if fn is not None else {}
 
     def close(self) -> None:
         super().close()
@@ -199,4 +216,4 @@ def trust_region(ctx: Context) -> Method:
     else:
         opt = TrustRegion(ctx.model.parameters(), layout.data, **tr_settings(o))
     return SecondOrder(opt, SyncStrategy(ctx.model, layout.data), ctx.straggler, ctx.model,
-                       o.batch)
+                       o.batch, ctx.cfg.run.costs)

@@ -28,6 +28,8 @@ from mltrain.linalg.vector import FlatParams
 from mltrain.linalg.lsr1 import LSR1
 from mltrain.linalg.petsc import NonFiniteError, TRSubproblem, check_options_used, log_event
 from mltrain.linalg.reference import steihaug_cg
+from mltrain.optim.costs import Prices, measure, time_level
+from mltrain.optim.evals import EvalCache
 from mltrain.utils.decisions import DecisionLog
 
 __all__ = ["TrustRegion", "Objective", "NonFiniteError", "check_level_options"]
@@ -39,8 +41,9 @@ class _TorchSolver:
     def __init__(self, max_it: int, rtol: float = 1e-6):
         self.max_it, self.rtol = max_it, rtol
 
-    def solve(self, g, radius, op):
-        s, predicted, reason = steihaug_cg(op, g, radius, self.max_it, self.rtol)
+    def solve(self, g, radius, op, max_it: int | None = None):
+        cap = self.max_it if max_it is None else min(max_it, self.max_it)
+        s, predicted, reason = steihaug_cg(op, g, radius, cap, self.rtol)
         if not (bool(torch.isfinite(s).all()) and math.isfinite(predicted)):
             raise NonFiniteError("curvature product is not finite (NaN or Inf)")
         return s, predicted, reason
@@ -95,7 +98,8 @@ class TrustRegion(torch.optim.Optimizer):
                  memory: int = 5, grow_after: int = 0, options_prefix: str = "mltrain_tr_",
                  shared_prefix: str | None = None, layer_comm: MPI.Comm | None = None,
                  after_set=None,
-                 decisions: DecisionLog | None = None, level: int = 0):
+                 decisions: DecisionLog | None = None, level: int = 0,
+                 cache: EvalCache | None = None):
         """``layer_comm``: layer-parallel training, where ``params`` are this rank's part
         of a parameter vector distributed over that communicator (PETSc solves on it,
         dot products are global); ``after_set()`` runs after every change of the
@@ -104,7 +108,8 @@ class TrustRegion(torch.optim.Optimizer):
         level ``level`` (a multilevel optimizer shares one log between its levels).
         ``options_prefix``: the PETSc options of this solver (a multilevel optimizer gives
         each level its own); ``shared_prefix``: options read first, that every level shares
-        (the level's own win)."""
+        (the level's own win). ``cache``: the evaluations this optimizer looks up before it
+        evaluates (``mltrain.optim.evals``; a multilevel method may share one per level)."""
         super().__init__(list(params), {"lr": 0.0})
         self.comm = comm
         self.ranks = comm.Get_size()
@@ -148,10 +153,12 @@ class TrustRegion(torch.optim.Optimizer):
             self.solver = _TorchSolver(max_it)
         # Evaluations, and the global samples behind them (for full-gradient equivalents).
         self.counts = {"gradients": 0, "products": 0, "losses": 0, "accepted": 0,
-                       "rejected": 0, "gradient_samples": 0.0, "product_samples": 0.0,
-                       "loss_samples": 0.0}
+                       "rejected": 0, "gradient_samples": 0.0, "graph_gradient_samples": 0.0,
+                       "product_samples": 0.0, "loss_samples": 0.0}
+        self.prices = Prices.unit()  # until measure_costs
         self._samples = 0.0
         self.last: dict | None = None
+        self.cache = cache if cache is not None else EvalCache()
 
     @property
     def radius(self) -> float:
@@ -245,53 +252,92 @@ class TrustRegion(torch.optim.Optimizer):
         return self._dot(delta, self._flat.get().to(torch.float64) - anchor)
 
     def value(self, obj: Objective) -> float:
-        """``obj`` at the model's current parameters. Collective on the data axis (and the
-        layer axis for a shift's dot product)."""
+        """``obj`` at the model's current parameters (from the cache when this point and
+        batch were evaluated). Collective on the data axis (and the layer axis for a
+        shift's dot product and the cache's agreement)."""
         self._samples = len(obj.x) * self.ranks / obj.weight
+        it = self._flat.get()
+        hit = self.cache.find(obj.model, obj.x, obj.y, obj.weight, it, False, self.layer_comm)
+        if hit is not None:
+            return hit[0] + self._shifted(obj.model, obj.shift)
         with torch.no_grad():
             value = torch.tensor([float(obj.loss_fn(obj.model(obj.x), obj.y)) * obj.weight],
                                  dtype=torch.float64)
         self.counts["losses"] += 1
         self.counts["loss_samples"] += self._samples
-        return float(self._mean(value)[0]) + self._shifted(obj.model, obj.shift)
+        loss = float(self._mean(value)[0])
+        self.cache.store(obj.model, obj.x, obj.y, obj.weight, it, loss, None)
+        return loss + self._shifted(obj.model, obj.shift)
 
-    def _loss_and_grad(self, curv: Curvature, weight: float, shift=None):
-        with _event("mltrain_gradient"):
-            loss, g = curv.loss_and_grad()
-        packed = torch.cat([g.to(torch.float64), torch.tensor([loss], dtype=torch.float64)])
-        with _event("mltrain_reduce"):
-            self._mean(packed.mul_(weight))
-        self.counts["gradients"] += 1
-        self.counts["gradient_samples"] += self._samples
-        loss, g = float(packed[-1]), packed[:-1]
-        if shift is not None:
-            loss += self._shifted(curv.model, shift)
-            g = g + shift[0]
+    def _gradient(self, obj: Objective, curv: Curvature | None = None):
+        """(value, float64 gradient) of ``obj`` at the current parameters: from the cache,
+        or computed by ``curv`` (which then holds the point for its products; a
+        Hessian's ``curv`` is always computed, its products need the graph)."""
+        it = self._flat.get()
+        hit = None
+        if curv is None or curv.kind != "hessian":
+            hit = self.cache.find(obj.model, obj.x, obj.y, obj.weight, it, True,
+                                  self.layer_comm)
+        if hit is not None:
+            loss, g = hit
+        else:
+            if curv is None:
+                curv = Curvature(obj.model, obj.loss_fn, obj.x, obj.y, "lsr1", self._params)
+            with _event("mltrain_gradient"):
+                loss, g = curv.loss_and_grad()
+            packed = torch.cat([g.to(torch.float64), torch.tensor([loss], dtype=torch.float64)])
+            with _event("mltrain_reduce"):
+                self._mean(packed.mul_(obj.weight))
+            self.counts["gradients"] += 1
+            graph = curv.kind == "hessian"
+            self.counts["graph_gradient_samples" if graph else "gradient_samples"] += \
+                self._samples
+            loss, g = float(packed[-1]), packed[:-1]
+            self.cache.store(obj.model, obj.x, obj.y, obj.weight, it, loss, g)
+        if obj.shift is not None:
+            loss += self._shifted(obj.model, obj.shift)
+            g = g + obj.shift[0]
         return loss, g
 
     def objective(self, obj: Objective):
-        """(value, float64 gradient) of ``obj`` at the current parameters. Collective on
-        the data axis (and the layer axis when the vector is distributed)."""
+        """(value, float64 gradient) of ``obj`` at the current parameters (from the cache
+        when this point and batch were evaluated). Collective on the data axis (and the
+        layer axis when the vector is distributed)."""
         self._samples = len(obj.x) * self.ranks / obj.weight
-        return self._loss_and_grad(Curvature(obj.model, obj.loss_fn, obj.x, obj.y, "lsr1",
-                                             self._params), obj.weight, obj.shift)
+        return self._gradient(obj)
+
+    def samples(self) -> dict[str, float]:
+        """Global samples evaluated so far by each kind of evaluation
+        (``mltrain.optim.costs.KINDS``), cache hits not included."""
+        c = self.counts
+        return {"gradient": c["gradient_samples"], "graph_gradient": c["graph_gradient_samples"],
+                "product": c["product_samples"], "loss": c["loss_samples"]}
+
+    def measure_costs(self, obj: Objective, reps: int = 3) -> None:
+        """Prices this optimizer's evaluations by timing them on ``obj``'s batch
+        (``mltrain.optim.costs``). Collective on the data axis (and the layer axis)."""
+        self.prices = measure([time_level(obj.model, obj.loss_fn, obj.x, obj.y,
+                                          self.curvature, self._params, reps)],
+                              (self.comm, self.layer_comm))
 
     def work(self, num_train: int) -> float:
-        """Gradient and curvature-product evaluations so far, in full gradients of this
-        optimizer's own network (samples evaluated / training-set size)."""
-        c = self.counts
-        return (c["gradient_samples"] + c["product_samples"]) / num_train
+        """Work so far in fine-gradient equivalents: the samples of each kind of evaluation
+        at its price (``self.prices``), over the training-set size."""
+        return self.prices.work([self.samples()], num_train)
 
     def report(self, num_train: int) -> dict:
         """The summary's work and step counts, in full-gradient equivalents (samples
-        evaluated / training-set size). Not collective."""
+        evaluated / training-set size; ``work`` priced, the others counted). Not
+        collective."""
         c = self.counts
-        return {"grad_evals": c["gradient_samples"] / num_train,
+        return {"work": self.work(num_train),
+                "grad_evals": (c["gradient_samples"] + c["graph_gradient_samples"]) / num_train,
                 "hvp_evals": c["product_samples"] / num_train,
                 "loss_evals": c["loss_samples"] / num_train,
+                "cache_hits": dict(self.cache.hits),
                 "accepted_steps": c["accepted"], "rejected_steps": c["rejected"],
                 "radius": self.radius, "batch_factor": self.batch_factor,
-                **self.decisions.summary()}
+                "prices": self.prices.as_dict(), **self.decisions.summary()}
 
     def state_dict(self):
         """As torch's, with the L-SR1 memory: pair k as ``lsr1_s<k>``/``lsr1_y<k>`` split
@@ -342,21 +388,22 @@ class TrustRegion(torch.optim.Optimizer):
                            "loss_fn, x, y))")
 
     def tr_step(self, obj: Objective, *, radius: float | None = None, limit=None,
-                scale: torch.Tensor | None = None) -> float:
+                scale: torch.Tensor | None = None, max_it: int | None = None) -> float:
         """One trust-region iteration on ``obj`` (this rank's batch); returns the averaged
         objective at the point it started from.
 
         For multilevel use: ``radius`` solves in a smaller ball than the optimizer's own;
         ``limit(s)`` returns the fraction t in (0, 1] of the step s that may be taken (a
         bound in another norm); ``scale`` (positive, float64) measures the trust region in
-        the norm ||scale * s||. ``self.last`` says what happened.
+        the norm ||scale * s||; ``max_it`` caps the Krylov iterations of this step's
+        subproblem (a smoothing step's budget). ``self.last`` says what happened.
 
         Collective on the data-axis communicator."""
         model, loss_fn, x, y = obj.model, obj.loss_fn, obj.x, obj.y
         weight, shift = obj.weight, obj.shift
         self._samples = len(x) * self.ranks / weight  # the global batch behind this step
         curv = Curvature(model, loss_fn, x, y, self.curvature, self._params)
-        loss, g = self._loss_and_grad(curv, weight, shift)
+        loss, g = self._gradient(obj, curv)
         if not (math.isfinite(loss) and self._finite(g)):
             raise NonFiniteError("loss or gradient is not finite at the current parameters")
 
@@ -374,10 +421,10 @@ class TrustRegion(torch.optim.Optimizer):
 
         r = self.radius if radius is None else min(radius, self.radius)
         if scale is None:
-            s, predicted, _ = self.solver.solve(g, r, product)
+            s, predicted, _ = self.solver.solve(g, r, product, max_it)
         else:  # z = scale * s: a Euclidean ball in z (the model value is the same)
             z, predicted, _ = self.solver.solve(g / scale, r,
-                                                lambda v: product(v / scale) / scale)
+                                                lambda v: product(v / scale) / scale, max_it)
             s = z / scale
         t = 1.0 if limit is None else limit(s)
         if t < 1.0:  # cut back to the boundary; m(ts) = t g.s + t^2 (m(s) - g.s)
@@ -387,8 +434,7 @@ class TrustRegion(torch.optim.Optimizer):
         x0 = self._flat.get()
         self._set(x0 + s.to(dtype))
         if self.lsr1 is not None:  # the trial gradient also feeds the SR1 memory
-            f_trial, g_trial = self._loss_and_grad(
-                Curvature(model, loss_fn, x, y, "lsr1", self._params), weight, shift)
+            f_trial, g_trial = self._gradient(obj)
             if math.isfinite(f_trial) and self._finite(g_trial):
                 self.lsr1.update(s, g_trial - g)
         else:

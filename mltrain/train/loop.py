@@ -79,6 +79,7 @@ def _loop(t, signals: StopSignals, bar, bytes0: int, t0: float,
                     f"{cfg.optim.name!r}): lower optim.lr (tr.radius for trust-region "
                     "methods), or train in run.dtype = 'float64'", "TrainingError", [])
             extra = {"consensus_distance": t.sync.distance()} if t.sync.drifts else {}
+            extra.update(t.method.step_metrics())
             if t.layout.chain is not None:  # MGRIT residual norms of the last step
                 extra["mgrit_residuals"] = t.layout.residuals
             if cfg.run.target_loss:  # the whole training set's loss, not the batch's

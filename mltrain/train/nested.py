@@ -3,7 +3,10 @@ weights to the next finer, up to the full depth (``multilevel.nested``); ``run.s
 equally by the levels, coarsest first."""
 from __future__ import annotations
 
+import torch.nn.functional as F
+
 from mltrain.multilevel import Hierarchy
+from mltrain.optim.costs import measure, time_level
 
 __all__ = ["Nested", "OnePhase", "phases"]
 
@@ -50,13 +53,29 @@ class Nested:
         self.coarse_work = 0.0  # work of the levels already trained, fine-gradient units
         self.fine = trainer.method
         self.phase = 0
+        # Each level's plain gradient in full-network gradients (``run.costs``), measured
+        # on the first batch when the run starts.
+        self.cost = [1.0] * self.hierarchy.levels
+
+    def _measure(self) -> None:
+        """Times a gradient of every level on this rank's first batch, averaged over the
+        trainer's ranks. Collective on the trainer's communicator."""
+        t = self.t
+        x, y = t.loader.batch(0, 0)
+        prices = measure([time_level(m, F.cross_entropy, x, y, "lsr1")
+                          for m in self.hierarchy.models], (t.comm,))
+        self.cost = [p["gradient"] for p in prices.levels]
 
     def phase_of(self, step: int) -> int:
         L = self.hierarchy.levels
         return max(L - 1 - step // max(self.t.total_steps // L, 1), 0)
 
     def start(self, step: int) -> None:
-        """Enters the level that trains ``step`` (the coarsest for a new run)."""
+        """Enters the level that trains ``step`` (the coarsest for a new run), with the
+        levels' costs measured (``run.costs``). Collective on the trainer's
+        communicator."""
+        if self.t.cfg.run.costs == "measured":
+            self._measure()
         if self.phase_of(step) > 0:
             self.phase = self.hierarchy.levels
             self.enter(self.phase_of(step))
@@ -70,13 +89,13 @@ class Nested:
         t = self.t
         own = t.method.work(self.steps[self.phase], t.cfg.data.batch_size,
                             t.dataset.num_train)
-        return self.coarse_work + own * self.hierarchy.cost[self.phase]
+        return self.coarse_work + own * self.cost[self.phase]
 
     def enter(self, level: int) -> None:
         t, hier = self.t, self.hierarchy
         if self.phase < hier.levels:  # not the very first entry
             self.coarse_work += t.method.work(self.steps[self.phase], t.cfg.data.batch_size,
-                                              t.dataset.num_train) * hier.cost[self.phase]
+                                              t.dataset.num_train) * self.cost[self.phase]
             t.method.close()
             for lv in range(self.phase - 1, level - 1, -1):
                 hier.prolong_to(lv)
