@@ -266,3 +266,28 @@ def test_cached_runs_are_rank_count_invariant(comm, extra):
     hits = s["cache_hits"]
     hits = hits if isinstance(hits, list) else [hits]
     all_ranks(comm, sum(h["grad"] for h in hits) > 0, str(hits))
+
+
+@pytest.mark.parametrize("resolution", [0.0, 0.05])
+def test_the_race_finds_the_first_step_at_the_target(resolution):
+    """``race`` checks the target after every step (resolution 0) or whenever the work grew
+    by the resolution: the work to the target is the first step's below it, or at most that
+    fraction more; the checks themselves are not charged."""
+    from mltrain.cli.race import race
+
+    cfg = SMALL + ["optim.name=sgd", "optim.lr=0.05", "run.steps=400"]
+    t = Trainer(load_config(None, cfg), MPI.COMM_SELF, quiet=True, metrics=False)
+    losses = []
+    for _ in range(60):  # the reference: every step's loss, and its work
+        t.advance()
+        losses.append((t.work(), t.evaluate()["train_loss"]))
+    t.close()
+    target = losses[40][1]  # reached at step 41 or earlier
+    first = next(w for w, loss in losses if loss <= target)
+    row = race(load_config(None, cfg), MPI.COMM_SELF, budget=100.0, points=4, target=target,
+               resolution=resolution)
+    if resolution == 0.0:
+        assert row["work_to_target"] == first
+    else:
+        assert first <= row["work_to_target"] <= first * (1 + resolution) + losses[0][0]
+    assert row["curve"][-1]["work"] == row["work_to_target"]

@@ -2,10 +2,9 @@
 residual network, by work and wall time to a target training loss.
 
 Every method trains the same network from the same initial weights until it has spent
-``budget`` fine-gradient equivalents (samples through a gradient or a curvature product on
-level l, times level l's cost relative to the full network, divided by the training-set
-size; a loss-only evaluation counts one half) or has reached ``target`` training loss over
-the whole training set (checked at ``points`` evenly spaced marks of work). Nested
+``budget`` fine-gradient equivalents (every evaluation at its price measured at start-up,
+``mltrain.optim.costs``) or has reached ``target`` training loss over the whole training
+set (checked whenever the work grew by 1%, ``mltrain.cli.race``). Nested
 iteration is scored on the network it is training at the time; when it stops on a coarse
 level the row also holds the loss and accuracy of the full-depth network prolonged from
 it. Methods: SGD, Adam, single-level trust region, RMTR with 2 and 3 levels (the same trust-region settings
