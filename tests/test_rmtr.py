@@ -117,6 +117,9 @@ def test_mgopt_with_one_level_is_its_smoother(smoother):
 
 ML = [["optim.name=rmtr", "multilevel.levels=3"], ["optim.name=rmtr", "multilevel.levels=2", "multilevel.cycle=W"],
       ["optim.name=rmtr", "multilevel.levels=2", "tr.batch=hybrid", "tr.curvature=ggn"],
+      ["optim.name=rmtr", "multilevel.levels=3", "multilevel.coarse_model=multiplicative"],
+      ["optim.name=rmtr", "multilevel.levels=2", "multilevel.coarse_model=hybrid",
+       "tr.curvature=hessian"],
       ["optim.name=mgopt", "multilevel.levels=3", "optim.lr=0.05"],
       ["optim.name=mgopt", "multilevel.levels=2", "mgopt.smoother=adam"],
       ["optim.name=mgopt", "multilevel.levels=2", "mgopt.smoother=tr"],
@@ -143,15 +146,21 @@ def test_multilevel_optimizers_descend_and_are_deterministic(extra):
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("extra", [["optim.name=rmtr", "multilevel.levels=3"],
+                                   ["optim.name=rmtr", "multilevel.levels=3",
+                                    "multilevel.coarse_model=hybrid"],
                                    ["optim.name=mgopt", "multilevel.levels=2",
-                                    "mgopt.smoother=adam"]], ids=["rmtr", "mgopt"])
+                                    "mgopt.smoother=adam"]], ids=["rmtr", "rmtr-hybrid", "mgopt"])
 @pytest.mark.exactness
 def test_multilevel_rank_count_invariant(comm, extra):
     require("petsc4py")
     exact = ["run.dtype=float64", "data.partition=strided", "data.shuffle=false",
              "data.batch_size=48", "run.steps=6"]
     s, before, diff = against_serial(comm, load_config(None, SMALL + exact + extra))
-    all_ranks(comm, diff < 1e-10, f"{diff:.2e}")
+    # The decisions are the same (checked first); the iterates then differ by the round-off
+    # of the rank sums, amplified 10-30x per cycle by the L-SR1 steps (seen at 2 ranks
+    # after 6 cycles: 1.8e-12 additive, 2.3e-9 hybrid, whose coarse steps are longer).
+    tol = 1e-8 if "multilevel.coarse_model=hybrid" in extra else 1e-10
+    all_ranks(comm, diff < tol, f"{diff:.2e}")
     all_ranks(comm, s["final_loss"] < before, str(s))
 
 
@@ -241,8 +250,9 @@ LAYERED = ["model.name=resnet", "model.depth=16", "model.width=16", "run.dtype=f
     ["multilevel.levels=2", "mgrit.levels=1", "multilevel.transfer=full_weighting",
      "multilevel.prolongation=linear", "multilevel.cycle=W"],
     ["multilevel.levels=2", "mgrit.levels=1"],
+    ["multilevel.levels=2", "mgrit.levels=1", "multilevel.coarse_model=multiplicative"],
     ["multilevel.levels=2", "mgrit.levels=2", "mgrit.iters=8", "mgrit.bwd_iters=8"]],
-    ids=["W-fw-linear-exact", "V-exact", "V-mgrit"])
+    ids=["W-fw-linear-exact", "V-exact", "V-mult-exact", "V-mgrit"])
 @pytest.mark.exactness
 def test_layer_parallel_rmtr_equals_serial(comm, extra, request):
     """RMTR with every level's vector distributed over the layer ranks (PETSc Vecs on the
@@ -346,3 +356,66 @@ def test_every_level_has_its_own_petsc_options(comm, method):
         for key in ("mltrain_tr_ksp_max_it", f"mltrain_{method}_l1_ksp_max_it",
                     f"mltrain_{method}_l9_ksp_type"):
             opts.delValue(key)
+
+
+@pytest.mark.parametrize("model", ["additive", "hybrid", "multiplicative"])
+def test_every_coarse_model_is_first_order_consistent(model):
+    """At the restricted point each coarse model has the restricted fine gradient and the
+    value gamma E_H + (1 - gamma) E_h; away from it its value, gradient and Hessian product
+    are those of the explicit function (a0 + a.s) f_H + d.s (autograd, float64)."""
+    require("petsc4py")
+    from torch.func import functional_call
+
+    from mltrain.multilevel.rmtr import COARSE_MODELS
+
+    torch.manual_seed(0)
+    h = Hierarchy(ResNet(64, 8, 8, 10).double(), 2, 2, "full_weighting", "linear")
+    r = RMTR(h, MPI.COMM_SELF, coarse_model=model, **TR_KEYS, curvature="hessian")
+    fine, coarse = r.parts
+    x, y = _batch()
+    E_h, g = fine.objective(Objective(h.models[0], F.cross_entropy, x, y))
+    xc0 = restrict_vec(h, 0, flat_params(h.models[0]))
+    set_flat_params(h.models[1], xc0)
+    plain = Objective(h.models[1], F.cross_entropy, x, y)
+    E_H, g_H = coarse.objective(plain)
+    G = restrict_grad(h, 0, g)
+    obj, h0 = r._coarse_model(0, plain, xc0.to(torch.float64), E_h, G, E_H, g_H)
+    gamma = COARSE_MODELS[model]
+    value, grad = coarse.objective(obj)
+    assert value == pytest.approx(gamma * E_H + (1 - gamma) * E_h, rel=1e-14) and value == h0
+    assert torch.allclose(grad, G, rtol=0, atol=1e-14 * float(G.abs().max()))
+    assert (obj.factor is None) == (model == "additive")
+
+    # Elsewhere: the explicit function by autograd.
+    names = [n for n, _ in h.models[1].named_parameters()]
+    shapes = [p.shape for p in h.models[1].parameters()]
+
+    def explicit(theta):
+        parts, off = {}, 0
+        for n, shp in zip(names, shapes):
+            k = shp.numel()
+            parts[n] = theta[off:off + k].view(shp)
+            off += k
+        f = F.cross_entropy(functional_call(h.models[1], parts, (x,)), y)
+        s = theta - xc0
+        out = f
+        if obj.factor is not None:
+            a0, a, _ = obj.factor
+            out = (a0 + a @ s) * f
+        return out + (obj.shift[0] @ s if obj.shift is not None else 0.0)
+
+    theta = xc0 + 1e-2 * torch.randn_like(xc0)
+    set_flat_params(h.models[1], theta)
+    value, grad = coarse.objective(obj)
+    ref_g = torch.func.grad(explicit)(theta)
+    assert value == pytest.approx(float(explicit(theta)), rel=1e-13)
+    assert torch.allclose(grad, ref_g, rtol=1e-12, atol=1e-14)
+    from mltrain.linalg.curvature import Curvature
+
+    curv = Curvature(h.models[1], F.cross_entropy, x, y, "hessian", coarse._params)
+    f_raw, g_raw = coarse._gradient(obj, curv, raw=True)
+    v = torch.randn_like(xc0)
+    hv = coarse._product(obj, curv, g_raw)(v)
+    ref_hv = torch.autograd.functional.hvp(explicit, theta, v)[1]
+    assert torch.allclose(hv, ref_hv, rtol=1e-10, atol=1e-12)
+    r.close()

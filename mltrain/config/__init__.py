@@ -144,6 +144,10 @@ class MultilevelConfig:
                             "subproblem (0 = tr.max_it)", min=0)
     stop_on_success: bool = _f(True, "rmtr: a smoothing phase and a coarsest-level solve "
                                "end at their first accepted step")
+    coarse_model: str = _f("additive", "rmtr: the first-order consistent coarse model: "
+                           "additive (f_H + linear term), multiplicative ((a0 + a.s) f_H, also "
+                           "matching the fine value) or hybrid (their mean; Kopanicakova 2022)",
+                           choices=("additive", "multiplicative", "hybrid"))
 
 
 @dataclass

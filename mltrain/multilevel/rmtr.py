@@ -14,6 +14,19 @@ objective is h_l(x) = f_l(x) + delta_l . (x - x_l0) (delta_0 = 0). A cycle on le
    the radius of level l is updated as after any trust-region step;
 3. ``post_smooth`` trust-region steps.
 
+The coarse model of step 2 may also be multiplicative or hybrid (``coarse_model``,
+Kopaničáková 2022): with E_h = h_l(x_l), G = P^T grad h_l(x_l), E_H = f_{l+1}(x_{l+1,0}),
+g_H = grad f_{l+1}(x_{l+1,0}) and s = x - x_{l+1,0},
+
+    h_{l+1}(x) = (a0 + a . s) f_{l+1}(x) + d . s,
+    a0 = gamma + (1 - gamma) E_h / E_H,  a = (1 - gamma) (G / E_H - E_h g_H / E_H^2),
+    d = gamma (G - g_H),
+
+with gamma = 1 additive (the model above), 0 multiplicative (also zero-order consistent:
+h_{l+1}(x_{l+1,0}) = E_h), 1/2 hybrid; every one has grad h_{l+1}(x_{l+1,0}) = G. Where
+|E_H| is within 1e-8 of zero relative to |E_h| the ratio is meaningless and that
+correction is additive.
+
 Step lengths on every level are measured on the finest one: ||s||_l = ||P_0 ... P_{l-1} s||.
 A coarse excursion gets the bound B = the radius its parent may still use, every coarse
 step is cut back so that ||x_l - x_l0||_l <= B, and the excursion stops once it is within
@@ -40,7 +53,17 @@ from mltrain.optim.costs import Prices, measure, time_level
 from mltrain.optim.tr import Objective, TrustRegion, check_level_options
 from mltrain.utils.decisions import BOUND_RTOL, DecisionLog
 
-__all__ = ["RMTR"]
+__all__ = ["RMTR", "COARSE_MODELS"]
+
+# gamma of each coarse model: the weight of the additive correction (see the docstring).
+COARSE_MODELS = {"additive": 1.0, "hybrid": 0.5, "multiplicative": 0.0}
+
+
+def _anchor(obj: Objective):
+    """The restricted point a coarse objective is corrected at (None on the finest)."""
+    if obj.shift is not None:
+        return obj.shift[1]
+    return obj.factor[2] if obj.factor is not None else None
 
 
 class RMTR(LevelOptimizers):
@@ -48,7 +71,7 @@ class RMTR(LevelOptimizers):
                  pre_smooth: int = 1, post_smooth: int = 1, coarse_iters: int = 2,
                  kappa: float = 1e-3, boundary: float = 0.05, layered: list | None = None,
                  smooth_max_it: int | None = None, coarse_max_it: int | None = None,
-                 stop_on_success: bool = True, **tr):
+                 stop_on_success: bool = True, coarse_model: str = "additive", **tr):
         """``tr``: the TrustRegion keywords (radius, eta1, ..., curvature), every level.
 
         ``smooth_max_it``, ``coarse_max_it``: the Krylov budget of a smoothing step's and of a
@@ -57,12 +80,18 @@ class RMTR(LevelOptimizers):
         (smoothing only has to damp what the coarse level cannot see, not solve the fine
         problem; Gratton, Sartenaer, Toint 2008 and Utopia's RMTR alike).
 
+        ``coarse_model``: how a coarse objective is made consistent with its finer one at
+        the restricted point (``COARSE_MODELS``).
+
         ``layered``: layer-parallel training, one ``LayerParallel`` per level (wrapping
         ``hierarchy.models``, the coarse ones split where the finest is): each level's
         vector is distributed over their layer communicator and every level's network runs
         through MGRIT."""
         if cycle not in ("V", "W"):
             raise ValueError(f"cycle must be V or W, not {cycle!r}")
+        if coarse_model not in COARSE_MODELS:
+            raise ValueError(f"coarse_model must be one of {sorted(COARSE_MODELS)}")
+        self.gamma_model = COARSE_MODELS[coarse_model]
         # Every level's decisions in one sequence, in the order they are taken.
         self.decisions = log = DecisionLog()
         if layered is None:
@@ -167,14 +196,13 @@ class RMTR(LevelOptimizers):
         excursion reached its bound. Each subproblem is solved within ``smooth_max_it``
         iterations (``coarse_max_it`` on the ``coarsest`` level); with ``stop_on_success``
         the steps end at the first accepted one."""
-        tr, shift = self.parts[level], obj.shift
+        tr, anchor = self.parts[level], _anchor(obj)
         start = value
         max_it = self.coarse_max_it if coarsest else self.smooth_max_it
         for _ in range(steps):
             if level == 0:
                 tr.tr_step(obj, max_it=max_it)
             else:
-                anchor = shift[1]
                 tr.tr_step(obj, radius=self._room(level, anchor, bound),
                            limit=self._limit(level, anchor, bound), scale=self.scale[level],
                            max_it=max_it)
@@ -183,7 +211,7 @@ class RMTR(LevelOptimizers):
             # The excursion ends where the iterate reached its bound. A rejected step cut to
             # the boundary left the iterate where it was: the excursion goes on with a
             # smaller radius.
-            if level > 0 and self._at_bound(level, shift[1], bound):
+            if level > 0 and self._at_bound(level, anchor, bound):
                 return start, value, True
             if self.stop_on_success and tr.last["accepted"]:
                 break
@@ -221,9 +249,9 @@ class RMTR(LevelOptimizers):
     def _correct(self, level, obj: Objective, bound) -> tuple[float, float, bool]:
         """One coarse correction of level ``level``; returns the objective before and
         after it, and whether the excursion reached its bound."""
-        tr, ctr, shift = self.parts[level], self.parts[level + 1], obj.shift
+        tr, ctr = self.parts[level], self.parts[level + 1]
         f, g = tr.objective(obj)
-        anchor = shift[1] if shift is not None else None
+        anchor = _anchor(obj)
         self.corrections["tried"][level] += 1
         rg = self.T.restrict_grad(level, g)
         nr, ng = self.T.norm(rg), self.kappa * self.T.norm(g)
@@ -243,8 +271,8 @@ class RMTR(LevelOptimizers):
         self._cycle_diag[level].append(diag)
         anchor_c = xc0.to(torch.float64)
         room = tr.radius if level == 0 else min(tr.radius, self._room(level, anchor, bound))
-        # h_c(x) = f_c(x) + (P^T g - grad f_c(xc0)) . (x - xc0): h_c(xc0) = f_c(xc0)
-        start_c, end_c = self._cycle(level + 1, coarse.shifted((rg - gc, anchor_c)), room, fc0)
+        coarse_obj, hc0 = self._coarse_model(level, coarse, anchor_c, f, rg, fc0, gc)
+        start_c, end_c = self._cycle(level + 1, coarse_obj, room, hc0)
         predicted = start_c - end_c
         sc = ctr.iterate.to(torch.float64) - anchor_c
         # Every coarse step rejected (sc == 0 bit for bit) is structural, not a decision.
@@ -265,6 +293,23 @@ class RMTR(LevelOptimizers):
             tr.after_step(accepted)  # the hybrid batch grows on stalls of either kind of step
         done = level > 0 and self._at_bound(level, anchor, bound)
         return f, (f_trial if accepted else f), done
+
+    def _coarse_model(self, level, coarse: Objective, anchor, E_h, G, E_H, g_H):
+        """The coarse objective of a correction of ``level`` (the module docstring's
+        h_{l+1}) and its value at the restricted point ``anchor``."""
+        gamma = self.gamma_model
+        scale = max(abs(E_h), 1.0)
+        if gamma < 1.0 and not self.decisions.record("model", abs(E_H) > 1e-8 * scale,
+                                                     abs(E_H), 1e-8 * scale, scale, level):
+            gamma = 1.0  # f_{l+1} vanishes here: no ratio to scale it by
+        if gamma == 1.0:  # h(x) = f(x) + (G - g_H) . (x - anchor): h(anchor) = E_H
+            return coarse.shifted((G - g_H, anchor)), E_H
+        ratio = E_h / E_H
+        a0 = gamma + (1.0 - gamma) * ratio
+        a = (G - g_H * ratio) * ((1.0 - gamma) / E_H)
+        shift = (G - g_H) * gamma if gamma > 0 else None
+        return (coarse.shifted(None if shift is None else (shift, anchor), (a0, a, anchor)),
+                a0 * E_H)
 
     # -- reporting -----------------------------------------------------------------------
     def measure_costs(self, obj: Objective, reps: int = 3) -> None:

@@ -68,9 +68,14 @@ def _event(name: str):
 class Objective:
     """What a trust-region step minimizes: the mean over the data axis of ``weight`` x
     ``loss_fn(model(x), y)`` (``weight`` = local samples x ranks / global samples, 1 for
-    equal shares), plus ``delta . (theta - anchor)`` for ``shift = (delta, anchor)`` (a
-    multilevel method's first-order correction). The optimizer evaluates it: ``value``,
-    ``objective`` (value and gradient), and curvature products inside ``tr_step``."""
+    equal shares), f, corrected as a multilevel method's coarse model asks:
+
+        (a0 + a . (theta - anchor)) f(theta) + delta . (theta - anchor)
+
+    with ``shift = (delta, anchor)`` (the additive first-order correction) and ``factor =
+    (a0, a, anchor)`` (the multiplicative one, Kopanicakova 2022; None: a0 = 1, a = 0).
+    The optimizer evaluates it: ``value``, ``objective`` (value and gradient), and
+    curvature products inside ``tr_step``."""
 
     model: torch.nn.Module
     loss_fn: Callable
@@ -78,13 +83,15 @@ class Objective:
     y: torch.Tensor
     weight: float = 1.0
     shift: tuple | None = None
+    factor: tuple | None = None
 
     def on(self, model: torch.nn.Module, shift: tuple | None = None) -> "Objective":
-        """The same batch on another network (a coarse level), with ``shift``."""
-        return replace(self, model=model, shift=shift)
+        """The same batch on another network (a coarse level), with ``shift`` and no
+        factor."""
+        return replace(self, model=model, shift=shift, factor=None)
 
-    def shifted(self, shift: tuple | None) -> "Objective":
-        return replace(self, shift=shift)
+    def shifted(self, shift: tuple | None, factor: tuple | None = None) -> "Objective":
+        return replace(self, shift=shift, factor=factor)
 
 
 class TrustRegion(torch.optim.Optimizer):
@@ -244,12 +251,26 @@ class TrustRegion(torch.optim.Optimizer):
         if self.after_set is not None:
             self.after_set()
 
-    def _shifted(self, model, shift) -> float:
-        """The linear term delta . (x - anchor) of a shifted objective (0 without one)."""
-        if shift is None:
-            return 0.0
-        delta, anchor = shift
-        return self._dot(delta, self._flat.get().to(torch.float64) - anchor)
+    def _multiplier(self, obj: Objective) -> float:
+        """a0 + a . (x - anchor), the factor of f in a corrected objective (1 without)."""
+        if obj.factor is None:
+            return 1.0
+        a0, a, anchor = obj.factor
+        return a0 + self._dot(a, self._flat.get().to(torch.float64) - anchor)
+
+    def _corrected(self, obj: Objective, loss: float, g: torch.Tensor | None = None):
+        """(value, gradient) of the corrected objective from f's (``loss``, ``g``); the
+        gradient is None when ``g`` is. Collective on the layer axis (dot products)."""
+        if obj.factor is not None:
+            m = self._multiplier(obj)
+            if g is not None:  # grad (m f) = m grad f + f a
+                g = g * m + obj.factor[1] * loss
+            loss = m * loss
+        if obj.shift is not None:
+            delta, anchor = obj.shift
+            loss += self._dot(delta, self._flat.get().to(torch.float64) - anchor)
+            g = None if g is None else g + delta
+        return loss, g
 
     def value(self, obj: Objective) -> float:
         """``obj`` at the model's current parameters (from the cache when this point and
@@ -259,7 +280,7 @@ class TrustRegion(torch.optim.Optimizer):
         it = self._flat.get()
         hit = self.cache.find(obj.model, obj.x, obj.y, obj.weight, it, False, self.layer_comm)
         if hit is not None:
-            return hit[0] + self._shifted(obj.model, obj.shift)
+            return self._corrected(obj, hit[0])[0]
         with torch.no_grad():
             value = torch.tensor([float(obj.loss_fn(obj.model(obj.x), obj.y)) * obj.weight],
                                  dtype=torch.float64)
@@ -267,12 +288,13 @@ class TrustRegion(torch.optim.Optimizer):
         self.counts["loss_samples"] += self._samples
         loss = float(self._mean(value)[0])
         self.cache.store(obj.model, obj.x, obj.y, obj.weight, it, loss, None)
-        return loss + self._shifted(obj.model, obj.shift)
+        return self._corrected(obj, loss)[0]
 
-    def _gradient(self, obj: Objective, curv: Curvature | None = None):
-        """(value, float64 gradient) of ``obj`` at the current parameters: from the cache,
-        or computed by ``curv`` (which then holds the point for its products; a
-        Hessian's ``curv`` is always computed, its products need the graph)."""
+    def _gradient(self, obj: Objective, curv: Curvature | None = None, raw: bool = False):
+        """(value, float64 gradient) of ``obj`` at the current parameters (of f alone,
+        without the corrections, when ``raw``): from the cache, or computed by ``curv``
+        (which then holds the point for its products; a Hessian's ``curv`` is always
+        computed, its products need the graph)."""
         it = self._flat.get()
         hit = None
         if curv is None or curv.kind != "hessian":
@@ -294,10 +316,30 @@ class TrustRegion(torch.optim.Optimizer):
                 self._samples
             loss, g = float(packed[-1]), packed[:-1]
             self.cache.store(obj.model, obj.x, obj.y, obj.weight, it, loss, g)
-        if obj.shift is not None:
-            loss += self._shifted(obj.model, obj.shift)
-            g = g + obj.shift[0]
-        return loss, g
+        return (loss, g) if raw else self._corrected(obj, loss, g)
+
+    def _product(self, obj: Objective, curv: Curvature, g_raw: torch.Tensor):
+        """The float64 curvature product of the corrected ``obj`` at the current point,
+        where f's averaged gradient is ``g_raw`` (L-SR1: the memory's). Collective on the
+        data axis (and the layer axis) per product."""
+        dtype = next(obj.model.parameters()).dtype
+        m = self._multiplier(obj)
+
+        def product(v64: torch.Tensor) -> torch.Tensor:
+            self.counts["products"] += 1
+            if self.lsr1 is not None:  # built from averaged gradients: same on every rank
+                return self.lsr1.mv(v64)
+            self.counts["product_samples"] += self._samples
+            with _event("mltrain_curvature"):
+                hv = curv.mv(v64.to(dtype)).to(torch.float64)
+            with _event("mltrain_reduce"):
+                hv = self._mean(hv.mul_(obj.weight))
+            if obj.factor is None:
+                return hv
+            # Hessian of (a0 + a.(x - anchor)) f: m H + a grad f^T + grad f a^T
+            a = obj.factor[1]
+            return hv.mul_(m) + a * self._dot(g_raw, v64) + g_raw * self._dot(a, v64)
+        return product
 
     def objective(self, obj: Objective):
         """(value, float64 gradient) of ``obj`` at the current parameters (from the cache
@@ -399,25 +441,14 @@ class TrustRegion(torch.optim.Optimizer):
         subproblem (a smoothing step's budget). ``self.last`` says what happened.
 
         Collective on the data-axis communicator."""
-        model, loss_fn, x, y = obj.model, obj.loss_fn, obj.x, obj.y
-        weight, shift = obj.weight, obj.shift
-        self._samples = len(x) * self.ranks / weight  # the global batch behind this step
-        curv = Curvature(model, loss_fn, x, y, self.curvature, self._params)
-        loss, g = self._gradient(obj, curv)
+        self._samples = len(obj.x) * self.ranks / obj.weight  # the global batch behind it
+        curv = Curvature(obj.model, obj.loss_fn, obj.x, obj.y, self.curvature, self._params)
+        f_raw, g_raw = self._gradient(obj, curv, raw=True)
+        loss, g = self._corrected(obj, f_raw, g_raw)
         if not (math.isfinite(loss) and self._finite(g)):
             raise NonFiniteError("loss or gradient is not finite at the current parameters")
 
-        dtype = next(model.parameters()).dtype
-
-        def product(v64: torch.Tensor) -> torch.Tensor:
-            self.counts["products"] += 1
-            if self.lsr1 is not None:  # built from averaged gradients: same on every rank
-                return self.lsr1.mv(v64)
-            self.counts["product_samples"] += self._samples
-            with _event("mltrain_curvature"):
-                hv = curv.mv(v64.to(dtype)).to(torch.float64)
-            with _event("mltrain_reduce"):
-                return self._mean(hv.mul_(weight))
+        product = self._product(obj, curv, g_raw)
 
         r = self.radius if radius is None else min(radius, self.radius)
         if scale is None:
@@ -432,7 +463,7 @@ class TrustRegion(torch.optim.Optimizer):
             predicted = -(t * gs + t * t * (-predicted - gs))
             s = s * t
         x0 = self._flat.get()
-        self._set(x0 + s.to(dtype))
+        self._set(x0 + s.to(x0.dtype))
         if self.lsr1 is not None:  # the trial gradient also feeds the SR1 memory
             f_trial, g_trial = self._gradient(obj)
             if math.isfinite(f_trial) and self._finite(g_trial):
