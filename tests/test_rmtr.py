@@ -120,6 +120,8 @@ ML = [["optim.name=rmtr", "multilevel.levels=3"], ["optim.name=rmtr", "multileve
       ["optim.name=rmtr", "multilevel.levels=3", "multilevel.coarse_model=multiplicative"],
       ["optim.name=rmtr", "multilevel.levels=2", "multilevel.coarse_model=hybrid",
        "tr.curvature=hessian"],
+      ["optim.name=rmtr", "multilevel.levels=3", "multilevel.init=nested",
+       "multilevel.init_cycles=3"],
       ["optim.name=mgopt", "multilevel.levels=3", "optim.lr=0.05"],
       ["optim.name=mgopt", "multilevel.levels=2", "mgopt.smoother=adam"],
       ["optim.name=mgopt", "multilevel.levels=2", "mgopt.smoother=tr"],
@@ -148,8 +150,11 @@ def test_multilevel_optimizers_descend_and_are_deterministic(extra):
 @pytest.mark.parametrize("extra", [["optim.name=rmtr", "multilevel.levels=3"],
                                    ["optim.name=rmtr", "multilevel.levels=3",
                                     "multilevel.coarse_model=hybrid"],
+                                   ["optim.name=rmtr", "multilevel.levels=3",
+                                    "multilevel.init=nested", "multilevel.init_cycles=2"],
                                    ["optim.name=mgopt", "multilevel.levels=2",
-                                    "mgopt.smoother=adam"]], ids=["rmtr", "rmtr-hybrid", "mgopt"])
+                                    "mgopt.smoother=adam"]],
+                         ids=["rmtr", "rmtr-hybrid", "rmtr-init", "mgopt"])
 @pytest.mark.exactness
 def test_multilevel_rank_count_invariant(comm, extra):
     require("petsc4py")
@@ -166,13 +171,16 @@ def test_multilevel_rank_count_invariant(comm, extra):
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("extra", [["optim.name=rmtr", "multilevel.levels=2"],
+                                   # resumed at step 4, inside the initialization's level 1
+                                   ["optim.name=rmtr", "multilevel.levels=3",
+                                    "multilevel.init=nested", "multilevel.init_cycles=3"],
                                    ["optim.name=mgopt", "multilevel.levels=2",
-                                    "mgopt.smoother=adam"]], ids=["rmtr", "mgopt"])
+                                    "mgopt.smoother=adam"]], ids=["rmtr", "rmtr-init", "mgopt"])
 @pytest.mark.exactness
 def test_multilevel_resume_is_bit_exact(comm, shared_tmp, extra):
     require("petsc4py")
     base = SMALL + extra + ["data.batch_size=48"]
-    ck = shared_tmp / ("ml-" + extra[0].split("=")[1])
+    ck = shared_tmp / ("ml-" + "-".join(e.split("=")[1] for e in extra))
     straight, second = straight_and_resumed(comm, base, ck)
     all_ranks(comm, torch.equal(flat_params(straight.model), flat_params(second.model)))
     straight.close()
@@ -251,8 +259,10 @@ LAYERED = ["model.name=resnet", "model.depth=16", "model.width=16", "run.dtype=f
      "multilevel.prolongation=linear", "multilevel.cycle=W"],
     ["multilevel.levels=2", "mgrit.levels=1"],
     ["multilevel.levels=2", "mgrit.levels=1", "multilevel.coarse_model=multiplicative"],
+    ["multilevel.levels=2", "mgrit.levels=1", "multilevel.init=nested",
+     "multilevel.init_cycles=2"],
     ["multilevel.levels=2", "mgrit.levels=2", "mgrit.iters=8", "mgrit.bwd_iters=8"]],
-    ids=["W-fw-linear-exact", "V-exact", "V-mult-exact", "V-mgrit"])
+    ids=["W-fw-linear-exact", "V-exact", "V-mult-exact", "V-init-exact", "V-mgrit"])
 @pytest.mark.exactness
 def test_layer_parallel_rmtr_equals_serial(comm, extra, request):
     """RMTR with every level's vector distributed over the layer ranks (PETSc Vecs on the
@@ -419,3 +429,28 @@ def test_every_coarse_model_is_first_order_consistent(model):
     ref_hv = torch.autograd.functional.hvp(explicit, theta, v)[1]
     assert torch.allclose(hv, ref_hv, rtol=1e-10, atol=1e-12)
     r.close()
+
+
+def test_nested_initialization_trains_the_coarse_levels_first():
+    """init = nested, 3 levels, 2 steps each: steps 0-1 cycle on the coarsest network alone,
+    steps 2-3 from level 1 (recursing to level 2), then full cycles; meanwhile the finest
+    network holds the prolonged weights (constant prolongation: blocks equal in groups)."""
+    require("petsc4py")
+    cfg = SMALL + ["optim.name=rmtr", "multilevel.levels=3", "multilevel.init=nested",
+                   "multilevel.init_cycles=2", "run.steps=6"]
+    t = Trainer(load_config(None, cfg), MPI.COMM_SELF, quiet=True, metrics=False)
+    r = t.optimizer
+    grads = []
+    for step in range(6):
+        t.advance()
+        grads.append([p.counts["gradients"] for p in r.parts])
+        if step < 4:  # the finest network is the prolonged coarse one
+            blocks = [torch.cat([q.reshape(-1) for q in b.parameters()])
+                      for b in t.model.blocks]
+            group = 4 if step < 2 else 2
+            assert all(torch.equal(blocks[i], blocks[i - i % group])
+                       for i in range(len(blocks))), step
+    assert grads[1][0] == grads[1][1] == 0 and grads[1][2] > 0  # coarsest only
+    assert grads[3][0] == 0 and grads[3][1] > 0  # level 1 and below
+    assert grads[4][0] > 0  # full cycles
+    t.close()

@@ -148,6 +148,11 @@ class MultilevelConfig:
                            "additive (f_H + linear term), multiplicative ((a0 + a.s) f_H, also "
                            "matching the fine value) or hybrid (their mean; Kopanicakova 2022)",
                            choices=("additive", "multiplicative", "hybrid"))
+    init: str = _f("none", "rmtr: nested (FMG-style) initialization: cycles from the coarsest "
+                   "level first, init_cycles steps per level, each level starting from the "
+                   "prolonged weights of the one below; or none", choices=("none", "nested"))
+    init_cycles: int = _f(5, "rmtr with init = nested: training steps cycling from each "
+                          "coarse level", min=1)
 
 
 @dataclass
@@ -428,6 +433,17 @@ RULES = [
     Rule("multilevel.nested, multilevel.levels", "nested iteration needs 2 levels or more",
          lambda c: _first((c.multilevel.nested and c.multilevel.levels < 2,
                            "multilevel.nested: needs multilevel.levels >= 2"))),
+    Rule("multilevel.init, optim.name, multilevel.levels",
+         "init = nested: RMTR with 2 levels or more, not with multilevel.nested",
+         lambda c: _first((c.multilevel.init == "nested" and c.optim.name != "rmtr",
+                           f"multilevel.init: 'nested' initializes RMTR cycles, not "
+                           f"optim.name = {c.optim.name!r} (multilevel.nested trains any "
+                           "optimizer level by level)"),
+                          (c.multilevel.init == "nested" and c.multilevel.levels < 2,
+                           "multilevel.init: 'nested' needs multilevel.levels >= 2"),
+                          (c.multilevel.init == "nested" and c.multilevel.nested,
+                           "multilevel.init: 'nested' and multilevel.nested = true both train "
+                           "the coarse levels first; choose one"))),
     Rule("tr.radius, tr.radius_max, tr.eta1, tr.eta2, tr.gamma1",
          "0 < radius <= radius_max, eta1 <= eta2, 0 < gamma1 < 1 (when a trust region runs)",
          lambda c: _first(

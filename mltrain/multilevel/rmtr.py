@@ -71,7 +71,8 @@ class RMTR(LevelOptimizers):
                  pre_smooth: int = 1, post_smooth: int = 1, coarse_iters: int = 2,
                  kappa: float = 1e-3, boundary: float = 0.05, layered: list | None = None,
                  smooth_max_it: int | None = None, coarse_max_it: int | None = None,
-                 stop_on_success: bool = True, coarse_model: str = "additive", **tr):
+                 stop_on_success: bool = True, coarse_model: str = "additive",
+                 init_cycles: int = 0, **tr):
         """``tr``: the TrustRegion keywords (radius, eta1, ..., curvature), every level.
 
         ``smooth_max_it``, ``coarse_max_it``: the Krylov budget of a smoothing step's and of a
@@ -79,6 +80,12 @@ class RMTR(LevelOptimizers):
         smoothing phase and a coarsest-level solve end at their first accepted step
         (smoothing only has to damp what the coarse level cannot see, not solve the fine
         problem; Gratton, Sartenaer, Toint 2008 and Utopia's RMTR alike).
+
+        ``init_cycles``: nested-iteration initialization (``multilevel.init = "nested"``):
+        the first ``init_cycles`` steps cycle from the coarsest level, the next as many from
+        the level above, and so on (each level starting from the prolonged weights of the
+        one below); full cycles from the finest level follow. ``at_step`` tells the
+        optimizer which step comes next.
 
         ``coarse_model``: how a coarse objective is made consistent with its finer one at
         the restricted point (``COARSE_MODELS``).
@@ -92,6 +99,9 @@ class RMTR(LevelOptimizers):
         if coarse_model not in COARSE_MODELS:
             raise ValueError(f"coarse_model must be one of {sorted(COARSE_MODELS)}")
         self.gamma_model = COARSE_MODELS[coarse_model]
+        self.init_cycles = init_cycles
+        self.top = 0  # the level the next cycle starts from (above 0 while initializing)
+        self._init_from: int | None = None  # the first step's level, until it is set up
         # Every level's decisions in one sequence, in the order they are taken.
         self.decisions = log = DecisionLog()
         if layered is None:
@@ -143,16 +153,59 @@ class RMTR(LevelOptimizers):
     def batch_factor(self) -> int:
         return self.parts[0].batch_factor
 
+    def init_level(self, step: int) -> int:
+        """The level training step ``step`` cycles from (nested initialization: the
+        coarsest first, ``init_cycles`` steps per level; then 0). Not collective."""
+        L = self.hierarchy.levels
+        if self.init_cycles <= 0 or L == 1:
+            return 0
+        return max(L - 1 - step // self.init_cycles, 0)
+
+    def at_step(self, step: int) -> None:
+        """Tells the optimizer the index of the step it takes next (the Trainer's step
+        counter; a resumed run starts at its checkpoint's). Not collective."""
+        level = self.init_level(step)
+        if self._init_from is None:
+            self._init_from = level
+        self.top = level
+
+    def _enter(self, level: int) -> None:
+        """Sets up the nested initialization on ``level`` from the finest network's
+        weights (a new run: the initial weights restricted; a resumed one: the
+        checkpoint's, which are the prolonged weights of that level, and with injection
+        and constant prolongation restrict back to them bit for bit). Collective on the
+        layer axis."""
+        for lv in range(level):
+            self.parts[lv + 1].set_iterate(self.T.restrict(lv, self.parts[lv].iterate))
+
+    def _prolong_down(self, level: int) -> None:
+        """Prolongs the weights of ``level`` to every finer network, so the finest one
+        always holds the state of training (evaluation and checkpoints see it, and the next
+        level starts from it). Collective on the layer axis."""
+        for lv in range(level - 1, -1, -1):
+            self.parts[lv].set_iterate(self.T.prolong(lv, self.parts[lv + 1].iterate)
+                                       .to(self.parts[lv].iterate.dtype))
+
     def tr_step(self, obj: Objective) -> float:
-        """One cycle from the finest level; returns the loss where it started. With one
-        level this is exactly one trust-region step. Collective on the data axis (and the layer
-        axis, layer-parallel)."""
+        """One cycle from the finest level (while initializing, from level ``top`` on the same
+        batch); returns the objective where it started. With one level this is exactly one
+        trust-region step. Collective on the data axis (and the layer axis,
+        layer-parallel)."""
         assert obj.model is self.nets[0]
         self.bound_checks = []
         self._cycle_diag = [[] for _ in self._cycle_diag]
         if self.hierarchy.levels == 1:
             return self.parts[0].tr_step(obj)
-        start, _ = self._cycle(0, obj, math.inf, None)
+        top = self.top
+        if self._init_from is not None:
+            if self._init_from > 0:
+                self._enter(self._init_from)
+            self._init_from = None
+        if top == 0:
+            start, _ = self._cycle(0, obj, math.inf, None)
+            return start
+        start, _ = self._cycle(top, obj.on(self.nets[top]), math.inf, None)
+        self._prolong_down(top)
         return start
 
     # -- helpers -------------------------------------------------------------------------
@@ -183,8 +236,9 @@ class RMTR(LevelOptimizers):
         return limit
 
     def _room(self, level: int, anchor, bound) -> float:
-        """How far level ``level`` may still move (fine-measured): inf on the finest."""
-        if level == 0:
+        """How far level ``level`` may still move (fine-measured): inf on the level a cycle
+        starts from (no ``anchor``)."""
+        if anchor is None:
             return math.inf
         d = self.parts[level].iterate.to(torch.float64) - anchor
         return bound - self._norm(level, d)
@@ -200,8 +254,8 @@ class RMTR(LevelOptimizers):
         start = value
         max_it = self.coarse_max_it if coarsest else self.smooth_max_it
         for _ in range(steps):
-            if level == 0:
-                tr.tr_step(obj, max_it=max_it)
+            if anchor is None:  # the level the cycle started from: its own radius only
+                tr.tr_step(obj, max_it=max_it, scale=self.scale[level])
             else:
                 tr.tr_step(obj, radius=self._room(level, anchor, bound),
                            limit=self._limit(level, anchor, bound), scale=self.scale[level],
@@ -211,7 +265,7 @@ class RMTR(LevelOptimizers):
             # The excursion ends where the iterate reached its bound. A rejected step cut to
             # the boundary left the iterate where it was: the excursion goes on with a
             # smaller radius.
-            if level > 0 and self._at_bound(level, anchor, bound):
+            if anchor is not None and self._at_bound(level, anchor, bound):
                 return start, value, True
             if self.stop_on_success and tr.last["accepted"]:
                 break
@@ -230,7 +284,7 @@ class RMTR(LevelOptimizers):
         anchor)`` below the finest level; ``bound`` limits the fine-measured length of the
         excursion from ``anchor``."""
         tr = self.parts[level]
-        if level > 0:  # each excursion starts afresh with all the room its parent gives it
+        if _anchor(obj) is not None:  # an excursion starts with all the room its parent gives
             tr.radius = min(bound, tr.radius_max)
         if level == self.hierarchy.levels - 1:
             start, end, _ = self._smooth(level, obj, self.coarse_iters, bound, value,
@@ -270,7 +324,7 @@ class RMTR(LevelOptimizers):
         self.diagnostics[level].append(diag)
         self._cycle_diag[level].append(diag)
         anchor_c = xc0.to(torch.float64)
-        room = tr.radius if level == 0 else min(tr.radius, self._room(level, anchor, bound))
+        room = tr.radius if anchor is None else min(tr.radius, self._room(level, anchor, bound))
         coarse_obj, hc0 = self._coarse_model(level, coarse, anchor_c, f, rg, fc0, gc)
         start_c, end_c = self._cycle(level + 1, coarse_obj, room, hc0)
         predicted = start_c - end_c
@@ -291,7 +345,7 @@ class RMTR(LevelOptimizers):
         self.corrections["accepted" if accepted else "rejected"][level] += 1
         if level == 0:
             tr.after_step(accepted)  # the hybrid batch grows on stalls of either kind of step
-        done = level > 0 and self._at_bound(level, anchor, bound)
+        done = anchor is not None and self._at_bound(level, anchor, bound)
         return f, (f_trial if accepted else f), done
 
     def _coarse_model(self, level, coarse: Objective, anchor, E_h, G, E_H, g_H):

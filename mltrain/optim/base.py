@@ -159,6 +159,9 @@ class SecondOrder(Method):
     def step(self, batches: Batches) -> torch.Tensor:
         factor = self.state.batch_factor if self.batch_mode == "hybrid" else 1
         x, y, weight = batches.grown(self.batch_mode, factor)
+        at_step = getattr(self.state, "at_step", None)
+        if at_step is not None:  # RMTR's nested initialization cycles from a coarse level
+            at_step(batches.step)
         obj = Objective(self.model, F.cross_entropy, x, y, weight)
         if self.to_measure:  # prices are ratios: the mini-batch times them well enough
             self.to_measure = False
