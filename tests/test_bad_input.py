@@ -87,6 +87,10 @@ MPI_CASES = [  # (ranks, arguments after `-m mltrain`, what the message must con
     (2, ["--set", "data.batch_size=100000"], "larger than the training set"),
     (2, ["--summary", "/nonexistent/s.json"], "--summary"),
     (2, ["--set", "optim.name=rmtr", "--set", "multilevel.levels=9"], "multilevel.levels"),
+    (2, ["--set", "optim.name=apts", "--set", "apts.subdomains=3"], "apts.subdomains: 3"),
+    (2, ["--set", "optim.name=apts", "--set", "apts.decomposition=weights", "--set",
+         "apts.subdomains=1000"], "apts.subdomains: 1000 blocks"),
+    (2, ["--set", "optim.name=apts", "--set", "parallel.pipe=2"], "parallel.pipe"),
 ]
 
 SERIAL_CASES = [  # commands that start no MPI themselves

@@ -89,7 +89,8 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = _f("adam", "optimizer (tr: trust region, see [tr]; rmtr, mgopt: multilevel, "
-                   "see [multilevel])", choices=("sgd", "adam", "tr", "rmtr", "mgopt"))
+                   "see [multilevel]; apts: domain decomposition, see [apts])",
+                   choices=("sgd", "adam", "tr", "rmtr", "mgopt", "apts"))
     lr: float = _f(3e-3, "learning rate (sgd, adam; mgopt's first-order smoothers)", min=0.0)
     momentum: float = _f(0.9, "SGD momentum (heavy ball)", min=0.0, max=1.0)
     weight_decay: float = _f(0.0, "L2 weight decay", min=0.0)
@@ -104,12 +105,12 @@ class TrConfig:
     eta2: float = _f(0.75, "at or above this ratio the radius grows", min=0.0, max=1.0)
     gamma1: float = _f(0.5, "radius factor after a rejected step", min=0.0, max=1.0)
     gamma2: float = _f(2.0, "radius factor after a very successful step", min=1.0)
-    curvature: str = _f("auto", "curvature model (auto: lsr1 for rmtr and layer-parallel "
-                        "runs, hessian otherwise)", choices=("auto", "hessian", "ggn", "lsr1"))
+    curvature: str = _f("auto", "curvature model (auto: lsr1 for rmtr, apts and "
+                        "layer-parallel runs, hessian otherwise)", choices=("auto", "hessian", "ggn", "lsr1"))
     memory: int = _f(5, "with curvature = lsr1: curvature pairs kept", min=1)
     batch: str = _f("auto", "each step's data: a mini-batch, the whole training set, "
                     "or hybrid (mini-batches grown when steps keep failing); auto: hybrid "
-                    "for rmtr, minibatch otherwise", choices=("auto", "minibatch", "full", "hybrid"))
+                    "for rmtr and apts, minibatch otherwise", choices=("auto", "minibatch", "full", "hybrid"))
     grow_after: int = _f(3, "with batch = hybrid: double the batch after this many "
                          "rejected steps in a row", min=1)
     ksp_type: str = _f("stcg", "PETSc Krylov method for the subproblem",
@@ -159,6 +160,20 @@ class MultilevelConfig:
 class MgoptConfig:
     smoother: str = _f("sgd", "every level's smoother (sgd and adam use optim.lr and "
                        "optim.momentum; tr the [tr] keys)", choices=("sgd", "adam", "tr"))
+
+
+@dataclass
+class AptsConfig:
+    decomposition: str = _f("data", "subdomains of APTS: data (each varies every weight on its "
+                            "share of the batch) or weights (each varies its block of layers "
+                            "on its share)", choices=("data", "weights"))
+    subdomains: int = _f(0, "number of subdomains, a multiple of the data-parallel ranks; "
+                         "0 = one per data-parallel rank", min=0)
+    local_iters: int = _f(3, "trust-region steps of each subdomain's local solve", min=1)
+    global_iters: int = _f(0, "trust-region steps on the global objective after each APTS "
+                           "step (the optional global pass)", min=0)
+    window: int = _f(1, "non-monotone acceptance (NAPTS): a step is measured against the worst "
+                     "of the last window accepted objectives; 1 = monotone", min=1)
 
 
 @dataclass
@@ -262,6 +277,7 @@ class Config:
     tr: TrConfig = field(default_factory=TrConfig)
     multilevel: MultilevelConfig = field(default_factory=MultilevelConfig)
     mgopt: MgoptConfig = field(default_factory=MgoptConfig)
+    apts: AptsConfig = field(default_factory=AptsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     mgrit: MgritConfig = field(default_factory=MgritConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -361,7 +377,7 @@ class Rule:
 # Which optimizers each model-parallel axis supports (nested iteration counts as its own).
 LAYOUT_SUPPORT = {"parallel.layer": ("sgd", "adam", "tr", "rmtr"),
                   "parallel.pipe": ("sgd", "adam")}
-_SELF_AVERAGING = ("tr", "rmtr", "mgopt")  # they average their own gradients and products
+_SELF_AVERAGING = ("tr", "rmtr", "mgopt", "apts")  # they average their own gradients and products
 _F32_MAX = 3.4e38
 
 
@@ -383,7 +399,8 @@ def _layout(key: str):
 
 
 def _uses_tr(c: "Config") -> bool:
-    return c.optim.name in ("tr", "rmtr") or (c.optim.name, c.mgopt.smoother) == ("mgopt", "tr")
+    return (c.optim.name in ("tr", "rmtr", "apts")
+            or (c.optim.name, c.mgopt.smoother) == ("mgopt", "tr"))
 
 
 def _first(*checks):
@@ -454,8 +471,8 @@ RULES = [
               f"tr.eta1: {c.tr.eta1} is above tr.eta2 = {c.tr.eta2}"),
              (_uses_tr(c) and not 0 < c.tr.gamma1 < 1,
               f"tr.gamma1: must lie strictly between 0 and 1, got {c.tr.gamma1}"))),
-    Rule("optim.name, sync.*", "tr, rmtr and mgopt average their own gradients: sync.name = "
-         "allreduce, no compression",
+    Rule("optim.name, sync.*", "tr, rmtr, mgopt and apts average their own gradients: "
+         "sync.name = allreduce, no compression",
          lambda c: _first((c.optim.name in _SELF_AVERAGING
                            and (c.sync.name != "allreduce" or c.sync.compression != "none"),
                            f"optim.name = {c.optim.name!r} averages its own gradients and "
@@ -621,14 +638,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
 
 def resolve(cfg: Config) -> Config:
     """Replaces the ``auto`` defaults by what they mean for this run (in place; returns
-    ``cfg``): multilevel trust region runs as published, L-SR1 on every level with hybrid
-    batches; layer-parallel runs need L-SR1 (no curvature products through MGRIT). Not
+    ``cfg``): multilevel trust region and APTS run as published, L-SR1 on every level
+    and subdomain with hybrid batches; layer-parallel runs need L-SR1 (no curvature products through MGRIT). Not
     collective."""
-    rmtr = cfg.optim.name == "rmtr"
+    published = cfg.optim.name in ("rmtr", "apts")
     if cfg.tr.curvature == "auto":
-        cfg.tr.curvature = "lsr1" if rmtr or cfg.parallel.layer > 1 else "hessian"
+        cfg.tr.curvature = "lsr1" if published or cfg.parallel.layer > 1 else "hessian"
     if cfg.tr.batch == "auto":
-        cfg.tr.batch = "hybrid" if rmtr else "minibatch"
+        cfg.tr.batch = "hybrid" if published else "minibatch"
     return cfg
 
 

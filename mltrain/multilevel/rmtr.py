@@ -50,7 +50,7 @@ from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy
 from mltrain.multilevel.transfers import LayerTransfers, Transfers
 from mltrain.optim.costs import Prices, measure, time_level
-from mltrain.optim.tr import Objective, TrustRegion, check_level_options
+from mltrain.optim.tr import Objective, TrustRegion, ball_fraction, check_level_options
 from mltrain.utils.decisions import BOUND_RTOL, DecisionLog
 
 __all__ = ["RMTR", "COARSE_MODELS"]
@@ -231,8 +231,7 @@ class RMTR(LevelOptimizers):
                                         n, bound * (1 + BOUND_RTOL), bound, level)
             if not cut:
                 return 1.0
-            a, b, c = T.dot(ps, ps), 2.0 * T.dot(pd, ps), T.dot(pd, pd) - bound * bound
-            return max(0.0, min(1.0, (-b + math.sqrt(max(b * b - 4 * a * c, 0.0))) / (2 * a)))
+            return ball_fraction(T.dot(pd, pd), T.dot(pd, ps), T.dot(ps, ps), bound)
         return limit
 
     def _room(self, level: int, anchor, bound) -> float:

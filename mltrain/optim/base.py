@@ -21,7 +21,7 @@ from mltrain.optim import build_optimizer
 from mltrain.optim.tr import Objective, TrustRegion
 from mltrain.sync import SyncStrategy, build_sync
 
-__all__ = ["Batches", "Context", "Method", "Straggler", "first_order", "trust_region",
+__all__ = ["Batches", "Context", "Method", "Straggler", "first_order", "trust_region", "apts",
            "tr_settings"]
 
 
@@ -220,3 +220,16 @@ def trust_region(ctx: Context) -> Method:
         opt = TrustRegion(ctx.model.parameters(), layout.data, **tr_settings(o))
     return SecondOrder(opt, SyncStrategy(ctx.model, layout.data), ctx.straggler, ctx.model,
                        o.batch, ctx.cfg.run.costs)
+
+
+def apts(ctx: Context) -> Method:
+    """APTS over ``apts.subdomains`` subdomains of the data axis (``mltrain.optim.apts``).
+    Collective on the data axis."""
+    from mltrain.optim.apts import APTS
+
+    a, o = ctx.cfg.apts, ctx.cfg.tr
+    opt = APTS(ctx.model, ctx.layout.data, decomposition=a.decomposition,
+               subdomains=a.subdomains, local_iters=a.local_iters,
+               global_iters=a.global_iters, window=a.window, **tr_settings(o))
+    return SecondOrder(opt, SyncStrategy(ctx.model, ctx.layout.data), ctx.straggler,
+                       ctx.model, o.batch, ctx.cfg.run.costs)

@@ -32,7 +32,7 @@ from mltrain.optim.costs import Prices, measure, time_level
 from mltrain.optim.evals import EvalCache
 from mltrain.utils.decisions import DecisionLog
 
-__all__ = ["TrustRegion", "Objective", "NonFiniteError", "check_level_options"]
+__all__ = ["TrustRegion", "Objective", "NonFiniteError", "check_level_options", "ball_fraction"]
 
 
 class _TorchSolver:
@@ -92,6 +92,13 @@ class Objective:
 
     def shifted(self, shift: tuple | None, factor: tuple | None = None) -> "Objective":
         return replace(self, shift=shift, factor=factor)
+
+
+def ball_fraction(dd: float, ds: float, ss: float, bound: float) -> float:
+    """The largest t in [0, 1] with ||d + t s|| <= ``bound``, from d.d, d.s and s.s (d in
+    the ball): where a step from inside a ball cut back to its boundary ends."""
+    a, b, c = ss, 2.0 * ds, dd - bound * bound
+    return max(0.0, min(1.0, (-b + math.sqrt(max(b * b - 4 * a * c, 0.0))) / (2 * a)))
 
 
 class TrustRegion(torch.optim.Optimizer):
@@ -189,13 +196,18 @@ class TrustRegion(torch.optim.Optimizer):
         Collective on the layer axis when there is one."""
         self._set(flat)
 
-    def accept(self, f: float, f_trial: float, predicted: float, x0: torch.Tensor) -> bool:
+    def accept(self, f: float, f_trial: float, predicted: float, x0: torch.Tensor,
+               reference: float | None = None) -> bool:
         """The acceptance and radius rule of a step that moved the iterate from ``x0``:
         rho = (f - f_trial) / predicted; below eta1 the step is undone (bit for bit) and the
         radius shrinks by gamma1, at or above eta2 it grows by gamma2 (up to radius_max).
         Both tests are recorded as decisions. Used for this optimizer's own steps and for a
-        multilevel method's prolonged coarse corrections. Returns whether it was accepted.
-        Collective on the layer axis (the restore)."""
+        multilevel method's prolonged coarse corrections. A non-monotone method passes a
+        ``reference`` value (above f: the worst of recent iterates) that replaces f in
+        rho. Returns whether it was accepted. Collective on the layer axis (the
+        restore)."""
+        if reference is not None:
+            f = max(f, reference)
         rho = (f - f_trial) / predicted if predicted > 0 else -math.inf
         accepted = self._decide("accept", math.isfinite(f_trial) and rho >= self.eta1, f,
                                 f_trial, predicted, self.eta1)
@@ -474,7 +486,7 @@ class TrustRegion(torch.optim.Optimizer):
         self.counts["accepted" if accepted else "rejected"] += 1
         self.after_step(accepted)
         self.last = {"accepted": accepted, "boundary": t < 1.0, "start": loss,
-                     "value": f_trial if accepted else loss}
+                     "value": f_trial if accepted else loss, "predicted": predicted}
         return loss
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mltrain.multilevel.build import mgopt, rmtr
-from mltrain.optim.base import Context, Method, first_order, trust_region
+from mltrain.optim.base import Context, Method, apts, first_order, trust_region
 
 __all__ = ["OPTIMIZERS", "build_method", "layer_alignment"]
 
@@ -13,6 +13,7 @@ OPTIMIZERS = {
     "tr": trust_region,
     "rmtr": rmtr,
     "mgopt": mgopt,
+    "apts": apts,
 }
 
 

@@ -1,0 +1,209 @@
+"""APTS (``mltrain.optim.apts``): one subdomain is the trust region step for step; the local
+models are first-order consistent; the global step keeps to the radius; N subdomains
+compute the same at any rank count that shares them; non-monotone acceptance; resume."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from mltrain.config import ConfigError, load_config
+from mltrain.linalg.vector import flat_params
+from mltrain.optim.apts import APTS, split_blocks
+from mltrain.optim.tr import Objective, TrustRegion
+from mltrain.train import Trainer
+from mltrain.utils.decisions import BOUND_RTOL, first_difference
+
+from conftest import against_serial, all_ranks, require, straight_and_resumed
+
+TR_KEYS = dict(radius=0.5, radius_max=10.0, eta1=0.1, eta2=0.75, gamma1=0.5, gamma2=2.0)
+SMALL = ["model.name=resnet", "model.depth=8", "model.width=16", "data.batch_size=64",
+         "run.threads=1", "run.costs=unit", "run.dtype=float64"]
+
+
+def _batch(n=96):
+    from mltrain.data import open_dataset
+
+    d = open_dataset("digits")
+    x, y = d.read_train(torch.arange(n).numpy())
+    return torch.from_numpy(x).double(), torch.from_numpy(y)
+
+
+def _run(extra, comm=MPI.COMM_SELF):
+    t = Trainer(load_config(None, SMALL + extra), comm, quiet=True, metrics=False)
+    s = t.train()
+    p = flat_params(t.model)
+    t.close()
+    return s, p
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "lsr1"])
+def test_apts_with_one_subdomain_is_the_trust_region(curvature):
+    """One subdomain, one local step, no global pass: the local model is the objective, its
+    predicted reduction the trust region's, the global rule the same, and the local trial
+    evaluation serves the global test (same work)."""
+    require("petsc4py")
+    common = ["run.steps=12", f"tr.curvature={curvature}", "tr.batch=minibatch"]
+    s_tr, p_tr = _run(["optim.name=tr"] + common)
+    s_ap, p_ap = _run(["optim.name=apts", "apts.subdomains=1", "apts.local_iters=1"] + common)
+    assert torch.equal(p_tr, p_ap)
+    for key in ("work", "grad_evals", "hvp_evals", "loss_evals", "accepted_steps",
+                "rejected_steps", "radius"):
+        assert s_tr[key] == s_ap[key], key
+
+
+def test_blocks_of_layers_are_contiguous_balanced_and_cover_the_network():
+    sizes = [100, 10, 10, 500, 20, 20, 300, 5]
+    for n in range(1, len(sizes) + 1):
+        groups = split_blocks(sizes, n)
+        assert len(groups) == n and all(len(g) > 0 for g in groups)
+        assert [i for g in groups for i in g] == list(range(len(sizes)))
+    # balanced: no group over twice the mean unless one tensor alone is
+    g = split_blocks([10] * 12, 4)
+    assert [len(r) for r in g] == [3, 3, 3, 3]
+    with pytest.raises(ConfigError, match="apts.subdomains: 9 blocks"):
+        split_blocks(sizes, 9)
+
+
+@pytest.mark.parametrize("decomposition", ["data", "weights"])
+def test_local_models_are_first_order_consistent(decomposition):
+    """At x_k each subdomain's model has the global gradient (its block of it), and the
+    global (f, g) assembled from the subdomains is the trust region's on the whole batch."""
+    require("petsc4py")
+    from mltrain.nn import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(64, 8, 8, 10).double()
+    x, y = _batch()
+    a = APTS(model, MPI.COMM_SELF, decomposition=decomposition, subdomains=4, **TR_KEYS,
+             curvature="lsr1")
+    obj = Objective(model, F.cross_entropy, x, y)
+    pieces = a._pieces(obj)
+    assert sorted(torch.cat([p[1] for p in pieces]).tolist()) == sorted(y.tolist())
+    f, g, local = a._start(obj, pieces)
+    ref = TrustRegion(model.parameters(), MPI.COMM_SELF, **TR_KEYS)
+    f_ref, g_ref = ref.objective(obj)
+    assert f == pytest.approx(f_ref, rel=1e-13)
+    assert torch.allclose(g, g_ref, rtol=1e-11, atol=1e-14)
+    x_k = a.glob.iterate.double()
+    sizes = []
+    for m, (xm, ym) in enumerate(pieces):
+        lo, hi = a.blocks[m]
+        sizes.append(hi - lo)
+        sub = Objective(model, F.cross_entropy, xm, ym, 1.0,
+                        shift=((g - local[m][1])[lo:hi], x_k[lo:hi]))
+        _, g_local = a.locs[m].objective(sub)
+        assert torch.allclose(g_local, g[lo:hi], rtol=0, atol=1e-14)
+    if decomposition == "weights":  # the blocks tile the vector
+        assert sorted(a.blocks) == a.blocks and sum(sizes) == a.n
+        assert [b[0] for b in a.blocks[1:]] == [b[1] for b in a.blocks[:-1]]
+    a.close()
+    ref.close()
+
+
+@pytest.mark.parametrize("decomposition", ["data", "weights"])
+def test_the_global_step_keeps_to_the_radius(decomposition):
+    """||sum_j s_j|| <= D (data: D/N each; weights: D/sqrt(N) each, orthogonal blocks); the
+    predicted reduction is the sum of the local ones and positive when a step is taken."""
+    require("petsc4py")
+    from mltrain.nn import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(64, 8, 8, 10).double()
+    x, y = _batch()
+    a = APTS(model, MPI.COMM_SELF, decomposition=decomposition, subdomains=4, local_iters=3,
+             **TR_KEYS, curvature="lsr1")
+    ratios = []
+    for _ in range(10):
+        D = a.radius
+        a.tr_step(Objective(model, F.cross_entropy, x, y))
+        ratios.append(a.last["step_norm"] / D)
+        assert a.last["step_norm"] == 0.0 or a.last["predicted"] > 0
+    assert max(ratios) <= 1 + BOUND_RTOL, ratios
+    assert max(ratios) > 0.5  # the bound is reached, not vacuous
+    assert a.counts["accepted"] > 0
+    a.close()
+
+
+def test_non_monotone_acceptance_measures_against_the_worst_recent_value():
+    tr = TrustRegion([torch.zeros(3, dtype=torch.float64, requires_grad=True)], MPI.COMM_SELF,
+                     **TR_KEYS, curvature="lsr1")
+    x0 = tr.iterate
+    assert not tr.accept(1.0, 1.05, 0.1, x0)  # an increase: rejected by the monotone rule
+    assert tr.accept(1.0, 1.05, 0.1, x0, reference=1.2)  # rho = (1.2 - 1.05) / 0.1
+    assert not tr.accept(1.0, 1.05, 0.1, x0, reference=0.5)  # a lower reference: f counts
+    tr.close()
+
+
+@pytest.mark.parametrize("extra", [[], ["apts.decomposition=weights"], ["apts.window=3"],
+                                   ["apts.global_iters=1", "tr.curvature=hessian"]],
+                         ids=["data", "weights", "window", "global-pass"])
+def test_apts_descends_and_is_deterministic(extra):
+    require("petsc4py")
+    cfg = ["optim.name=apts", "apts.subdomains=4", "run.steps=16"] + extra
+    t = Trainer(load_config(None, SMALL + cfg), MPI.COMM_SELF, quiet=True, metrics=False)
+    before = t.evaluate()["train_loss"]
+    t.close()
+    s1, p1 = _run(cfg)
+    s2, p2 = _run(cfg)
+    assert torch.equal(p1, p2)
+    assert s1["final_loss"] < 0.8 * before, (s1["final_loss"], before)
+    assert s1["accepted_steps"] > 0 and s1["work"] > 0 and s1["subdomains"] == 4
+
+
+def _local_logs(comm, trainer) -> dict:
+    """Every subdomain's local decisions, by subdomain, gathered on every rank."""
+    logs = trainer.optimizer.subdomain_decisions()
+    out = {}
+    for part in comm.allgather({j: list(log.entries) for j, log in logs.items()}):
+        out.update(part)
+    return out
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("extra", [["apts.decomposition=data"],
+                                   ["apts.decomposition=weights", "apts.window=3"]],
+                         ids=["data", "weights-window"])
+@pytest.mark.exactness
+def test_apts_subdomains_compute_alike_at_any_rank_count(comm, extra):
+    """Six subdomains on 1, 2 or 3 ranks: the same global decisions (checked first, none
+    within round-off of its threshold), the same local decisions subdomain by subdomain,
+    then the same iterates (the sums over subdomains run in another order: round-off)."""
+    require("petsc4py")
+    cfg = load_config(None, SMALL + ["optim.name=apts", "apts.subdomains=6",
+                                     "data.partition=strided", "data.shuffle=false",
+                                     "data.batch_size=48", "run.steps=6"] + extra)
+    s, before, diff = against_serial(comm, cfg)
+    all_ranks(comm, diff < 1e-10, f"{diff:.2e}")
+    all_ranks(comm, s["final_loss"] < before, str(s))
+    par = Trainer(cfg, comm, quiet=True, metrics=False)
+    par.train()
+    ser = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
+    ser.train()
+    a, b = _local_logs(comm, par), _local_logs(MPI.COMM_SELF, ser)
+    all_ranks(comm, sorted(a) == sorted(b) == list(range(6)), str(sorted(a)))
+    from mltrain.utils.decisions import DecisionLog
+
+    for j in range(6):
+        ref, other = DecisionLog(), DecisionLog()
+        ref.entries, other.entries = b[j], a[j]
+        all_ranks(comm, not ref.near_ties(), f"subdomain {j}: near ties {ref.near_ties()[:3]}")
+        all_ranks(comm, first_difference(ref, other) is None,
+                  f"subdomain {j}: {first_difference(ref, other)}")
+    par.close()
+    ser.close()
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.exactness
+def test_apts_resume_is_bit_exact(comm, shared_tmp):
+    """With Hessian products the state is the global trust region's: resume is exact.
+    (L-SR1 subdomain memories start afresh on resume; see the module docstring.)"""
+    require("petsc4py")
+    base = SMALL + ["optim.name=apts", "tr.curvature=hessian", "data.batch_size=48",
+                    f"apts.subdomains={2 * comm.Get_size()}"]
+    straight, second = straight_and_resumed(comm, base, shared_tmp / "apts")
+    all_ranks(comm, torch.equal(flat_params(straight.model), flat_params(second.model)))
+    straight.close()
+    second.close()
