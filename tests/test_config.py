@@ -130,13 +130,14 @@ def test_every_rule_can_be_broken_and_names_a_key():
         2: ["data.name=idx"], 3: ["parallel.pipe=2", "optim.name=tr"],
         4: ["parallel.pipe=2", "sync.name=sgp"], 5: ["parallel.layer=2", "optim.name=mgopt"],
         6: ["parallel.layer=2", "optim.name=tr", "tr.curvature=hessian"], 7: ["parallel.layer=2", "sync.name=sgp"],
-        8: ["optim.lr=1e39"], 9: ["multilevel.nested=true"],
-        10: ["multilevel.init=nested", "optim.name=tr"],
-        11: ["optim.name=tr", "tr.radius=20"], 12: ["optim.name=tr", "sync.name=sgp"],
-        13: ["sync.name=sgp", "sync.compression=fp16"],
-        14: ["sync.compression=topk", "sync.topk_ratio=0"],
-        15: ["sync.name=sgp", "checkpoint.resume=true", "checkpoint.dir=x"],
-        16: ["checkpoint.every=3"],
+        8: ["optim.lr=1e39"], 9: ["model.init=smooth", "model.name=mlp"],
+        10: ["multilevel.nested=true"],
+        11: ["multilevel.init=nested", "optim.name=tr"],
+        12: ["optim.name=tr", "tr.radius=20"], 13: ["optim.name=tr", "sync.name=sgp"],
+        14: ["sync.name=sgp", "sync.compression=fp16"],
+        15: ["sync.compression=topk", "sync.topk_ratio=0"],
+        16: ["sync.name=sgp", "checkpoint.resume=true", "checkpoint.dir=x"],
+        17: ["checkpoint.every=3"],
     }
     assert sorted(breaking) == list(range(len(RULES)))
     for i, rule in enumerate(RULES):

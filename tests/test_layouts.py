@@ -22,6 +22,7 @@ OPTIMIZERS = {
     "rmtr": ["optim.name=rmtr", "multilevel.levels=2", "tr.curvature=lsr1"],
     "mgopt": ["optim.name=mgopt", "multilevel.levels=2"],
     "nested": ["optim.name=sgd", "multilevel.levels=2", "multilevel.nested=true"],
+    "apts": ["optim.name=apts"],
 }
 LAYOUTS = {"data": [], "layer": ["parallel.layer=2"], "pipe": ["parallel.pipe=2"],
            "pipe+layer": ["parallel.pipe=2", "parallel.layer=2"]}
@@ -38,6 +39,8 @@ SUPPORT = {
     ("sgd", "pipe+layer"): None, ("adam", "pipe+layer"): None,
     ("tr", "pipe+layer"): "parallel.pipe", ("rmtr", "pipe+layer"): "parallel.pipe",
     ("mgopt", "pipe+layer"): "parallel.pipe", ("nested", "pipe+layer"): "parallel.pipe",
+    ("apts", "data"): None, ("apts", "layer"): "parallel.layer",
+    ("apts", "pipe"): "parallel.pipe", ("apts", "pipe+layer"): "parallel.pipe",
 }
 BASE = ["model.width=8", "model.depth=8", "data.batch_size=24", "run.threads=1",
         "run.steps=3", "run.dtype=float64"]
@@ -108,7 +111,7 @@ def test_exact_after_applies_to_every_optimizer(comm, shared_tmp, optim):
     data_axis.Free()
 
 
-@pytest.mark.parametrize("optim", ["sgd", "adam", "tr", "rmtr", "mgopt", "pipe"])
+@pytest.mark.parametrize("optim", ["sgd", "adam", "tr", "rmtr", "mgopt", "apts", "pipe"])
 def test_straggler_slows_every_path(comm, optim, monkeypatch):
     """run.straggler sleeps on its rank (factor - 1) x its compute time on every path, and
     nowhere else."""

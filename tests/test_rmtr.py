@@ -454,3 +454,33 @@ def test_nested_initialization_trains_the_coarse_levels_first():
     assert grads[3][0] == 0 and grads[3][1] > 0  # level 1 and below
     assert grads[4][0] > 0  # full cycles
     t.close()
+
+
+def test_smooth_initialization_is_linear_in_depth_and_seen_alike_by_the_coarse_levels():
+    """model.init = smooth: every block parameter is linear in depth (second differences
+    vanish), the end blocks keep their own draws; the coarse gradients then point where the
+    restricted fine ones do (cos(P^T g, grad f_H) near 1 on every level)."""
+    require("petsc4py")
+    from mltrain.nn import build_model
+
+    torch.manual_seed(0)
+    indep = build_model("resnet", (64,), 10, width=16, depth=32, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = build_model("resnet", (64,), 10, width=16, depth=32, dtype=torch.float64,
+                        init="smooth")
+    stacked = torch.stack([torch.cat([p.detach().reshape(-1) for p in b.parameters()])
+                           for b in model.blocks])
+    second = stacked[2:] - 2 * stacked[1:-1] + stacked[:-2]
+    assert float(second.abs().max()) < 1e-12 * float(stacked.abs().max())
+    for k in (0, 31):
+        assert torch.equal(torch.cat([p.reshape(-1) for p in model.blocks[k].parameters()]),
+                           torch.cat([p.reshape(-1) for p in indep.blocks[k].parameters()]))
+    r = RMTR(Hierarchy(model, 3, 2), MPI.COMM_SELF, kappa=0.0, **TR_KEYS, curvature="lsr1")
+    x, y = _batch(256)
+    for _ in range(5):
+        r.tr_step(Objective(model, F.cross_entropy, x, y))
+    diag = r.report(1438)["level_diagnostics"]
+    assert all(d["corrections"] > 0 and d["cos"] > 0.99 for d in diag), diag
+    r.close()
+    with pytest.raises(Exception, match="model.init"):
+        load_config(None, ["model.init=smooth", "model.name=mlp"])

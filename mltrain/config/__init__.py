@@ -84,6 +84,9 @@ class ModelConfig:
     name: str = _f("resnet", "architecture", choices=("mlp", "resnet", "cnn"))
     width: int = _f(64, "hidden features (mlp, resnet) or channels (cnn)", min=1)
     depth: int = _f(4, "hidden layers (mlp), residual blocks (resnet), conv blocks (cnn)", min=1)
+    init: str = _f("independent", "initial weights: independent draws per layer, or smooth "
+                   "(resnet: blocks linear in depth between the first and last block's draws)",
+                   choices=("independent", "smooth"))
 
 
 @dataclass
@@ -447,6 +450,10 @@ RULES = [
                             for name, sec, keys in (("optim", c.optim, ("lr", "weight_decay")),
                                                     ("tr", c.tr, ("radius", "radius_max")))
                             for k in keys))),
+    Rule("model.init, model.name", "init = smooth for resnet only",
+         lambda c: _first((c.model.init == "smooth" and c.model.name != "resnet",
+                           f"model.init: 'smooth' makes residual blocks linear in depth; "
+                           f"model.name = {c.model.name!r} has none"))),
     Rule("multilevel.nested, multilevel.levels", "nested iteration needs 2 levels or more",
          lambda c: _first((c.multilevel.nested and c.multilevel.levels < 2,
                            "multilevel.nested: needs multilevel.levels >= 2"))),

@@ -16,7 +16,7 @@ from torch import nn
 from mltrain import ops
 
 __all__ = ["MLP", "ResNet", "ResidualBlock", "CNN", "build_model", "is_residual",
-           "check_residual"]
+           "check_residual", "smooth_in_depth"]
 
 PROTOCOL = ("opening", "blocks", "closing")
 
@@ -163,9 +163,31 @@ class CNN(nn.Module):
         return self.net(x)
 
 
+def smooth_in_depth(model: nn.Module) -> None:
+    """Makes a residual network's block parameters linear in depth: block k gets
+    (1 - t) theta_first + t theta_last, t = k / (depth - 1), from the first and last blocks'
+    own (independent) draws. A network that is the discretisation of one smooth ODE, whose
+    coarse levels see it as the fine one does (``model.init = "smooth"``). Not
+    collective."""
+    check_residual(model)
+    blocks = model.blocks
+    n = len(blocks)
+    if n < 2:
+        return
+    first = [p.detach().clone() for p in blocks[0].parameters()]
+    last = [p.detach().clone() for p in blocks[n - 1].parameters()]
+    with torch.no_grad():
+        for k, block in enumerate(blocks):
+            t = k / (n - 1)
+            for p, a, b in zip(block.parameters(), first, last):
+                p.copy_(a * (1 - t) + b * t)
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, width: int,
-                depth: int, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model named by ``model.name`` for inputs of ``input_shape`` (C, H, W).
+                depth: int, dtype: torch.dtype = torch.float32,
+                init: str = "independent") -> nn.Module:
+    """The model named by ``model.name`` for inputs of ``input_shape`` (C, H, W);
+    ``init = "smooth"``: a residual network's blocks linear in depth (``smooth_in_depth``).
 
     Initialisation uses torch's global RNG: seed it identically on every rank, or
     broadcast the parameters afterwards. Not collective.
@@ -181,4 +203,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, wi
         model = CNN(input_shape, width, depth, num_classes)
     else:
         raise ValueError(f"unknown model {name!r}")
-    return model.to(dtype)
+    model = model.to(dtype)
+    if init == "smooth":  # in the run's precision, so the blocks are linear in it
+        smooth_in_depth(model)
+    return model

@@ -72,7 +72,7 @@ class Trainer:
         if model is None:
             model = build_model(cfg.model.name, self.dataset.input_shape,
                                 self.dataset.num_classes, width=cfg.model.width,
-                                depth=cfg.model.depth, dtype=self.dtype)
+                                depth=cfg.model.depth, dtype=self.dtype, init=cfg.model.init)
         self.layout = parallelize(model.to(self.dtype), self.gc, cfg,
                                   align=layer_alignment(cfg))
         self.straggler = Straggler()
