@@ -167,13 +167,14 @@ def _local_logs(comm, trainer) -> dict:
                          ids=["data", "weights-window"])
 @pytest.mark.exactness
 def test_apts_subdomains_compute_alike_at_any_rank_count(comm, extra):
-    """Six subdomains on 1, 2 or 3 ranks: the same global decisions (checked first, none
-    within round-off of its threshold), the same local decisions subdomain by subdomain,
-    then the same iterates (the sums over subdomains run in another order: round-off)."""
+    """Twelve subdomains on 1, 2, 3 or 4 ranks: the same global decisions (checked first,
+    none within round-off of its threshold), the same local decisions subdomain by
+    subdomain, then the same iterates (the sums over subdomains run in another order:
+    round-off)."""
     require("petsc4py")
-    cfg = load_config(None, SMALL + ["optim.name=apts", "apts.subdomains=6",
+    cfg = load_config(None, SMALL + ["optim.name=apts", "apts.subdomains=12",
                                      "data.partition=strided", "data.shuffle=false",
-                                     "data.batch_size=48", "run.steps=6"] + extra)
+                                     "data.batch_size=96", "run.steps=6"] + extra)
     s, before, diff = against_serial(comm, cfg)
     all_ranks(comm, diff < 1e-10, f"{diff:.2e}")
     all_ranks(comm, s["final_loss"] < before, str(s))
@@ -182,10 +183,10 @@ def test_apts_subdomains_compute_alike_at_any_rank_count(comm, extra):
     ser = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
     ser.train()
     a, b = _local_logs(comm, par), _local_logs(MPI.COMM_SELF, ser)
-    all_ranks(comm, sorted(a) == sorted(b) == list(range(6)), str(sorted(a)))
+    all_ranks(comm, sorted(a) == sorted(b) == list(range(12)), str(sorted(a)))
     from mltrain.utils.decisions import DecisionLog
 
-    for j in range(6):
+    for j in range(12):
         ref, other = DecisionLog(), DecisionLog()
         ref.entries, other.entries = b[j], a[j]
         all_ranks(comm, not ref.near_ties(), f"subdomain {j}: near ties {ref.near_ties()[:3]}")

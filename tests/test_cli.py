@@ -1,5 +1,6 @@
 """The command line end to end, in real MPI jobs launched from a serial test."""
 import json
+import math
 import time
 
 import pytest
@@ -260,21 +261,55 @@ def test_bench_tr_smoke(tmp_path):
 def test_bench_multilevel_smoke(tmp_path):
     out, png = tmp_path / "ml.json", tmp_path / "ml.png"
     r = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--budget", "1.0", "--target",
-                    "1.5", "--json", str(out), "--plot", str(png), "--set", "model.name=resnet",
-                    "--set", "model.depth=8", "--set", "model.width=16", "--set",
-                    "tr.max_it=5"], timeout=600)
+                    "1.5", "--target-acc", "0.5", "--seeds", "2", "--lrs", "2", "--regimes",
+                    "hybrid", "--json", str(out), "--plot", str(png), "--set",
+                    "model.name=resnet", "--set", "model.depth=8", "--set", "model.width=16",
+                    "--set", "tr.max_it=5", "--set", "apts.subdomains=2"], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    rows = {m["method"]: m for m in res["methods"]}
-    assert set(rows) == {"sgd", "adam", "tr", "rmtr-2", "rmtr-3", "mgopt-3", "nested-3"}
-    for m in rows.values():  # each stops at the target or the budget, never before
-        assert m["curve"][0]["work"] == 0.0
-        assert m["work_to_target"] is not None or m["work"] >= 1.0, m
-    assert rows["tr"]["work_ratio_vs_tr"] in (1.0, None)
-    assert "Table" not in r.stdout and "rmtr-3" in r.stdout
+    cells = {(c["init"], c["method"]): c for c in res["cells"]}
+    assert set(cells) == {(i, m) for i in ("independent", "smooth") for m in
+                          ("sgd", "adam", "lbfgs", "tr", "rmtr-3", "apts", "nested-adam")}
+    for c in cells.values():
+        assert [run["seed"] for run in c["runs"]] == [0, 1]
+        for run in c["runs"]:  # each stops at both targets or the budget, never before
+            assert run["curve"][0]["work"] == 0.0
+            reached = run["work_to_target"] is not None and run["work_to_acc"] is not None
+            assert reached or run["work"] >= 1.0, run
+        w = c["work_to_target"]
+        assert w["reached"] == sum(run["work_to_target"] is not None for run in c["runs"])
+        if w["median"] is not None:
+            assert w["q25"] <= w["median"] <= w["q75"]
+    tr = cells["independent", "tr"]
+    assert tr["work_ratio_vs_tr"] in (1.0, None)
+    assert cells["independent", "nested-adam"]["lr"] == cells["independent", "adam"]["lr"]
+    assert "rmtr-3" in r.stdout and "medians [IQR]" in r.stdout
     assert png.read_bytes()[:4] == b"\x89PNG"
     bad = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--methods", "tr,rmtr-9"])
     assert bad.returncode == 2 and "rmtr-9" in bad.stderr
+    bad = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--regimes", "tiny"])
+    assert bad.returncode == 2 and "--regimes" in bad.stderr
+
+
+def test_bench_multilevel_statistics():
+    """Order statistics over the seeds, a missed seed worse than any reached."""
+    from mltrain.cli.bench_multilevel import _best_rate, _stats, lr_grid
+
+    assert _stats([3.0, 1.0, 2.0, 5.0, 4.0], 5) == {"reached": 5, "median": 3.0, "q25": 2.0,
+                                                   "q75": 4.0}
+    s = _stats([3.0, None, 1.0, None, 2.0], 5)
+    assert s["reached"] == 3 and s["median"] == 3.0 and s["q75"] == math.inf
+    assert _stats([None, None, 1.0, 2.0], 4)["median"] == 2.0  # the lower median
+    assert _stats([None, None, None, 2.0], 4)["median"] is None  # most missed: none
+    rows = [(0.1, {"work_to_target": None, "train_loss": 0.5}),
+            (0.2, {"work_to_target": 3.0, "train_loss": 0.1}),
+            (0.3, {"work_to_target": 2.0, "train_loss": 0.2})]
+    assert _best_rate(rows) == 0.3
+    assert _best_rate([(0.1, {"work_to_target": None, "train_loss": 0.5}),
+                       (0.2, {"work_to_target": None, "train_loss": float("nan")})]) == 0.1
+    g = lr_grid("adam", 6)
+    assert len(g) == 6 and g[0] == pytest.approx(1e-4) and g[-1] == pytest.approx(0.1)
+    assert all(b / a == pytest.approx(g[1] / g[0]) for a, b in zip(g, g[1:]))
 
 
 def test_bench_mgrit_smoke(tmp_path):

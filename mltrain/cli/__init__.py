@@ -70,10 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tr, multilevel: (fine-)gradient equivalents of work per method")
     b.add_argument("--target", type=float, default=0.1,
                    help="multilevel: training loss each method races to")
-    b.add_argument("--curvature", default="ggn", choices=["hessian", "ggn", "lsr1"],
-                   help="multilevel: curvature model of TR and RMTR")
+    b.add_argument("--target-acc", type=float, default=None,
+                   help="multilevel: test accuracy whose sequential steps are compared")
     b.add_argument("--methods", default="", help="multilevel: a comma-separated subset of "
-                   "sgd,adam,tr,rmtr-2,rmtr-3,mgopt-3,nested-3")
+                   "sgd,adam,lbfgs,tr,rmtr-3,apts,nested-adam")
+    b.add_argument("--regimes", default="hybrid,large,full",
+                   help="multilevel: batch regimes (hybrid, large, full)")
+    b.add_argument("--inits", default="independent,smooth",
+                   help="multilevel: initializations (independent, smooth in depth)")
+    b.add_argument("--seeds", type=int, default=5, help="multilevel: seeds per cell")
+    b.add_argument("--lrs", type=int, default=6,
+                   help="multilevel: log-spaced learning rates tuned for SGD and Adam")
+    b.add_argument("--large-batch", type=int, default=512,
+                   help="multilevel: the global batch of the large-batch regime")
     b.add_argument("--plot", metavar="OUT.png", help="tr, multilevel: loss and accuracy "
                    "against work")
     b.add_argument("--depths", default="64,128,256,512,1024",

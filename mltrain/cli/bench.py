@@ -351,34 +351,59 @@ def _dp(what: str, cfg, args, comm: MPI.Comm) -> int:
 
 def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
     from mltrain.cli import check_writable
-    from mltrain.cli.bench_multilevel import METHODS, bench_multilevel, plot
+    from mltrain.cli.bench_multilevel import INITS, METHODS, REGIMES, bench_multilevel, plot
     from mltrain.comm import agree
 
-    only = [m for m in args.methods.split(",") if m]
+    def listed(text, choices, flag):
+        items = [m for m in text.split(",") if m]
+        unknown = sorted(set(items) - set(choices))
+        if unknown:
+            raise ConfigError(f"{flag}: unknown {', '.join(unknown)} (choose from "
+                              f"{', '.join(choices)})")
+        return items
 
     def check():
         check_writable(args.plot, "--plot")
-        unknown = sorted(set(only) - set(METHODS))
-        if unknown:
-            raise ConfigError(f"--methods: unknown {', '.join(unknown)} (choose from "
-                              f"{', '.join(METHODS)})")
-    agree(comm, check, what="config")
+        for flag, value in (("--seeds", args.seeds), ("--lrs", args.lrs),
+                            ("--large-batch", args.large_batch)):
+            if value < 1:
+                raise ConfigError(f"{flag}: must be at least 1, got {value}")
+        if not (args.budget > 0 and math.isfinite(args.budget)):
+            raise ConfigError(f"--budget: must be positive and finite, got {args.budget}")
+        return (listed(args.methods, METHODS, "--methods"),
+                listed(args.regimes, REGIMES, "--regimes") or REGIMES,
+                listed(args.inits, INITS, "--inits") or INITS)
+    only, regimes, inits = agree(comm, check, what="config")
+    rank0 = comm.Get_rank() == 0
     res = bench_multilevel(args.config, args.overrides, comm, budget=args.budget,
-                           target=args.target, curvature=args.curvature, only=only or None)
-    if comm.Get_rank() == 0:
-        print(f"bench multilevel: {res['dataset']}, {res['model']}, batch {res['batch']}, "
-              f"{res['ranks']} rank(s); target training loss {res['target']:g}, budget "
-              f"{res['budget']:g} fine-gradient equivalents; TR/RMTR curvature "
-              f"{res['curvature']}")
-        print(f"  {'method':<10}{'steps':>7}{'work':>8}{'wall s':>8}{'loss':>9}{'test acc':>9}"
-              f"{'work@target':>12}{'wall@target':>12}{'TR/this':>9}")
-        for r in res["methods"]:
-            wt = f"{r['work_to_target']:.2f}" if r["work_to_target"] else "-"
-            st = f"{r['wall_to_target']:.1f}" if r["wall_to_target"] else "-"
-            ratio = f"{r['work_ratio_vs_tr']:.2f}" if r["work_ratio_vs_tr"] else "-"
-            print(f"  {r['method']:<10}{r['steps']:>7}{r['work']:>8.2f}{r['wall_s']:>8.1f}"
-                  f"{r['train_loss']:>9.4f}{r['test_accuracy']:>9.4f}{wt:>12}{st:>12}"
-                  f"{ratio:>9}")
+                           target=args.target, target_acc=args.target_acc, regimes=regimes,
+                           inits=inits, seeds=args.seeds, lrs=args.lrs,
+                           large_batch=args.large_batch, only=only or None,
+                           log=(lambda m: print(m, flush=True)) if rank0 else (lambda m: None))
+    if rank0:
+        print(f"bench multilevel: {res['dataset']}, {res['model']}, batch {res['batch']} "
+              f"(large {res['large_batch']}), {res['ranks']} rank(s), {res['seeds']} seeds; "
+              f"target training loss {res['target']:g}"
+              + (f", test accuracy {res['target_acc']:g}" if res["target_acc"] else "")
+              + f"; budget {res['budget']:g} fine-gradient equivalents; medians [IQR]")
+
+        def cell(s, fmt="{:.2f}"):
+            if s["median"] is None:
+                return f"- ({s['reached']}/{res['seeds']})"
+            return (fmt.format(s["median"]) + " [" + fmt.format(s["q25"]) + ", "
+                    + (fmt.format(s["q75"]) if math.isfinite(s["q75"]) else "inf") + "]")
+
+        print(f"  {'regime/init':<20}{'method':<12}{'work@target':>24}{'wall s@target':>24}"
+              f"{'steps@target':>22}{'steps@acc':>20}{'test acc':>9}{'TR/this':>8}"
+              f"{'Adam/this steps':>16}")
+        for c in res["cells"]:
+            r1 = f"{c['work_ratio_vs_tr']:.2f}" if c["work_ratio_vs_tr"] else "-"
+            r2 = f"{c['steps_ratio_vs_adam']:.2f}" if c["steps_ratio_vs_adam"] else "-"
+            print(f"  {c['regime'] + '/' + c['init']:<20}{c['method']:<12}"
+                  f"{cell(c['work_to_target']):>24}{cell(c['wall_to_target'], '{:.1f}'):>24}"
+                  f"{cell(c['steps_to_target'], '{:.0f}'):>22}"
+                  f"{cell(c['steps_to_acc'], '{:.0f}'):>20}"
+                  f"{c['test_accuracy']['median']:>9.4f}{r1:>8}{r2:>16}")
         _write_json(args.json, "multilevel", res)
         if args.plot:
             plot(res, args.plot)

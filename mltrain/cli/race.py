@@ -18,11 +18,12 @@ def work(t: Trainer) -> float:
 
 
 def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
-         resolution: float = 0.01) -> dict:
+         resolution: float = 0.01, target_acc: float | None = None) -> dict:
     """Trains ``cfg`` until ``budget`` fine-gradient equivalents are spent or the training
-    loss over the whole training set reaches ``target``; returns the curve (work, wall time
-    without evaluation, training loss, test accuracy at ``points`` evenly spaced marks of
-    work, and where the target was reached) and its last point.
+    loss over the whole training set reaches ``target`` (and, with ``target_acc``, the test
+    accuracy that); returns the curve (work, wall time without evaluation, steps, training
+    loss, test accuracy at ``points`` evenly spaced marks of work, and where a target was
+    reached), its last point, and the work, wall time and steps to each target.
 
     The target is checked after every step whose work exceeds the last check's by the
     fraction ``resolution`` (so the work to the target is known to that relative
@@ -37,11 +38,15 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
         t.total_steps = t.hierarchy.levels * math.ceil(
             budget / (per_step * sum(t.phases.cost)))
     ev = t.evaluate()
-    curve = [{"work": 0.0, "wall_s": 0.0, "train_loss": ev["train_loss"],
+    curve = [{"work": 0.0, "wall_s": 0.0, "step": 0, "train_loss": ev["train_loss"],
               "test_accuracy": ev["test_accuracy"]}]
-    wall, mark, hit, checked = 0.0, budget / points, None, 0.0
-    checking = math.isfinite(target)
-    while work(t) < budget and t.step < t.total_steps and hit is None:
+    wall, mark, hit, acc_hit, checked = 0.0, budget / points, None, None, 0.0
+    checking = math.isfinite(target) or target_acc is not None
+    if target_acc is None:
+        acc_hit = {}  # nothing to reach
+
+    while (work(t) < budget and t.step < t.total_steps
+           and (hit is None or acc_hit is None)):
         t0 = time.perf_counter()
         t.advance()
         wall += time.perf_counter() - t0
@@ -50,11 +55,14 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
         if at_mark or (checking and w > checked * (1 + resolution)):
             ev = t.evaluate()
             checked = w
-            point = {"work": w, "wall_s": comm.allreduce(wall, op=MPI.MAX),
+            point = {"work": w, "wall_s": comm.allreduce(wall, op=MPI.MAX), "step": t.step,
                      "train_loss": ev["train_loss"], "test_accuracy": ev["test_accuracy"]}
-            if ev["train_loss"] <= target:
-                hit = point
-            if at_mark or hit is not None:
+            new = False
+            if hit is None and ev["train_loss"] <= target:
+                hit, new = point, True
+            if acc_hit is None and ev["test_accuracy"] >= target_acc:
+                acc_hit, new = point, True
+            if at_mark or new:
                 curve.append(point)
             while mark <= w:
                 mark += budget / points
@@ -66,7 +74,11 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
                "full_depth_test_accuracy": ev["test_accuracy"]}
     row.update({"steps": t.step, "curve": curve, **curve[-1],
                 "work_to_target": hit["work"] if hit else None,
-                "wall_to_target": hit["wall_s"] if hit else None, "level_steps": t.level_steps})
+                "wall_to_target": hit["wall_s"] if hit else None,
+                "steps_to_target": hit["step"] if hit else None,
+                "work_to_acc": acc_hit.get("work") if acc_hit else None,
+                "steps_to_acc": acc_hit.get("step") if acc_hit else None,
+                "level_steps": t.level_steps})
     rep = t.method.report(t.dataset.num_train)
     row.update({k: rep[k] for k in ("accepted_steps", "rejected_steps", "coarse_corrections",
                                     "line_search") if k in rep})
