@@ -259,10 +259,11 @@ def test_bench_tr_smoke(tmp_path):
 
 
 def test_bench_multilevel_smoke(tmp_path):
-    out, png = tmp_path / "ml.json", tmp_path / "ml.png"
+    out, png, md = tmp_path / "ml.json", tmp_path / "ml.png", tmp_path / "ml.md"
     r = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--budget", "1.0", "--target",
                     "1.5", "--target-acc", "0.5", "--seeds", "2", "--lrs", "2", "--regimes",
-                    "hybrid", "--json", str(out), "--plot", str(png), "--set",
+                    "hybrid", "--json", str(out), "--plot", str(png), "--markdown", str(md),
+                    "--set",
                     "model.name=resnet", "--set", "model.depth=8", "--set", "model.width=16",
                     "--set", "tr.max_it=5", "--set", "apts.subdomains=2"], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -285,6 +286,8 @@ def test_bench_multilevel_smoke(tmp_path):
     assert cells["independent", "nested-adam"]["lr"] == cells["independent", "adam"]["lr"]
     assert "rmtr-3" in r.stdout and "medians [IQR]" in r.stdout
     assert png.read_bytes()[:4] == b"\x89PNG"
+    text = md.read_text()
+    assert text.count("| rmtr-3 |") == 2 and "hybrid batch, smooth initialization" in text
     bad = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--methods", "tr,rmtr-9"])
     assert bad.returncode == 2 and "rmtr-9" in bad.stderr
     bad = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--regimes", "tiny"])

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multilevel: log-spaced learning rates tuned for SGD and Adam")
     b.add_argument("--large-batch", type=int, default=512,
                    help="multilevel: the global batch of the large-batch regime")
+    b.add_argument("--markdown", metavar="OUT.md",
+                   help="multilevel: write the tables as markdown")
     b.add_argument("--plot", metavar="OUT.png", help="tr, multilevel: loss and accuracy "
                    "against work")
     b.add_argument("--depths", default="64,128,256,512,1024",

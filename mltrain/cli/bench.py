@@ -351,7 +351,8 @@ def _dp(what: str, cfg, args, comm: MPI.Comm) -> int:
 
 def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
     from mltrain.cli import check_writable
-    from mltrain.cli.bench_multilevel import INITS, METHODS, REGIMES, bench_multilevel, plot
+    from mltrain.cli.bench_multilevel import (INITS, METHODS, REGIMES, bench_multilevel,
+                                              markdown, plot)
     from mltrain.comm import agree
 
     def listed(text, choices, flag):
@@ -364,6 +365,7 @@ def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
 
     def check():
         check_writable(args.plot, "--plot")
+        check_writable(args.markdown, "--markdown")
         for flag, value in (("--seeds", args.seeds), ("--lrs", args.lrs),
                             ("--large-batch", args.large_batch)):
             if value < 1:
@@ -407,6 +409,9 @@ def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
         _write_json(args.json, "multilevel", res)
         if args.plot:
             plot(res, args.plot)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(markdown(res))
     return 0
 
 
