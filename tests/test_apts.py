@@ -197,14 +197,46 @@ def test_apts_subdomains_compute_alike_at_any_rank_count(comm, extra):
 
 
 @pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("extra", [["tr.curvature=lsr1"],
+                                   ["tr.curvature=lsr1", "apts.decomposition=weights"],
+                                   ["tr.curvature=hessian"]], ids=["lsr1", "weights", "hessian"])
 @pytest.mark.exactness
-def test_apts_resume_is_bit_exact(comm, shared_tmp):
-    """With Hessian products the state is the global trust region's: resume is exact.
-    (L-SR1 subdomain memories start afresh on resume; see the module docstring.)"""
+def test_apts_resume_is_bit_exact(comm, shared_tmp, extra):
+    """The checkpoint holds the global trust region's state and every subdomain's L-SR1
+    memory (gathered from the ranks that compute them): resume is exact."""
     require("petsc4py")
-    base = SMALL + ["optim.name=apts", "tr.curvature=hessian", "data.batch_size=48",
-                    f"apts.subdomains={2 * comm.Get_size()}"]
-    straight, second = straight_and_resumed(comm, base, shared_tmp / "apts")
+    base = SMALL + ["optim.name=apts", "data.batch_size=48",
+                    f"apts.subdomains={2 * comm.Get_size()}"] + extra
+    ck = shared_tmp / ("apts-" + "-".join(e.split("=")[1] for e in extra))
+    straight, second = straight_and_resumed(comm, base, ck)
     all_ranks(comm, torch.equal(flat_params(straight.model), flat_params(second.model)))
+    memories = [len(tr.lsr1.pairs) for tr in second.optimizer.locs if tr.lsr1 is not None]
+    all_ranks(comm, "tr.curvature=hessian" in extra or min(memories) > 0, str(memories))
     straight.close()
     second.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.exactness
+def test_apts_resumes_at_another_rank_count(comm, shared_tmp):
+    """Subdomain memories are stored by subdomain: a run written at P ranks resumes on one
+    rank (or the other way) and follows the uninterrupted serial run."""
+    require("petsc4py")
+    base = SMALL + ["optim.name=apts", "apts.subdomains=12", "data.partition=strided",
+                    "data.shuffle=false", "data.batch_size=96"]
+    ck = shared_tmp / "apts-ranks"
+
+    def run(extra, c):
+        t = Trainer(load_config(None, base + extra), c, quiet=True, metrics=False)
+        t.train()
+        return t
+
+    run(["run.steps=4", f"checkpoint.dir={ck}"], comm).close()
+    ref = run(["run.steps=8"], MPI.COMM_SELF)
+    res = run(["run.steps=8", f"checkpoint.dir={ck}", "checkpoint.resume=true"],
+              MPI.COMM_SELF)
+    a, b = flat_params(ref.model), flat_params(res.model)
+    diff = float((a - b).norm() / a.norm())
+    all_ranks(comm, diff < 1e-10 and res.resumed_from is not None, f"{diff:.2e}")
+    ref.close()
+    res.close()

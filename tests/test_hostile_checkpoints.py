@@ -182,14 +182,15 @@ def test_unmodified_checkpoint_still_resumes(comm, shared_tmp, good):
     t.close()
 
 
-@pytest.mark.parametrize("optim", ["adam", "tr", "rmtr"])
+@pytest.mark.parametrize("optim", ["adam", "tr", "rmtr", "apts"])
 def test_every_optimizers_checkpoint_passes_the_checks(comm, shared_tmp, optim):
-    """Adam's moments and step, trust region's radius and L-SR1 memory, RMTR's levels:
-    all within what the checks accept, and resumed."""
+    """Adam's moments and step, trust region's radius and L-SR1 memory, RMTR's levels,
+    APTS's subdomain memories: all within what the checks accept, and resumed."""
     extra = {"adam": ["optim.name=adam"],
              "tr": ["optim.name=tr", "tr.curvature=lsr1", "tr.memory=3"],
              "rmtr": ["optim.name=rmtr", "multilevel.levels=2", "model.depth=4",
-                      "tr.curvature=lsr1"]}[optim]
+                      "tr.curvature=lsr1"],
+             "apts": ["optim.name=apts", "tr.curvature=lsr1"]}[optim]
     ckdir = shared_tmp / f"ok-{optim}"
     common = BASE + extra
     t = Trainer(load_config(None, common + ["run.steps=3", f"checkpoint.dir={ckdir}"]), comm,
@@ -256,3 +257,27 @@ def test_incomplete_optimizer_state_is_a_clear_error(comm, shared_tmp):
                 metrics=False)
     all_ranks(comm, err.value.kind == "CheckpointError" and "does not fit Adam" in
               str(err.value), f"{err.value.kind}: {err.value}")
+
+
+def test_a_subdomain_beyond_the_run_is_refused(comm, shared_tmp):
+    """APTS stores subdomain j's memory under level<j+1>.: a checkpoint naming a subdomain
+    the run does not have is refused before anything is read for it."""
+    ckdir = shared_tmp / "apts-extra-level"
+    apts = [a for a in BASE if not a.startswith("optim.")] + ["optim.name=apts",
+                                                              "tr.curvature=lsr1"]
+    t = Trainer(load_config(None, apts + ["run.steps=2", f"checkpoint.dir={ckdir}"]), comm,
+                quiet=True, metrics=False)
+    t.train()
+    t.close()
+    if comm.Get_rank() == 0:
+        with h5py.File(list_checkpoints(ckdir)[-1], "r+") as f:
+            keys = [k for k in f["optim/0"] if k.startswith("level1.lsr1_s")]
+            assert keys, list(f["optim/0"])
+            f["optim/0"].create_dataset("level99.lsr1_s0", data=f["optim/0"][keys[0]][...])
+    comm.Barrier()
+    with pytest.raises(CollectiveError) as err:
+        Trainer(load_config(None, apts + ["run.steps=4", f"checkpoint.dir={ckdir}",
+                                          "checkpoint.resume=true"]), comm, quiet=True,
+                metrics=False)
+    all_ranks(comm, err.value.kind == "CheckpointError" and "level99" in str(err.value),
+              f"{err.value.kind}: {err.value}")

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multilevel: log-spaced learning rates tuned for SGD and Adam")
     b.add_argument("--large-batch", type=int, default=512,
                    help="multilevel: the global batch of the large-batch regime")
+    b.add_argument("--resolution", type=float, default=0.01,
+                   help="multilevel: check the targets whenever the work grew by this fraction")
     b.add_argument("--markdown", metavar="OUT.md",
                    help="multilevel: write the tables as markdown")
     b.add_argument("--plot", metavar="OUT.png", help="tr, multilevel: loss and accuracy "

@@ -370,6 +370,8 @@ def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
                             ("--large-batch", args.large_batch)):
             if value < 1:
                 raise ConfigError(f"{flag}: must be at least 1, got {value}")
+        if not 0 <= args.resolution < 1:
+            raise ConfigError(f"--resolution: must lie in [0, 1), got {args.resolution}")
         if not (args.budget > 0 and math.isfinite(args.budget)):
             raise ConfigError(f"--budget: must be positive and finite, got {args.budget}")
         return (listed(args.methods, METHODS, "--methods"),
@@ -381,6 +383,7 @@ def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
                            target=args.target, target_acc=args.target_acc, regimes=regimes,
                            inits=inits, seeds=args.seeds, lrs=args.lrs,
                            large_batch=args.large_batch, only=only or None,
+                           resolution=args.resolution,
                            log=(lambda m: print(m, flush=True)) if rank0 else (lambda m: None))
     if rank0:
         print(f"bench multilevel: {res['dataset']}, {res['model']}, batch {res['batch']} "

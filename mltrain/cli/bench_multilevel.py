@@ -179,7 +179,8 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
                      target: float, target_acc: float | None = None,
                      regimes: list[str] | None = None, inits: list[str] | None = None,
                      seeds: int = 5, lrs: int = 6, large_batch: int = 512,
-                     only: list[str] | None = None, log=print) -> dict:
+                     only: list[str] | None = None, resolution: float = 0.01,
+                     log=print) -> dict:
     """Every cell (regime x initialization x method x seed); see the module docstring.
     ``log`` reports progress on rank 0. Collective on ``comm``."""
     regimes, inits = regimes or REGIMES, inits or INITS
@@ -205,7 +206,8 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
             return full_batch[init, seed]
         cfg = load_config(config, overrides + extra + _settings(name, lr)
                           + _regime(regime, second, large_batch, num_train, ranks))
-        return race(cfg, comm, budget, 16, target, target_acc=target_acc)
+        return race(cfg, comm, budget, 16, target, resolution=resolution,
+                    target_acc=target_acc)
 
     cells = []
     for regime in regimes:
@@ -244,6 +246,7 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
             f"depth {base.model.depth}", "ranks": ranks, "budget": budget, "target": target,
             "target_acc": target_acc, "seeds": seeds, "lrs": lrs, "large_batch": large_batch,
             "batch": base.data.batch_size, "regimes": regimes, "inits": inits,
+            "resolution": resolution,
             "curvature": load_config(config, overrides + ["optim.name=rmtr"]).tr.curvature,
             "cells": cells}
 

@@ -150,23 +150,26 @@ _STATE = {"SGD": {"momentum_buffer"}, "Adam": {"exp_avg", "exp_avg_sq", "max_exp
           "TrustRegion": {"radius", "batch_factor", "rejected_streak", "lsr1_gamma"}}
 _SCALARS = {"step", "radius", "batch_factor", "rejected_streak", "lsr1_gamma"}
 _LSR1 = re.compile(r"^lsr1_[sy](\d{1,6})$")
-_LEVEL = re.compile(r"^level(\d{1,4})\.(.+)$")
+_LEVEL = re.compile(r"^level(\d{1,7})\.(.+)$")
 
 
-def _state_rules(optimizer) -> tuple[set[str], int]:
-    """(state names, L-SR1 pairs) that ``optimizer`` (or, multilevel, any of its levels)
-    can hold."""
+def _state_rules(optimizer) -> tuple[set[str], int, int]:
+    """(state names, L-SR1 pairs, ``level<l>.`` prefixes) that ``optimizer`` (or,
+    multilevel, any of its levels; APTS, any of its subdomains) can hold."""
     names, memory = set(), 0
-    for opt in getattr(optimizer, "parts", [optimizer]):
+    parts = getattr(optimizer, "parts", [optimizer])
+    for opt in parts:
         names |= _STATE.get(type(opt).__name__, set())
         lsr1 = getattr(opt, "lsr1", None)
         if lsr1 is not None:
             memory = max(memory, lsr1.memory)
-    return names, memory
+    return names, memory, getattr(optimizer, "state_levels", len(parts))
 
 
-def _state_name_ok(name: str, names: set[str], memory: int) -> bool:
+def _state_name_ok(name: str, names: set[str], memory: int, levels: int) -> bool:
     m = _LEVEL.match(name)
+    if m is not None and int(m.group(1)) >= levels:
+        return False  # no such level or subdomain: nothing to allocate for it
     base = m.group(2) if m else name
     k = _LSR1.match(base)
     return base in names or (k is not None and int(k.group(1)) < memory)
@@ -222,7 +225,7 @@ def _inspect(f, path: Path, model: torch.nn.Module, optimizer) -> tuple[dict, li
     # level's whole network, the same on every rank whatever the layer-parallel split.
     params = (optimizer.state_params() if hasattr(optimizer, "state_params") else
               [p for g in optimizer.param_groups for p in g["params"]])
-    state_names, memory = _state_rules(optimizer)
+    state_names, memory, levels = _state_rules(optimizer)
     for top in ("optim", "rng"):  # groups, or nothing: a dataset here would be read whole
         if top in objects and not isinstance(objects[top], h5py.Group):
             raise err(f"{path}: /{top} is not a group")
@@ -244,7 +247,7 @@ def _inspect(f, path: Path, model: torch.nn.Module, optimizer) -> tuple[dict, li
             continue
         p = params[int(parts[1])]
         if len(parts) != 3 or not isinstance(obj, h5py.Dataset) or not _state_name_ok(
-                parts[2], state_names, memory):
+                parts[2], state_names, memory, levels):
             raise err(f"{path}: /{key} is no state that {type(optimizer).__name__} keeps")
         # Counters and radii are scalars; moments, buffers and L-SR1 pairs are shaped like
         # their parameter.

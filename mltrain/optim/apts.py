@@ -108,8 +108,9 @@ class APTS:
         self.decisions = self.glob.decisions
         self.n = FlatParams(params).numel
         # Each local piece's parameters and where they sit in the flat vector.
+        self.groups = None
         if decomposition == "weights":
-            groups = split_blocks([p.numel() for p in params], N)
+            groups = self.groups = split_blocks([p.numel() for p in params], N)
             offsets = np.cumsum([0] + [p.numel() for p in params])
             self.blocks = [(int(offsets[groups[j].start]), int(offsets[groups[j].stop]))
                            for j in self.ids]
@@ -151,16 +152,77 @@ class APTS:
 
     @property
     def parts(self) -> list:
-        """The optimizers whose state a checkpoint holds: the global trust region's (radius,
-        batch, its L-SR1 memory); the subdomains' memories start afresh on resume."""
+        """The optimizers whose kinds of state a checkpoint holds: the global trust
+        region's (radius, batch, its L-SR1 memory) and, under ``level<j+1>.``, subdomain
+        j's L-SR1 memory."""
         return [self.glob]
 
+    @property
+    def state_levels(self) -> int:
+        """The ``level<l>.`` prefixes a checkpoint may use: 1 .. N (the subdomains)."""
+        return self.N + 1
+
+    def _group(self, j: int) -> range:
+        """The parameter indices subdomain j varies."""
+        return self.groups[j] if self.groups is not None else range(len(self.params))
+
+    def gather_state(self) -> None:
+        """Collects every subdomain's L-SR1 memory on rank 0 of the data axis, for the
+        checkpoint (each lives on the rank that computes the subdomain). Collective on the
+        data axis."""
+        mine = {}
+        for j, tr in zip(self.ids, self.locs):
+            if tr.lsr1 is not None and tr.lsr1.pairs:
+                mine[j] = ([(s.clone(), y.clone()) for s, y in tr.lsr1.pairs], tr.lsr1.gamma)
+        parts = self.comm.gather(mine, root=0) if self.comm.Get_size() > 1 else [mine]
+        self._gathered = {j: m for part in (parts or []) for j, m in part.items()}
+
     def state_dict(self) -> dict:
-        return self.glob.state_dict()
+        """The global trust region's state dict, with every subdomain's L-SR1 memory
+        (gathered by ``gather_state``; on rank 0) under ``level<j+1>.lsr1_*`` keys, split
+        over the parameters of the subdomain as the trust region splits its own."""
+        sd = self.glob.state_dict()
+        state = {i: dict(st) for i, st in sd["state"].items()}  # not the optimizer's own
+        for j, (pairs, gamma) in sorted(getattr(self, "_gathered", {}).items()):
+            idx = list(self._group(j))
+            for k, (s, y) in enumerate(pairs):
+                off = 0
+                for i in idx:
+                    p = self.params[i]
+                    n = p.numel()
+                    st = state.setdefault(i, {})
+                    st[f"level{j + 1}.lsr1_s{k}"] = s[off:off + n].reshape(p.shape).clone()
+                    st[f"level{j + 1}.lsr1_y{k}"] = y[off:off + n].reshape(p.shape).clone()
+                    off += n
+            state.setdefault(idx[0], {})[f"level{j + 1}.lsr1_gamma"] = torch.tensor(
+                gamma, dtype=torch.float64)
+        return {"state": state, "param_groups": sd["param_groups"]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.glob.load_state_dict(state_dict)
+        """Restores the global trust region and this rank's subdomains' memories (by
+        subdomain, so a checkpoint resumes at any rank count that shares the
+        subdomains)."""
+        state = state_dict["state"]
+        glob = {i: {k: v for k, v in st.items() if not k.startswith("level")}
+                for i, st in state.items()}
+        self.glob.load_state_dict({"state": {i: st for i, st in glob.items() if st},
+                                   "param_groups": state_dict["param_groups"]})
         self._factor = self.glob.batch_factor
+        for j, tr in zip(self.ids, self.locs):
+            prefix = f"level{j + 1}."
+            own = {}
+            for li, i in enumerate(self._group(j)):
+                keys = {k[len(prefix):]: v for k, v in state.get(i, {}).items()
+                        if k.startswith(prefix)}
+                if keys:
+                    own[li] = keys
+            if tr.lsr1 is not None and "lsr1_gamma" in own.get(0, {}):
+                sd = tr.state_dict()  # its own radius and counters, the memory replaced
+                merged = {i: {k: v for k, v in st.items() if not k.startswith("lsr1_")}
+                          for i, st in sd["state"].items()}
+                for i, keys in own.items():
+                    merged.setdefault(i, {}).update(keys)
+                tr.load_state_dict({"state": merged, "param_groups": sd["param_groups"]})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.glob.zero_grad(set_to_none)

@@ -169,6 +169,9 @@ class Trainer:
             # Every block and stage, and its optimizer state, from the rank that trains it.
             self.layout.gather()
             self.layout.gather_state(self.optimizer, flat=self.method.flat_state)
+            gather = getattr(self.optimizer, "gather_state", None)
+            if gather is not None:  # state that lives on the ranks that compute it (APTS)
+                gather()
             path = save_checkpoint(self.cfg.checkpoint.dir, self.net, self.optimizer,
                                    step=self.step, epoch=epoch, position=pos,
                                    config_text=to_toml(self.cfg), comm=self.comm,
