@@ -237,47 +237,48 @@ def test_unusable_checkpoint_folder_fails_before_training(comm, shared_tmp, wher
               str(err.value))
 
 
-def test_incomplete_optimizer_state_is_a_clear_error(comm, shared_tmp):
-    """Adam's moments without its step count pass every per-dataset check; restoring them
-    must still end as a CheckpointError on every rank, not a traceback."""
-    ckdir = shared_tmp / "adam-no-step"
-    adam = [a for a in BASE if not a.startswith("optim.")] + ["optim.name=adam"]
-    t = Trainer(load_config(None, adam + ["run.steps=2", f"checkpoint.dir={ckdir}"]), comm,
+def _tampered_resume(comm, ckdir, args: list, tamper) -> CollectiveError:
+    """Trains ``args`` 2 steps with checkpoints in ``ckdir``, lets rank 0 ``tamper(f)`` with
+    the last checkpoint (open for writing), and returns the error of resuming it.
+    Collective on ``comm``."""
+    t = Trainer(load_config(None, args + ["run.steps=2", f"checkpoint.dir={ckdir}"]), comm,
                 quiet=True, metrics=False)
     t.train()
     t.close()
     if comm.Get_rank() == 0:
         with h5py.File(list_checkpoints(ckdir)[-1], "r+") as f:
-            for idx in f["optim"]:
-                del f["optim"][idx]["step"]
+            tamper(f)
     comm.Barrier()
     with pytest.raises(CollectiveError) as err:
-        Trainer(load_config(None, adam + ["run.steps=4", f"checkpoint.dir={ckdir}",
+        Trainer(load_config(None, args + ["run.steps=4", f"checkpoint.dir={ckdir}",
                                           "checkpoint.resume=true"]), comm, quiet=True,
                 metrics=False)
-    all_ranks(comm, err.value.kind == "CheckpointError" and "does not fit Adam" in
-              str(err.value), f"{err.value.kind}: {err.value}")
+    return err.value
+
+
+def test_incomplete_optimizer_state_is_a_clear_error(comm, shared_tmp):
+    """Adam's moments without its step count pass every per-dataset check; restoring them
+    must still end as a CheckpointError on every rank, not a traceback."""
+    adam = [a for a in BASE if not a.startswith("optim.")] + ["optim.name=adam"]
+
+    def drop_step(f):
+        for idx in f["optim"]:
+            del f["optim"][idx]["step"]
+    err = _tampered_resume(comm, shared_tmp / "adam-no-step", adam, drop_step)
+    all_ranks(comm, err.kind == "CheckpointError" and "does not fit Adam" in str(err),
+              f"{err.kind}: {err}")
 
 
 def test_a_subdomain_beyond_the_run_is_refused(comm, shared_tmp):
     """APTS stores subdomain j's memory under level<j+1>.: a checkpoint naming a subdomain
     the run does not have is refused before anything is read for it."""
-    ckdir = shared_tmp / "apts-extra-level"
     apts = [a for a in BASE if not a.startswith("optim.")] + ["optim.name=apts",
                                                               "tr.curvature=lsr1"]
-    t = Trainer(load_config(None, apts + ["run.steps=2", f"checkpoint.dir={ckdir}"]), comm,
-                quiet=True, metrics=False)
-    t.train()
-    t.close()
-    if comm.Get_rank() == 0:
-        with h5py.File(list_checkpoints(ckdir)[-1], "r+") as f:
-            keys = [k for k in f["optim/0"] if k.startswith("level1.lsr1_s")]
-            assert keys, list(f["optim/0"])
-            f["optim/0"].create_dataset("level99.lsr1_s0", data=f["optim/0"][keys[0]][...])
-    comm.Barrier()
-    with pytest.raises(CollectiveError) as err:
-        Trainer(load_config(None, apts + ["run.steps=4", f"checkpoint.dir={ckdir}",
-                                          "checkpoint.resume=true"]), comm, quiet=True,
-                metrics=False)
-    all_ranks(comm, err.value.kind == "CheckpointError" and "level99" in str(err.value),
-              f"{err.value.kind}: {err.value}")
+
+    def add_level(f):
+        keys = [k for k in f["optim/0"] if k.startswith("level1.lsr1_s")]
+        assert keys, list(f["optim/0"])
+        f["optim/0"].create_dataset("level99.lsr1_s0", data=f["optim/0"][keys[0]][...])
+    err = _tampered_resume(comm, shared_tmp / "apts-extra-level", apts, add_level)
+    all_ranks(comm, err.kind == "CheckpointError" and "level99" in str(err),
+              f"{err.kind}: {err}")
