@@ -146,7 +146,7 @@ class FirstOrder(Method):
 
 class SecondOrder(Method):
     """An optimizer that evaluates its own objective on the batch (trust region, RMTR,
-    MG/OPT): ``state.tr_step``; it averages gradients and products itself."""
+    MG/OPT, APTS): ``state.tr_step``; it averages gradients and products itself."""
 
     def __init__(self, state, sync, straggler, model, batch_mode: str, costs: str = "measured"):
         """``costs``: ``run.costs``; measured prices are timed on the first step's batch
