@@ -484,3 +484,28 @@ def test_smooth_initialization_is_linear_in_depth_and_seen_alike_by_the_coarse_l
     r.close()
     with pytest.raises(Exception, match="model.init"):
         load_config(None, ["model.init=smooth", "model.name=mlp"])
+
+
+def test_metrics_records_carry_each_cycles_coarse_corrections(tmp_path):
+    """Every metrics record of an RMTR run lists the last cycle's corrections per level:
+    cos(P^T g, grad f_H), rho, ||P s|| / room and whether it was accepted; the summary has
+    their medians per level."""
+    import json
+
+    require("petsc4py")
+    cfg = load_config(None, SMALL + ["optim.name=rmtr", "multilevel.levels=3", "run.steps=6",
+                                     "run.log_every=1", f"run.out_dir={tmp_path}"])
+    t = Trainer(cfg, MPI.COMM_SELF, quiet=True)
+    s = t.train()
+    t.close()
+    records = [json.loads(line) for line in
+               next(tmp_path.rglob("metrics.jsonl")).read_text().splitlines()]
+    steps = [r for r in records if "corrections" in r]
+    assert len(steps) == 6 and all(len(r["corrections"]) == 2 for r in steps)
+    seen = [c for r in steps for level in r["corrections"] for c in level]
+    assert seen and all(set(c) == {"cos", "rho", "step_over_room", "accepted"} for c in seen)
+    assert all(-1 <= c["cos"] <= 1 for c in seen)
+    diag = s["level_diagnostics"]
+    assert len(diag) == 2 and diag[0]["corrections"] >= 6
+    # a correction that reached the coarse level was accepted, rejected, or made no progress
+    assert diag[0]["accepted"] + diag[0]["rejected"] <= diag[0]["corrections"]
