@@ -33,6 +33,7 @@ class Curvature:
         self.numel = sum(p.numel() for p in self.params)
         self._loss = None
         self._grads = None
+        self._pullback = self._probs = None  # Gauss-Newton: J^T and softmax at the point
         self.products = 0
 
     def _split(self, v: torch.Tensor):
@@ -71,8 +72,11 @@ class Curvature:
 
         primals = tuple(params[n] for n in self.names)
         logits, jv = jvp(logits_of, (primals,), (tuple(self._split(v)),))
-        p = torch.softmax(logits.detach(), dim=-1)
+        if self._pullback is None:  # J^T at this point, traced once for every product
+            p = torch.softmax(logits.detach(), dim=-1)
+            _, self._pullback = vjp(logits_of, primals)
+            self._probs = p
+        p = self._probs
         hjv = (p * jv - p * (p * jv).sum(-1, keepdim=True)) / logits.shape[0]
-        _, pullback = vjp(logits_of, primals)
-        (jt,) = pullback(hjv)
+        (jt,) = self._pullback(hjv)
         return torch.cat([t.reshape(-1) for t in jt])
