@@ -327,3 +327,16 @@ def test_bench_mgrit_smoke(tmp_path):
     assert max(s["ranks"] for s in res["scaling"]) >= 16
     bad = mpiexec(2, ["-m", "mltrain", "bench", "mgrit", "--depths", "x"])
     assert bad.returncode == 2 and "--depths" in bad.stderr
+
+
+def test_bench_multilevel_gives_tr_the_curvature_of_rmtr():
+    """TR is compared with RMTR at the same curvature model and batch schedule."""
+    from mltrain.cli.bench_multilevel import _regime, _settings
+    from mltrain.config import load_config
+
+    assert "tr.curvature=lsr1" in _settings("tr", None, "lsr1")
+    assert load_config(None, _settings("tr", None, "lsr1")).tr.curvature == \
+        load_config(None, _settings("rmtr-3", None, "lsr1")).tr.curvature == "lsr1"
+    assert _regime("hybrid", True, 512, 1438, 2) == ["tr.batch=hybrid"]
+    assert "tr.batch=minibatch" in _regime("large", True, 512, 1438, 2)
+    assert _regime("full", False, 512, 1438, 3) == ["data.batch_size=1437"]

@@ -64,11 +64,12 @@ def _regime(regime: str, second_order: bool, large: int, num_train: int,
             [f"data.batch_size={full}"])
 
 
-def _settings(name: str, lr: float | None) -> list[str]:
+def _settings(name: str, lr: float | None, curvature: str) -> list[str]:
+    """A method's overrides; ``curvature``: RMTR's (``auto`` resolved), which TR shares."""
     return {
         "sgd": ["optim.name=sgd", f"optim.lr={lr}", "optim.momentum=0.9"],
         "adam": ["optim.name=adam", f"optim.lr={lr}"],
-        "tr": ["optim.name=tr"],
+        "tr": ["optim.name=tr", f"tr.curvature={curvature}"],
         "rmtr-3": ["optim.name=rmtr", "multilevel.levels=3"],
         "apts": ["optim.name=apts"],
         "nested-adam": ["optim.name=adam", f"optim.lr={lr}", "multilevel.nested=true",
@@ -195,6 +196,7 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
                           f"fit the {num_train} training samples")
 
     full_batch = {}  # L-BFGS is full-batch in every regime: one run per (init, seed)
+    curvature = load_config(config, overrides + ["optim.name=rmtr"]).tr.curvature
 
     def run(name, regime, init, seed, lr=None):
         second = name in ("tr", "rmtr-3", "apts")
@@ -204,7 +206,7 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
                 cfg = load_config(config, overrides + extra + ["optim.name=adam"])
                 full_batch[init, seed] = lbfgs_race(cfg, comm, budget, target, target_acc)
             return full_batch[init, seed]
-        cfg = load_config(config, overrides + extra + _settings(name, lr)
+        cfg = load_config(config, overrides + extra + _settings(name, lr, curvature)
                           + _regime(regime, second, large_batch, num_train, ranks))
         return race(cfg, comm, budget, 16, target, resolution=resolution,
                     target_acc=target_acc)
@@ -247,7 +249,7 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
             "target_acc": target_acc, "seeds": seeds, "lrs": lrs, "large_batch": large_batch,
             "batch": base.data.batch_size, "regimes": regimes, "inits": inits,
             "resolution": resolution,
-            "curvature": load_config(config, overrides + ["optim.name=rmtr"]).tr.curvature,
+            "curvature": curvature,
             "cells": cells}
 
 
