@@ -8,13 +8,7 @@ import time
 
 from mltrain.train import Trainer
 
-__all__ = ["race", "plot", "work"]
-
-
-def work(t: Trainer) -> float:
-    """Fine-gradient equivalents so far, every evaluation at its measured price
-    (``mltrain.optim.costs``)."""
-    return t.work()
+__all__ = ["race", "plot"]
 
 
 def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
@@ -45,12 +39,12 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
     if target_acc is None:
         acc_hit = {}  # nothing to reach
 
-    while (work(t) < budget and t.step < t.total_steps
+    while (t.work() < budget and t.step < t.total_steps
            and (hit is None or acc_hit is None)):
         t0 = time.perf_counter()
         t.advance()
         wall += time.perf_counter() - t0
-        w = work(t)
+        w = t.work()  # priced at the measured costs (mltrain.optim.costs)
         at_mark = w >= mark or w >= budget or t.step == t.total_steps
         if at_mark or (checking and w > checked * (1 + resolution)):
             ev = t.evaluate()

@@ -57,7 +57,7 @@ from mpi4py import MPI
 from mltrain.config import ConfigError
 from mltrain.linalg.curvature import Curvature
 from mltrain.linalg.vector import FlatParams
-from mltrain.optim.costs import Prices, measure, time_level
+from mltrain.optim.costs import KINDS, Prices, measure, time_level
 from mltrain.optim.tr import Objective, TrustRegion, ball_fraction
 from mltrain.utils.decisions import BOUND_RTOL, DecisionLog
 
@@ -128,8 +128,9 @@ class APTS:
         self.prices = Prices.unit()  # until measure_costs
         # Global samples of the subdomains' evaluations (summed over ranks every step), and
         # of the subdomain gradients at x_k that APTS evaluates itself.
-        self.local_samples = {"gradient": 0.0, "graph_gradient": 0.0, "product": 0.0,
-                              "loss": 0.0}
+        self.local_samples = {k: 0.0 for k in KINDS}
+        self._reported = dict(self.local_samples)  # this rank's, as last summed
+        self._gathered: dict = {}  # subdomain -> L-SR1 memory, on rank 0 (gather_state)
         self.counts = {"accepted": 0, "rejected": 0, "local_steps": 0, "local_accepted": 0,
                        "local_at_bound": 0}
         self._own = 0.0  # this rank's samples of its own evaluations, not yet summed
@@ -183,7 +184,7 @@ class APTS:
         over the parameters of the subdomain as the trust region splits its own."""
         sd = self.glob.state_dict()
         state = {i: dict(st) for i, st in sd["state"].items()}  # not the optimizer's own
-        for j, (pairs, gamma) in sorted(getattr(self, "_gathered", {}).items()):
+        for j, (pairs, gamma) in sorted(self._gathered.items()):
             idx = list(self._group(j))
             for k, (s, y) in enumerate(pairs):
                 off = 0
@@ -351,8 +352,7 @@ class APTS:
         kinds = list(self.local_samples)
         own = {k: sum(tr.samples()[k] for tr in self.locs) for k in kinds}
         own["gradient"] += self._own
-        base = getattr(self, "_reported", {k: 0.0 for k in kinds})
-        self._reported = dict(own)
+        base, self._reported = self._reported, dict(own)
         buf = torch.cat([s.reshape(-1), torch.tensor([predicted] + [own[k] - base[k]
                                                                     for k in kinds],
                                                      dtype=torch.float64)])
