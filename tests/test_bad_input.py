@@ -66,6 +66,8 @@ MPI_CASES = [  # (ranks, arguments after `-m mltrain`, what the message must con
     (2, ["bench", "dp", "--set", "data.batch_size=63"], "data.batch_size: 63"),
     (2, ["bench", "dp", "--steps", "-1"], "--steps -1"),
     (2, ["bench", "tr", "--budget", "nan"], "--budget"),
+    (2, ["bench", "multilevel", "--resolution", "2"], "--resolution"),
+    (2, ["bench", "multilevel", "--seeds", "0"], "--seeds"),
     (1, ["bench", "kernels", "--sizes", "abc"], "--sizes"),
     (2, ["bench", "kernels"], "run it as one process"),
     # Errors that were already clean, kept so they stay so.
