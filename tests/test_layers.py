@@ -7,13 +7,13 @@ from conftest import ROOT
 LAYER = {
     "utils": 0, "config": 0, "launch": 0, "comm": 1, "ops": 1, "_C": 1, "linalg": 2, "nn": 2, "data": 2,
     "optim": 3, "sync": 3, "multilevel": 4, "mgrit": 4, "pipeline": 4, "planner": 4,
-    "train": 5, "io": 5, "cli": 6, "__main__": 6,
+    "train": 5, "io": 5, "search": 5, "cli": 6, "__main__": 6,
 }
 # The order of docs/architecture.md: a package imports only packages before it (so within
 # a layer too: comm builds on ops, optim on sync, pipeline on mgrit, planner on both,
 # train on io).
 ORDER = ["utils", "launch", "config", "_C", "ops", "comm", "linalg", "nn", "data", "sync",
-         "optim", "mgrit", "multilevel", "pipeline", "planner", "io", "train", "cli",
+         "optim", "mgrit", "multilevel", "pipeline", "planner", "io", "train", "search", "cli",
          "__main__"]
 
 

@@ -1,4 +1,4 @@
-"""``python -m mltrain [train|info|bench|partition|study|plan|simulate|jobscript] [--config F]
+"""``python -m mltrain [train|info|bench|search|partition|study|plan|simulate|jobscript] [--config F]
 [--set k=v ...]``.
 
 With no subcommand it trains the built-in default. User errors (config, data, checkpoint)
@@ -94,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mgrit: residual layer counts")
     b.add_argument("--cf", type=int, default=8, help="mgrit: coarsening factor")
     b.add_argument("--out", metavar="HW.toml", help="hardware: write the hardware file")
+    se = sub.add_parser("search", parents=[common],
+                        help="hyperparameter search in one MPI job: parallel.trial groups "
+                        "each train one configuration at a time (docs/search.md)")
+    se.add_argument("--space", required=True, metavar="SPACE.toml",
+                    help="one table per config key: range, log, int or choice, and when")
+    se.add_argument("--algo", default=None,
+                    choices=["random", "grid", "asha", "pbt", "thompson", "crowding"],
+                    help="search algorithm (default: search.algo)")
+    se.add_argument("--budget", type=int, default=None,
+                    help="search.resource units summed over every trial (default: "
+                    "search.budget)")
+    se.add_argument("--out", default=None, help="output folder (default: search.out_dir)")
+    se.add_argument("--resume", action="store_true",
+                    help="continue the search saved in --out (same config, space, "
+                    "algorithm and budget); finished jobs are not run again")
+    se.add_argument("--summary", metavar="OUT.json", help="write the search summary as JSON")
     pt = sub.add_parser("partition", parents=[common],
                         help="compute a partition without MPI: sizes, label histograms, skew")
     pt.add_argument("--ranks", type=int, required=True, help="number of data-parallel ranks")
@@ -207,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         from mltrain.config import load_config
 
         cfg = agree(comm, lambda: load_config(args.config, args.overrides), what="config")
+        if command == "search":
+            return _search(args, comm)
         if command == "bench":
             from mltrain.cli.bench import run_bench
 
@@ -283,6 +301,28 @@ def check_writable(path: str | None, what: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ConfigError(f"{what} {path}: folder {folder} does not exist or is not writable")
+
+
+def _search(args, comm) -> int:
+    from mltrain.comm import agree
+    from mltrain.search.driver import make_plan, run_search
+
+    def plan():
+        check_writable(args.summary, "--summary")
+        return make_plan(args.config, args.overrides, args.space, comm.Get_size(),
+                         algo=args.algo, budget=args.budget, out=args.out, resume=args.resume)
+    summary = run_search(agree(comm, plan, what="config"), comm, quiet=args.quiet)
+    if comm.Get_rank() == 0:
+        if args.summary:
+            with open(args.summary, "w") as f:
+                json.dump(summary, f, indent=2)
+        best = summary["best"]
+        print(f"mltrain: search {summary['algo']}: {summary['jobs']} jobs, "
+              f"{summary['trials']} trials ({summary['failed']} failed), "
+              f"{summary['spent']} of {summary['budget']} spent | best {summary['metric']} "
+              + ("-" if best is None else f"{best:.4g} (trial {summary['best_trial']})")
+              + f" | {summary['out']}/results.csv, best.toml")
+    return 0
 
 
 def _train(cfg, args, comm) -> int:

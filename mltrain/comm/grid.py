@@ -61,6 +61,9 @@ class Grid:
         the straggler's rank). Raises ConfigError. Not collective: the Trainer runs it on
         every rank, ``mltrain jobscript`` before submission."""
         p = cfg.parallel
+        if p.trial != 1:
+            raise ConfigError(f"parallel.trial: {p.trial} trial groups are for `mltrain "
+                              "search`; a training run is one group (set parallel.trial = 1)")
         grid = cls.for_world(world_size, data=p.data, layer=p.layer, pipe=p.pipe)
         if cfg.run.straggler_spec:
             rank, _ = cfg.run.straggler_spec

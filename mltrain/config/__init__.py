@@ -17,7 +17,7 @@ from typing import Any, Callable
 __all__ = [
     "ConfigError", "Config", "load_config", "parse_override", "parse_straggler", "to_toml",
     "to_dict", "describe_keys", "parse_balance", "check_ranks", "read_text", "writable_folder", "RULES", "rules_table", "MOVED",
-    "MAX_RANKS", "resolve",
+    "MAX_RANKS", "resolve", "config_from", "key_field", "toml_value", "check_value",
 ]
 
 
@@ -186,6 +186,8 @@ class ParallelConfig:
                     "propagated by MGRIT (see mgrit.*)", min=1)
     pipe: int = _f(1, "pipeline stages: the model's layers split into this many contiguous "
                    "stages (see pipeline.*)", min=1)
+    trial: int = _f(1, "trial groups of `mltrain search`: the ranks split into this many "
+                    "groups, each training one configuration at a time (1 for train)", min=1)
 
 
 @dataclass
@@ -272,6 +274,55 @@ class StudyConfig:
 
 
 @dataclass
+class SearchConfig:
+    algo: str = _f("random", "search algorithm of `mltrain search` (see docs/search.md)",
+                   choices=("random", "grid", "asha", "pbt", "thompson", "crowding"))
+    budget: int = _f(0, "search budget in search.resource units summed over every trial "
+                     "(0 = search.max_resource x 16)", min=0)
+    resource: str = _f("steps", "what budgets and rungs count: optimizer steps, or epochs "
+                       "(steps x batch / training-set size, fair across batch sizes)",
+                       choices=("steps", "epochs"))
+    metric: str = _f("test_accuracy", "what a trial is judged by at the end of each of its "
+                     "jobs: accuracies are maximized, the loss over the training set minimized",
+                     choices=("test_accuracy", "train_accuracy", "train_loss"))
+    max_resource: int = _f(0, "a trial's full length in search.resource units (0 = run.steps, "
+                           "or run.epochs when search.resource = epochs)", min=0)
+    min_resource: int = _f(0, "asha: the lowest rung (0 = max_resource / eta^3, at least 1)",
+                           min=0)
+    eta: int = _f(3, "asha: reduction factor (the top 1/eta of a rung is promoted)", min=2)
+    population: int = _f(0, "pbt, crowding: members of the population (0 = pbt: budget / "
+                         "max_resource, so the population spends the budget; crowding: 8)",
+                         min=0)
+    interval: int = _f(0, "pbt: resource between exploit/explore steps (0 = max_resource / 5)",
+                       min=0)
+    truncation: float = _f(0.25, "pbt: the bottom fraction copies the top fraction", min=0.0,
+                           max=0.5)
+    perturb: float = _f(0.2, "pbt: explore multiplies a number by 1 - perturb or 1 + perturb",
+                        min=0.0, max=0.9)
+    resample: float = _f(0.25, "pbt: probability that explore redraws a key from the space "
+                         "instead of perturbing it (categorical keys: redraw or keep)",
+                         min=0.0, max=1.0)
+    arms: int = _f(16, "thompson: configurations drawn as arms (a finite space no larger is "
+                   "taken whole)", min=1)
+    grid_points: int = _f(3, "grid: points per number range (log-spaced for log ranges)",
+                          min=1)
+    crossover: float = _f(0.9, "crowding: probability that two parents are crossed "
+                          "(uniform crossover)", min=0.0, max=1.0)
+    mutation: float = _f(0.0, "crowding: probability of mutating each key (0 = 1 / keys)",
+                         min=0.0, max=1.0)
+    replacement: str = _f("deterministic", "crowding: a child replaces its closest parent "
+                          "when better (deterministic) or with probability f_child / (f_child "
+                          "+ f_parent) (probabilistic)",
+                          choices=("deterministic", "probabilistic"))
+    seed: int = _f(0, "seed of the search's own choices (run.seed stays each trial's)", min=0,
+                   max=2 ** 32 - 1)
+    out_dir: str = _f("", "folder for the search state, results.csv, best.toml and plots "
+                      "(empty = search-<time>)")
+    fail_timeout: float = _f(60.0, "seconds a rank whose trial raised waits for the rest of "
+                             "its group to agree before ending the job", min=1.0)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -288,6 +339,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -619,13 +671,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
 
     Not collective: every rank calls it and gets the same result or the same error.
     """
+    return config_from(read_text(path, "--config") if path is not None else None,
+                       overrides, what=f"--config {path}")
+
+
+def config_from(text: str | None, overrides: list[str] | tuple = (),
+                values: dict[str, Any] | None = None, *, what: str = "--config") -> Config:
+    """The config of TOML ``text`` (None: the built-in default), then ``overrides``
+    (``section.key=value`` strings), then ``values`` ({"section.key": value}, typed, as a
+    search draws them), resolved and validated. Raises ConfigError. Not collective."""
     cfg = Config()
-    if path is not None:
-        text = read_text(path, "--config")
+    if text is not None:
         try:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+            raise ConfigError(f"{what}: not valid TOML ({e})") from None
         for section, table in doc.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"{section}: expected a [{section}] table, got a value")
@@ -638,9 +698,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if field_ is not None and field_.type == "str" and not isinstance(value, str):
             value = text.split("=", 1)[1].strip()  # --set checkpoint.dir=2024 is a string
         _apply(cfg, section, key, value)
+    for full, value in (values or {}).items():
+        section, _, key = full.partition(".")
+        _apply(cfg, section, key, value)
     resolve(cfg)
     _validate(cfg)
     return cfg
+
+
+def key_field(full: str) -> dataclasses.Field:
+    """The field of ``section.key``; ConfigError naming it when there is none (a moved key
+    names its new place). Not collective."""
+    section, _, key = full.partition(".")
+    if full in MOVED:
+        raise ConfigError(f"{full}: moved to {MOVED[full]}")
+    if section not in _SECTIONS or not key or "." in key:
+        raise ConfigError(f"{full}: not a config key (section.key; sections: "
+                          f"{', '.join(sorted(_SECTIONS))})")
+    fields = _section_fields(getattr(Config(), section))
+    if key not in fields:
+        raise ConfigError(f"{full}: unknown key (known in [{section}]: "
+                          f"{', '.join(sorted(fields))})")
+    return fields[key]
+
+
+def check_value(full: str, value: Any) -> Any:
+    """``value`` as the config takes it for the key ``section.key`` (type, choices,
+    bounds); ConfigError naming the key otherwise. Not collective."""
+    return _coerce(full, key_field(full), value)
+
+
+def toml_value(v: Any) -> str:
+    """``v`` as a TOML literal that reads back to the same value (floats by repr)."""
+    return _toml_value(v)
 
 
 def resolve(cfg: Config) -> Config:

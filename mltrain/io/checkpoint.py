@@ -28,7 +28,7 @@ from mltrain.comm import agree, broadcast_
 from mltrain.utils.h5safe import check_dataset, read_attr, walk
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints",
-           "latest_checkpoint", "prepare_folder", "resume", "remove_stale_temporaries", "FORMAT",
+           "latest_checkpoint", "prepare_folder", "checkpoint_bytes", "Snapshot", "resume", "remove_stale_temporaries", "FORMAT",
            "VERSION"]
 
 FORMAT = "mltrain-checkpoint"
@@ -94,6 +94,21 @@ def _optim_arrays(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
     return out
 
 
+def _write(f, model: torch.nn.Module, optimizer, *, step: int, epoch: int, position: int,
+           config_text: str, rngs: list, world: int) -> None:
+    """Fills the open HDF5 file ``f`` with the checkpoint layout. Not collective."""
+    f.attrs.update(format=FORMAT, version=VERSION, step=step, epoch=epoch,
+                   position=position, world_size=world,
+                   optimizer=type(optimizer).__name__, config=config_text)
+    g = f.create_group("model")
+    for name, p in model.named_parameters():
+        g.create_dataset(name, data=p.detach().cpu().numpy())
+    g = f.create_group("optim")
+    for key, arr in _optim_arrays(optimizer).items():
+        g.create_dataset(key, data=arr)
+    f.create_dataset("rng/torch", data=np.stack(rngs))
+
+
 def save_checkpoint(folder: str | Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, *, step: int, epoch: int, position: int,
                     config_text: str, comm: MPI.Comm, keep: int = 0) -> Path:
@@ -106,8 +121,7 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module,
     """
     import h5py
 
-    rng = torch.get_rng_state().numpy()
-    rngs = comm.gather(rng, root=0)
+    rngs = comm.gather(torch.get_rng_state().numpy(), root=0)
     path = checkpoint_path(folder, step)
 
     def write() -> None:
@@ -118,16 +132,8 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module,
         os.close(fd)
         try:
             with h5py.File(tmp, "w") as f:
-                f.attrs.update(format=FORMAT, version=VERSION, step=step, epoch=epoch,
-                               position=position, world_size=comm.Get_size(),
-                               optimizer=type(optimizer).__name__, config=config_text)
-                g = f.create_group("model")
-                for name, p in model.named_parameters():
-                    g.create_dataset(name, data=p.detach().cpu().numpy())
-                g = f.create_group("optim")
-                for key, arr in _optim_arrays(optimizer).items():
-                    g.create_dataset(key, data=arr)
-                f.create_dataset("rng/torch", data=np.stack(rngs))
+                _write(f, model, optimizer, step=step, epoch=epoch, position=position,
+                       config_text=config_text, rngs=rngs, world=comm.Get_size())
                 f.flush()
             with open(tmp, "rb+") as fh:  # data on disk before the rename makes it visible
                 os.fsync(fh.fileno())
@@ -142,6 +148,43 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module,
 
     agree(comm, write, what=f"writing checkpoint {path}")
     return path
+
+
+def checkpoint_bytes(model: torch.nn.Module, optimizer, *, step: int, epoch: int,
+                     position: int, config_text: str, comm: MPI.Comm) -> bytes | None:
+    """The checkpoint ``save_checkpoint`` would write, as the bytes of an HDF5 file held in
+    memory (a search moves them between trial groups by MPI). Rank 0 gets the bytes, the
+    others None. Collective on ``comm``."""
+    import io
+
+    import h5py
+
+    rngs = comm.gather(torch.get_rng_state().numpy(), root=0)
+
+    def write() -> bytes | None:
+        if comm.Get_rank() != 0:
+            return None
+        buf = io.BytesIO()
+        with h5py.File(buf, "w") as f:
+            _write(f, model, optimizer, step=step, epoch=epoch, position=position,
+                   config_text=config_text, rngs=rngs, world=comm.Get_size())
+        return buf.getvalue()
+
+    return agree(comm, write, what="writing a snapshot")
+
+
+class Snapshot:
+    """A checkpoint held in memory: ``data`` (HDF5 file bytes) and the ``name`` that
+    messages about it show. Loaded exactly as a file is, with every check."""
+
+    def __init__(self, name: str, data: bytes):
+        self.name, self.data = name, data
+
+    def __str__(self) -> str:
+        return self.name
+
+    def is_file(self) -> bool:
+        return True
 
 
 # What each optimizer keeps per parameter: a checkpoint may hold these and nothing else,
@@ -271,7 +314,7 @@ def _inspect(f, path: Path, model: torch.nn.Module, optimizer) -> tuple[dict, li
     return meta, state_keys
 
 
-def _read_validated(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def _read_validated(path: "Path | Snapshot", model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     world: int) -> tuple[dict, dict[str, np.ndarray]]:
     """Rank 0's half of loading: the file checked from its metadata, then read and its
     values checked. The RNG states are read only when the job has the writer's ``world``
@@ -281,7 +324,12 @@ def _read_validated(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        f = h5py.File(path, "r")
+        if isinstance(path, Snapshot):
+            import io
+
+            f = h5py.File(io.BytesIO(path.data), "r")
+        else:
+            f = h5py.File(path, "r")
     except OSError as e:
         raise CheckpointError(f"{path}: not a readable HDF5 file (corrupt or truncated?): "
                               f"{e}") from None
@@ -325,7 +373,7 @@ def resume(folder: str | Path, model: torch.nn.Module, optimizer, comm: MPI.Comm
     return meta["step"], str(path)
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module,
+def load_checkpoint(path: "str | Path | Snapshot", model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, comm: MPI.Comm) -> dict:
     """Restores parameters, optimizer state and RNG state; returns step/epoch/position.
 
@@ -334,7 +382,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
 
     Collective on ``comm``.
     """
-    path = Path(path)
+    path = path if isinstance(path, Snapshot) else Path(path)
     rank = comm.Get_rank()
     loaded = agree(comm, lambda: _read_validated(path, model, optimizer, comm.Get_size())
                    if rank == 0 else None,

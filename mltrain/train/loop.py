@@ -22,7 +22,7 @@ def train(t) -> dict:
 
     cfg = t.cfg
     ckpt_every = cfg.checkpoint.every if cfg.checkpoint.dir else 0
-    bar = tqdm(total=t.total_steps, initial=t.step, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=t.until, initial=t.step, unit="step", dynamic_ncols=True,
                disable=t.quiet or t.rank != 0, leave=False)
     bytes0, calls0 = STATS.snapshot()
     start_step = t.step
@@ -66,10 +66,10 @@ def _loop(t, signals: StopSignals, bar, bytes0: int, t0: float,
     if not). Stops early, on every rank at the same logged step (every run.log_every),
     once any rank received SIGTERM or SIGUSR1. Collective on the trainer's communicator."""
     cfg = t.cfg
-    while t.step < t.total_steps:
+    while t.step < t.until:
         epoch = t.step // t.steps_per_epoch
         loss = t.advance()
-        logged = t.step % cfg.run.log_every == 0 or t.step == t.total_steps
+        logged = t.step % cfg.run.log_every == 0 or t.step == t.until
         if logged:
             with STATS.paused():
                 mean = allreduce_scalar(loss.item(), t.gc.data) / t.dp_size
@@ -94,7 +94,7 @@ def _loop(t, signals: StopSignals, bar, bytes0: int, t0: float,
                 return t.step
         bar.update(1)
         if (cfg.run.eval_every and t.step % (cfg.run.eval_every * t.steps_per_epoch) == 0
-                and t.step < t.total_steps):
+                and t.step < t.until):
             ev = t.evaluate()
             t.metrics.write(event="eval", step=t.step,
                             epoch=t.step / t.steps_per_epoch,
@@ -116,7 +116,7 @@ def _loop(t, signals: StopSignals, bar, bytes0: int, t0: float,
             return None
         # Nested iteration writes checkpoints of the full-depth network only: a run
         # stopped before its finest phase starts over.
-        if (ckpt_every and t.step % ckpt_every == 0 and t.step < t.total_steps
+        if (ckpt_every and t.step % ckpt_every == 0 and t.step < t.until
                 and t.phase == 0):
             t.save()
     return None

@@ -17,7 +17,8 @@ from mpi4py import MPI
 from mltrain.comm import STATS, Grid, agree, local_cpu_masks
 from mltrain.config import Config, to_toml
 from mltrain.data import ShardLoader, open_dataset
-from mltrain.io import MetricsWriter, prepare_folder, resume, save_checkpoint
+from mltrain.io import (MetricsWriter, Snapshot, checkpoint_bytes, load_checkpoint,
+                        prepare_folder, resume, save_checkpoint)
 from mltrain.nn import build_model
 from mltrain.optim.base import Batches, Context, Straggler
 from mltrain.train import checks
@@ -38,12 +39,17 @@ class Trainer:
     ``model`` replaces the one ``model.*`` describes: any ``torch.nn.Module`` that maps a
     batch of inputs (shape ``[b, *dataset.input_shape]``) to class logits. Its parameters are
     cast to ``run.dtype`` and overwritten with rank 0's, so every rank may build it alike.
+    ``snapshot`` (rank 0's counts; see ``snapshot_bytes``) is resumed from instead of
+    ``checkpoint.dir``. ``until`` is the step ``train`` stops at (``total_steps`` unless a
+    search pauses the run at a rung). ``node_masks``: the CPU masks of every rank on this
+    node (``local_cpu_masks`` of the whole job) when ``comm`` is only part of it.
 
     Collective on ``comm`` (construction, ``train`` and ``evaluate``).
     """
 
     def __init__(self, cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, *, quiet: bool = False,
-                 metrics: bool = True, model: torch.nn.Module | None = None):
+                 metrics: bool = True, model: torch.nn.Module | None = None,
+                 snapshot: Snapshot | None = None, node_masks: list | None = None):
         self.cfg, self.comm, self.rank, self.quiet = cfg, comm, comm.Get_rank(), quiet
         self.log = get_logger(rank=self.rank)
         self.dtype = torch_dtype(cfg.run.dtype)
@@ -54,7 +60,8 @@ class Trainer:
                   what="config")
         self.gc = self.grid.build(comm)
         self.dp_size, self.dp_rank = self.gc.data.Get_size(), self.gc.data.Get_rank()
-        local_masks = local_cpu_masks(comm)
+        # A search's trial group shares its node with other groups: their masks count too.
+        local_masks = node_masks if node_masks is not None else local_cpu_masks(comm)
         self.threads = set_threads(cfg.run.threads, local_masks)
 
         self.dataset = agree(comm, lambda: open_dataset(cfg.data.name, cfg.data.path,
@@ -62,6 +69,7 @@ class Trainer:
         self.steps_per_epoch = agree(comm, lambda: checks.epoch_steps(cfg, self.dataset),
                                      what="config")
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
+        self.until = self.total_steps
 
         if model is None:  # a model too large for the node is refused, not allocated
             agree(comm, lambda: checks.model_memory(cfg, self.dataset, self.dtype,
@@ -95,7 +103,12 @@ class Trainer:
         self.resumed_from: str | None = None
         self.last_checkpoint: str | None = None
         self.stopped_by: str | None = None
-        if cfg.checkpoint.resume:
+        name = comm.bcast(str(snapshot) if self.rank == 0 and snapshot is not None else None)
+        if name is not None:  # rank 0 reads and checks it, the others receive
+            meta = load_checkpoint(snapshot if self.rank == 0 else Snapshot(name, b""),
+                                   self.net, self.optimizer, comm)
+            self.step, self.resumed_from = meta["step"], name
+        elif cfg.checkpoint.resume:
             self._resume()
         self.phases.start(self.step)
 
@@ -162,22 +175,44 @@ class Trainer:
         if path is not None:
             self.step, self.resumed_from = step, path
 
+    def _gathered(self):
+        """A context in which ``net`` and ``optimizer`` hold the whole run's state: every
+        block and stage, and its optimizer state, from the rank that trains it; drifting
+        replicas averaged. Collective on the trainer's communicator."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            with STATS.paused(), self.sync.consensus():
+                self.layout.gather()
+                self.layout.gather_state(self.optimizer, flat=self.method.flat_state)
+                gather = getattr(self.optimizer, "gather_state", None)
+                if gather is not None:  # state that lives on the ranks that compute it (APTS)
+                    gather()
+                yield
+        return ctx()
+
     def save(self) -> str:
-        """Writes a checkpoint of the current state. Collective on the world communicator."""
+        """Writes a checkpoint of the current state. Collective on the trainer's
+        communicator."""
         epoch, pos = divmod(self.step, self.steps_per_epoch)
-        with STATS.paused(), self.sync.consensus():  # drifting replicas: their average
-            # Every block and stage, and its optimizer state, from the rank that trains it.
-            self.layout.gather()
-            self.layout.gather_state(self.optimizer, flat=self.method.flat_state)
-            gather = getattr(self.optimizer, "gather_state", None)
-            if gather is not None:  # state that lives on the ranks that compute it (APTS)
-                gather()
+        with self._gathered():
             path = save_checkpoint(self.cfg.checkpoint.dir, self.net, self.optimizer,
                                    step=self.step, epoch=epoch, position=pos,
                                    config_text=to_toml(self.cfg), comm=self.comm,
                                    keep=self.cfg.checkpoint.keep)
         self.last_checkpoint = str(path)
         return self.last_checkpoint
+
+    def snapshot_bytes(self) -> bytes | None:
+        """The checkpoint of the current state as HDF5 bytes on rank 0 (None elsewhere),
+        for ``Trainer(snapshot=...)`` in another group. Collective on the trainer's
+        communicator."""
+        epoch, pos = divmod(self.step, self.steps_per_epoch)
+        with self._gathered():
+            return checkpoint_bytes(self.net, self.optimizer, step=self.step, epoch=epoch,
+                                    position=pos, config_text=to_toml(self.cfg),
+                                    comm=self.comm)
 
     # -- training ------------------------------------------------------------------------
     def train(self) -> dict:

@@ -1,0 +1,1 @@
+"""Layer 5: hyperparameter search over trial groups (``mltrain search``)."""

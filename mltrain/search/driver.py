@@ -1,0 +1,663 @@
+"""``mltrain search``: one MPI job, ``parallel.trial`` trial groups, the search state on
+world rank 0.
+
+The world splits into T groups of consecutive ranks (the grid's slowest axis); each group
+trains one configuration at a time with whatever data x pipe x layer layout that
+configuration asks for, as a ``Trainer`` on the group's communicator. Group leaders ask
+world rank 0 for work and hand back results by MPI messages on a duplicate of the world
+communicator; rank 0 answers from a thread (``Controller``) while it trains in group 0
+itself, so no group waits for another unless the algorithm says so (PBT's generations,
+crowding's first population). Snapshots (weights, optimizer state, data position and RNG
+streams as checkpoint bytes) travel by MPI: a group that pauses a trial sends its snapshot
+to rank 0, the group that continues it receives it from rank 0. Only rank 0 writes files:
+the search state (JSON, atomically after every job issued and every result), the
+snapshots a resumed search may need, results.csv, best.toml and the plots.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+from mltrain.comm import CollectiveError, Grid, agree, local_cpu_masks
+from mltrain.config import Config, ConfigError, config_from, read_text, writable_folder
+from mltrain.io import MetricsWriter, Snapshot
+from mltrain.search import algorithms as algos
+from mltrain.search.space import Space, parse_space
+from mltrain.train import Trainer
+from mltrain.utils import available_memory, get_logger
+
+__all__ = ["Plan", "make_plan", "run_search", "STATE", "METRICS"]
+
+TAG_REQ, TAG_JOB, TAG_SNAP_UP, TAG_SNAP_DOWN, TAG_FAIL, TAG_ACK = 71, 72, 73, 74, 75, 76
+STATE = "search-state.json"
+FORMAT, VERSION = "mltrain-search", 1
+METRICS = ("train_loss", "train_accuracy", "test_accuracy", "wall_s", "samples_per_s")
+MAXIMIZE = {"test_accuracy": True, "train_accuracy": True, "train_loss": False}
+
+
+@dataclass
+class Plan:
+    """Everything decided before any training, the same on every rank."""
+
+    base_text: str | None
+    overrides: list[str]
+    base: Config
+    space_text: str
+    space: Space
+    algo: str
+    budget: int
+    R: int
+    trials: int
+    group_size: int
+    out: Path
+    resume: bool
+
+    @property
+    def opts(self):
+        return self.base.search
+
+    @property
+    def maximize(self) -> bool:
+        return MAXIMIZE[self.opts.metric]
+
+    def forced(self, seed: int | None = None) -> list[str]:
+        """What every trial's config is given on top of the base: its full length, no
+        checkpoints of its own, one group."""
+        by_steps = self.opts.resource == "steps"
+        out = [f"run.steps={self.R}" if by_steps else "run.steps=0"]
+        if not by_steps:
+            out.append(f"run.epochs={self.R}")
+        out += ["checkpoint.dir=\"\"", "checkpoint.resume=false", "parallel.trial=1"]
+        if seed is not None:
+            out.append(f"run.seed={seed}")
+        return out
+
+    def trial_config(self, values: dict, seed: int | None = None) -> Config:
+        """The configuration a trial trains (ConfigError naming the key). Not collective."""
+        return config_from(self.base_text, self.overrides + self.forced(seed), values)
+
+    def score(self, metrics: dict) -> float | None:
+        v = metrics.get(self.opts.metric)
+        if v is None or not math.isfinite(v):
+            return None
+        return v if self.maximize else -v
+
+    def algorithm(self) -> algos.Algorithm:
+        return algos.make(self.algo, self.space, self.opts, self.R, self.budget,
+                          self.base.run.seed, self.maximize)
+
+
+def make_plan(config: str | None, overrides: list[str], space_path: str, world_size: int,
+              *, algo: str | None = None, budget: int | None = None,
+              out: str | None = None, resume: bool = False) -> Plan:
+    """Reads and checks the base config and the space against the trial groups: every
+    value the space can take is one the config accepts and that fits a group's ranks.
+    Raises ConfigError. Not collective (every rank runs it; call it inside ``agree``)."""
+    base_text = read_text(config, "--config") if config else None
+    sets = list(overrides)
+    if algo:
+        sets.append(f"search.algo={algo}")
+    if budget is not None:
+        if budget < 1:
+            raise ConfigError(f"--budget: {budget} is not a positive number of "
+                              "resource units")
+        sets.append(f"search.budget={budget}")
+    base = config_from(base_text, sets, what=f"--config {config}")
+    o = base.search
+    T = base.parallel.trial
+    if world_size % T:
+        raise ConfigError(f"parallel.trial: {world_size} ranks cannot be split into {T} "
+                          "equal trial groups")
+    G = world_size // T
+    if o.resource == "steps":
+        R = o.max_resource or base.run.steps
+        if not R:
+            raise ConfigError("search.max_resource: 0 takes run.steps, which is 0 (the base "
+                              "config trains by epochs): set run.steps or "
+                              "search.max_resource, or search.resource = \"epochs\"")
+    else:
+        R = o.max_resource or base.run.epochs
+        if not R:
+            raise ConfigError("search.max_resource: 0 takes run.epochs, which is 0: set "
+                              "run.epochs or search.max_resource")
+    B = o.budget or 16 * R
+    if not space_path:
+        raise ConfigError("--space: the search space file is required")
+    space_text = read_text(space_path, "--space")
+    space = parse_space(space_text, f"--space {space_path}")
+    plan = Plan(base_text, sets, base, space_text, space, o.algo, B, R, T, G,
+                Path(out or o.out_dir or time.strftime("search-%Y%m%d-%H%M%S")), resume)
+    _check_space(plan)
+    _check_algorithm(plan)
+    return plan
+
+
+def _check_space(plan: Plan) -> None:
+    """Every value of every key (numbers: both ends), with its conditions holding, makes a
+    config the loader accepts and whose layout fits a trial group."""
+    base = plan.trial_config({})
+    Grid.for_config(base, plan.group_size)  # the base itself must fit a group
+    for p in plan.space.params:
+        cond = {k: v[0] for k, v in p.when.items()}
+        values = p.values if p.kind == "choice" else (p.low, p.high)
+        for v in values:
+            try:
+                cfg = plan.trial_config({**cond, p.key: v})
+                Grid.for_config(cfg, plan.group_size)
+            except ConfigError as e:
+                raise ConfigError(f"--space [{p.key!r}]: the value {v!r} does not work "
+                                  f"with the base config on a trial group of "
+                                  f"{plan.group_size} ranks: {e}") from None
+
+
+def _check_algorithm(plan: Plan) -> None:
+    o, R, B = plan.opts, plan.R, plan.budget
+    if B < R and plan.algo != "asha":
+        raise ConfigError(f"--budget: {B} {o.resource} cannot train one trial of "
+                          f"search.max_resource = {R}")
+    if plan.algo == "asha":
+        r_min = o.min_resource or max(1, R // o.eta ** 3)
+        if r_min > R:
+            raise ConfigError(f"search.min_resource: {r_min} is above search.max_resource "
+                              f"= {R}")
+        if B < r_min:
+            raise ConfigError(f"--budget: {B} cannot train one trial to the lowest rung "
+                              f"({r_min})")
+    if plan.algo == "pbt":
+        interval = o.interval or max(1, R // 5)
+        if interval > R:
+            raise ConfigError(f"search.interval: {interval} is above search.max_resource "
+                              f"= {R}")
+        P = algos.pbt_population(o.population, R, B)
+        if algos.pbt_horizon(R, interval, P, B) == 0:
+            raise ConfigError(f"--budget: {B} cannot train a population of {P} "
+                              f"for one interval of {interval}")
+    P = algos.crowding_population(o.population)
+    if plan.algo == "crowding" and B < P * R:
+        raise ConfigError(f"--budget: {B} cannot train the first population ({P} x {R})")
+    if plan.algo in ("pbt", "crowding") and o.population == 1:
+        raise ConfigError("search.population: a population needs at least 2 members")
+    if plan.algo == "grid" and len(plan.space.grid(o.grid_points)) > 1_000_000:
+        raise ConfigError("search.grid_points: the grid has more than a million points")
+
+
+# -- messages -------------------------------------------------------------------------
+
+def _pause(waited: float) -> float:
+    """Sleeps a little longer each time (up to 10 ms) so a waiting rank leaves its core to
+    the ranks that train; returns the next pause."""
+    time.sleep(waited)
+    return min(waited * 2, 0.01)
+
+
+def _bcast_json(group: MPI.Comm, obj) -> object:
+    """``obj`` from the group's rank 0 to every rank, waiting without holding a core.
+    Collective on ``group``."""
+    if group.Get_size() == 1:
+        return obj
+    head = np.zeros(1, dtype=np.int64)
+    data = b""
+    if group.Get_rank() == 0:
+        data = json.dumps(obj).encode()
+        head[0] = len(data)
+    _wait(group.Ibcast(head, root=0))
+    buf = np.frombuffer(bytearray(data), dtype=np.uint8) if group.Get_rank() == 0 else \
+        np.empty(int(head[0]), dtype=np.uint8)
+    _wait(group.Ibcast(buf, root=0))
+    return json.loads(buf.tobytes().decode())
+
+
+def _wait(req: MPI.Request, poll=None) -> None:
+    pause = 0.0005
+    while not req.Test():
+        if poll is not None:
+            poll()
+        pause = _pause(pause)
+
+
+# -- the controller on world rank 0 -----------------------------------------------------
+
+class Controller:
+    """The search state and the algorithm, on world rank 0; served to every group leader
+    (rank 0 included) through messages on ``comm`` (a duplicate of the world). ``poll``
+    handles whatever arrived; a thread calls it, or rank 0 between its own waits when the
+    MPI library does not allow threads. Not collective."""
+
+    CACHE_BYTES = 1 << 28  # snapshots kept in memory as well as on disk
+
+    def __init__(self, plan: Plan, comm: MPI.Comm, log):
+        self.plan, self.comm, self.log = plan, comm, log
+        self.algo = plan.algorithm()
+        self.lock = threading.RLock()
+        self.records: list[dict] = []        # every job issued, with its result once back
+        self.inflight: dict[int, dict] = {}  # job id -> job
+        self.queue: deque[dict] = deque()    # jobs to issue again after a resume
+        self.waiting: list[tuple[int, int]] = []  # (group, leader) waiting for a job
+        self.stopped: set[int] = set()
+        self.sends: list = []                # pending sends and the buffers they read
+        self.snapshots: dict[str, dict] = {}  # name -> {"file", "bytes", "sha256"}
+        self.cache: dict[str, bytes] = {}
+        self.used = 0
+        self.started = time.time()
+        self.bar = None
+        self.failed_abort: list[str] = []
+        self.out = plan.out
+        (self.out / "snapshots").mkdir(parents=True, exist_ok=True)
+        if plan.resume:
+            self._load()
+
+    # state file ------------------------------------------------------------------------
+    def _state(self) -> dict:
+        p = self.plan
+        return {"format": FORMAT, "version": VERSION, "algo": p.algo, "budget": p.budget,
+                "R": p.R, "resource": p.opts.resource, "metric": p.opts.metric,
+                "space": p.space_text, "base": self._base_text(), "used": self.used,
+                "records": self.records, "snapshots": self.snapshots,
+                "algorithm": self.algo.state_dict()}
+
+    def _base_text(self) -> str:
+        from mltrain.config import to_toml
+
+        return to_toml(self.plan.trial_config({}))
+
+    def save(self) -> None:
+        _atomic_write(self.out / STATE, json.dumps(self._state(), indent=1).encode())
+
+    def _load(self) -> None:
+        path = self.out / STATE
+        text = read_text(path, "--resume")
+        try:
+            st = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--resume: {path} is not a search state ({e})") from None
+        p = self.plan
+        if not isinstance(st, dict) or st.get("format") != FORMAT or st.get("version") != VERSION:
+            raise ConfigError(f"--resume: {path} is not a {FORMAT} state of version {VERSION}")
+        for key, mine in (("algo", p.algo), ("budget", p.budget), ("R", p.R),
+                          ("resource", p.opts.resource), ("metric", p.opts.metric),
+                          ("space", p.space_text), ("base", self._base_text())):
+            if st.get(key) != mine:
+                what = {"R": "search.max_resource", "space": "--space", "base": "--config/--set",
+                        "algo": "--algo", "budget": "--budget"}.get(key, f"search.{key}")
+                raise ConfigError(f"--resume: {path} was a search with another {what} "
+                                  "(resume with the same config, space, algorithm and budget)")
+        try:
+            self.algo.load_state_dict(st["algorithm"])
+            self.records = list(st["records"])
+            self.snapshots = dict(st["snapshots"])
+            self.used = int(st["used"])
+            limit = (available_memory() or 1 << 40) // 4
+            for name, s in self.snapshots.items():
+                if not isinstance(s["bytes"], int) or not 0 < s["bytes"] <= limit:
+                    raise ConfigError(f"--resume: snapshot {name} claims {s['bytes']} bytes")
+                f = self.out / "snapshots" / s["file"]
+                if Path(s["file"]).name != s["file"] or not f.is_file() \
+                        or f.stat().st_size != s["bytes"]:
+                    raise ConfigError(f"--resume: snapshot {f} is missing or not the "
+                                      f"{s['bytes']} bytes the state records")
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"--resume: {path} is damaged ({type(e).__name__}: {e})") \
+                from None
+        # Jobs issued but not finished when the search stopped run again, first and in
+        # the order they were issued, exactly as they were issued.
+        for r in self.records:
+            if r.get("result") is None:
+                self.queue.append(r["job"])
+        self.records = [r for r in self.records if r.get("result") is not None]
+
+    # serving ---------------------------------------------------------------------------
+    def poll(self) -> bool:
+        """Receives every request and failure report that arrived, hands out jobs to the
+        waiting groups; True once every group was told to stop."""
+        with self.lock:
+            st = MPI.Status()
+            while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_FAIL, status=st):
+                self._failure(st.Get_source())
+            while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_REQ, status=st):
+                self._request(st.Get_source())
+            self._serve()
+            self.sends = [(r, b) for r, b in self.sends if not r.Test()]
+            return len(self.stopped) == self.plan.trials and not self.sends
+
+    def _request(self, leader: int) -> None:
+        msg = self.comm.recv(source=leader, tag=TAG_REQ)
+        data = None
+        if msg.get("snapshot"):
+            buf = np.empty(msg["snapshot"], dtype=np.uint8)
+            self.comm.Recv(buf, source=leader, tag=TAG_SNAP_UP)
+            data = buf.tobytes()
+        if msg.get("result") is not None:
+            self._record(msg["group"], msg["result"], data)
+        self.waiting.append((msg["group"], leader))
+
+    def _failure(self, source: int) -> None:
+        """A rank whose trial raised alone (its group cannot agree): the job is recorded
+        as failed before the rank ends the job, so ``--resume`` does not run it again."""
+        msg = self.comm.recv(source=source, tag=TAG_FAIL)
+        job = self.inflight.get(msg["job"])
+        if job is not None:
+            self._record(msg["group"], {"job": job["id"], "status": "failed", "used": 0,
+                                        "message": msg["message"], "metrics": {}}, None)
+        self.comm.send(True, dest=source, tag=TAG_ACK)
+
+    def _serve(self) -> None:
+        while self.waiting:
+            g, leader = self.waiting[0]
+            job = self.next_job()
+            if job == algos.WAIT:
+                if self.inflight:
+                    return
+                job = None  # nothing can arrive that would change the answer
+            self.waiting.pop(0)
+            if job is None:
+                self._send(leader, {"stop": True}, None)
+                self.stopped.add(g)
+            else:
+                job["group"] = g
+                data = self._snapshot(job["snapshot"]) if job.get("snapshot") else None
+                self._send(leader, {"stop": False, "job": job,
+                                    "snapshot": len(data) if data else 0}, data)
+                self._progress()
+
+    def _send(self, leader: int, msg: dict, data: bytes | None) -> None:
+        self.sends.append((self.comm.isend(msg, dest=leader, tag=TAG_JOB), None))
+        if data:
+            buf = np.frombuffer(data, dtype=np.uint8)
+            self.sends.append((self.comm.Isend(buf, dest=leader, tag=TAG_SNAP_DOWN), buf))
+
+    def next_job(self):
+        """The next job (a resumed search's unfinished ones first), WAIT or None."""
+        if self.queue:
+            job = self.queue.popleft()
+        else:
+            remaining = self.plan.budget - self.used - sum(
+                j["stop"] - j["start"] for j in self.inflight.values())
+            job = self.algo.ask(remaining)
+            if not isinstance(job, dict):
+                return job
+            job["id"] = len(self.records)
+        self.inflight[job["id"]] = job
+        self.records.append({"job": job, "result": None})
+        self.save()
+        return job
+
+    def _record(self, group: int, result: dict, data: bytes | None) -> None:
+        job = self.inflight.pop(result["job"])
+        if data is not None:
+            result["snapshot"] = self._store(job, data)
+        result["score"] = self.plan.score(result.get("metrics", {})) \
+            if result["status"] == "ok" else None
+        result["group"] = group
+        self.used += int(result.get("used", 0))
+        result["spent"] = self.used
+        for r in self.records:
+            if r["job"]["id"] == job["id"]:
+                r["result"] = result
+        self.algo.tell(job, result)
+        self._collect_garbage()
+        self.save()
+        from mltrain.search.report import write_results
+
+        write_results(self.plan, self.records, self.out)
+        self._progress(result)
+
+    def _progress(self, result: dict | None = None) -> None:
+        if self.bar is None:
+            return
+        done = [r["result"] for r in self.records if r.get("result")]
+        best = max((r["score"] for r in done if r.get("score") is not None), default=None)
+        failed = sum(r["status"] != "ok" for r in done)
+        self.bar.n = min(self.used, self.plan.budget)
+        shown = None if best is None else (best if self.plan.maximize else -best)
+        self.bar.set_postfix_str(f"done {len(done)} running {len(self.inflight)} failed "
+                                 f"{failed} best {self.plan.opts.metric} "
+                                 f"{'-' if shown is None else f'{shown:.4g}'}", refresh=True)
+
+    # snapshots -------------------------------------------------------------------------
+    def _store(self, job: dict, data: bytes) -> str:
+        name = f"trial{job['trial']}-at{job['stop']}"
+        fname = f"{name}.h5"
+        _atomic_write(self.out / "snapshots" / fname, data)
+        self.snapshots[name] = {"file": fname, "bytes": len(data),
+                                "sha256": hashlib.sha256(data).hexdigest()}
+        self.cache[name] = data
+        while sum(map(len, self.cache.values())) > self.CACHE_BYTES and len(self.cache) > 1:
+            self.cache.pop(next(iter(self.cache)))
+        return name
+
+    def _snapshot(self, name: str) -> bytes:
+        if name in self.cache:
+            return self.cache[name]
+        s = self.snapshots.get(name)
+        if s is None:
+            raise ConfigError(f"--resume: the state names snapshot {name!r}, which it does "
+                              "not record")
+        f = self.out / "snapshots" / s["file"]
+        with open(f, "rb") as fh:
+            data = fh.read(s["bytes"] + 1)
+        if len(data) != s["bytes"] or hashlib.sha256(data).hexdigest() != s["sha256"]:
+            raise ConfigError(f"--resume: snapshot {f} does not match its recorded size "
+                              "and SHA-256 (changed since it was written)")
+        return data
+
+    def _collect_garbage(self) -> None:
+        live = self.algo.live_snapshots() | {j["snapshot"] for j in self.inflight.values()
+                                             if j.get("snapshot")} \
+            | {j["snapshot"] for j in self.queue if j.get("snapshot")}
+        for name in [n for n in self.snapshots if n not in live]:
+            s = self.snapshots.pop(name)
+            self.cache.pop(name, None)
+            (self.out / "snapshots" / s["file"]).unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- a trial group ----------------------------------------------------------------------
+
+def _local_failure(side: MPI.Comm, error: str | None, timeout: float) -> tuple[bool, str | None]:
+    """Whether the group agrees: (True, the lowest failing rank's message or None) once
+    every rank of the group arrived, (False, None) when this rank waited ``timeout``
+    seconds (its peers are still inside the trial it left). Collective on ``side``."""
+    flag = np.array([1 if error else 0], dtype=np.int64)
+    out = np.zeros(1, dtype=np.int64)
+    req = side.Iallreduce(flag, out, op=MPI.MAX)
+    t0, pause = time.monotonic(), 0.0005
+    while not req.Test():
+        if error and time.monotonic() - t0 > timeout:
+            return False, None
+        pause = _pause(pause)
+    if not out[0]:
+        return True, None
+    errors = side.allgather(error)
+    first = next(i for i, e in enumerate(errors) if e)
+    return True, f"rank {first} of the group: {errors[first]}"
+
+
+def _digest(trainer) -> str | None:
+    """SHA-256 of the trained parameters of the whole network (bytes in
+    ``named_parameters`` order) on the group's rank 0: results compare bit for bit.
+    Collective on the trainer's communicator."""
+    trainer.layout.gather()
+    if trainer.rank != 0:
+        return None
+    h = hashlib.sha256()
+    for name, p in trainer.net.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_job(plan: Plan, job: dict, group: MPI.Comm, side: MPI.Comm, data: bytes | None,
+            node_masks: list, world: MPI.Comm, ctrl: MPI.Comm) -> tuple[dict, bytes | None]:
+    """Trains ``job`` on the group; returns (its result, the snapshot bytes on the group's
+    rank 0 when the job keeps one). A trial that fails on every rank alike (config, data,
+    divergence, a raise) is a failed result; a rank that raised alone reports the failure
+    to world rank 0 and ends the job (its peers wait in a collective it left).
+    Collective on ``group``."""
+    rank = group.Get_rank()
+    result = {"job": job["id"], "status": "ok", "message": "", "metrics": {}, "used": 0,
+              "curve": []}
+    snap, error, trainer = None, None, None
+    t0 = time.perf_counter()
+    try:
+        cfg = agree(group, lambda: plan.trial_config(job["values"], job.get("seed")),
+                    what="config")
+        snapshot = Snapshot(f"snapshot of trial {job['trial']} at {job['start']}", data) \
+            if data is not None else None
+        trainer = Trainer(cfg, group, quiet=True, metrics=False, snapshot=snapshot,
+                          node_masks=node_masks)
+        trainer.metrics = MetricsWriter(None, rank, keep=True)
+        per = 1 if plan.opts.resource == "steps" else trainer.steps_per_epoch
+        trainer.until = min(job["stop"] * per, trainer.total_steps)
+        result["used"] = job["stop"] - job["start"]
+        summary = trainer.train()
+        summary["train_loss"] = summary["final_loss"]  # over the whole training set
+        result["metrics"] = {k: summary.get(k) for k in METRICS}
+        result["steps"] = trainer.step
+        if trainer.metrics.records is not None:
+            result["curve"] = [[r["step"], r["loss"]] for r in trainer.metrics.records
+                               if "loss" in r and r.get("event") is None]
+        result["digest"] = _digest(trainer)
+        if job.get("keep"):
+            snap = trainer.snapshot_bytes()
+        trainer.close()
+    except CollectiveError as e:  # every rank of the group raised it alike
+        result.update(status="failed", message=str(e), curve=[])
+        if trainer is not None:
+            trainer.close()
+        snap = None
+    except Exception as e:  # noqa: BLE001 - a raising trial is a result, not a crash
+        error = f"{type(e).__name__}: {e}"
+    agreed, message = _local_failure(side, error, plan.opts.fail_timeout)
+    if not agreed:  # record it on rank 0, then end the job: the peers cannot be woken
+        ctrl.send({"job": job["id"], "group": world.Get_rank() // group.Get_size(),
+                   "message": f"rank {rank} of the group alone: {error}"}, dest=0, tag=TAG_FAIL)
+        req = ctrl.irecv(source=0, tag=TAG_ACK)
+        t1 = time.monotonic()
+        while not req.Test()[0] and time.monotonic() - t1 < 30:
+            time.sleep(0.01)
+        print(f"mltrain: error: trial {job['trial']} raised on world rank "
+              f"{world.Get_rank()} alone ({error}); recorded as failed, ending the job "
+              "(run again with --resume to continue the search)", file=sys.stderr, flush=True)
+        world.Abort(1)
+    if message is not None:
+        result.update(status="failed", message=message, metrics={}, curve=[])
+        snap = None
+    result["wall"] = time.perf_counter() - t0
+    return result, snap
+
+
+def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False) -> dict:
+    """Runs the search to its budget; returns (on world rank 0) the summary. Collective
+    on ``world``."""
+    log = get_logger(rank=world.Get_rank())
+    G = plan.group_size
+    me = world.Get_rank()
+    gidx = me // G
+    if me == 0:
+        agree(world, lambda: writable_folder(plan.out, "--out"), what="config")
+    else:
+        agree(world, lambda: None, what="config")
+    ctrl = world.Dup()
+    group = world.Split(gidx, me)
+    side = group.Dup()
+    node_masks = local_cpu_masks(world)
+    controller = None
+    thread = None
+    done = threading.Event()
+    if me == 0:
+        controller = agree(world, lambda: Controller(plan, ctrl, log), what="config")
+        if not quiet:
+            from tqdm import tqdm
+
+            controller.bar = tqdm(total=plan.budget, initial=min(controller.used, plan.budget),
+                                  unit=plan.opts.resource, dynamic_ncols=True, leave=True,
+                                  desc=f"search {plan.algo}")
+        if MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
+            def serve():
+                while not done.is_set():
+                    if controller.poll():
+                        return
+                    time.sleep(0.001)
+            thread = threading.Thread(target=serve, name="mltrain-search", daemon=True)
+            thread.start()
+        elif plan.trials > 1:
+            log.warning("the MPI library gives no MPI_THREAD_MULTIPLE: rank 0 answers the "
+                        "other trial groups only between its own trials")
+    else:
+        agree(world, lambda: None, what="config")
+    poll = (lambda: controller.poll()) if controller is not None and thread is None else None
+    last, snap_up = None, None
+    leader = group.Get_rank() == 0
+    while True:
+        msg, data = None, None
+        if leader:
+            req = {"group": gidx, "result": last, "snapshot": len(snap_up) if snap_up else 0}
+            sends = [ctrl.isend(req, dest=0, tag=TAG_REQ)]
+            if snap_up:
+                sends.append(ctrl.Isend(np.frombuffer(snap_up, dtype=np.uint8), dest=0,
+                                        tag=TAG_SNAP_UP))
+            pause = 0.0005
+            while not ctrl.Iprobe(source=0, tag=TAG_JOB):
+                if poll is not None:
+                    poll()
+                pause = _pause(pause)
+            msg = ctrl.recv(source=0, tag=TAG_JOB)
+            if msg.get("snapshot"):
+                buf = np.empty(msg["snapshot"], dtype=np.uint8)
+                ctrl.Recv(buf, source=0, tag=TAG_SNAP_DOWN)
+                data = buf.tobytes()
+            for r in sends:
+                _wait(r, poll)
+        msg = _bcast_json(group, msg)
+        if msg["stop"]:
+            break
+        last, snap_up = run_job(plan, msg["job"], group, side, data, node_masks, world, ctrl)
+        if not leader:
+            last, snap_up = None, None
+    if controller is not None:
+        while not (controller.poll() if thread is None else not thread.is_alive()):
+            time.sleep(0.005)
+        done.set()
+        if thread is not None:
+            thread.join()
+        if controller.bar is not None:
+            controller.bar.close()
+    world.Barrier()
+    summary = None
+    if controller is not None:
+        from mltrain.search.report import summarize, write_plots, write_results
+
+        write_results(plan, controller.records, plan.out)
+        write_plots(plan, controller.records, plan.out)
+        summary = summarize(plan, controller.records, controller.used)
+    side.Free()
+    group.Free()
+    ctrl.Free()
+    return summary
+
