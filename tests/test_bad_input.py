@@ -37,6 +37,14 @@ def files(tmp_path_factory):
         x[5, 2] = np.nan
         f["x"] = x
         f["y"] = np.arange(64) % 2
+    spaces = {"space_ok": '["optim.lr"]\nlog = [0.01, 0.1]\n',
+              "space_badkey": '["optim.lrr"]\nlog = [0.01, 0.1]\n',
+              "space_empty": '["optim.momentum"]\nrange = [0.9, 0.5]\n',
+              "space_badchoice": '["optim.name"]\nchoice = ["sgd", "lamb"]\n',
+              "space_pipe": '["parallel.pipe"]\nchoice = [1, 2]\n'}
+    for name, text in spaces.items():
+        (d / f"{name}.toml").write_text(text)
+    (d / "emptydir").mkdir()
     return {p.name.split(".")[0]: str(p) for p in d.iterdir()}
 
 
@@ -93,6 +101,22 @@ MPI_CASES = [  # (ranks, arguments after `-m mltrain`, what the message must con
     (2, ["--set", "optim.name=apts", "--set", "apts.decomposition=weights", "--set",
          "apts.subdomains=1000"], "apts.subdomains: 1000 blocks"),
     (2, ["--set", "optim.name=apts", "--set", "parallel.pipe=2"], "parallel.pipe"),
+    (2, ["search", "--space", "{space_badkey}"], "optim.lrr: unknown key"),
+    (2, ["search", "--space", "{space_empty}"], "empty range range = [0.9, 0.5]"),
+    (2, ["search", "--space", "{space_badchoice}"], "'lamb' is not a value the config takes"),
+    (2, ["search", "--space", "{space_pipe}", "--set", "parallel.trial=2", "--set",
+         "run.steps=5"], "['parallel.pipe']: the value 2 does not work with the base config on "
+     "a trial group of 1 ranks"),
+    (2, ["search", "--space", "{space_ok}", "--set", "parallel.trial=3", "--set",
+         "run.steps=5"], "parallel.trial: 2 ranks cannot be split into 3"),
+    (2, ["search", "--space", "{space_ok}", "--set", "search.resource=steps"],
+     "search.max_resource: 0 takes run.steps"),
+    (2, ["search", "--space", "{space_ok}", "--set", "run.steps=5", "--budget", "4"],
+     "--budget: 4 steps cannot train one trial"),
+    (2, ["search", "--space", "{space_ok}", "--set", "run.steps=5", "--resume", "--out",
+         "{emptydir}"], "--resume"),
+    (2, ["search", "--space", "{fifo}", "--set", "run.steps=5"], "not a regular file"),
+    (2, ["--set", "parallel.trial=2"], "parallel.trial: 2 trial groups are for `mltrain search`"),
 ]
 
 SERIAL_CASES = [  # commands that start no MPI themselves

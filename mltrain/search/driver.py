@@ -121,6 +121,8 @@ def make_plan(config: str | None, overrides: list[str], space_path: str, world_s
         raise ConfigError(f"parallel.trial: {world_size} ranks cannot be split into {T} "
                           "equal trial groups")
     G = world_size // T
+    if o.resource == "auto":  # what the base config counts its length in
+        o.resource = "steps" if base.run.steps else "epochs"
     if o.resource == "steps":
         R = o.max_resource or base.run.steps
         if not R:
@@ -583,6 +585,12 @@ def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False) -> dict:
         agree(world, lambda: writable_folder(plan.out, "--out"), what="config")
     else:
         agree(world, lambda: None, what="config")
+    from mltrain.linalg import has_petsc
+
+    if has_petsc:  # PETSc starts collectively on the whole world: before groups diverge
+        from mltrain.linalg.petsc import init
+
+        agree(world, init, what="config")
     ctrl = world.Dup()
     group = world.Split(gidx, me)
     side = group.Dup()
