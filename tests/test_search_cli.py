@@ -127,3 +127,38 @@ def test_a_killed_search_resumes_to_the_uninterrupted_result(files, algo):
     r = mpiexec(2, _args(files, killed, "--algo", algo, "--budget", "90", "--set",
                          "search.population=4", "--resume"), timeout=600)
     assert r.returncode == 2 and "--resume" in r.stderr and "--budget" in r.stderr
+
+
+def test_bench_search_smoke(tmp_path):
+    """Two methods, one seed: each search spends at most its budget, ASHA's fraction and
+    the scaling figures are there, and the outputs are written."""
+    out, md, png = tmp_path / "s.json", tmp_path / "s.md", tmp_path / "s.png"
+    r = mpiexec(2, ["-m", "mltrain", "bench", "search", "--methods", "random,asha",
+                    "--seeds", "1", "--budget", "3", "--json", str(out), "--markdown",
+                    str(md), "--plot", str(png)], timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    d = res["datasets"]["digits"]
+    assert d["budget"] == 3 * d["R"]
+    for m in ("random", "asha"):
+        (run,) = d["runs"][m]
+        assert 0 < run["spent"] <= d["budget"] and run["failed"] == 0
+        assert run["best"] == run["best_so_far"][-1][1]
+        spent = [s for s, _ in run["best_so_far"]]
+        assert spent == sorted(spent)
+    assert d["runs"]["random"][0]["jobs"] == 3 and d["runs"]["asha"][0]["jobs"] > 3
+    assert len(d["asha_fraction_to_random_best"]) == 1
+    assert res["scaling"]["T"] == 2 and res["scaling"]["wall_T1"] > 0
+    assert "ASHA's budget" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_search_without_optuna_says_so(tmp_path):
+    """Optuna is the benchmark's outside baseline, not a dependency: without it, tpe is
+    one error line."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "optuna.py").write_text("raise ImportError('optuna is not installed here')\n")
+    r = mpiexec(2, ["-m", "mltrain", "bench", "search", "--methods", "random,tpe"],
+                env={"PYTHONPATH": f"{shim}:{ROOT}"}, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("mltrain: error:") == 1, r.stderr[-2000:]
+    assert "pip install optuna" in r.stderr

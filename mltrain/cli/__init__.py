@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 unless mpi4py and PETSc load the same MPI library")
     b = sub.add_parser("bench", parents=[common], help="benchmarks against a baseline")
     b.add_argument("what", choices=["dp", "sync", "kernels", "tr", "multilevel", "mgrit",
-                                    "hardware", "pipeline", "startup"],
+                                    "hardware", "pipeline", "startup", "search"],
                    help="dp: data-parallel step vs DDP, reducer vs raw allreduce; sync: every "
                    "scheme vs allreduce, with and without a straggler; kernels: C++ kernels vs "
                    "torch references; tr: SGD, Adam and trust region under one work budget; "
@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "hardware: measure this machine for the planner; pipeline: pipelined vs "
                    "unpipelined steps, and the planner's predictions; startup: launch to exit and "
                    "memory per rank at several rank counts vs a bare torch + MPI job (run it "
-                   "as one process, it starts the jobs)")
+                   "as one process, it starts the jobs); search: every search algorithm and "
+                   "Optuna's TPE at one budget over seeds, and the wall time with trial "
+                   "groups")
     b.add_argument("--json", metavar="OUT.json", help="write the figures as JSON")
     b.add_argument("--steps", type=int, default=0,
                    help="timed steps per variant (0 = 30 for dp, 32 for sync)")
@@ -68,18 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ranks", default="8,16,32", help="startup: rank counts")
     b.add_argument("--sizes", default="", help="kernels: element counts, e.g. 1e4,1e6")
     b.add_argument("--budget", type=float, default=10.0,
-                   help="tr, multilevel: (fine-)gradient equivalents of work per method")
+                   help="tr, multilevel: (fine-)gradient equivalents of work per method; "
+                   "search: full trials' worth of steps per search")
+    b.add_argument("--datasets", default="digits",
+                   help="search: digits and/or mnist (mnist: --set data.path=IDX folder)")
     b.add_argument("--target", type=float, default=0.1,
                    help="multilevel: training loss each method races to")
     b.add_argument("--target-acc", type=float, default=None,
                    help="multilevel: test accuracy whose sequential steps are compared")
     b.add_argument("--methods", default="", help="multilevel: a comma-separated subset of "
-                   "sgd,adam,lbfgs,tr,rmtr-3,apts,nested-adam")
+                   "sgd,adam,lbfgs,tr,rmtr-3,apts,nested-adam; search: of random,grid,asha,"
+                   "pbt,thompson,crowding,tpe")
     b.add_argument("--regimes", default="hybrid,large,full",
                    help="multilevel: batch regimes (hybrid, large, full)")
     b.add_argument("--inits", default="independent,smooth",
                    help="multilevel: initializations (independent, smooth in depth)")
-    b.add_argument("--seeds", type=int, default=5, help="multilevel: seeds per cell")
+    b.add_argument("--seeds", type=int, default=5, help="multilevel: seeds per cell; "
+                   "search: seeds per method")
     b.add_argument("--lrs", type=int, default=6,
                    help="multilevel: log-spaced learning rates tuned for SGD and Adam")
     b.add_argument("--large-batch", type=int, default=512,
@@ -87,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--resolution", type=float, default=0.01,
                    help="multilevel: check the targets whenever the work grew by this fraction")
     b.add_argument("--markdown", metavar="OUT.md",
-                   help="multilevel: write the tables as markdown")
+                   help="multilevel, search: write the tables as markdown")
     b.add_argument("--plot", metavar="OUT.png", help="tr, multilevel: loss and accuracy "
-                   "against work")
+                   "against work; search: best accuracy against budget")
     b.add_argument("--depths", default="64,128,256,512,1024",
                    help="mgrit: residual layer counts")
     b.add_argument("--cf", type=int, default=8, help="mgrit: coarsening factor")

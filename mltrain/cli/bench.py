@@ -14,6 +14,7 @@ import socket
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -486,6 +487,44 @@ def _pipeline(what: str, cfg, args, comm: MPI.Comm) -> int:
 
 # `mltrain bench WHAT`: each runner takes (what, cfg, args, comm); startup runs without MPI
 # (mltrain.cli.bench_startup, started by the CLI itself).
+def _search(what: str, cfg, args, comm: MPI.Comm) -> int:
+    from mltrain.cli import check_writable
+    from mltrain.cli.bench_search import DATASETS, METHODS, bench_search, check, markdown, plot
+    from mltrain.comm import agree
+
+    def parse():
+        check_writable(args.plot, "--plot")
+        check_writable(args.markdown, "--markdown")
+        methods = [m for m in args.methods.split(",") if m] or METHODS
+        datasets = [d for d in args.datasets.split(",") if d]
+        for items, known, flag in ((methods, METHODS, "--methods"),
+                                   (datasets, list(DATASETS), "--datasets")):
+            unknown = sorted(set(items) - set(known))
+            if unknown or not items:
+                raise ConfigError(f"{flag}: unknown or empty {', '.join(unknown)} (choose "
+                                  f"from {', '.join(known)})")
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds: must be at least 1, got {args.seeds}")
+        if not (math.isfinite(args.budget) and 1 <= args.budget <= 1000):
+            raise ConfigError(f"--budget: full trials per search, from 1 to 1000, got "
+                              f"{args.budget}")
+        check(methods, datasets, cfg.data.path)
+        return methods, datasets
+    methods, datasets = agree(comm, parse, what="config")
+    rank0 = comm.Get_rank() == 0
+    res = bench_search(comm, datasets, methods, args.seeds, args.budget, cfg.data.path,
+                       (lambda m: print(m, flush=True)) if rank0 else (lambda m: None))
+    if rank0:
+        text = markdown(res)
+        print(text)
+        _write_json(args.json, what, res)
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        if args.plot:
+            plot(res, args.plot)
+    return 0
+
+
 BENCHMARKS = {"dp": _dp, "sync": _sync, "kernels": _kernels, "tr": _tr,
               "multilevel": _multilevel, "mgrit": _mgrit, "hardware": _pipeline,
-              "pipeline": _pipeline}
+              "pipeline": _pipeline, "search": _search}

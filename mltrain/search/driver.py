@@ -239,9 +239,9 @@ class Controller:
 
     CACHE_BYTES = 1 << 28  # snapshots kept in memory as well as on disk
 
-    def __init__(self, plan: Plan, comm: MPI.Comm, log):
+    def __init__(self, plan: Plan, comm: MPI.Comm, log, algorithm=None):
         self.plan, self.comm, self.log = plan, comm, log
-        self.algo = plan.algorithm()
+        self.algo = algorithm(plan) if algorithm is not None else plan.algorithm()
         self.lock = threading.RLock()
         self.records: list[dict] = []        # every job issued, with its result once back
         self.inflight: dict[int, dict] = {}  # job id -> job
@@ -574,9 +574,10 @@ def run_job(plan: Plan, job: dict, group: MPI.Comm, side: MPI.Comm, data: bytes 
     return result, snap
 
 
-def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False) -> dict:
-    """Runs the search to its budget; returns (on world rank 0) the summary. Collective
-    on ``world``."""
+def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False, algorithm=None) -> dict:
+    """Runs the search to its budget; returns (on world rank 0) the summary. ``algorithm``
+    (a function of the plan) replaces ``search.algo``'s (the benchmark's outside
+    baselines). Collective on ``world``."""
     log = get_logger(rank=world.Get_rank())
     G = plan.group_size
     me = world.Get_rank()
@@ -599,7 +600,7 @@ def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False) -> dict:
     thread = None
     done = threading.Event()
     if me == 0:
-        controller = agree(world, lambda: Controller(plan, ctrl, log), what="config")
+        controller = agree(world, lambda: Controller(plan, ctrl, log, algorithm), what="config")
         if not quiet:
             from tqdm import tqdm
 
