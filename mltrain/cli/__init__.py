@@ -318,7 +318,15 @@ def _search(args, comm) -> int:
         check_writable(args.summary, "--summary")
         return make_plan(args.config, args.overrides, args.space, comm.Get_size(),
                          algo=args.algo, budget=args.budget, out=args.out, resume=args.resume)
-    summary = run_search(agree(comm, plan, what="config"), comm, quiet=args.quiet)
+    summary = comm.bcast(run_search(agree(comm, plan, what="config"), comm, quiet=args.quiet))
+    if summary["stopped_by"]:
+        import signal
+
+        if comm.Get_rank() == 0:
+            print(f"mltrain: search stopped by {summary['stopped_by']}: continue it with "
+                  f"--resume --out {summary['out']}", file=sys.stderr)
+        sig = getattr(signal, summary["stopped_by"], signal.SIGTERM)
+        return 128 + int(sig)
     if comm.Get_rank() == 0:
         if args.summary:
             with open(args.summary, "w") as f:

@@ -31,9 +31,10 @@ __all__ = ["ALGORITHMS", "WAIT", "Algorithm", "RandomSearch", "GridSearch", "ASH
 WAIT = "wait"
 
 # PBT's explore leaves these as the member drew them: a snapshot cannot follow a change of
-# the optimizer, the model, the layout, the precision or the curvature memory.
+# the optimizer, the model, the layout, the precision or the curvature memory, and a new
+# batch size would change what a step (and the snapshot's data position) means.
 PBT_FIXED = ("optim.name", "model.", "parallel.", "run.dtype", "run.seed", "tr.curvature",
-             "tr.memory", "multilevel.", "mgopt.", "apts.", "pipeline.")
+             "tr.memory", "multilevel.", "mgopt.", "apts.", "pipeline.", "data.")
 
 
 def fitness(score: float | None, maximize: bool) -> float:

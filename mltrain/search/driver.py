@@ -191,8 +191,9 @@ def _check_algorithm(plan: Plan) -> None:
         raise ConfigError(f"--budget: {B} cannot train the first population ({P} x {R})")
     if plan.algo in ("pbt", "crowding") and o.population == 1:
         raise ConfigError("search.population: a population needs at least 2 members")
-    if plan.algo == "grid" and len(plan.space.grid(o.grid_points)) > 1_000_000:
-        raise ConfigError("search.grid_points: the grid has more than a million points")
+    if plan.algo == "grid" and plan.space.bound(o.grid_points) > 1_000_000:
+        raise ConfigError("search.grid_points: the grid may have more than a million points "
+                          "(fewer grid_points, or fewer keys)")
 
 
 # -- messages -------------------------------------------------------------------------
@@ -252,6 +253,8 @@ class Controller:
         self.snapshots: dict[str, dict] = {}  # name -> {"file", "bytes", "sha256"}
         self.cache: dict[str, bytes] = {}
         self.used = 0
+        self.stopping = False  # a trial was stopped by SIGTERM/SIGUSR1: hand out no more
+        self.stopped_by = ""
         self.started = time.time()
         self.bar = None
         self.failed_abort: list[str] = []
@@ -259,6 +262,9 @@ class Controller:
         (self.out / "snapshots").mkdir(parents=True, exist_ok=True)
         if plan.resume:
             self._load()
+        elif (self.out / STATE).exists():
+            raise ConfigError(f"--out {self.out}: holds a search already ({STATE}); continue "
+                              "it with --resume, or choose another --out")
 
     # state file ------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -309,17 +315,21 @@ class Controller:
                         or f.stat().st_size != s["bytes"]:
                     raise ConfigError(f"--resume: snapshot {f} is missing or not the "
                                       f"{s['bytes']} bytes the state records")
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+            # Jobs issued but not finished when the search stopped run again, first and
+            # in the order they were issued, exactly as they were issued.
+            for r in self.records:
+                if r.get("result") is None:
+                    self.queue.append(r["job"])
+            self.records = [r for r in self.records if r.get("result") is not None]
+            needed = {j["snapshot"] for j in self.queue if j.get("snapshot")} \
+                | self.algo.live_snapshots()
+            for name in sorted(needed):
+                self._snapshot(name)  # present, and the bytes the state recorded
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OSError) as e:
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"--resume: {path} is damaged ({type(e).__name__}: {e})") \
                 from None
-        # Jobs issued but not finished when the search stopped run again, first and in
-        # the order they were issued, exactly as they were issued.
-        for r in self.records:
-            if r.get("result") is None:
-                self.queue.append(r["job"])
-        self.records = [r for r in self.records if r.get("result") is not None]
 
     # serving ---------------------------------------------------------------------------
     def poll(self) -> bool:
@@ -383,6 +393,8 @@ class Controller:
 
     def next_job(self):
         """The next job (a resumed search's unfinished ones first), WAIT or None."""
+        if self.stopping:
+            return None
         if self.queue:
             job = self.queue.popleft()
         else:
@@ -409,9 +421,21 @@ class Controller:
         for r in self.records:
             if r["job"]["id"] == job["id"]:
                 r["result"] = result
+        if result["status"] == "stopped":  # a scheduler's signal: run it again on --resume
+            self.queue.appendleft(job)
+            self.stopping = True
+            for r in self.records:
+                if r["job"]["id"] == job["id"]:
+                    r["result"] = None
+            self.used -= int(result.get("used", 0))
+            self.stopped_by = result.get("message", "").rsplit(" ", 1)[-1]
+            self.save()
+            return
         self.algo.tell(job, result)
-        self._collect_garbage()
-        self.save()
+        dead = self._collect_garbage()
+        self.save()  # before the files go: a kill in between leaves orphans, not holes
+        for f in dead:
+            f.unlink(missing_ok=True)
         from mltrain.search.report import write_results
 
         write_results(self.plan, self.records, self.out)
@@ -456,14 +480,18 @@ class Controller:
                               "and SHA-256 (changed since it was written)")
         return data
 
-    def _collect_garbage(self) -> None:
+    def _collect_garbage(self) -> list[Path]:
+        """Forgets the snapshots nothing can continue from; returns their files (deleted
+        by the caller once the state no longer names them)."""
         live = self.algo.live_snapshots() | {j["snapshot"] for j in self.inflight.values()
                                              if j.get("snapshot")} \
             | {j["snapshot"] for j in self.queue if j.get("snapshot")}
+        dead = []
         for name in [n for n in self.snapshots if n not in live]:
             s = self.snapshots.pop(name)
             self.cache.pop(name, None)
-            (self.out / "snapshots" / s["file"]).unlink(missing_ok=True)
+            dead.append(self.out / "snapshots" / s["file"])
+        return dead
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -538,6 +566,10 @@ def run_job(plan: Plan, job: dict, group: MPI.Comm, side: MPI.Comm, data: bytes 
         trainer.until = min(job["stop"] * per, trainer.total_steps)
         result["used"] = job["stop"] - job["start"]
         summary = trainer.train()
+        if trainer.stopped_by:  # SIGTERM/SIGUSR1: the job did not finish; --resume reruns it
+            trainer.close()
+            result.update(status="stopped", message=f"stopped by {trainer.stopped_by}")
+            return result, None
         summary["train_loss"] = summary["final_loss"]  # over the whole training set
         result["metrics"] = {k: summary.get(k) for k in METRICS}
         result["steps"] = trainer.step
@@ -609,10 +641,20 @@ def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False, algorithm=None)
                                   desc=f"search {plan.algo}")
         if MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
             def serve():
-                while not done.is_set():
-                    if controller.poll():
-                        return
-                    time.sleep(0.001)
+                try:
+                    while not done.is_set():
+                        if controller.poll():
+                            return
+                        time.sleep(0.001)
+                except BaseException as e:  # noqa: BLE001 - nobody else would see it
+                    # A dead controller leaves every group waiting: end the job instead.
+                    if isinstance(e, ConfigError):
+                        print(f"mltrain: error: {e}", file=sys.stderr, flush=True)
+                        world.Abort(2)
+                    import traceback
+
+                    traceback.print_exc()
+                    world.Abort(1)
             thread = threading.Thread(target=serve, name="mltrain-search", daemon=True)
             thread.start()
         elif plan.trials > 1:
@@ -665,6 +707,7 @@ def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False, algorithm=None)
         write_results(plan, controller.records, plan.out)
         write_plots(plan, controller.records, plan.out)
         summary = summarize(plan, controller.records, controller.used)
+        summary["stopped_by"] = controller.stopped_by or None
     side.Free()
     group.Free()
     ctrl.Free()

@@ -155,9 +155,24 @@ class Space:
             combos = nxt
         return combos
 
-    def size(self) -> int | None:
-        """Number of distinct configurations when every key is categorical or integer."""
-        return len(self.grid(1 << 30)) if self.finite else None
+    def bound(self, n: int) -> int:
+        """An upper bound on ``len(grid(n))`` (conditions ignored), without building it."""
+        out = 1
+        for p in self.params:
+            k = len(p.values) if p.kind == "choice" else (
+                min(int(p.high - p.low) + 1, n) if p.kind == "int" else n)
+            out *= k + (1 if p.when else 0)
+        return out
+
+    def size(self, limit: int = 1 << 20) -> int | None:
+        """Number of distinct configurations when every key is categorical or integer and
+        there are at most about ``limit`` (None otherwise: too many to list)."""
+        if not self.finite:
+            return None
+        big = 1 << 62
+        if self.bound(big) > limit:
+            return None
+        return len(self.grid(big))
 
     def distance(self, a: dict, b: dict) -> float:
         """Mean over keys: |difference| in unit coordinates for numbers, 0 or 1 for
