@@ -45,6 +45,8 @@ def files(tmp_path_factory):
     for name, text in spaces.items():
         (d / f"{name}.toml").write_text(text)
     (d / "emptydir").mkdir()
+    (d / "stated").mkdir()
+    (d / "stated" / "search-state.json").write_text("{}")
     return {p.name.split(".")[0]: str(p) for p in d.iterdir()}
 
 
@@ -116,6 +118,10 @@ MPI_CASES = [  # (ranks, arguments after `-m mltrain`, what the message must con
     (2, ["search", "--space", "{space_ok}", "--set", "run.steps=5", "--resume", "--out",
          "{emptydir}"], "--resume"),
     (2, ["search", "--space", "{fifo}", "--set", "run.steps=5"], "not a regular file"),
+    (2, ["search", "--space", "{space_ok}", "--set", "run.steps=5", "--out", "{stated}"],
+     "holds a search already"),
+    (2, ["search", "--space", "{space_ok}", "--set", "run.steps=5", "--resume", "--out",
+         "{stated}"], "is not a mltrain-search state"),
     (2, ["--set", "parallel.trial=2"], "parallel.trial: 2 trial groups are for `mltrain search`"),
 ]
 

@@ -91,11 +91,13 @@ def _finished(out) -> int:
     return sum(r.get("result") is not None for r in st["records"])
 
 
-@pytest.mark.parametrize("algo", ["asha", "crowding"])
-def test_a_killed_search_resumes_to_the_uninterrupted_result(files, algo):
+@pytest.mark.parametrize("algo, signame", [("asha", "SIGKILL"), ("crowding", "SIGKILL"),
+                                           ("asha", "SIGTERM")])
+def test_a_killed_search_resumes_to_the_uninterrupted_result(files, algo, signame):
     """One trial group of two ranks (deterministic order). The killed run loses the job in
-    flight; --resume runs it again from its snapshot and the search ends with the same
-    jobs, configurations and results to the last bit."""
+    flight (SIGTERM: stops it at its next logged step and exits 128 + 15); --resume runs
+    it again from its snapshot and the search ends with the same jobs, configurations and
+    results to the last bit. A state or snapshot changed on disk is refused."""
     sets = ["--algo", algo, "--budget", "72", "--set", "search.population=4"]
     full = files / "full"
     r = mpiexec(2, _args(files, full, *sets), timeout=600)
@@ -115,10 +117,40 @@ def test_a_killed_search_resumes_to_the_uninterrupted_result(files, algo):
         while _finished(killed) < 3 and p.poll() is None:
             time.sleep(0.02)
     finally:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+        os.killpg(p.pid, getattr(signal, signame))
+        code = p.wait(timeout=300)
+        if signame != "SIGKILL":
+            os.killpg(p.pid, signal.SIGKILL) if p.poll() is None else None
     done = _finished(killed)
     assert 3 <= done < len(expected), "the kill did not land inside the search"
+    if signame == "SIGTERM":
+        assert code != 0
+    import shutil
+
+    state = json.loads((killed / "search-state.json").read_text())
+    snaps = sorted((killed / "snapshots").glob("*.h5"))
+    if algo == "asha" and snaps and state["snapshots"]:
+        bad = files / "tampered"
+        shutil.copytree(killed, bad)
+        name = next(iter(state["snapshots"].values()))["file"]
+        f = bad / "snapshots" / name
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 1
+        f.write_bytes(bytes(data))
+        r = mpiexec(2, _args(files, bad, *sets, "--set", "run.straggler=0:20", "--resume"),
+                    timeout=600)
+        assert r.returncode == 2 and r.stderr.count("mltrain: error:") == 1, r.stderr[-2000:]
+        assert "SHA-256" in r.stderr or "snapshot" in r.stderr
+    damaged = files / "damaged"
+    shutil.copytree(killed, damaged)
+    state["records"] = [1, 2, 3]
+    (damaged / "search-state.json").write_text(json.dumps(state))
+    r = mpiexec(2, _args(files, damaged, *sets, "--set", "run.straggler=0:20", "--resume"),
+                timeout=600)
+    assert r.returncode == 2 and r.stderr.count("mltrain: error:") == 1, r.stderr[-2000:]
+    assert "damaged" in r.stderr and "Traceback" not in r.stderr
+    r = mpiexec(2, _args(files, killed, *sets, "--set", "run.straggler=0:20"), timeout=600)
+    assert r.returncode == 2 and "holds a search already" in r.stderr
     r = mpiexec(2, _args(files, killed, *sets, "--set", "run.straggler=0:20", "--resume"),
                 timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

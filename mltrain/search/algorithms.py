@@ -397,6 +397,8 @@ class Crowding(Algorithm):
             for c, child in enumerate(pair["children"]):
                 if child["trial"] is None:
                     return self._issue(pair, c)
+        if remaining < 2 * self.R:  # a pair competes only once both children are back
+            return None
         i, j = self.rng.sample(range(self.P), 2)
         a, b = self.slots[i]["values"], self.slots[j]["values"]
         if self.rng.random() < self.opts.crossover:

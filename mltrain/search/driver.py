@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -36,6 +37,7 @@ from mltrain.io import MetricsWriter, Snapshot
 from mltrain.search import algorithms as algos
 from mltrain.search.space import Space, parse_space
 from mltrain.train import Trainer
+from mltrain.train.signals import StopSignals
 from mltrain.utils import available_memory, get_logger
 
 __all__ = ["Plan", "make_plan", "run_search", "STATE", "METRICS"]
@@ -543,7 +545,8 @@ def _digest(trainer) -> str | None:
 
 
 def run_job(plan: Plan, job: dict, group: MPI.Comm, side: MPI.Comm, data: bytes | None,
-            node_masks: list, world: MPI.Comm, ctrl: MPI.Comm) -> tuple[dict, bytes | None]:
+            node_masks: list, world: MPI.Comm, ctrl: MPI.Comm,
+            poll=None) -> tuple[dict, bytes | None]:
     """Trains ``job`` on the group; returns (its result, the snapshot bytes on the group's
     rank 0 when the job keeps one). A trial that fails on every rank alike (config, data,
     divergence, a raise) is a failed result; a rank that raised alone reports the failure
@@ -594,6 +597,8 @@ def run_job(plan: Plan, job: dict, group: MPI.Comm, side: MPI.Comm, data: bytes 
         req = ctrl.irecv(source=0, tag=TAG_ACK)
         t1 = time.monotonic()
         while not req.Test()[0] and time.monotonic() - t1 < 30:
+            if poll is not None:  # rank 0 without a controller thread answers itself
+                poll()
             time.sleep(0.01)
         print(f"mltrain: error: trial {job['trial']} raised on world rank "
               f"{world.Get_rank()} alone ({error}); recorded as failed, ending the job "
@@ -602,6 +607,11 @@ def run_job(plan: Plan, job: dict, group: MPI.Comm, side: MPI.Comm, data: bytes 
     if message is not None:
         result.update(status="failed", message=message, metrics={}, curve=[])
         snap = None
+        if trainer is not None:  # every rank left the trial at the same raise
+            try:
+                trainer.close()
+            except Exception:  # noqa: BLE001 - a half-built trainer frees what it can
+                pass
     result["wall"] = time.perf_counter() - t0
     return result, snap
 
@@ -663,6 +673,37 @@ def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False, algorithm=None)
     else:
         agree(world, lambda: None, what="config")
     poll = (lambda: controller.poll()) if controller is not None and thread is None else None
+    with StopSignals() as signals:  # between trials too: a job is stopped, never lost
+        _group_loop(plan, world, ctrl, group, side, gidx, node_masks, poll, signals)
+    if controller is not None:
+        while not (controller.poll() if thread is None else not thread.is_alive()):
+            time.sleep(0.005)
+        done.set()
+        if thread is not None:
+            thread.join()
+        if controller.bar is not None:
+            controller.bar.close()
+    world.Barrier()
+    summary = None
+    if controller is not None:
+        from mltrain.search.report import summarize, write_plots, write_results
+
+        write_results(plan, controller.records, plan.out)
+        write_plots(plan, controller.records, plan.out)
+        summary = summarize(plan, controller.records, controller.used)
+        summary["stopped_by"] = controller.stopped_by or None
+    side.Free()
+    group.Free()
+    ctrl.Free()
+    return summary
+
+
+def _group_loop(plan: Plan, world: MPI.Comm, ctrl: MPI.Comm, group: MPI.Comm, side: MPI.Comm,
+                gidx: int, node_masks: list, poll, signals) -> None:
+    """A group's life: ask world rank 0 for a job (the leader), train it, hand back the
+    result, until told to stop. A scheduler's signal (``signals``, or one a trial's own
+    loop caught) ends it after the job in hand, which goes back as not finished.
+    Collective on ``group``."""
     last, snap_up = None, None
     leader = group.Get_rank() == 0
     while True:
@@ -688,28 +729,13 @@ def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False, algorithm=None)
         msg = _bcast_json(group, msg)
         if msg["stop"]:
             break
-        last, snap_up = run_job(plan, msg["job"], group, side, data, node_masks, world, ctrl)
+        got = side.allreduce(signals.received, op=MPI.MAX)
+        if got:  # a signal between trials: this job goes back unstarted
+            last = {"job": msg["job"]["id"], "status": "stopped", "used": 0, "metrics": {},
+                    "message": f"stopped by {signal.Signals(got).name}"}
+            snap_up = None
+            continue
+        last, snap_up = run_job(plan, msg["job"], group, side, data, node_masks, world, ctrl,
+                                poll)
         if not leader:
             last, snap_up = None, None
-    if controller is not None:
-        while not (controller.poll() if thread is None else not thread.is_alive()):
-            time.sleep(0.005)
-        done.set()
-        if thread is not None:
-            thread.join()
-        if controller.bar is not None:
-            controller.bar.close()
-    world.Barrier()
-    summary = None
-    if controller is not None:
-        from mltrain.search.report import summarize, write_plots, write_results
-
-        write_results(plan, controller.records, plan.out)
-        write_plots(plan, controller.records, plan.out)
-        summary = summarize(plan, controller.records, controller.used)
-        summary["stopped_by"] = controller.stopped_by or None
-    side.Free()
-    group.Free()
-    ctrl.Free()
-    return summary
-

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from mltrain.comm import STATS, Grid, agree, local_cpu_masks
+from mltrain.comm import STATS, CollectiveError, Grid, agree, local_cpu_masks
 from mltrain.config import Config, to_toml
 from mltrain.data import ShardLoader, open_dataset
 from mltrain.io import (MetricsWriter, Snapshot, checkpoint_bytes, load_checkpoint,
@@ -59,6 +59,16 @@ class Trainer:
             agree(comm, lambda: prepare_folder(cfg.checkpoint.dir) if self.rank == 0 else None,
                   what="config")
         self.gc = self.grid.build(comm)
+        try:
+            self._setup(cfg, comm, model, snapshot, node_masks, metrics)
+        except CollectiveError:  # refused alike on every rank: free what was split
+            self.gc.free()
+            raise
+
+    def _setup(self, cfg: Config, comm: MPI.Comm, model, snapshot, node_masks,
+               metrics: bool) -> None:
+        """The rest of the construction, once the grid is split. Collective on
+        ``comm``."""
         self.dp_size, self.dp_rank = self.gc.data.Get_size(), self.gc.data.Get_rank()
         # A search's trial group shares its node with other groups: their masks count too.
         local_masks = node_masks if node_masks is not None else local_cpu_masks(comm)
@@ -120,6 +130,7 @@ class Trainer:
             self.run_dir = Path(cfg.run.out_dir) / f"run-{stamp}"
             self.metrics = agree(comm, lambda: MetricsWriter(self.run_dir / "metrics.jsonl",
                                                              self.rank), what="run.out_dir")
+
 
     def _build(self, model: torch.nn.Module, levels: int | None = None):
         """The configured optimizer for ``model`` (multilevel ones over ``levels`` levels).
