@@ -131,9 +131,27 @@ def test_groups_train_with_their_own_layout(comm, shared_tmp):
     group.Free()
 
 
+def _chain(group, base, values, stops):
+    """A standalone run stopped at each of ``stops`` and resumed from its own snapshot,
+    as `mltrain train` with checkpoint.resume does; returns the last digest."""
+    from mltrain.io import Snapshot
+
+    snap, digest = None, None
+    for stop in stops:
+        t, _, digest = _standalone(group, base, ["run.steps=9"], values, stop,
+                                   snapshot=snap)
+        data = t.snapshot_bytes()
+        t.close()
+        snap = Snapshot(f"at {stop}", data) if group.Get_rank() == 0 else None
+    return digest
+
+
 def test_asha_promotions_continue_exactly(comm, shared_tmp):
-    """Rungs 1, 3, 9: a promoted trial continues from the snapshot another group may
-    have written, and ends with the parameters of a straight run to that rung."""
+    """Rungs 1, 3, 9: a promoted trial continues from the snapshot another group may have
+    written, and ends with the parameters of a standalone run paused and resumed at the
+    same rungs; with allreduce (replicas that never drift) also of a straight run. (A
+    drifting scheme's pause keeps the replicas' consensus and rank 0's optimizer state,
+    as a checkpoint does.)"""
     size = comm.Get_size()
     trials = size if size <= 3 else 2
     base, _ = _files(comm, shared_tmp)
@@ -142,18 +160,25 @@ def test_asha_promotions_continue_exactly(comm, shared_tmp):
                                    budget=30, sets=sets)
     promoted = [r for r in state["records"] if r["job"]["start"] > 0]
     assert promoted and max(r["job"]["stop"] for r in promoted) >= 3
+    rungs = [1, 3, 9]
     group, gidx = _groups(comm, trials)
     bad = []
     for rec in promoted:
         job, res = rec["job"], rec["result"]
         if res["group"] != gidx:
             continue
-        t, summary_, digest = _standalone(group, base, ["run.steps=9"], job["values"],
-                                          job["stop"])
-        t.close()
+        stops = [r for r in rungs if r <= job["stop"]]
+        digest = _chain(group, base, job["values"], stops)
+        where = f"trial {job['trial']} at {job['stop']} ({job['values'].get('sync.name')})"
         if group.Get_rank() == 0 and digest != res["digest"]:
-            bad.append(f"trial {job['trial']} at {job['stop']}")
-    all_ranks(comm, not bad, "promoted trials differ from straight runs: " + ", ".join(bad))
+            bad.append(where + " vs paused standalone")
+        if job["values"]["sync.name"] == "allreduce":
+            t, _, straight = _standalone(group, base, ["run.steps=9"], job["values"],
+                                         job["stop"])
+            t.close()
+            if group.Get_rank() == 0 and straight != res["digest"]:
+                bad.append(where + " vs straight run")
+    all_ranks(comm, not bad, "promoted trials differ: " + ", ".join(bad))
     # every snapshot a finished search left is one it may still promote
     live = set(state["snapshots"])
     top = {str(r["job"]["trial"]) for r in state["records"] if r["job"]["stop"] == 9}
@@ -197,12 +222,13 @@ def test_pbt_exploit_copies_the_better_members_state(comm, shared_tmp):
 
 def test_failed_trials_are_recorded_and_the_search_goes_on(comm, shared_tmp):
     """A grid over two keys whose combination the config refuses (trust region with
-    Local SGD) and a rate that diverges: those trials fail with their message, the others
+    Local SGD) and a rate that must overflow (1e300 in float64: the second step's logits
+    are beyond the largest double): those trials fail with their message, the others
     train."""
     size = comm.Get_size()
     trials = size if size <= 3 else 2
     space = ('["optim.name"]\nchoice = ["sgd", "tr"]\n["sync.name"]\n'
-             'choice = ["allreduce", "localsgd"]\n["optim.lr"]\nchoice = [0.1, 1e30]\n')
+             'choice = ["allreduce", "localsgd"]\n["optim.lr"]\nchoice = [0.1, 1e300]\n')
     plan, summary, state = _search(comm, shared_tmp, "fail", trials=trials, algo="grid",
                                    budget=48, space=space)
     res = {(r["job"]["values"]["optim.name"], r["job"]["values"]["sync.name"],

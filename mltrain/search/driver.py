@@ -257,9 +257,7 @@ class Controller:
         self.used = 0
         self.stopping = False  # a trial was stopped by SIGTERM/SIGUSR1: hand out no more
         self.stopped_by = ""
-        self.started = time.time()
         self.bar = None
-        self.failed_abort: list[str] = []
         self.out = plan.out
         (self.out / "snapshots").mkdir(parents=True, exist_ok=True)
         if plan.resume:
