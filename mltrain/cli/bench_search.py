@@ -44,8 +44,11 @@ DATASETS = {  # base configs: a small MLP, plain SGD, the length of a full trial
     "mnist": ["data.name=idx", "model.name=mlp", "model.width=128", "model.depth=1",
               "run.steps=150"],
 }
+# One torch thread per rank: the one-group run of the wall-time comparison would otherwise
+# take every core of the node for its single rank, and the comparison would be of
+# intra-op threads against trial groups instead of T groups against one.
 COMMON = ["optim.name=sgd", "run.log_every=10", "search.eta=3", "search.interval=0",
-          "data.alpha=0.5"]
+          "data.alpha=0.5", "run.threads=1"]
 # ASHA's (and TPE's reporting) lowest rung: R / 9, three rungs (R / 27 is a couple of
 # steps on these problems, too few to tell learning rates apart).
 RUNG_DIVISOR = 9

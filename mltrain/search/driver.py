@@ -281,7 +281,7 @@ class Controller:
         return to_toml(self.plan.trial_config({}))
 
     def save(self) -> None:
-        _atomic_write(self.out / STATE, json.dumps(self._state(), indent=1).encode())
+        _atomic_write(self.out / STATE, json.dumps(self._state(), separators=(",", ":")).encode())
 
     def _load(self) -> None:
         path = self.out / STATE
@@ -457,7 +457,7 @@ class Controller:
     def _store(self, job: dict, data: bytes) -> str:
         name = f"trial{job['trial']}-at{job['stop']}"
         fname = f"{name}.h5"
-        _atomic_write(self.out / "snapshots" / fname, data)
+        _atomic_write(self.out / "snapshots" / fname, data, sync=True)
         self.snapshots[name] = {"file": fname, "bytes": len(data),
                                 "sha256": hashlib.sha256(data).hexdigest()}
         self.cache[name] = data
@@ -494,13 +494,18 @@ class Controller:
         return dead
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, sync: bool = False) -> None:
+    """Writes ``data`` to a temporary file and renames it over ``path``: a killed process
+    leaves the old file or the new one, never half of one. ``sync`` also survives a
+    crash of the node (fsync before the rename): the state is written twice per job and
+    a killed job is what --resume is for, so only snapshots pay for it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
