@@ -194,3 +194,17 @@ def test_bench_search_without_optuna_says_so(tmp_path):
                 env={"PYTHONPATH": f"{shim}:{ROOT}"}, timeout=300)
     assert r.returncode == 2 and r.stderr.count("mltrain: error:") == 1, r.stderr[-2000:]
     assert "pip install optuna" in r.stderr
+
+
+def test_the_example_search_runs(tmp_path):
+    """examples/search as the README shows it, on 2 ranks in 2 trial groups, with a
+    smaller budget."""
+    ex = ROOT / "examples" / "search"
+    r = mpiexec(2, ["-m", "mltrain", "search", "--config", str(ex / "base.toml"), "--space",
+                    str(ex / "space.toml"), "--algo", "asha", "--budget", "360", "--set",
+                    "parallel.trial=2", "--out", str(tmp_path / "out"), "--quiet"],
+                timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _rows(tmp_path / "out")
+    assert len(rows) > 3 and {r["status"] for r in rows} == {"ok"}
+    assert max(float(r["test_accuracy"]) for r in rows) > 0.5
