@@ -113,6 +113,8 @@ MPI_CASES = [  # (ranks, arguments after `-m mltrain`, what the message must con
          "run.steps=5"], "parallel.trial: 2 ranks cannot be split into 3"),
     (2, ["search", "--space", "{space_ok}", "--set", "search.resource=steps"],
      "search.max_resource: 0 takes run.steps"),
+    (2, ["search", "--space", "{space_ok}", "--set", "search.resource=work"],
+     "search.max_resource: a trial's length in fine-gradient equivalents is required"),
     (2, ["search", "--space", "{space_ok}", "--set", "run.steps=5", "--budget", "4"],
      "--budget: 4 steps cannot train one trial"),
     (2, ["search", "--space", "{space_ok}", "--set", "run.steps=5", "--resume", "--out",

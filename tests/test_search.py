@@ -251,3 +251,41 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(comm, shared_tmp):
         cfg = load_config(shared_tmp / "fail" / "best.toml")  # ready to train
         assert cfg.optim.lr == 0.1 and "trial" in best
     comm.Barrier()
+
+
+def test_a_budget_in_work_stops_each_trial_at_its_work(comm, shared_tmp):
+    """search.resource = work with trust region (work in fine-gradient equivalents, not
+    steps): each trial stops at the first step whose work reaches its allocation, as a
+    hand-written loop stops, with the same parameters."""
+    from mpi4py import MPI
+
+    from mltrain.config import load_config, toml_value
+    from mltrain.search.driver import _digest
+    from mltrain.train import Trainer
+
+    size = comm.Get_size()
+    trials = size if size <= 3 else 2
+    base, _ = _files(comm, shared_tmp)
+    sets = ["optim.name=tr", "search.resource=work", "search.max_resource=2",
+            "run.steps=1000"]
+    space = '["tr.radius"]\nlog = [0.1, 2.0]\n'
+    plan, summary, state = _search(comm, shared_tmp, "work", trials=trials, budget=6,
+                                   sets=sets, space=space)
+    assert summary["jobs"] == 3 and summary["spent"] == 6 and summary["failed"] == 0
+    group, gidx = _groups(comm, trials)
+    bad = []
+    for rec in state["records"]:
+        job, res = rec["job"], rec["result"]
+        if res["group"] != gidx:
+            continue
+        extra = [f"{k}={toml_value(v)}" for k, v in job["values"].items()]
+        t = Trainer(load_config(base, [*sets, *extra]), group, quiet=True, metrics=False)
+        while group.allreduce(t.work(), op=MPI.MAX) < 2:
+            t.advance()
+        digest = _digest(t)
+        if group.Get_rank() == 0 and (digest != res["digest"] or t.step != res["steps"]):
+            bad.append(f"job {job['id']}: {t.step} steps vs {res['steps']}")
+        assert res["work"] >= 2 and res["steps"] > 1
+        t.close()
+    all_ranks(comm, not bad, "; ".join(bad))
+    group.Free()

@@ -279,9 +279,11 @@ class SearchConfig:
                    choices=("random", "grid", "asha", "pbt", "thompson", "crowding"))
     budget: int = _f(0, "search budget in search.resource units summed over every trial "
                      "(0 = search.max_resource x 16)", min=0)
-    resource: str = _f("auto", "what budgets and rungs count: optimizer steps, or epochs "
-                       "(fair across batch sizes); auto = steps when run.steps > 0, else "
-                       "epochs", choices=("auto", "steps", "epochs"))
+    resource: str = _f("auto", "what budgets and rungs count: optimizer steps, epochs "
+                       "(fair across batch sizes), or work in fine-gradient equivalents (fair "
+                       "across first-order, trust-region and multilevel optimizers; needs "
+                       "search.max_resource); auto = steps when run.steps > 0, else epochs",
+                       choices=("auto", "steps", "epochs", "work"))
     metric: str = _f("test_accuracy", "what a trial is judged by at the end of each of its "
                      "jobs: accuracies are maximized, the loss over the training set minimized",
                      choices=("test_accuracy", "train_accuracy", "train_loss"))

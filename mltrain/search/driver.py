@@ -77,10 +77,11 @@ class Plan:
     def forced(self, seed: int | None = None) -> list[str]:
         """What every trial's config is given on top of the base: its full length, no
         checkpoints of its own, one group."""
-        by_steps = self.opts.resource == "steps"
-        out = [f"run.steps={self.R}" if by_steps else "run.steps=0"]
-        if not by_steps:
-            out.append(f"run.epochs={self.R}")
+        out = []
+        if self.opts.resource == "steps":
+            out.append(f"run.steps={self.R}")
+        elif self.opts.resource == "epochs":
+            out += ["run.steps=0", f"run.epochs={self.R}"]
         out += ["checkpoint.dir=\"\"", "checkpoint.resume=false", "parallel.trial=1"]
         if seed is not None:
             out.append(f"run.seed={seed}")
@@ -125,7 +126,13 @@ def make_plan(config: str | None, overrides: list[str], space_path: str, world_s
     G = world_size // T
     if o.resource == "auto":  # what the base config counts its length in
         o.resource = "steps" if base.run.steps else "epochs"
-    if o.resource == "steps":
+    if o.resource == "work":
+        R = o.max_resource
+        if not R:
+            raise ConfigError("search.max_resource: a trial's length in fine-gradient "
+                              "equivalents is required with search.resource = \"work\" "
+                              "(run.steps or run.epochs then only cap its steps)")
+    elif o.resource == "steps":
         R = o.max_resource or base.run.steps
         if not R:
             raise ConfigError("search.max_resource: 0 takes run.steps, which is 0 (the base "
@@ -568,8 +575,12 @@ def run_job(plan: Plan, job: dict, group: MPI.Comm, side: MPI.Comm, data: bytes 
         trainer = Trainer(cfg, group, quiet=True, metrics=False, snapshot=snapshot,
                           node_masks=node_masks)
         trainer.metrics = MetricsWriter(None, rank, keep=True)
-        per = 1 if plan.opts.resource == "steps" else trainer.steps_per_epoch
-        trainer.until = min(job["stop"] * per, trainer.total_steps)
+        if plan.opts.resource == "work":  # from where the snapshot left it (counts restart)
+            w0 = group.allreduce(trainer.work(), op=MPI.MAX)
+            trainer.until_work = w0 + (job["stop"] - job["start"])
+        else:
+            per = 1 if plan.opts.resource == "steps" else trainer.steps_per_epoch
+            trainer.until = min(job["stop"] * per, trainer.total_steps)
         result["used"] = job["stop"] - job["start"]
         summary = trainer.train()
         if trainer.stopped_by:  # SIGTERM/SIGUSR1: the job did not finish; --resume reruns it
@@ -579,6 +590,7 @@ def run_job(plan: Plan, job: dict, group: MPI.Comm, side: MPI.Comm, data: bytes 
         summary["train_loss"] = summary["final_loss"]  # over the whole training set
         result["metrics"] = {k: summary.get(k) for k in METRICS}
         result["steps"] = trainer.step
+        result["work"] = trainer.work()
         if trainer.metrics.records is not None:
             result["curve"] = [[r["step"], r["loss"]] for r in trainer.metrics.records
                                if "loss" in r and r.get("event") is None]

@@ -66,7 +66,7 @@ def _loop(t, signals: StopSignals, bar, bytes0: int, t0: float,
     if not). Stops early, on every rank at the same logged step (every run.log_every),
     once any rank received SIGTERM or SIGUSR1. Collective on the trainer's communicator."""
     cfg = t.cfg
-    while t.step < t.until:
+    while _more(t):
         epoch = t.step // t.steps_per_epoch
         loss = t.advance()
         logged = t.step % cfg.run.log_every == 0 or t.step == t.until
@@ -120,3 +120,16 @@ def _loop(t, signals: StopSignals, bar, bytes0: int, t0: float,
                 and t.phase == 0):
             t.save()
     return None
+
+
+def _more(t) -> bool:
+    """Whether to train another step: before ``t.until`` and, when a search stops the run
+    at an amount of work (``t.until_work``), before that (the ranks agree on the largest
+    count, so they stop together). Collective on the trainer's communicator when
+    ``until_work`` is set."""
+    if t.step >= t.until:
+        return False
+    if t.until_work is None:
+        return True
+    with STATS.paused():
+        return t.comm.allreduce(t.work(), op=MPI.MAX) < t.until_work

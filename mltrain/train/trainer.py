@@ -80,6 +80,7 @@ class Trainer:
                                      what="config")
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
         self.until = self.total_steps
+        self.until_work: float | None = None  # a search's stop in fine-gradient equivalents
 
         if model is None:  # a model too large for the node is refused, not allocated
             agree(comm, lambda: checks.model_memory(cfg, self.dataset, self.dtype,
