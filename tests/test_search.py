@@ -77,6 +77,13 @@ def _standalone(group, base, sets, values, steps, seed=None, snapshot=None):
     return t, summary, _digest(t)
 
 
+def _trials(comm) -> int:
+    """Trial groups for a test on the job's ranks: one rank each up to 3 ranks, two
+    groups of two on 4."""
+    size = comm.Get_size()
+    return size if size <= 3 else 2
+
+
 def _groups(comm, trials):
     G = comm.Get_size() // trials
     return comm.Split(comm.Get_rank() // G, comm.Get_rank()), comm.Get_rank() // G
@@ -152,8 +159,7 @@ def test_asha_promotions_continue_exactly(comm, shared_tmp):
     same rungs; with allreduce (replicas that never drift) also of a straight run. (A
     drifting scheme's pause keeps the replicas' consensus and rank 0's optimizer state,
     as a checkpoint does.)"""
-    size = comm.Get_size()
-    trials = size if size <= 3 else 2
+    trials = _trials(comm)
     base, _ = _files(comm, shared_tmp)
     sets = ["search.eta=3", "search.min_resource=1", "search.max_resource=9"]
     plan, summary, state = _search(comm, shared_tmp, "asha", trials=trials, algo="asha",
@@ -193,8 +199,7 @@ def test_pbt_exploit_copies_the_better_members_state(comm, shared_tmp):
     then the explored one from that state for 3 more."""
     from mltrain.io import Snapshot
 
-    size = comm.Get_size()
-    trials = size if size <= 3 else 2
+    trials = _trials(comm)
     base, _ = _files(comm, shared_tmp)
     sets = ["search.population=4", "search.interval=3", "search.max_resource=6"]
     plan, summary, state = _search(comm, shared_tmp, "pbt", trials=trials, algo="pbt",
@@ -225,8 +230,7 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(comm, shared_tmp):
     Local SGD) and a rate that must overflow (1e300 in float64: the second step's logits
     are beyond the largest double): those trials fail with their message, the others
     train."""
-    size = comm.Get_size()
-    trials = size if size <= 3 else 2
+    trials = _trials(comm)
     space = ('["optim.name"]\nchoice = ["sgd", "tr"]\n["sync.name"]\n'
              'choice = ["allreduce", "localsgd"]\n["optim.lr"]\nchoice = [0.1, 1e300]\n')
     plan, summary, state = _search(comm, shared_tmp, "fail", trials=trials, algo="grid",
@@ -263,8 +267,7 @@ def test_a_budget_in_work_stops_each_trial_at_its_work(comm, shared_tmp):
     from mltrain.search.driver import _digest
     from mltrain.train import Trainer
 
-    size = comm.Get_size()
-    trials = size if size <= 3 else 2
+    trials = _trials(comm)
     base, _ = _files(comm, shared_tmp)
     sets = ["optim.name=tr", "search.resource=work", "search.max_resource=2",
             "run.steps=1000"]

@@ -71,8 +71,7 @@ class TPE(algos.Algorithm):
         self.study = optuna.create_study(
             direction="maximize", sampler=optuna.samplers.TPESampler(seed=opts.seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0))
-        eta = opts.eta
-        self.rungs = algos.asha_rungs(R, opts.min_resource or max(1, R // eta ** 3), eta)
+        self.rungs = algos.asha_rungs(R, algos.asha_min_resource(opts, R), opts.eta)
         self.trials: dict[int, object] = {}
         self.queue: list[tuple[int, int, str | None]] = []  # (trial, at, snapshot)
         self.values: dict[int, dict] = {}

@@ -183,9 +183,6 @@ class Snapshot:
     def __str__(self) -> str:
         return self.name
 
-    def is_file(self) -> bool:
-        return True
-
 
 # What each optimizer keeps per parameter: a checkpoint may hold these and nothing else,
 # shaped like its parameter or scalar, so loading allocates what the optimizer needs.
@@ -321,7 +318,7 @@ def _read_validated(path: "Path | Snapshot", model: torch.nn.Module, optimizer: 
     size (otherwise they are not restored)."""
     import h5py
 
-    if not path.is_file():
+    if not isinstance(path, Snapshot) and not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         if isinstance(path, Snapshot):

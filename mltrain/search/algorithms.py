@@ -25,7 +25,7 @@ import random
 from mltrain.config import ConfigError
 
 __all__ = ["ALGORITHMS", "WAIT", "Algorithm", "RandomSearch", "GridSearch", "ASHA", "PBT",
-           "Thompson", "Crowding", "fitness", "make", "asha_rungs", "pbt_horizon", "pbt_population",
+           "Thompson", "Crowding", "fitness", "make", "asha_rungs", "asha_min_resource", "pbt_interval", "pbt_horizon", "pbt_population",
            "crowding_population"]
 
 WAIT = "wait"
@@ -132,6 +132,16 @@ class GridSearch(Algorithm):
         return self._job(self.configs[self.index - 1], 0, self.R, index=self.index - 1)
 
 
+def asha_min_resource(opts, R: int) -> int:
+    """ASHA's lowest rung: ``search.min_resource``, or R / eta^3 (at least 1)."""
+    return opts.min_resource or max(1, R // opts.eta ** 3)
+
+
+def pbt_interval(opts, R: int) -> int:
+    """PBT's resource between exploits: ``search.interval``, or R / 5 (at least 1)."""
+    return opts.interval or max(1, R // 5)
+
+
 def asha_rungs(R: int, r_min: int, eta: int) -> list[int]:
     """Rung resources: R, R / eta, R / eta^2, ... (rounded) down to the last that is at
     least ``r_min``, lowest first; so the top rung is the full resource and every rung is
@@ -157,9 +167,7 @@ class ASHA(Algorithm):
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
-        eta = self.opts.eta
-        r_min = self.opts.min_resource or max(1, self.R // eta ** 3)
-        self.rungs = asha_rungs(self.R, r_min, eta)
+        self.rungs = asha_rungs(self.R, asha_min_resource(self.opts, self.R), self.opts.eta)
         self.results: list[dict[str, float | None]] = [{} for _ in self.rungs]  # trial -> score
         self.promoted: list[list[int]] = [[] for _ in self.rungs]
         self.values: dict[str, dict] = {}
@@ -233,7 +241,7 @@ class PBT(Algorithm):
         super().__init__(*a, **k)
         o = self.opts
         self.P = pbt_population(o.population, self.R, self.budget)
-        self.interval = o.interval or max(1, self.R // 5)
+        self.interval = pbt_interval(o, self.R)
         self.horizon = pbt_horizon(self.R, self.interval, self.P, self.budget)
         self.members: list[dict] = []
         self.generation = 0

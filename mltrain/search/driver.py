@@ -179,7 +179,7 @@ def _check_algorithm(plan: Plan) -> None:
         raise ConfigError(f"--budget: {B} {o.resource} cannot train one trial of "
                           f"search.max_resource = {R}")
     if plan.algo == "asha":
-        r_min = o.min_resource or max(1, R // o.eta ** 3)
+        r_min = algos.asha_min_resource(o, R)
         if r_min > R:
             raise ConfigError(f"search.min_resource: {r_min} is above search.max_resource "
                               f"= {R}")
@@ -187,7 +187,7 @@ def _check_algorithm(plan: Plan) -> None:
             raise ConfigError(f"--budget: {B} cannot train one trial to the lowest rung "
                               f"({r_min})")
     if plan.algo == "pbt":
-        interval = o.interval or max(1, R // 5)
+        interval = algos.pbt_interval(o, R)
         if interval > R:
             raise ConfigError(f"search.interval: {interval} is above search.max_resource "
                               f"= {R}")
@@ -266,6 +266,9 @@ class Controller:
         self.stopped_by = ""
         self.bar = None
         self.out = plan.out
+        from mltrain.config import to_toml
+
+        self.base_text = to_toml(plan.trial_config({}))  # what --resume must find again
         (self.out / "snapshots").mkdir(parents=True, exist_ok=True)
         if plan.resume:
             self._load()
@@ -278,14 +281,9 @@ class Controller:
         p = self.plan
         return {"format": FORMAT, "version": VERSION, "algo": p.algo, "budget": p.budget,
                 "R": p.R, "resource": p.opts.resource, "metric": p.opts.metric,
-                "space": p.space_text, "base": self._base_text(), "used": self.used,
+                "space": p.space_text, "base": self.base_text, "used": self.used,
                 "records": self.records, "snapshots": self.snapshots,
                 "algorithm": self.algo.state_dict()}
-
-    def _base_text(self) -> str:
-        from mltrain.config import to_toml
-
-        return to_toml(self.plan.trial_config({}))
 
     def save(self) -> None:
         _atomic_write(self.out / STATE, json.dumps(self._state(), separators=(",", ":")).encode())
@@ -302,7 +300,7 @@ class Controller:
             raise ConfigError(f"--resume: {path} is not a {FORMAT} state of version {VERSION}")
         for key, mine in (("algo", p.algo), ("budget", p.budget), ("R", p.R),
                           ("resource", p.opts.resource), ("metric", p.opts.metric),
-                          ("space", p.space_text), ("base", self._base_text())):
+                          ("space", p.space_text), ("base", self.base_text)):
             if st.get(key) != mine:
                 what = {"R": "search.max_resource", "space": "--space", "base": "--config/--set",
                         "algo": "--algo", "budget": "--budget"}.get(key, f"search.{key}")
@@ -639,10 +637,8 @@ def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False, algorithm=None)
     G = plan.group_size
     me = world.Get_rank()
     gidx = me // G
-    if me == 0:
-        agree(world, lambda: writable_folder(plan.out, "--out"), what="config")
-    else:
-        agree(world, lambda: None, what="config")
+    agree(world, lambda: writable_folder(plan.out, "--out") if me == 0 else None,
+          what="config")
     from mltrain.linalg import has_petsc
 
     if has_petsc:  # PETSc starts collectively on the whole world: before groups diverge
@@ -656,8 +652,9 @@ def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False, algorithm=None)
     controller = None
     thread = None
     done = threading.Event()
-    if me == 0:
-        controller = agree(world, lambda: Controller(plan, ctrl, log, algorithm), what="config")
+    controller = agree(world, lambda: Controller(plan, ctrl, log, algorithm) if me == 0 else None,
+                       what="config")
+    if controller is not None:
         if not quiet:
             from tqdm import tqdm
 
@@ -685,8 +682,6 @@ def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False, algorithm=None)
         elif plan.trials > 1:
             log.warning("the MPI library gives no MPI_THREAD_MULTIPLE: rank 0 answers the "
                         "other trial groups only between its own trials")
-    else:
-        agree(world, lambda: None, what="config")
     poll = (lambda: controller.poll()) if controller is not None and thread is None else None
     with StopSignals() as signals:  # between trials too: a job is stopped, never lost
         _group_loop(plan, world, ctrl, group, side, gidx, node_masks, poll, signals)
