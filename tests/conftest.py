@@ -35,6 +35,18 @@ def all_ranks(comm, ok: bool, message: str = "") -> None:
         raise AssertionError("; ".join(f"rank {r}: {m}" for r, m in bad))
 
 
+def devices() -> list[str]:
+    """The devices this machine can train on: cpu, and cuda where a GPU is visible (without
+    one the GPU variants are not collected: absent hardware, not a missing dependency)."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_generate_tests(metafunc):
+    # One fixture gives every device-aware test its device.
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", devices())
+
+
 @pytest.fixture
 def comm():
     from mpi4py import MPI

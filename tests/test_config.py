@@ -137,7 +137,7 @@ def test_every_rule_can_be_broken_and_names_a_key():
         14: ["sync.name=sgp", "sync.compression=fp16"],
         15: ["sync.compression=topk", "sync.topk_ratio=0"],
         16: ["sync.name=sgp", "checkpoint.resume=true", "checkpoint.dir=x"],
-        17: ["checkpoint.every=3"],
+        17: ["checkpoint.every=3"], 18: ["run.amp=bf16", "run.dtype=float64"],
     }
     assert sorted(breaking) == list(range(len(RULES)))
     for i, rule in enumerate(RULES):
@@ -145,3 +145,16 @@ def test_every_rule_can_be_broken_and_names_a_key():
             load_config(None, breaking[i])
         named = [k.strip("`").rstrip("*") for k in rule.keys.split(", ")]
         assert any(k in str(err.value) for k in named), (i, str(err.value))
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["run.amp=bf16", "run.dtype=float64"], "float32 master weights"),
+    (["run.amp=bf16", "optim.name=tr"], "trust-region ratios"),
+    (["run.amp=bf16", "optim.name=sgd", "multilevel.nested=true", "multilevel.levels=2"],
+     "nested iteration"),
+    (["run.amp=bf16", "parallel.layer=2"], "MGRIT"),
+    (["run.device=tpu"], "run.device"),
+])
+def test_amp_and_device_refusals_name_the_key(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, sets)

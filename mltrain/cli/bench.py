@@ -1,5 +1,8 @@
-"""``mltrain bench dp``: mltrain's data-parallel step against torch DDP (gloo), and the
-reducer's effective bandwidth against one raw mpi4py Allreduce of the same bytes.
+"""``mltrain bench dp``: mltrain's data-parallel step against torch DDP (NCCL when every
+rank has a GPU of its own, gloo otherwise) and against a plain single-process PyTorch loop
+(the same model, optimizer and batch, no communication: what one rank costs at best), and
+the reducer's effective bandwidth against one raw mpi4py Allreduce of the same bytes in host
+memory (on a GPU: the staged reducer, copies included). ``run.device`` picks the device.
 
 Both variants run in the same processes, on the same model, batch and ranks, interleaved
 in rounds so that machine noise hits both alike. Only ratios are meant to be compared.
@@ -43,7 +46,20 @@ def _bench_shape(cfg) -> tuple[int, int, int]:
             pick(cfg.data.batch_size, data_default.batch_size, "batch_size"))
 
 
-def _init_gloo(comm: MPI.Comm):
+def _ddp_backend(comm: MPI.Comm, device: torch.device) -> str:
+    """NCCL when every rank of the node has a GPU of its own (NCCL refuses two ranks on
+    one GPU), gloo otherwise. Collective on ``comm``."""
+    import torch.distributed as dist
+
+    from mltrain.comm import node_rank
+
+    _, local = node_rank(comm)
+    own = device.type == "cuda" and dist.is_nccl_available() and \
+        local <= torch.cuda.device_count()
+    return "nccl" if comm.allreduce(int(own), op=MPI.MIN) else "gloo"
+
+
+def _init_dist(comm: MPI.Comm, backend: str = "gloo"):
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -55,9 +71,34 @@ def _init_gloo(comm: MPI.Comm):
             s.bind(("", 0))
             port = s.getsockname()[1]
     port = comm.bcast(port)
-    dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}",
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}",
                             rank=comm.Get_rank(), world_size=comm.Get_size())
     return dist
+
+
+def _synced(device: torch.device):
+    """A decorator that ends each call when the device's queued kernels have run (every
+    method alike: a training loop that logs its loss waits for it each step)."""
+    def wrap(fn):
+        if device.type != "cuda":
+            return fn
+
+        def call():
+            fn()
+            torch.cuda.synchronize(device)
+        return call
+    return wrap
+
+
+def _torch_step(model: torch.nn.Module, x, y):
+    """One step of the usual PyTorch loop (SGD with momentum, as mltrain's side runs)."""
+    opt = build_optimizer("sgd", model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
 
 
 def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dict:
@@ -67,20 +108,26 @@ def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dic
     from mltrain.train.optimizers import build_method
     from mltrain.train.parallelize import parallelize
 
+    from mltrain.comm import node_rank
+    from mltrain.utils.device import select_device
+
     P = comm.Get_size()
     threads = set_threads(cfg.run.threads, local_cpu_masks(comm))
+    device = select_device(cfg.run.device, node_rank(comm)[0])
     width, depth, batch = _bench_shape(cfg)
     if batch % P:
         raise ConfigError(f"data.batch_size: {batch} is not divisible by {P} ranks")
     dtype = torch_dtype(cfg.run.dtype)
     seed_everything(cfg.run.seed)
     shape, classes = (1, 8, 8), 10
-    model = build_model(cfg.model.name, shape, classes, width=width, depth=depth, dtype=dtype)
+    model = build_model(cfg.model.name, shape, classes, width=width, depth=depth,
+                        dtype=dtype).to(device)
     broadcast_parameters(model, comm)
-    ddp_model = copy.deepcopy(model)
+    ddp_model, plain_model = copy.deepcopy(model), copy.deepcopy(model)
     g = torch.Generator().manual_seed(cfg.run.seed + comm.Get_rank())
-    x = torch.randn(batch // P, *shape, generator=g, dtype=dtype)
-    y = torch.randint(0, classes, (batch // P,), generator=g)
+    x = torch.randn(batch // P, *shape, generator=g, dtype=dtype).to(device)
+    y = torch.randint(0, classes, (batch // P,), generator=g).to(device)
+    synced = _synced(device)
 
     # (a) mltrain: the Trainer's own step (its layout and optimizer: SGD with the allreduce
     # scheme, whose bucketed reducer overlaps the backward pass)
@@ -92,31 +139,35 @@ def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dic
     layout = parallelize(model, gc, run)
     method = build_method(Context(run, layout, layout.module, Straggler()))
 
+    @synced
     def ml_step():
         method.step(Batches(None, 0, P, batch, fixed=(x, y)))
 
-    # (b) torch DDP with gloo
-    dist = _init_gloo(comm)
+    # (b) torch DDP
+    backend = _ddp_backend(comm, device)
+    dist = _init_dist(comm, backend)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ddp = DDP(ddp_model, bucket_cap_mb=cfg.comm.bucket_mb)
-    ddp_opt = build_optimizer("sgd", ddp.parameters(), lr=1e-3, momentum=0.9)
+    ddp = DDP(ddp_model, bucket_cap_mb=cfg.comm.bucket_mb,
+              device_ids=[device.index] if backend == "nccl" else None)
+    ddp_step = synced(_torch_step(ddp, x, y))
+    # (c) the plain PyTorch loop: this rank alone, no communication
+    plain_step = synced(_torch_step(plain_model, x, y))
 
-    def ddp_step():
-        ddp_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(ddp(x), y).backward()
-        ddp_opt.step()
-
-    for _ in range(3):  # warm-up: allocator, first-touch, connection set-up
+    for _ in range(3):  # warm-up: allocator, first-touch, connection set-up, CUDA kernels
         ml_step()
         ddp_step()
+        plain_step()
     rounds = 3
     per = max(1, steps // rounds)
-    t_ml, t_ddp = [], []
+    t_ml, t_ddp, t_plain = [], [], []
     for _ in range(rounds):
         t_ml.append(mean_of_slowest(comm, ml_step, per))
         t_ddp.append(mean_of_slowest(comm, ddp_step, per))
+        t_plain.append(mean_of_slowest(comm, plain_step, per))
     step_ml, step_ddp = statistics.median(t_ml), statistics.median(t_ddp)
+    step_plain = statistics.median(t_plain)
+    del plain_model, plain_step, ddp, ddp_step, ddp_model
 
     method.close()
     gc.free()
@@ -131,21 +182,25 @@ def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dic
     flat = np.random.default_rng(0).standard_normal(n).astype(
         np.float64 if dtype == torch.float64 else np.float32)
     raw = lambda: comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)  # noqa: E731
+    reduce = synced(reducer.reduce)
     raw()
-    reducer.reduce()
+    reduce()
     t_raw, t_red = [], []
     for _ in range(rounds):
         t_raw.append(mean_of_slowest(comm, raw, max(1, reps // rounds)))
-        t_red.append(mean_of_slowest(comm, reducer.reduce, max(1, reps // rounds)))
+        t_red.append(mean_of_slowest(comm, reduce, max(1, reps // rounds)))
     t_raw_s, t_red_s = statistics.median(t_raw), statistics.median(t_red)
     dist.destroy_process_group()
     reducer.remove()
     return {
         "ranks": P, "threads_per_rank": threads, "model": cfg.model.name, "width": width,
         "depth": depth, "parameters": n, "global_batch": batch, "dtype": cfg.run.dtype,
+        "device": str(device), "gpu": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else None, "ddp_backend": backend,
+        "staged": any(b.stage.staged for b in reducer.buckets),
         "bucket_mb": cfg.comm.bucket_mb, "grad_as_bucket_view": cfg.comm.grad_as_bucket_view,
-        "mltrain_step_s": step_ml, "ddp_step_s": step_ddp,
-        "step_ratio_vs_ddp": step_ml / step_ddp,
+        "mltrain_step_s": step_ml, "ddp_step_s": step_ddp, "plain_step_s": step_plain,
+        "step_ratio_vs_ddp": step_ml / step_ddp, "step_ratio_vs_plain": step_ml / step_plain,
         "reduce_bytes": nbytes, "raw_allreduce_s": t_raw_s, "reducer_s": t_red_s,
         "raw_bandwidth_GBps": nbytes / t_raw_s / 1e9,
         "reducer_bandwidth_GBps": nbytes / t_red_s / 1e9,
@@ -337,12 +392,17 @@ def _sync(what: str, cfg, args, comm: MPI.Comm) -> int:
 def _dp(what: str, cfg, args, comm: MPI.Comm) -> int:
     res = bench_dp(cfg, args.steps or 30, args.reps or 20, comm)
     if comm.Get_rank() == 0:
-        print(f"bench dp: {res['ranks']} ranks x {res['threads_per_rank']} threads, "
+        print(f"bench dp: {res['ranks']} ranks x {res['threads_per_rank']} threads on "
+              f"{res['device']}{' (' + res['gpu'] + ')' if res['gpu'] else ''}, "
               f"{res['model']} {res['parameters'] / 1e6:.2f} M parameters, global batch "
-              f"{res['global_batch']}, {res['dtype']}")
-        print(f"  step      mltrain {res['mltrain_step_s'] * 1e3:8.2f} ms   DDP(gloo) "
-              f"{res['ddp_step_s'] * 1e3:8.2f} ms   ratio {res['step_ratio_vs_ddp']:.3f}"
-              "  (lower is better)")
+              f"{res['global_batch']}, {res['dtype']}"
+              f"{', reducer staged through host memory' if res['staged'] else ''}")
+        print(f"  step      mltrain {res['mltrain_step_s'] * 1e3:8.2f} ms   "
+              f"DDP({res['ddp_backend']}) {res['ddp_step_s'] * 1e3:8.2f} ms   ratio "
+              f"{res['step_ratio_vs_ddp']:.3f}  (lower is better)")
+        print(f"  step      mltrain {res['mltrain_step_s'] * 1e3:8.2f} ms   plain loop "
+              f"{res['plain_step_s'] * 1e3:8.2f} ms   ratio {res['step_ratio_vs_plain']:.3f}"
+              "  (one rank's best; lower is better)")
         print(f"  reduce    reducer {res['reducer_bandwidth_GBps']:8.2f} GB/s  raw Allreduce "
               f"{res['raw_bandwidth_GBps']:8.2f} GB/s  ratio {res['bandwidth_ratio_vs_raw']:.3f}"
               "  (higher is better)")

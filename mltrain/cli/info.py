@@ -70,6 +70,7 @@ def gather_info() -> dict:
     from mltrain.linalg import has_petsc
 
     from mltrain.launch import mpi_record, mpiexec_path
+    from mltrain.utils.device import device_report
 
     comm = MPI.COMM_WORLD
     info = {
@@ -91,6 +92,13 @@ def gather_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "petsc": None, "petsc4py": None, "petsc_libmpi": None, "same_mpi": None,
     }
+    dev = device_report()
+    info["torch_cuda"] = dev["cuda"]
+    info["gpus"] = ", ".join(f"{g['index']}: {g['name']} ({g['memory_gib']} GiB, sm "
+                             f"{g['capability']})" for g in dev["gpus"]) or "none visible"
+    info["cuda_visible_devices"] = dev["visible_devices"]
+    info["cuda-aware MPI"] = ("declared (MLTRAIN_CUDA_AWARE_MPI=1)" if dev["cuda_aware_mpi"]
+                              else "not declared: device buffers are staged through host memory")
     if has_petsc:
         from mltrain.linalg.petsc import versions
 
@@ -109,8 +117,17 @@ def run_info(check_mpi: bool = False) -> int:
     load the same MPI library."""
     from mpi4py import MPI
 
+    from mltrain.comm import node_rank
+    from mltrain.utils.device import select_device
+
     info = gather_info()
-    if MPI.COMM_WORLD.Get_rank() == 0:
+    # The run.device = auto mapping: node-local rank modulo the GPUs this rank sees.
+    comm = MPI.COMM_WORLD
+    local, _ = node_rank(comm)
+    mapping = comm.gather((MPI.Get_processor_name(), local, str(select_device("auto", local))))
+    if comm.Get_rank() == 0:
+        for r, (host, lr, dev) in enumerate(mapping):
+            info[f"device of rank {r}"] = f"{dev} (node {host}, local rank {lr})"
         width = max(map(len, info))
         for k, v in info.items():
             print(f"{k:<{width}}  {v}")

@@ -3,14 +3,15 @@
 Contiguous CPU tensors are handed to mpi4py's buffer (upper-case) methods as NumPy views
 of the same memory: no pickling and no copies. Tensors on a GPU are staged through host
 memory unless ``MLTRAIN_CUDA_AWARE_MPI=1`` says the MPI library reads device memory, in
-which case mpi4py receives the tensor itself (it understands ``__cuda_array_interface__``).
+which case mpi4py receives the tensor itself (it understands ``__cuda_array_interface__``),
+once the kernels that wrote it have finished. ``MLTRAIN_STAGE_HOST=1`` stages CPU tensors
+too, so the staged path is exercised where there is no GPU.
 
 Every call counts its payload in ``STATS`` (bytes this rank handed to collectives, and the
 number of calls), which the trainer reports as ``comm_bytes`` / ``comm_calls``.
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -20,9 +21,10 @@ from mpi4py import MPI
 
 from mltrain.comm import waiting
 from mltrain.comm.errors import collective
+from mltrain.utils.device import cuda_aware_mpi, stage_host
 
 __all__ = ["STATS", "CommStats", "allreduce_", "mean_", "iallreduce_", "broadcast_", "allgather",
-           "reduce_", "allreduce_scalar", "allgatherv", "isend", "irecv", "Handle", "mpi_buffer"]
+           "reduce_", "allreduce_scalar", "allgatherv", "isend", "irecv", "Handle", "mpi_buffer", "node_rank"]
 
 
 @dataclass
@@ -61,7 +63,6 @@ STATS = CommStats()
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
 _REDUCIBLE = {torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8, torch.int8,
               torch.int16, torch.bool}
-_CUDA_AWARE = os.environ.get("MLTRAIN_CUDA_AWARE_MPI") == "1"
 
 
 def _op(op: str):
@@ -86,18 +87,25 @@ def mpi_buffer(t: torch.Tensor, *, reduce: bool = False):
     t = t.detach()
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.view(torch.uint8)
-    return t.numpy()
+    return t.numpy()  # host: CUDA tensors returned above
 
 
 class _Staged:
     """A host copy of a device tensor, written back after the collective."""
 
-    def __init__(self, t: torch.Tensor):
-        self.device_tensor = t
-        self.host = t.detach().to("cpu", copy=True) if (t.is_cuda and not _CUDA_AWARE) else t
+    def __init__(self, t: torch.Tensor, send_only: bool = False):
+        self.device_tensor, self.send_only = t, send_only
+        if t.is_cuda and cuda_aware_mpi():
+            # MPI reads device memory outside torch's streams: the writers must be done.
+            torch.cuda.current_stream(t.device).synchronize()
+            self.host = t
+        elif t.is_cuda or stage_host():
+            self.host = t.detach().to("cpu", copy=True)  # host: what MPI reads (synchronous)
+        else:
+            self.host = t
 
     def writeback(self) -> None:
-        if self.host is not self.device_tensor:
+        if self.host is not self.device_tensor and not self.send_only:
             self.device_tensor.copy_(self.host)
 
 
@@ -173,7 +181,7 @@ def allgather(t: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:
     Collective on ``comm``.
     """
     s = _Staged(t)
-    out = torch.empty((comm.Get_size(), *t.shape), dtype=t.dtype)
+    out = torch.empty((comm.Get_size(), *t.shape), dtype=t.dtype)  # host: MPI writes it
     STATS.add(comm, s.host.nbytes)
     if comm.Get_size() > 1:
         comm.Allgather(mpi_buffer(s.host), mpi_buffer(out))
@@ -189,7 +197,7 @@ def allgatherv(t: torch.Tensor, counts: list[int], comm: MPI.Comm) -> torch.Tens
     Collective on ``comm``.
     """
     s = _Staged(t)
-    out = torch.empty(sum(counts), dtype=t.dtype)
+    out = torch.empty(sum(counts), dtype=t.dtype)  # host: MPI writes it
     STATS.add(comm, s.host.nbytes)
     if comm.Get_size() > 1:
         comm.Allgatherv(mpi_buffer(s.host), [mpi_buffer(out), counts])
@@ -232,6 +240,18 @@ def local_cpu_masks(comm: MPI.Comm) -> list[list[int]]:
 
 
 @collective("any")
+def node_rank(comm: MPI.Comm) -> tuple[int, int]:
+    """(this rank's index among the ranks of ``comm`` on its node, how many there are):
+    the MPI shared-memory split, which GPU mapping and thread counts follow. Collective
+    on ``comm``."""
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return local.Get_rank(), local.Get_size()
+    finally:
+        local.Free()
+
+
+@collective("any")
 def allreduce_scalar(x: float, comm: MPI.Comm, op: str = "sum") -> float:
     """Allreduce of one Python number, in float64. Collective on ``comm``."""
     mpi_op = _op(op)
@@ -247,7 +267,7 @@ def isend(t: torch.Tensor, dest: int, comm: MPI.Comm, tag: int = 0) -> Handle:
 
     Point to point (not collective); counted in STATS as bytes sent.
     """
-    s = _Staged(t)
+    s = _Staged(t, send_only=True)
     STATS.add(comm, s.host.nbytes)
     return Handle(comm.Isend(mpi_buffer(s.host), dest=dest, tag=tag), s)
 

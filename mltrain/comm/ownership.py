@@ -38,13 +38,16 @@ def gather_state(optimizer: torch.optim.Optimizer, groups: list[list[torch.nn.Pa
         owned = [index[id(p)] for p in group if id(p) in index]
         meta = None
         if r == me:  # small metadata by pickle; tensors as raw buffers
-            meta = [(i, k, (tuple(v.shape), str(v.dtype).split(".")[1])
+            meta = [(i, k, (tuple(v.shape), str(v.dtype).split(".")[1], v.is_cpu)
                      if isinstance(v, torch.Tensor) else v)
                     for i in owned for k, v in optimizer.state[params[i]].items()]
         for i, k, v in comm.bcast(meta, root=r):
             if isinstance(v, tuple):
+                # Where the owner keeps it: with the parameter, except what torch keeps on
+                # the host for device parameters too (Adam's step count).
+                device = "cpu" if v[2] else params[i].device
                 t = (optimizer.state[params[i]][k].contiguous() if r == me else
-                     torch.empty(v[0], dtype=getattr(torch, v[1])))
+                     torch.empty(v[0], dtype=getattr(torch, v[1]), device=device))
                 broadcast_(t, comm, root=r)
                 v = t
             if r != me:

@@ -22,6 +22,15 @@ Two modes (``grad_as_bucket_view``):
   straight into the buffer that MPI sends; no copies.
 * copy: gradients are packed into the bucket with the fused pack kernel (scaled by 1/P
   on the way) and unpacked after the allreduce.
+
+Buckets on a GPU (issue 20) are staged unless the MPI is declared CUDA-aware: when a bucket
+is complete, a side stream copies it into its pinned host twin (after the kernels that wrote
+it, by a stream wait), and the hooks start its allreduce once that copy's event has fired;
+the result goes back to the device as soon as the allreduce completes. Copies and
+communication overlap the rest of the backward pass. With a CUDA-aware MPI the bucket itself
+is reduced, once the event of the kernels that wrote it has fired. ``MLTRAIN_STAGE_HOST=1``
+(or ``staged=True``) stages CPU buckets the same way, synchronously, so that the
+bookkeeping is tested where there is no GPU.
 """
 from __future__ import annotations
 
@@ -33,8 +42,55 @@ from mpi4py import MPI
 
 from mltrain import ops
 from mltrain.comm.collectives import Handle, iallreduce_
+from mltrain.utils.device import cuda_aware_mpi, stage_host
 
 __all__ = ["GradReducer", "broadcast_parameters"]
+
+
+class _Stage:
+    """Where a bucket's allreduce reads: its pinned host twin (staged) or the bucket itself
+    (a CUDA-aware MPI, or a CPU bucket), reachable once ``ready()``. Not collective."""
+
+    def __init__(self, flat: torch.Tensor, staged: bool):
+        self.flat, self.event = flat, None
+        cuda = flat.is_cuda
+        self.buf = (torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=cuda)  # host: MPI reads it
+                    if staged else flat)
+        self.stream = torch.cuda.Stream(flat.device) if cuda else None
+
+    @property
+    def staged(self) -> bool:
+        return self.buf is not self.flat
+
+    def start(self) -> None:
+        """After the kernels queued so far on the current stream (the bucket's last
+        gradients, its scaling): copies it to the host twin on the side stream, or marks
+        the point MPI may read it. Not collective."""
+        if self.stream is None:
+            if self.staged:
+                self.buf.copy_(self.flat)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.flat.device))
+        with torch.cuda.stream(self.stream):
+            if self.staged:
+                self.buf.copy_(self.flat, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(self.stream)
+
+    def ready(self, block: bool = False) -> bool:
+        """Whether MPI may read ``buf`` now (``block``: wait until it may)."""
+        if self.event is None:
+            return True
+        if block:
+            self.event.synchronize()
+            return True
+        return self.event.query()
+
+    def back(self) -> None:
+        """The reduced values into the bucket (queued on the current stream, so every
+        later kernel sees them). Not collective."""
+        if self.staged:
+            self.flat.copy_(self.buf, non_blocking=self.stream is not None)
 
 
 @dataclass
@@ -43,6 +99,7 @@ class _Bucket:
     params: list[torch.nn.Parameter]
     offsets: list[int]
     flat: torch.Tensor
+    stage: _Stage | None = None
     ready: set[int] = field(default_factory=set)
     handle: Handle | None = None
     ptrs: list[int] = field(default_factory=list)  # address of each slot (flat never moves)
@@ -71,10 +128,14 @@ class GradReducer:
     """
 
     def __init__(self, params, comm: MPI.Comm, bucket_bytes: int = 8 << 20,
-                 grad_as_bucket_view: bool = True, max_inflight: int = 1):
+                 grad_as_bucket_view: bool = True, max_inflight: int = 1,
+                 staged: bool | None = None):
+        """``staged``: reduce a host copy of each bucket (None: for GPU buckets unless
+        ``MLTRAIN_CUDA_AWARE_MPI=1``, and for CPU buckets when ``MLTRAIN_STAGE_HOST=1``)."""
         if max_inflight < 1:
             raise ValueError("GradReducer: max_inflight must be at least 1")
         self.comm = comm
+        self.staged = staged
         self.max_inflight = max_inflight
         self._inflight: deque[_Bucket] = deque()
         self.size = comm.Get_size()
@@ -113,8 +174,11 @@ class GradReducer:
         for p in plist:
             offsets.append(n)
             n += p.numel()
-        b = _Bucket(len(self.buckets), list(plist), offsets,
-                    torch.zeros(n, dtype=dtype, device=device))
+        flat = torch.zeros(n, dtype=dtype, device=device)
+        staged = self.staged if self.staged is not None else (
+            (flat.is_cuda and not cuda_aware_mpi()) or (not flat.is_cuda and stage_host()))
+        b = _Bucket(len(self.buckets), list(plist), offsets, flat,
+                    _Stage(flat, staged and self.size > 1))
         for i, p in enumerate(plist):
             self._slot[id(p)] = (b, i)
         self.buckets.append(b)
@@ -164,15 +228,31 @@ class GradReducer:
         else:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
             ops.pack(grads, b.flat, self.scale)
-        b.handle = iallreduce_(b.flat, self.comm)
+        b.stage.start()
+        self._post(b, block=False)
         self._inflight.append(b)
         self._next = b.index + 1
+
+    def _post(self, b: _Bucket, block: bool) -> bool:
+        """Starts ``b``'s allreduce once its stage is readable (``block``: waits for it);
+        whether it is started."""
+        if b.handle is None and b.stage.ready(block):
+            b.handle = iallreduce_(b.stage.buf, self.comm)
+        return b.handle is not None
+
+    def _retire(self, b: _Bucket) -> None:
+        b.handle.wait()
+        b.stage.back()
 
     def _pump(self) -> None:
         """Retires completed allreduces (testing also drives MPI's progress) and launches
         ready buckets, in order, while fewer than ``max_inflight`` are in flight."""
-        while self._inflight and self._inflight[0].handle.test():
-            self._inflight.popleft()
+        for b in self._inflight:  # in launch order: MPI matches collectives by call order
+            if not self._post(b, block=False):
+                break
+        while self._inflight and self._inflight[0].handle is not None \
+                and self._inflight[0].handle.test():
+            self._retire(self._inflight.popleft())
         while self._next < len(self.buckets) and len(self._inflight) < self.max_inflight:
             b = self.buckets[self._next]
             if len(b.ready) < len(b.params):
@@ -195,11 +275,15 @@ class GradReducer:
             b.ready = set(range(len(b.params)))
         while self._next < len(self.buckets):
             if len(self._inflight) >= self.max_inflight:
-                self._inflight.popleft().handle.wait()
+                head = self._inflight.popleft()
+                self._post(head, block=True)
+                self._retire(head)
             self._launch(self.buckets[self._next])
-        self._inflight.clear()
+        while self._inflight:
+            head = self._inflight.popleft()
+            self._post(head, block=True)
+            self._retire(head)
         for b in self.buckets:
-            b.handle.wait()
             if self.views:
                 for i, p in enumerate(b.params):
                     if not b.holds(i, p.grad):

@@ -50,6 +50,12 @@ class RunConfig:
                          "(0 = only at the end)", min=0)
     log_every: int = _f(10, "steps between metrics records (the loss is reduced over ranks then)",
                         min=1)
+    device: str = _f("cpu", "where parameters, data and gradients live: cpu, cuda (one GPU "
+                     "per rank: the node-local rank modulo the visible GPUs) or auto (cuda "
+                     "when a GPU is visible, else cpu)", choices=("cpu", "cuda", "auto"))
+    amp: str = _f("off", "mixed precision: bf16 runs forward and loss under autocast in "
+                  "bfloat16 with float32 master weights and gradients (first-order "
+                  "optimizers; run.dtype = float32)", choices=("off", "bf16"))
     costs: str = _f("measured", "how work figures price an evaluation: measured (each kind "
                     "on each level timed at start-up, in plain gradients of the full "
                     "network) or unit (every evaluation 1: counts, reproducible to the bit)",
@@ -556,6 +562,18 @@ RULES = [
                            "checkpoint.resume: needs checkpoint.dir"),
                           (c.checkpoint.every and not c.checkpoint.dir,
                            "checkpoint.every: needs checkpoint.dir"))),
+    Rule("run.amp", "bf16 needs run.dtype = float32, a first-order optimizer and no layer axis",
+         lambda c: _first(
+             (c.run.amp != "off" and c.run.dtype != "float32",
+              f"run.amp = {c.run.amp}: mixed precision keeps float32 master weights "
+              f"(run.dtype = {c.run.dtype}; exactness runs stay in float64 without amp)"),
+             (c.run.amp != "off" and (c.optim.name not in ("sgd", "adam")
+                                      or c.multilevel.nested),
+              f"run.amp = {c.run.amp}: works with optim.name = 'sgd', 'adam' (not "
+              f"{_kind(c)}: trust-region ratios and curvature products need full precision)"),
+             (c.run.amp != "off" and c.parallel.layer > 1,
+              f"run.amp = {c.run.amp}: not with parallel.layer = {c.parallel.layer} "
+              "(MGRIT's residual tolerance is below bfloat16's precision)"))),
 ]
 
 

@@ -52,7 +52,8 @@ class ShardLoader:
                          for j in range(passes)]
             else:
                 parts = [np.arange(n)] * passes
-            self._perm = torch.from_numpy(np.concatenate(parts))
+            # Drawn on the host (the same order on every device), indexed where the data is.
+            self._perm = torch.from_numpy(np.concatenate(parts)).to(self.x.device)
             self._perm_epoch = epoch
         return self._perm
 

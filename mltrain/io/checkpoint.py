@@ -121,7 +121,7 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module,
     """
     import h5py
 
-    rngs = comm.gather(torch.get_rng_state().numpy(), root=0)
+    rngs = comm.gather(torch.get_rng_state().numpy(), root=0)  # host: the CPU generator
     path = checkpoint_path(folder, step)
 
     def write() -> None:
@@ -159,7 +159,7 @@ def checkpoint_bytes(model: torch.nn.Module, optimizer, *, step: int, epoch: int
 
     import h5py
 
-    rngs = comm.gather(torch.get_rng_state().numpy(), root=0)
+    rngs = comm.gather(torch.get_rng_state().numpy(), root=0)  # host: the CPU generator
 
     def write() -> bytes | None:
         if comm.Get_rank() != 0:
@@ -191,6 +191,11 @@ _STATE = {"SGD": {"momentum_buffer"}, "Adam": {"exp_avg", "exp_avg_sq", "max_exp
 _SCALARS = {"step", "radius", "batch_factor", "rejected_streak", "lsr1_gamma"}
 _LSR1 = re.compile(r"^lsr1_[sy](\d{1,6})$")
 _LEVEL = re.compile(r"^level(\d{1,7})\.(.+)$")
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    """NumPy's counterpart of a torch type (without copying a tensor off its device)."""
+    return torch.empty(0, dtype=dtype).numpy().dtype  # host: an empty tensor, for its type
 
 
 def _state_rules(optimizer) -> tuple[set[str], int, int]:
@@ -256,7 +261,7 @@ def _inspect(f, path: Path, model: torch.nn.Module, optimizer) -> tuple[dict, li
         if not isinstance(ds, h5py.Dataset) or tuple(ds.shape) != tuple(p.shape):
             shape = getattr(ds, "shape", "a group")
             raise err(f"{path}: /model/{n} has shape {shape}, the model has {tuple(p.shape)}")
-        want = p.detach().cpu().numpy().dtype
+        want = _np_dtype(p.dtype)
         if ds.dtype != want:
             raise err(f"{path}: /model/{n} is {ds.dtype}, the model is {p.dtype} "
                       "(run.dtype differs?)")
@@ -297,7 +302,7 @@ def _inspect(f, path: Path, model: torch.nn.Module, optimizer) -> tuple[dict, li
             raise err(f"{path}: /{key} has shape {obj.shape}, expected {shape}")
         # Moments and buffers are the parameter's type; the L-SR1 memory is kept in float64.
         want = (np.dtype(np.float64) if _LSR1.match(parts[2].split(".")[-1]) else
-                p.detach().cpu().numpy().dtype)
+                _np_dtype(p.dtype))
         if obj.dtype.kind != "f" or (obj.shape and obj.dtype != want):
             raise err(f"{path}: /{key} is {obj.dtype}, expected {want if obj.shape else 'a float'}")
         check_dataset(obj, f"{path}: /{key}", err, filters=False)
@@ -393,8 +398,9 @@ def load_checkpoint(path: "str | Path | Snapshot", model: torch.nn.Module,
     for key, shape, dtype in shapes:
         if key == "rng/torch":  # scattered below, a row to each rank
             continue
-        t = (torch.from_numpy(np.array(arrays[key], order="C")) if rank == 0 else
-             torch.from_numpy(np.empty(shape, dtype=np.dtype(dtype))))
+        # host: broadcast from the file's copy, then copied into each parameter's device
+        t = (torch.from_numpy(np.array(arrays[key], order="C")) if rank == 0 else  # host:
+             torch.from_numpy(np.empty(shape, dtype=np.dtype(dtype))))  # host: as above
         broadcast_(t, comm)
         received[key] = t
     with torch.no_grad():
@@ -417,5 +423,5 @@ def load_checkpoint(path: "str | Path | Snapshot", model: torch.nn.Module,
     agree(comm, restore, what="loading checkpoint")
     if meta["world_size"] == comm.Get_size():
         rng = comm.scatter(list(arrays["rng/torch"]) if rank == 0 else None, root=0)
-        torch.set_rng_state(torch.from_numpy(np.array(rng, order="C")))
+        torch.set_rng_state(torch.from_numpy(np.array(rng, order="C")))  # host: CPU generator
     return meta

@@ -43,7 +43,7 @@ def wrap(t, comm=None):
     PETSc = init()
     if t.dtype != torch.float64 or t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError("wrap: needs a contiguous float64 CPU tensor (PETSc scalars)")
-    arr = t.detach().numpy()
+    arr = t.detach().numpy()  # host: checked above; PETSc's Vec shares this memory
     if comm is None:
         return PETSc.Vec().createWithArray(arr, comm=PETSc.COMM_SELF)
     return PETSc.Vec().createWithArray(arr, size=(t.numel(), PETSc.DECIDE), comm=comm)
@@ -116,21 +116,34 @@ class NonFiniteError(ValueError):
 
 
 class _ShellContext:
-    """petsc4py Python-matrix context: y = op(x) on float64 arrays."""
+    """petsc4py Python-matrix context: y = op(x) on float64 arrays. PETSc's vectors are
+    host memory: with ``device`` not the CPU, ``op`` runs there and every product copies
+    its vector in and out, counted in ``copies`` and ``copy_bytes``."""
 
     def __init__(self, op):
         self.op = op
         self.bad = False
+        self.device = None  # the caller's vectors' device, set per solve
+        self.copies = self.copy_bytes = 0
+
+    def count(self, t):
+        """Counts the copy of ``t`` between host and device that follows (none when the
+        caller's vectors are on the CPU); returns ``t``."""
+        if self.device is not None and self.device.type != "cpu":
+            self.copies += 1
+            self.copy_bytes += t.numel() * t.element_size()
+        return t
 
     def mult(self, mat, x, y):
         import torch
 
-        out = self.op(torch.from_numpy(x.getArray(readonly=True).copy()))
+        v = torch.from_numpy(x.getArray(readonly=True).copy())  # host: PETSc's vector
+        out = self.op(self.count(v).to(self.device))  # no copy on the CPU
         if not bool(torch.isfinite(out).all()):
             # Raising inside a PETSc callback would unwind through C; flag it instead.
             self.bad = True
             out = torch.zeros_like(out)
-        y.getArray()[:] = out.numpy()
+        y.getArray()[:] = self.count(out).cpu().numpy()
 
 
 class TRSubproblem:
@@ -142,6 +155,11 @@ class TRSubproblem:
     rank solves the same problem, its products already averaged. With ``comm`` (the layer
     axis of layer-parallel training) the vectors are distributed, ``n`` being this rank's
     part: the caller's product maps local parts to local parts.
+
+    PETSc's vectors are host memory (petsc4py's CUDA vectors are not used): when the
+    gradient lives on a GPU, a solve copies it to the host once, each product copies its
+    vector to the device and the result back, and the step returns to the device once;
+    ``host_copies`` counts them (zero on the CPU, where nothing is staged).
 
     Not collective itself (construction and solve are, on ``comm``); collective as far as
     the product function is.
@@ -175,6 +193,11 @@ class TRSubproblem:
         self._from_options()
         self.iterations = 0
 
+    @property
+    def host_copies(self) -> dict[str, int]:
+        """Host<->device copies made so far (number and bytes; 0 on the CPU)."""
+        return {"host_copies": self.ctx.copies, "host_copy_bytes": self.ctx.copy_bytes}
+
     def _from_options(self) -> None:
         from mltrain.config import ConfigError
 
@@ -191,12 +214,14 @@ class TRSubproblem:
                               f"{str(e).strip().splitlines()[-1]}") from None
 
     def solve(self, g, radius: float, op, max_it: int | None = None):
-        """Returns (step s as float64 tensor, predicted reduction -m(s) >= 0, reason).
-        ``max_it`` caps this solve's iterations below the configured limit (a multilevel
-        smoothing step's budget)."""
+        """Returns (step s as float64 tensor on ``g``'s device, predicted reduction
+        -m(s) >= 0, reason). ``op`` maps vectors on ``g``'s device. ``max_it`` caps this
+        solve's iterations below the configured limit (a multilevel smoothing step's
+        budget)."""
         import torch
 
         self.ctx.op = op
+        self.ctx.device = g.device
         self.ctx.bad = False
         PETSc = self.PETSc
         PETSc.Options().setValue(f"{self.prefix}ksp_cg_radius", float(radius))
@@ -205,7 +230,7 @@ class TRSubproblem:
         self._from_options()  # the radius, and whatever the user set under the prefix
         if max_it is not None:
             self.ksp.setTolerances(max_it=min(max_it, self.ksp.getTolerances()[3]))
-        self.b.getArray()[:] = -g.to(torch.float64).numpy()
+        self.b.getArray()[:] = -self.ctx.count(g.to(torch.float64)).cpu().numpy()
         self.x.set(0.0)
         self.ksp.solve(self.b, self.x)
         if self.comm is not None:  # a bad product on one rank is a bad solve on all
@@ -218,8 +243,8 @@ class TRSubproblem:
         self.iterations = self.ksp.getIterationNumber()
         if reason < 0 and reason != PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT:
             raise NonFiniteError(f"trust-region subproblem solver failed ({reason})")
-        s = torch.from_numpy(self.x.getArray(readonly=True).copy())
-        return s, -float(self.ksp.getCGObjectiveValue()), reason
+        s = torch.from_numpy(self.x.getArray(readonly=True).copy())  # host: PETSc's vector
+        return self.ctx.count(s).to(g.device), -float(self.ksp.getCGObjectiveValue()), reason
 
     def destroy(self) -> None:
         for obj in (self.ksp, self.mat, self.b, self.x):
@@ -242,10 +267,11 @@ def transfer_matrix(kind: str, n_fine: int, cf: int, mode: str, width: int, comm
     if n_fine % cf:
         raise ValueError(f"transfer_matrix: {n_fine} layers are not divisible by cf = {cf}")
     nc = n_fine // cf
+    # The weights of a PETSc matrix, which is assembled from host memory.
     if kind == "R":
-        W = restrict_reference(torch.eye(n_fine, dtype=torch.float64), cf, mode)  # nc x N
+        W = restrict_reference(torch.eye(n_fine, dtype=torch.float64), cf, mode)  # host: nc x N
     elif kind == "P":
-        W = prolong_reference(torch.eye(nc, dtype=torch.float64), cf, mode)  # N x nc
+        W = prolong_reference(torch.eye(nc, dtype=torch.float64), cf, mode)  # host: N x nc
     else:
         raise ValueError(f"transfer_matrix: kind must be 'R' or 'P', not {kind!r}")
     rows, cols = W.shape

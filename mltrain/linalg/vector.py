@@ -1,7 +1,8 @@
 """A model's trainable parameters as views of one flat buffer, so that the optimizers'
 vector (a PETSc Vec made with ``linalg.petsc.wrap``) and the torch parameters are the same
-memory: a step PETSc writes is the model's new weights, with no copy in between.
-Pure torch; not collective."""
+memory: a step PETSc writes is the model's new weights, with no copy in between. Flat
+vectors live on the parameters' device (PETSc wraps only CPU ones). Pure torch; not
+collective."""
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,11 @@ class ParamBuffer:
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
             raise ValueError(f"ParamBuffer: parameters have several dtypes {dtypes}")
-        self.flat = torch.empty(sum(p.numel() for p in self.params), dtype=dtypes.pop())
+        devices = {p.device for p in self.params}
+        if len(devices) != 1:
+            raise ValueError(f"ParamBuffer: parameters are on several devices {devices}")
+        self.flat = torch.empty(sum(p.numel() for p in self.params), dtype=dtypes.pop(),
+                                device=devices.pop())
         self.grad = torch.zeros_like(self.flat)
         self._offsets = []
         off = 0
@@ -62,10 +67,15 @@ class FlatParams:
         if len(dtypes) != 1:
             raise ValueError(f"flat parameter vectors need one parameter dtype, got {dtypes}")
         self.dtype = dtypes.pop()
+        devices = {p.device for p in self.params}
+        if len(devices) != 1:
+            raise ValueError(f"flat parameter vectors need one device, got {devices}")
+        self.device = devices.pop()
         self.numel = sum(p.numel() for p in self.params)
 
     def get(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        out = torch.empty(self.numel, dtype=self.dtype) if out is None else out
+        out = torch.empty(self.numel, dtype=self.dtype, device=self.device) if out is None \
+            else out
         with torch.no_grad():
             ops.pack([p.detach() for p in self.params], out)
         return out

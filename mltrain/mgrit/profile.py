@@ -22,6 +22,12 @@ SOLVER_COSTS = ("step", "step_coarse", "vjp", "vjp_coarse", "record", "linearize
                 "chain_backward", "op", "overhead", "overhead_step")
 
 
+def _sync() -> None:
+    """Waits for queued GPU work (kernels run asynchronously), so the clock sees it."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def seconds_per_call(fn, reps: int, best: bool = False) -> float:
     """Seconds per call of ``fn`` over runs of ``reps`` calls, after two warm-up calls
     (the first autograd calls set up the engine): the median of three runs (robust to a
@@ -31,9 +37,11 @@ def seconds_per_call(fn, reps: int, best: bool = False) -> float:
         fn()
     times = []
     for _ in range(5 if best else 3):
+        _sync()
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
+        _sync()
         times.append((time.perf_counter() - t0) / reps)
     return min(times) if best else sorted(times)[1]
 
@@ -100,7 +108,7 @@ def unit_costs(net: nn.Module, x: torch.Tensor, cf: int, chain: int, reps: int =
     # backward through it, which also hands the parameter gradients to autograd and frees
     # the graphs (the one-level solve on one rank is exactly that pass).
     exact = LayerParallel(part, MPI.COMM_SELF, levels=1, cf=cf)
-    probe = torch.randn(x.shape[-1], 1, dtype=x.dtype)
+    probe = torch.randn(x.shape[-1], 1, dtype=x.dtype).to(x.device)  # drawn on the CPU
 
     def record_pass():
         _clear(part)
@@ -135,7 +143,7 @@ def pass_overhead(net: nn.Module, x: torch.Tensor, cf: int, chain: int, costs: d
     model = Costs(**{"serial_forward": 0.0, "serial_backward": 0.0, "message": 0.0,
                      "broadcast": 0.0, **known})
     x = x.detach()
-    probe = torch.randn(x.shape[-1], 1, dtype=x.dtype)
+    probe = torch.randn(x.shape[-1], 1, dtype=x.dtype).to(x.device)  # drawn on the CPU
 
     def overhead(m: int) -> float:  # a real pass over m blocks less the work model's
         part = _chain(net, m)

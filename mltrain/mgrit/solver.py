@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mltrain.comm import STATS
+from mltrain.comm import irecv, isend
 from mltrain.comm.waiting import wait
 
 __all__ = ["MGRITSolver"]
@@ -91,26 +91,24 @@ class MGRITSolver:
         for the ghost (point 0), or None when there is no previous rank."""
         if self.next != MPI.PROC_NULL:
             self._complete_send()
-            last = u[-1].contiguous()
-            # Kept with its request: the buffer must live until the send completes.
-            self._send = (self.comm.Isend(last.numpy(), dest=self.next, tag=_tag(level)),
-                          last)
+            # Through the staging helpers (states may live on a GPU); the handle keeps the
+            # buffer alive until the send completes, and counts its bytes in STATS.
+            self._send = isend(u[-1].contiguous(), self.next, self.comm, tag=_tag(level))
             self.messages += 1
-            STATS.add(self.comm, last.numel() * last.element_size())
         if self.prev == MPI.PROC_NULL:
             return None
-        return self.comm.Irecv(u[0].numpy(), source=self.prev, tag=_tag(level))
+        return irecv(u[0], self.prev, self.comm, tag=_tag(level))  # into the ghost on wait
 
     def _exchange_end(self, req) -> None:
         # Only the ghost is waited for. The send completes when the receiver's MPI makes
         # progress, which (without a progress thread) is when it next waits; waiting for
         # it here would idle this rank until the neighbour is done relaxing.
         if req is not None:
-            wait(req)
+            req.wait()
 
     def _complete_send(self) -> None:
         if self._send is not None:
-            wait(self._send[0])
+            self._send.wait()
             self._send = None
 
     def _interval(self, level, u, g, c, r):
@@ -148,16 +146,14 @@ class MGRITSolver:
     def _coarsest(self, level, u, g, final: bool = False):
         """Exact solve on the coarsest level: sequential across ranks."""
         if self.prev != MPI.PROC_NULL:
-            wait(self.comm.Irecv(u[0].numpy(), source=self.prev, tag=_tag(level)))
+            irecv(u[0], self.prev, self.comm, tag=_tag(level)).wait()
         if final and self._final is not None:
             self._final(u, [(0, len(u) - 1)], True)
         else:
             u[1:] = self._chain(level, 0, u[0], len(u) - 1, None if g is None else g[1:])
         if self.next != MPI.PROC_NULL:
-            last = u[-1].contiguous()
-            wait(self.comm.Isend(last.numpy(), dest=self.next, tag=_tag(level)))
+            isend(u[-1].contiguous(), self.next, self.comm, tag=_tag(level)).wait()
             self.messages += 1
-            STATS.add(self.comm, last.numel() * last.element_size())
 
     def _residual(self, level, u, g):
         """r_k = g_k - (u_k - Phi(u_{k-1})) at the C-points (index k)."""

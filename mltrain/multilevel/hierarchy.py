@@ -141,7 +141,7 @@ def _prolong_adjoint(h: "Hierarchy", fine: torch.Tensor) -> torch.Tensor:
     """P^T over depth: the vector-Jacobian product of the (linear) prolongation."""
     with torch.enable_grad():
         leaf = torch.zeros((fine.shape[0] // h.cf, *fine.shape[1:]), dtype=fine.dtype,
-                           requires_grad=True)
+                           device=fine.device, requires_grad=True)
         (out,) = torch.autograd.grad(ops.prolong_reference(leaf, h.cf, h.prolongation), leaf,
                                      fine)
     return out
@@ -168,12 +168,15 @@ def finest_metric(h: "Hierarchy", level: int) -> torch.Tensor:
     up to the off-diagonal couplings for linear."""
     model = h.models[level]
     n = len(model.blocks)
-    depth = torch.eye(n, dtype=torch.float64)  # row i: coarse block i as a stacked "layer"
+    # Row i: coarse block i as a stacked "layer". On the host: it is n x n and its column
+    # sums are read back one by one as Python floats (a device sync each otherwise); the
+    # weights themselves are made on the parameters' device.
+    depth = torch.eye(n, dtype=torch.float64)  # host: small, read back as Python floats
     for _ in range(level):
         depth = ops.prolong_reference(depth, h.cf, h.prolongation)
     col = (depth * depth).sum(0)  # [n]: ||P e_i||^2 for each block
     parts = []
     for name, p in model.named_parameters():
         w = float(col[int(name.split(".")[1])]) if name.startswith("blocks.") else 1.0
-        parts.append(torch.full((p.numel(),), w, dtype=torch.float64))
+        parts.append(torch.full((p.numel(),), w, dtype=torch.float64, device=p.device))
     return torch.cat(parts)

@@ -24,7 +24,7 @@ from mltrain.multilevel.hierarchy import Hierarchy, prolong_vec, restrict_grad, 
 from mltrain.optim import build_optimizer
 from mltrain.optim.costs import Prices, measure, time_level
 from mltrain.optim.evals import EvalCache
-from mltrain.optim.tr import Objective, TrustRegion, check_level_options
+from mltrain.optim.tr import Objective, TrustRegion, check_level_options, sum_host_copies
 from mltrain.utils.decisions import DecisionLog
 
 __all__ = ["MGOpt"]
@@ -86,8 +86,9 @@ class MGOpt(LevelOptimizers):
             self.grad_evals[level] += 1
             self.grad_samples[level] += len(x) * self.ranks / weight
             # packed as the trust-region smoother packs, so the shared cache holds one kind
+            # (the loss appended on the gradient's device; its float64 is exact, as float())
             packed = torch.cat([torch.cat([t.reshape(-1) for t in g]).to(torch.float64),
-                                torch.tensor([float(loss.detach())], dtype=torch.float64)])
+                                loss.detach().reshape(1).to(torch.float64)])
             self._mean(packed.mul_(weight))
             grad, f = packed[:-1], float(packed[-1])
             self.caches[level].store(model, x, y, weight, it, f, grad)
@@ -104,7 +105,8 @@ class MGOpt(LevelOptimizers):
             f = hit[0]
         else:
             with torch.no_grad():
-                f = torch.tensor([float(loss_fn(model(x), y)) * weight], dtype=torch.float64)
+                f = torch.tensor([float(loss_fn(model(x), y)) * weight],  # host: an MPI scalar
+                                 dtype=torch.float64)
             self.loss_samples[level] += len(x) * self.ranks / weight
             f = float(self._mean(f)[0])
             self.caches[level].store(model, x, y, weight, it, f, None)
@@ -213,7 +215,7 @@ class MGOpt(LevelOptimizers):
                                     / num_train for s in samples],
                "cache_hits": [dict(c.hits) for c in self.caches],
                "line_search": dict(self.alphas), "prices": self.prices.as_dict(),
-               **self.decisions.summary()}
+               **sum_host_copies(self.parts), **self.decisions.summary()}
         return out
 
     def work(self, num_train: int) -> float:

@@ -50,7 +50,8 @@ from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy
 from mltrain.multilevel.transfers import LayerTransfers, Transfers
 from mltrain.optim.costs import Prices, measure, time_level
-from mltrain.optim.tr import Objective, TrustRegion, ball_fraction, check_level_options
+from mltrain.optim.tr import (Objective, TrustRegion, ball_fraction, check_level_options,
+                              sum_host_copies)
 from mltrain.utils.decisions import BOUND_RTOL, DecisionLog
 
 __all__ = ["RMTR", "COARSE_MODELS"]
@@ -412,7 +413,8 @@ class RMTR(LevelOptimizers):
             "rejected_steps": self.parts[0].counts["rejected"] + self.corrections["rejected"][0],
             "coarse_corrections": dict(self.corrections),
             "radius": self.radius, "batch_factor": self.batch_factor,
-            "prices": self.prices.as_dict(), **self.decisions.summary(),
+            "prices": self.prices.as_dict(), **sum_host_copies(self.parts),
+            **self.decisions.summary(),
         }
 
     def step_metrics(self) -> dict:

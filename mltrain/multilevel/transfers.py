@@ -21,6 +21,7 @@ import torch
 from mpi4py import MPI
 
 from mltrain import ops
+from mltrain.comm import irecv, isend
 from mltrain.multilevel.hierarchy import (Hierarchy, _prolong_adjoint, finest_metric,
                                           prolong_vec, restrict_grad, restrict_vec, to_finest)
 
@@ -93,10 +94,15 @@ class LayerTransfers(Transfers):
         """Sends ``send`` to the right (or left) neighbour and returns the ``rows`` rows
         received from the other side (none at the end of the chain)."""
         dest, source = (self.right, self.left) if to_right else (self.left, self.right)
-        buf = torch.empty((rows, *send.shape[1:]), dtype=send.dtype)
-        self.comm.Sendrecv(send.contiguous().numpy(), dest=dest, sendtag=31 + to_right,
-                           recvbuf=buf.numpy(), source=source, recvtag=31 + to_right)
-        return buf if source != MPI.PROC_NULL else buf[:0]
+        tag = 31 + to_right
+        # Through the staging helpers: the stacks live on the parameters' device.
+        buf = torch.empty((rows, *send.shape[1:]), dtype=send.dtype, device=send.device)
+        got = irecv(buf, source, self.comm, tag) if source != MPI.PROC_NULL else None
+        sent = isend(send.contiguous(), dest, self.comm, tag) if dest != MPI.PROC_NULL else None
+        for h in (got, sent):
+            if h is not None:
+                h.wait()
+        return buf if got is not None else buf[:0]
 
     def _halo(self, t: torch.Tensor, left: int, right: int):
         """The last ``left`` rows of the left neighbour's stack and the first ``right`` of
@@ -135,7 +141,8 @@ class LayerTransfers(Transfers):
         nl = 1 if self.left != MPI.PROC_NULL else 0
         nr = 1 if self.right != MPI.PROC_NULL else 0
         with torch.enable_grad():
-            leaf = torch.zeros((nl + n + nr, *g.shape[1:]), dtype=g.dtype, requires_grad=True)
+            leaf = torch.zeros((nl + n + nr, *g.shape[1:]), dtype=g.dtype, device=g.device,
+                               requires_grad=True)
             fine = ops.prolong_reference(leaf, cf, mode)[nl * cf:(nl + n) * cf]
             (w,) = torch.autograd.grad(fine, leaf, g)
         w = w.detach()

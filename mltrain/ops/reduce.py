@@ -19,16 +19,17 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def sum_buffers_reference(out: torch.Tensor, bufs: Sequence[torch.Tensor]) -> torch.Tensor:
     if not bufs:
         raise ValueError("sum_buffers: needs at least one buffer")
-    acc = bufs[0].to(_acc(out.dtype), copy=True)
+    # On out's device, so a mix of host and device buffers works (no-op moves otherwise).
+    acc = bufs[0].to(out.device, _acc(out.dtype), copy=True)
     for b in bufs[1:]:
-        acc += b.to(acc.dtype)
+        acc += b.to(acc.device, acc.dtype)
     return out.copy_(acc.view(out.shape))
 
 
 def axpby_reference(out: torch.Tensor, a: float, x: torch.Tensor, b: float,
                     y: torch.Tensor) -> torch.Tensor:
     acc = _acc(out.dtype)
-    return out.copy_(x.to(acc) * a + y.to(acc) * b)
+    return out.copy_(x.to(out.device, acc) * a + y.to(out.device, acc) * b)
 
 
 def _use_ext(out, tensors) -> bool:

@@ -72,10 +72,16 @@ def residual_vjp_sweep_reference(lam: torch.Tensor, masks: Tensors, weights: Ten
     return out
 
 
+def _use_ext(x: torch.Tensor, weights: Tensors) -> bool:
+    """The C++ sweeps are CPU kernels: tensors elsewhere (a GPU) take the references."""
+    return (ops.has_ext and x.device.type == "cpu"
+            and all(w.device.type == "cpu" for w in weights))
+
+
 def residual_sweep(x: torch.Tensor, weights: Tensors, biases: Tensors, h: Sequence[float],
                    scale: int, adds: Tensors | None = None) -> list[torch.Tensor]:
     """The states after each of ``len(weights)`` residual steps from ``x``."""
-    if ops.has_ext:
+    if _use_ext(x, weights):
         return ops._C.residual_sweep(x, list(weights), list(biases), list(h), scale,
                                      [] if adds is None else list(adds))
     return residual_sweep_reference(x, weights, biases, h, scale, adds)
@@ -84,14 +90,14 @@ def residual_sweep(x: torch.Tensor, weights: Tensors, biases: Tensors, h: Sequen
 def residual_steps(xs: Tensors, weights: Tensors, biases: Tensors, h: Sequence[float],
                    scale: int) -> list[torch.Tensor]:
     """One residual step from each state (block i from ``xs[i]``)."""
-    if ops.has_ext:
+    if xs and _use_ext(xs[0], weights):
         return ops._C.residual_steps(list(xs), list(weights), list(biases), list(h), scale)
     return residual_steps_reference(xs, weights, biases, h, scale)
 
 
 def residual_masks(xs: Tensors, weights: Tensors, biases: Tensors) -> list[torch.Tensor]:
     """relu'(W_i x_i + b_i) as booleans, one per state."""
-    if ops.has_ext:
+    if xs and _use_ext(xs[0], weights):
         return ops._C.residual_masks(list(xs), list(weights), list(biases))
     return residual_masks_reference(xs, weights, biases)
 
@@ -100,7 +106,7 @@ def residual_vjp_sweep(lam: torch.Tensor, masks: Tensors, weights: Tensors,
                        h: Sequence[float], scale: int,
                        adds: Tensors | None = None) -> list[torch.Tensor]:
     """The adjoints after each of ``len(weights)`` vector-Jacobian products from ``lam``."""
-    if ops.has_ext:
+    if _use_ext(lam, weights):
         return ops._C.residual_vjp_sweep(lam, list(masks), list(weights), list(h), scale,
                                          [] if adds is None else list(adds))
     return residual_vjp_sweep_reference(lam, masks, weights, h, scale, adds)

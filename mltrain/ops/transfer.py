@@ -39,9 +39,10 @@ def restrict_reference(fine: torch.Tensor, cf: int, mode: str) -> torch.Tensor:
         raise ValueError(f"restrict: mode must be one of {RESTRICTIONS}, not {mode!r}")
     nc = n // cf
     acc_t = _acc(fine.dtype)
-    rows = torch.arange(nc) * cf
-    acc = torch.zeros((nc, *fine.shape[1:]), dtype=acc_t)
-    wsum = torch.zeros(nc, dtype=torch.int64)
+    dev = fine.device  # the reference is also the GPU path: temporaries live with the data
+    rows = torch.arange(nc, device=dev) * cf
+    acc = torch.zeros((nc, *fine.shape[1:]), dtype=acc_t, device=dev)
+    wsum = torch.zeros(nc, dtype=torch.int64, device=dev)
     for k in range(-(cf - 1), cf):
         idx = rows + k
         ok = (idx >= 0) & (idx < n)
@@ -60,7 +61,7 @@ def prolong_reference(coarse: torch.Tensor, cf: int, mode: str) -> torch.Tensor:
     if mode == "constant" or nc == 1:
         return coarse.repeat_interleave(cf, dim=0)
     acc_t = _acc(coarse.dtype)
-    j = torch.arange(nc * cf)
+    j = torch.arange(nc * cf, device=coarse.device)
     i = torch.clamp(j // cf, max=nc - 2)
     t = (j - i * cf).to(torch.float64) / cf
     shape = (nc * cf,) + (1,) * (coarse.dim() - 1)

@@ -42,6 +42,7 @@ its predicted reduction the trust region's, and the global rule the same).
 
 Every rank computes its subdomains one after the other (K = N / P of them; N must be a
 multiple of the data-parallel ranks P); sums over subdomains are one allreduce per step.
+The vectors live on the parameters' device.
 
 Collective on the data-axis communicator.
 """
@@ -54,6 +55,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mltrain.comm import allreduce_
 from mltrain.config import ConfigError
 from mltrain.linalg.curvature import Curvature
 from mltrain.linalg.vector import FlatParams
@@ -174,7 +176,9 @@ class APTS:
         mine = {}
         for j, tr in zip(self.ids, self.locs):
             if tr.lsr1 is not None and tr.lsr1.pairs:
-                mine[j] = ([(s.clone(), y.clone()) for s, y in tr.lsr1.pairs], tr.lsr1.gamma)
+                # Host copies: pickled to rank 0, whose device may not be this rank's.
+                mine[j] = ([(s.to("cpu", copy=True), y.to("cpu", copy=True))
+                            for s, y in tr.lsr1.pairs], tr.lsr1.gamma)
         parts = self.comm.gather(mine, root=0) if self.comm.Get_size() > 1 else [mine]
         self._gathered = {j: m for part in (parts or []) for j, m in part.items()}
 
@@ -196,7 +200,7 @@ class APTS:
                     st[f"level{j + 1}.lsr1_y{k}"] = y[off:off + n].reshape(p.shape).clone()
                     off += n
             state.setdefault(idx[0], {})[f"level{j + 1}.lsr1_gamma"] = torch.tensor(
-                gamma, dtype=torch.float64)
+                gamma, dtype=torch.float64)  # host: a Python scalar, checkpointed
         return {"state": state, "param_groups": sd["param_groups"]}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -241,7 +245,7 @@ class APTS:
         """Every local subdomain's (loss, gradient) at x_k, stored in its solver's cache,
         and the global (f, g) from them. Collective on the data axis."""
         n_r = len(obj.x)
-        packed = torch.zeros(self.n + 1, dtype=torch.float64)
+        packed = torch.zeros(self.n + 1, dtype=torch.float64, device=self.params[0].device)
         local = []
         for m, (x, y) in enumerate(pieces):
             loss, g = Curvature(obj.model, obj.loss_fn, x, y, "lsr1", self.params).loss_and_grad()
@@ -315,7 +319,7 @@ class APTS:
             total = self._reduce(s, predicted)
         else:
             f, g, local = self._start(obj, pieces)
-            packed_s = torch.zeros(self.n, dtype=torch.float64)
+            packed_s = torch.zeros(self.n, dtype=torch.float64, device=x_k.device)
             predicted = 0.0
             for m, (x, y) in enumerate(pieces):
                 lo, hi = self.blocks[m]
@@ -353,11 +357,10 @@ class APTS:
         own = {k: sum(tr.samples()[k] for tr in self.locs) for k in kinds}
         own["gradient"] += self._own
         base, self._reported = self._reported, dict(own)
-        buf = torch.cat([s.reshape(-1), torch.tensor([predicted] + [own[k] - base[k]
-                                                                    for k in kinds],
-                                                     dtype=torch.float64)])
-        if self.comm.Get_size() > 1:
-            self.comm.Allreduce(MPI.IN_PLACE, buf.numpy(), op=MPI.SUM)
+        scalars = [predicted] + [own[k] - base[k] for k in kinds]
+        buf = torch.cat([s.reshape(-1),
+                         torch.tensor(scalars, dtype=torch.float64, device=s.device)])
+        allreduce_(buf, self.comm)  # staged through host memory from a GPU
         for i, k in enumerate(kinds):
             self.local_samples[k] += float(buf[self.n + 1 + i])
         return buf[:self.n], float(buf[self.n])
@@ -379,9 +382,16 @@ class APTS:
     def work(self, num_train: int) -> float:
         return self.prices.work([self.samples()], num_train)
 
+    @property
+    def host_copies(self) -> dict[str, int]:
+        """This rank's host<->device copies of its subproblem solves, global and local (0
+        when the parameters are on the CPU). Not collective."""
+        parts = [self.glob.host_copies] + [tr.host_copies for tr in self.locs]
+        return {k: sum(c[k] for c in parts) for k in parts[0]}
+
     def report(self, num_train: int) -> dict:
-        """The summary's work (priced, fine-gradient equivalents) and counts. Not
-        collective."""
+        """The summary's work (priced, fine-gradient equivalents), counts and the
+        subproblem solves' host<->device copies. Not collective."""
         s, c = self.samples(), self.counts
         return {"work": self.work(num_train),
                 "grad_evals": (s["gradient"] + s["graph_gradient"]) / num_train,
@@ -392,7 +402,7 @@ class APTS:
                 "local_accepted": c["local_accepted"], "local_at_bound": c["local_at_bound"],
                 "radius": self.radius, "batch_factor": self.batch_factor,
                 "cache_hits": dict(self.glob.cache.hits), "prices": self.prices.as_dict(),
-                **self.decisions.summary()}
+                **self.host_copies, **self.decisions.summary()}
 
     def subdomain_decisions(self) -> dict[int, DecisionLog]:
         """Each local subdomain's decision log, by its global index. Not collective."""

@@ -169,7 +169,7 @@ class SecondOrder(Method):
                                                *batches.minibatch(), 1.0))
         with self.straggler.timed():
             value = self.state.tr_step(obj)
-        return torch.tensor(value)
+        return torch.tensor(value)  # host: a Python float already; the loop reads .item()
 
     def work(self, steps: int, batch_size: int, num_train: int) -> float:
         return self.state.work(num_train)

@@ -58,12 +58,20 @@ class Prices:
                 "levels": [{k: round(v, 4) for k, v in p.items()} for p in self.levels]}
 
 
-def _median_seconds(fn, reps: int) -> float:
+def _median_seconds(fn, reps: int, device: torch.device) -> float:
+    """Median wall time of ``fn``; on a GPU each run is waited for (kernels are queued
+    asynchronously, so the clock would otherwise stop at the launch)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()  # warm-up: allocator, kernels, autograd graph caches
     times = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -84,10 +92,12 @@ def time_level(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor
         with torch.no_grad():
             float(loss_fn(model(x), y))
 
-    out = {"gradient": _median_seconds(plain, reps), "loss": _median_seconds(loss, reps)}
+    device = x.device
+    out = {"gradient": _median_seconds(plain, reps, device),
+           "loss": _median_seconds(loss, reps, device)}
     # Only Hessian products keep the graph; the other kinds never charge it (and a
     # layer-parallel network has no double backward through MGRIT).
-    out["graph_gradient"] = (_median_seconds(graph, reps) if curvature == "hessian"
+    out["graph_gradient"] = (_median_seconds(graph, reps, device) if curvature == "hessian"
                              else out["gradient"])
     kind = curvature if curvature in ("hessian", "ggn") else None
     if kind is None:
@@ -96,9 +106,10 @@ def time_level(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor
         curv = Curvature(model, loss_fn, x, y, kind, params)
         curv.loss_and_grad()
         n = sum(p.numel() for p in curv.params)
-        dtype = curv.params[0].dtype
-        v = torch.full((n,), 1e-3, dtype=dtype)  # any direction: the cost does not depend on it
-        out["product"] = _median_seconds(lambda: curv.mv(v), reps)
+        first = curv.params[0]
+        # any direction: the cost does not depend on it
+        v = torch.full((n,), 1e-3, dtype=first.dtype, device=first.device)
+        out["product"] = _median_seconds(lambda: curv.mv(v), reps, device)
     return out
 
 
@@ -109,7 +120,8 @@ def measure(times: list[dict[str, float]], comms=()) -> Prices:
     from mltrain.comm import mean_
 
     unit = times[0]["gradient"]
-    flat = torch.tensor([t[k] / unit for t in times for k in KINDS], dtype=torch.float64)
+    flat = torch.tensor([t[k] / unit for t in times for k in KINDS],
+                        dtype=torch.float64)  # host: ratios of host clock times, for MPI
     for comm in comms:
         if comm is not None:
             mean_(flat, comm)

@@ -10,6 +10,11 @@ to predicted reduction and updates Delta:
 
 Gradients and curvature products are averaged over the data axis (one allreduce each),
 so every rank solves the same subproblem and takes the same step.
+
+On a GPU the vectors (parameters, gradients, steps) and the curvature products live on the
+parameters' device; PETSc's Krylov solve works in host memory, and its copies to and from
+the device are counted in the report (``host_copies``, ``host_copy_bytes``). The radius
+and the batch counters are host scalars, read by Python every step.
 """
 from __future__ import annotations
 
@@ -36,7 +41,10 @@ __all__ = ["TrustRegion", "Objective", "NonFiniteError", "check_level_options", 
 
 
 class _TorchSolver:
-    """The pure-torch Steihaug-Toint CG, for machines without PETSc."""
+    """The pure-torch Steihaug-Toint CG, for machines without PETSc (on the vectors' device:
+    no host copies)."""
+
+    host_copies = {"host_copies": 0, "host_copy_bytes": 0}
 
     def __init__(self, max_it: int, rtol: float = 1e-6):
         self.max_it, self.rtol = max_it, rtol
@@ -136,11 +144,12 @@ class TrustRegion(torch.optim.Optimizer):
         self.radius_max = radius_max
         self.curvature = curvature
         first = self.param_groups[0]["params"][0]
-        self.state[first]["radius"] = torch.tensor(float(radius), dtype=torch.float64)
+        st = self.state[first]  # host scalars, read by Python every step
+        st["radius"] = torch.tensor(float(radius), dtype=torch.float64)  # host: the radius
         # Hybrid batches: the batch is this many mini-batches; it doubles after
         # ``grow_after`` rejected steps in a row (0 = never).
-        self.state[first]["batch_factor"] = torch.tensor(1.0)
-        self.state[first]["rejected_streak"] = torch.tensor(0.0)
+        st["batch_factor"] = torch.tensor(1.0)  # host: a counter
+        st["rejected_streak"] = torch.tensor(0.0)  # host: a counter
         self.grow_after = grow_after
         self._first = first
         if self.layer_comm is not None and curvature != "lsr1":
@@ -295,7 +304,7 @@ class TrustRegion(torch.optim.Optimizer):
             return self._corrected(obj, hit[0])[0]
         with torch.no_grad():
             value = torch.tensor([float(obj.loss_fn(obj.model(obj.x), obj.y)) * obj.weight],
-                                 dtype=torch.float64)
+                                 dtype=torch.float64)  # host: a scalar averaged over MPI
         self.counts["losses"] += 1
         self.counts["loss_samples"] += self._samples
         loss = float(self._mean(value)[0])
@@ -319,7 +328,8 @@ class TrustRegion(torch.optim.Optimizer):
                 curv = Curvature(obj.model, obj.loss_fn, obj.x, obj.y, "lsr1", self._params)
             with _event("mltrain_gradient"):
                 loss, g = curv.loss_and_grad()
-            packed = torch.cat([g.to(torch.float64), torch.tensor([loss], dtype=torch.float64)])
+            packed = torch.cat([g.to(torch.float64),
+                                torch.tensor([loss], dtype=torch.float64, device=g.device)])
             with _event("mltrain_reduce"):
                 self._mean(packed.mul_(obj.weight))
             self.counts["gradients"] += 1
@@ -379,10 +389,16 @@ class TrustRegion(torch.optim.Optimizer):
         at its price (``self.prices``), over the training-set size."""
         return self.prices.work([self.samples()], num_train)
 
+    @property
+    def host_copies(self) -> dict[str, int]:
+        """The subproblem solver's copies between host and device so far (PETSc works in
+        host memory; 0 when the parameters are on the CPU)."""
+        return dict(self.solver.host_copies)
+
     def report(self, num_train: int) -> dict:
         """The summary's work and step counts, in full-gradient equivalents (samples
-        evaluated / training-set size; ``work`` priced, the others counted). Not
-        collective."""
+        evaluated / training-set size; ``work`` priced, the others counted), and the
+        subproblem solver's host<->device copies. Not collective."""
         c = self.counts
         return {"work": self.work(num_train),
                 "grad_evals": (c["gradient_samples"] + c["graph_gradient_samples"]) / num_train,
@@ -391,7 +407,8 @@ class TrustRegion(torch.optim.Optimizer):
                 "cache_hits": dict(self.cache.hits),
                 "accepted_steps": c["accepted"], "rejected_steps": c["rejected"],
                 "radius": self.radius, "batch_factor": self.batch_factor,
-                "prices": self.prices.as_dict(), **self.decisions.summary()}
+                "prices": self.prices.as_dict(), **self.host_copies,
+                **self.decisions.summary()}
 
     def state_dict(self):
         """As torch's, with the L-SR1 memory: pair k as ``lsr1_s<k>``/``lsr1_y<k>`` split
@@ -409,19 +426,24 @@ class TrustRegion(torch.optim.Optimizer):
                     self.state[p][f"lsr1_s{k}"] = s[off:off + n].reshape(p.shape).clone()
                     self.state[p][f"lsr1_y{k}"] = y[off:off + n].reshape(p.shape).clone()
                     off += n
-            self.state[self._first]["lsr1_gamma"] = torch.tensor(self.lsr1.gamma,
-                                                                 dtype=torch.float64)
+            self.state[self._first]["lsr1_gamma"] = torch.tensor(
+                self.lsr1.gamma, dtype=torch.float64)  # host: a Python scalar, checkpointed
         return super().state_dict()
 
     def load_state_dict(self, state_dict) -> None:
         """As torch's, but the radius and the L-SR1 memory keep float64 (torch casts state
         to the parameters' dtype, which would change the bits of a float32 run's radius
-        on resume)."""
+        on resume), and the scalars stay in host memory (torch moves state to the
+        parameters' device); the memory goes to the parameters' device."""
         raw = state_dict["state"]
         saved = raw.get(0, {}).get("radius")
         super().load_state_dict(state_dict)
         if saved is not None:
-            self.state[self._first]["radius"] = torch.as_tensor(saved).to(torch.float64).clone()
+            self.state[self._first]["radius"] = torch.as_tensor(
+                saved, dtype=torch.float64, device="cpu").clone()
+        for key in ("batch_factor", "rejected_streak"):
+            if key in self.state.get(self._first, {}):
+                self.state[self._first][key] = self.state[self._first][key].cpu()
         for p in self._params:  # the memory lives in self.lsr1, not in the state
             # (`in` first: indexing the state's defaultdict would add empty entries, which
             # a flat multilevel state dict refuses when it is saved again.)
@@ -432,7 +454,8 @@ class TrustRegion(torch.optim.Optimizer):
         if self.lsr1 is not None and self.layer_comm is None and "lsr1_gamma" in first:
             pairs = []
             for k in range(sum(1 for key in first if key.startswith("lsr1_s"))):
-                s, y = ([torch.as_tensor(raw[i][f"{name}{k}"]).to(torch.float64).reshape(-1)
+                s, y = ([torch.as_tensor(raw[i][f"{name}{k}"], dtype=torch.float64,
+                                         device=self._flat.device).reshape(-1)
                          for i in range(len(self._params))] for name in ("lsr1_s", "lsr1_y"))
                 pairs.append((torch.cat(s), torch.cat(y)))
             self.lsr1.restore(pairs, float(first["lsr1_gamma"]))
@@ -491,3 +514,13 @@ class TrustRegion(torch.optim.Optimizer):
 
     def close(self) -> None:
         self.solver.destroy()
+
+
+def sum_host_copies(parts) -> dict[str, int]:
+    """Host<->device copies of the subproblem solves of ``parts`` (optimizers; those that do
+    not solve one count nothing), summed: what a multilevel report shows. Not collective."""
+    total = {"host_copies": 0, "host_copy_bytes": 0}
+    for p in parts:
+        for k, v in getattr(p, "host_copies", {}).items():
+            total[k] += v
+    return total

@@ -10,9 +10,9 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mltrain.comm import STATS, broadcast_
+from mltrain.comm import broadcast_, irecv, isend
 from mltrain.comm.ownership import gather_params, gather_state
-from mltrain.comm.waiting import probe, wait
+from mltrain.comm.waiting import probe
 from mltrain.config import ConfigError
 from mltrain.nn import is_residual
 from mltrain.pipeline.schedules import build_schedule
@@ -100,8 +100,11 @@ class Pipeline:
         outputs: dict[int, torch.Tensor] = {}
         losses: dict[int, torch.Tensor] = {}
         grads: dict[int, torch.Tensor] = {}
-        pending: list = []  # (request, buffer) of sends in flight
+        pending: list = []  # handles of sends in flight (isend/irecv stage device tensors)
         comm = self.comm
+        # Received activations live where this stage computes: with its parameters, or
+        # (a stage without any) with the batch, which the trainer put on the device.
+        device = next(iter(self.parameters()), x).device
         for a in self.actions:
             m = a.mb
             if a.kind == "F":
@@ -114,13 +117,12 @@ class Pipeline:
                 t = outputs[m].detach().contiguous()
                 comm.send((tuple(t.shape), str(t.dtype).split(".")[1]), dest=a.peer,
                           tag=_tag("ACT_META", m))
-                pending.append((comm.Isend(t.numpy(), dest=a.peer, tag=_tag("ACT", m)), t))
-                STATS.add(comm, t.numel() * t.element_size())
+                pending.append(isend(t, a.peer, comm, _tag("ACT", m)))
             elif a.kind == "RECV_ACT":
                 probe(comm, a.peer, _tag("ACT_META", m))
                 shape, dtype = comm.recv(source=a.peer, tag=_tag("ACT_META", m))
-                buf = torch.empty(shape, dtype=getattr(torch, dtype))
-                wait(comm.Irecv(buf.numpy(), source=a.peer, tag=_tag("ACT", m)))
+                buf = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+                irecv(buf, a.peer, comm, _tag("ACT", m)).wait()
                 inputs[m] = buf.requires_grad_(True)
             elif a.kind == "B":
                 if self.last:
@@ -130,16 +132,15 @@ class Pipeline:
                 outputs.pop(m)
             elif a.kind == "SEND_GRAD":
                 g = inputs.pop(m).grad.contiguous()
-                pending.append((comm.Isend(g.numpy(), dest=a.peer, tag=_tag("GRAD", m)), g))
-                STATS.add(comm, g.numel() * g.element_size())
+                pending.append(isend(g, a.peer, comm, _tag("GRAD", m)))
             elif a.kind == "RECV_GRAD":
                 buf = torch.empty_like(outputs[m])
-                wait(comm.Irecv(buf.numpy(), source=a.peer, tag=_tag("GRAD", m)))
+                irecv(buf, a.peer, comm, _tag("GRAD", m)).wait()
                 grads[m] = buf
-        for req, _ in pending:
-            wait(req)
+        for h in pending:
+            h.wait()
         loss = torch.tensor([float(sum(v.detach() for v in losses.values())) if self.last
-                             else 0.0], dtype=torch.float64)
+                             else 0.0], dtype=torch.float64)  # host: one float, returned as such
         broadcast_(loss, comm, root=self.S - 1)
         return float(loss[0])
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from mltrain.comm import CollectiveError, Grid, agree, local_cpu_masks
+from mltrain.comm import CollectiveError, Grid, agree, local_cpu_masks, node_rank
 from mltrain.config import Config, ConfigError, config_from, read_text, writable_folder
 from mltrain.io import MetricsWriter, Snapshot
 from mltrain.search import algorithms as algos
@@ -553,7 +553,7 @@ def _digest(trainer) -> str | None:
 
 
 def run_job(plan: Plan, job: dict, group: MPI.Comm, side: MPI.Comm, data: bytes | None,
-            node_masks: list, world: MPI.Comm, ctrl: MPI.Comm,
+            node: tuple, world: MPI.Comm, ctrl: MPI.Comm,
             poll=None) -> tuple[dict, bytes | None]:
     """Trains ``job`` on the group; returns (its result, the snapshot bytes on the group's
     rank 0 when the job keeps one). A trial that fails on every rank alike (config, data,
@@ -571,7 +571,7 @@ def run_job(plan: Plan, job: dict, group: MPI.Comm, side: MPI.Comm, data: bytes 
         snapshot = Snapshot(f"snapshot of trial {job['trial']} at {job['start']}", data) \
             if data is not None else None
         trainer = Trainer(cfg, group, quiet=True, metrics=False, snapshot=snapshot,
-                          node_masks=node_masks)
+                          node_masks=node[0], local_rank=node[1])
         trainer.metrics = MetricsWriter(None, rank, keep=True)
         if plan.opts.resource == "work":  # from where the snapshot left it (counts restart)
             w0 = group.allreduce(trainer.work(), op=MPI.MAX)
@@ -648,7 +648,7 @@ def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False, algorithm=None)
     ctrl = world.Dup()
     group = world.Split(gidx, me)
     side = group.Dup()
-    node_masks = local_cpu_masks(world)
+    node = (local_cpu_masks(world), node_rank(world)[0])  # threads and GPU per rank of the node
     controller = None
     thread = None
     done = threading.Event()
@@ -684,7 +684,7 @@ def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False, algorithm=None)
                         "other trial groups only between its own trials")
     poll = (lambda: controller.poll()) if controller is not None and thread is None else None
     with StopSignals() as signals:  # between trials too: a job is stopped, never lost
-        _group_loop(plan, world, ctrl, group, side, gidx, node_masks, poll, signals)
+        _group_loop(plan, world, ctrl, group, side, gidx, node, poll, signals)
     if controller is not None:
         while not (controller.poll() if thread is None else not thread.is_alive()):
             time.sleep(0.005)
@@ -709,7 +709,7 @@ def run_search(plan: Plan, world: MPI.Comm, quiet: bool = False, algorithm=None)
 
 
 def _group_loop(plan: Plan, world: MPI.Comm, ctrl: MPI.Comm, group: MPI.Comm, side: MPI.Comm,
-                gidx: int, node_masks: list, poll, signals) -> None:
+                gidx: int, node: tuple, poll, signals) -> None:
     """A group's life: ask world rank 0 for a job (the leader), train it, hand back the
     result, until told to stop. A scheduler's signal (``signals``, or one a trial's own
     loop caught) ends it after the job in hand, which goes back as not finished.
@@ -745,7 +745,7 @@ def _group_loop(plan: Plan, world: MPI.Comm, ctrl: MPI.Comm, group: MPI.Comm, si
                     "message": f"stopped by {signal.Signals(got).name}"}
             snap_up = None
             continue
-        last, snap_up = run_job(plan, msg["job"], group, side, data, node_masks, world, ctrl,
+        last, snap_up = run_job(plan, msg["job"], group, side, data, node, world, ctrl,
                                 poll)
         if not leader:
             last, snap_up = None, None

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 from mpi4py import MPI
 
-from mltrain.comm import STATS, mean_
+from mltrain.comm import STATS, allreduce_scalar, mean_
 from mltrain.linalg.vector import FlatParams
 
 __all__ = ["SyncStrategy", "FlatParams", "consensus_distance"]
@@ -22,8 +22,7 @@ def consensus_distance(flat: torch.Tensor, comm: MPI.Comm) -> float:
     """
     with STATS.paused():
         mean = mean_(flat.clone(), comm)
-        d = torch.tensor([float((flat - mean).norm())], dtype=torch.float64)
-        return float(mean_(d, comm)[0])
+        return allreduce_scalar(float((flat - mean).norm()), comm) / comm.Get_size()
 
 
 class SyncStrategy:

@@ -28,7 +28,7 @@ __all__ = ["ring_allreduce_", "HalfPrecision", "TopK", "PowerSGD", "build_compre
 
 def _flat_grads(params) -> torch.Tensor:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype)
+    flat = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device)
     ops.pack(grads, flat)
     return flat
 
@@ -52,7 +52,9 @@ def ring_allreduce_(flat: torch.Tensor, comm: MPI.Comm, wire: torch.dtype) -> to
     chunks = list(torch.tensor_split(flat, P))
     right, left = (r + 1) % P, (r - 1) % P
     longest = max(c.numel() for c in chunks)
-    sbuf, rbuf = torch.empty(longest, dtype=wire), torch.empty(longest, dtype=wire)
+    # Messages on flat's device; isend/irecv stage them through host memory when needed.
+    sbuf = torch.empty(longest, dtype=wire, device=flat.device)
+    rbuf = torch.empty(longest, dtype=wire, device=flat.device)
     # Reduce-scatter: after P-1 steps rank r owns the full sum of chunk (r + 1) % P.
     for s in range(P - 1):
         send_c, recv_c = chunks[(r - s) % P], chunks[(r - s - 1) % P]
@@ -105,9 +107,13 @@ class TopK:
         self.residual = acc.clone()
         self.residual[idx] = 0
         self.last_sent = torch.zeros_like(acc).index_put_((idx,), vals)
-        all_idx = allgather(idx.to(torch.int64), self.comm).reshape(-1)
-        all_vals = allgather(vals, self.comm).reshape(-1)
-        dense = torch.zeros_like(acc).index_add_(0, all_idx, all_vals)
+        all_idx = allgather(idx.to(torch.int64), self.comm)  # [P, k]
+        all_vals = allgather(vals, self.comm)
+        dense = torch.zeros_like(acc)
+        # Rank by rank, so no call sees an index twice: a GPU's atomic adds cannot then
+        # reorder the sums, and every rank gets the same bits (those of the CPU's order).
+        for i, v in zip(all_idx, all_vals):
+            dense.index_add_(0, i, v)
         _set_grads(params, dense.div_(self.comm.Get_size()))
 
 
@@ -142,9 +148,11 @@ class PowerSGD:
             r = min(self.rank, n, m)
             st = self.state.get(i)
             if st is None:  # the same Q on every rank: a generator seeded alike everywhere
+                # (a CPU one, so that a GPU run starts from the same Q as a CPU run)
                 g = torch.Generator().manual_seed(self.seed * 100003 + i)
-                st = self.state[i] = {"q": torch.randn(m, r, generator=g, dtype=p.dtype),
-                                      "err": torch.zeros(n, m, dtype=p.dtype)}
+                q = torch.randn(m, r, generator=g, dtype=p.dtype).to(p.device)
+                st = self.state[i] = {"q": q,
+                                      "err": torch.zeros(n, m, dtype=p.dtype, device=p.device)}
             M = p.grad.reshape(n, m) + st["err"]
             ms.append(M)
             ps.append(M @ st["q"])

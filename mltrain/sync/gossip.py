@@ -31,17 +31,18 @@ class PushSum:
     average. With P = 2^m ranks, m rounds give the exact average.
 
     ``mix`` is collective on ``comm`` (every rank sends once and receives once).
+    ``device``: where x lives (the message buffers live there too).
     """
 
     TAG = 731
 
-    def __init__(self, comm, numel: int, dtype: torch.dtype):
+    def __init__(self, comm, numel: int, dtype: torch.dtype, device=None):
         self.comm = comm
         self.size, self.rank = comm.Get_size(), comm.Get_rank()
         self.offsets = exponential_peers(self.size)
         # x and w travel in one message: w appended in the parameters' dtype.
-        self._send = torch.empty(numel + 1, dtype=dtype)
-        self._recv = torch.empty(numel + 1, dtype=dtype)
+        self._send = torch.empty(numel + 1, dtype=dtype, device=device)
+        self._recv = torch.empty(numel + 1, dtype=dtype, device=device)
 
     def mix(self, x: torch.Tensor, w: float, round_: int) -> float:
         """Mixes ``x`` in place and returns the new weight."""
@@ -70,17 +71,21 @@ class AsyncPushSum:
     memory). Mass in flight is not lost: ``flush`` (collective) receives every message
     sent so far, after which sum(x) and sum(w) are exactly conserved. The order in which
     messages are added depends on timing, so runs are not bitwise reproducible.
+
+    ``device``: where x lives. Sends go from buffers there (``isend`` stages them); the
+    posted receives are host buffers (see ``__init__``).
     """
 
     TAG = 733
 
     def __init__(self, comm, numel: int, dtype: torch.dtype, slots: int = 4,
-                 max_pending: int = 8):
+                 max_pending: int = 8, device=None):
         self.comm = comm
         self.size, self.rank = comm.Get_size(), comm.Get_rank()
         self.offsets = exponential_peers(self.size)
         self.n = numel
         self.dtype = dtype  # every message, sent or received, is numel + 1 of this type
+        self.device = device
         self.max_pending = max_pending
         self.sent = np.zeros(self.size, dtype=np.int64)
         self.received = 0
@@ -88,12 +93,14 @@ class AsyncPushSum:
         self._free: list[torch.Tensor] = []
         self._slots = []
         for _ in range(slots if self.size > 1 else 0):
-            buf = torch.empty(numel + 1, dtype=dtype)
+            # Receives stay posted between rounds, so MPI writes host memory (a staged
+            # device buffer would cost a copy out at every post); _take moves the message.
+            buf = torch.empty(numel + 1, dtype=dtype)  # host: a posted raw MPI receive
             self._slots.append([buf, comm.Irecv(mpi_buffer(buf), MPI.ANY_SOURCE, self.TAG)])
 
     def _take(self, slot, x: torch.Tensor, w: float) -> float:
         buf = slot[0]
-        x.add_(buf[:self.n])
+        x.add_(buf[:self.n].to(x.device))
         w += float(buf[self.n])
         self.received += 1
         slot[1] = self.comm.Irecv(mpi_buffer(buf), MPI.ANY_SOURCE, self.TAG)
@@ -124,7 +131,8 @@ class AsyncPushSum:
             return w
         x.mul_(0.5)
         w *= 0.5
-        buf = self._free.pop() if self._free else torch.empty(self.n + 1, dtype=self.dtype)
+        buf = (self._free.pop() if self._free else
+               torch.empty(self.n + 1, dtype=self.dtype, device=self.device))
         buf[:self.n].copy_(x)
         buf[self.n] = w
         dest = (self.rank + self.offsets[round_ % len(self.offsets)]) % self.size
@@ -177,7 +185,7 @@ class SGP(SyncStrategy):
         self.x = self.flat.get()
         self.w = 1.0
         cls = AsyncPushSum if asynchronous else PushSum
-        self.pushsum = cls(comm, self.flat.numel, self.flat.dtype)
+        self.pushsum = cls(comm, self.flat.numel, self.flat.dtype, device=self.x.device)
         self._z = torch.empty_like(self.x)
 
     def before_forward(self, step):
@@ -217,10 +225,9 @@ class DPSGD(SyncStrategy):
 
     def __init__(self, model, comm):
         super().__init__(model, comm)
-        n = self.flat.numel
-        self._mine = torch.empty(n, dtype=self.flat.dtype)
-        self._left = torch.empty(n, dtype=self.flat.dtype)
-        self._right = torch.empty(n, dtype=self.flat.dtype)
+        self._mine = self.flat.get()  # on the parameters' device, as are the neighbours'
+        self._left = torch.empty_like(self._mine)
+        self._right = torch.empty_like(self._mine)
 
     def before_forward(self, step):
         self.model.zero_grad(set_to_none=True)

@@ -47,8 +47,8 @@ class Hierarchical(SyncStrategy):
         self.reducer = GradReducer(model.parameters(), self.node, bucket_bytes, views,
                                    max_inflight)
         self.ref = self.flat.get()
-        parts = torch.tensor_split(torch.arange(self.flat.numel), self.node.Get_size())
-        self.counts = [len(p) for p in parts]
+        n, L = self.flat.numel, self.node.Get_size()
+        self.counts = [n // L + (k < n % L) for k in range(L)]  # torch.tensor_split's sizes
         self.lo = sum(self.counts[:self.local])
         self.hi = self.lo + self.counts[self.local]
 

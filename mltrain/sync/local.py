@@ -24,7 +24,7 @@ class LocalSGD(SyncStrategy):
         self.period = period
         self.warmup = warmup_steps
         self.reducer = GradReducer(model.parameters(), comm, bucket_bytes, views, max_inflight)
-        self._buf = torch.empty(self.flat.numel, dtype=self.flat.dtype)
+        self._buf = self.flat.get()  # on the parameters' device
 
     def _sync_grads(self, step: int) -> bool:
         return step < self.warmup

@@ -13,10 +13,12 @@ from mltrain.utils import check_memory
 __all__ = ["model_memory", "epoch_steps", "my_partition"]
 
 
-def model_memory(cfg, dataset, dtype: torch.dtype, share: int) -> None:
+def model_memory(cfg, dataset, dtype: torch.dtype, share: int,
+                 device: torch.device = torch.device("cpu")) -> None:
     """ConfigError when the configured model, its gradients and optimizer state would not
-    fit in this rank's ``share`` of the node's available memory (sized on the meta device:
-    nothing is allocated)."""
+    fit in this rank's ``share`` of the node's available memory, or of its GPU's free memory
+    (its ranks share it) when ``device`` is a GPU (sized on the meta device: nothing is
+    allocated)."""
     c = cfg
     with torch.device("meta"):
         m = build_model(c.model.name, dataset.input_shape, dataset.num_classes,
@@ -24,6 +26,16 @@ def model_memory(cfg, dataset, dtype: torch.dtype, share: int) -> None:
     nbytes = sum(p.numel() for p in m.parameters()) * dtype.itemsize
     # Parameters and gradients, plus what the optimizer keeps per parameter.
     copies = {"sgd": 1, "adam": 2}.get(c.optim.name, 2 * c.tr.memory + 2)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        sharing = -(-share // torch.cuda.device_count())  # ranks per visible GPU
+        need = nbytes * (2 + copies)
+        if need > free / sharing:
+            raise ConfigError(
+                f"model.width = {c.model.width}, model.depth = {c.model.depth}: needs "
+                f"{need / 2 ** 30:.2f} GiB on {device} ({nbytes / 2 ** 20:.0f} MiB of "
+                f"parameters), {free / sharing / 2 ** 30:.2f} GiB free per rank on it")
+        return
     check_memory(nbytes * (2 + copies), f"model.width = {c.model.width}, model.depth = "
                  f"{c.model.depth} ({nbytes / 2 ** 20:.0f} MiB of parameters)",
                  share=share, error=ConfigError)

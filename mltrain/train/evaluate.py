@@ -26,8 +26,10 @@ def evaluate(layout, model, sync, loader, dataset, dtype: torch.dtype) -> dict:
         if dataset.num_test:
             test_idx = np.arange(rank, dataset.num_test, size)
             xt, yt = agree(dcomm, lambda: dataset.read_test(test_idx), what="data")
-            test = _score(layout.net, torch.from_numpy(xt).to(dtype), torch.from_numpy(yt))
-        sums = torch.tensor([*train, *test], dtype=torch.float64)
+            device = loader.x.device
+            test = _score(layout.net, torch.from_numpy(xt).to(device, dtype),
+                          torch.from_numpy(yt).to(device))
+        sums = torch.tensor([*train, *test], dtype=torch.float64)  # host: six counts for MPI
         allreduce_(sums, dcomm)
     tr_loss, tr_ok, tr_n, _, te_ok, te_n = sums.tolist()
     model.train()

@@ -32,8 +32,8 @@ class Layout:
 
     def __init__(self, net: nn.Module, gc, *, lp: LayerParallel | None = None,
                  pipe: Pipeline | None = None, layers: list[nn.Module] | None = None,
-                 reducer: GradReducer | None = None):
-        self.net, self.gc = net, gc
+                 reducer: GradReducer | None = None, amp: str = "off"):
+        self.net, self.gc, self.amp = net, gc, amp
         self.lp, self.pipe, self._layers, self._reducer = lp, pipe, layers, reducer
         self.module: nn.Module = lp if lp is not None else net
         self.chain = lp if lp is not None else (
@@ -66,13 +66,20 @@ class Layout:
         if self.pipe is not None:
             for p in self.net.parameters():
                 p.grad = None
-            loss = torch.tensor(self.pipe.step(x, y))
+            with self.autocast(x):  # the stages' forward passes (backward keeps their types)
+                loss = torch.tensor(self.pipe.step(x, y), device=x.device)
             if self._reducer is not None:
                 self._reducer.reduce()
             return loss
-        loss = F.cross_entropy((model or self.module)(x), y)
+        with self.autocast(x):
+            loss = F.cross_entropy((model or self.module)(x), y)
         loss.backward()
         return loss.detach()
+
+    def autocast(self, x: torch.Tensor):
+        """``run.amp``'s autocast on ``x``'s device (bfloat16 forward, float32 weights and
+        gradients), or nothing. Not collective."""
+        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16")
 
     def gather(self) -> None:
         """The whole current network on every rank (for evaluation and checkpoints).
@@ -135,4 +142,4 @@ def parallelize(model: nn.Module, gc, cfg, *, align: int = 1) -> Layout:
         c = cfg.comm
         reducer = GradReducer(list(pipe.parameters()), gc.data, int(c.bucket_mb * 2 ** 20),
                               grad_as_bucket_view=False, max_inflight=c.max_inflight)
-    return Layout(model, gc, lp=lp, pipe=pipe, layers=layers, reducer=reducer)
+    return Layout(model, gc, lp=lp, pipe=pipe, layers=layers, reducer=reducer, amp=cfg.run.amp)

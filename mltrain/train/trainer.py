@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from mltrain.comm import STATS, CollectiveError, Grid, agree, local_cpu_masks
+from mltrain.comm import STATS, CollectiveError, Grid, agree, local_cpu_masks, node_rank
 from mltrain.config import Config, to_toml
 from mltrain.data import ShardLoader, open_dataset
 from mltrain.io import (MetricsWriter, Snapshot, checkpoint_bytes, load_checkpoint,
@@ -29,6 +29,7 @@ from mltrain.train.optimizers import build_method, layer_alignment
 from mltrain.train.parallelize import parallelize
 from mltrain.train.signals import StopSignals  # noqa: F401 - part of this module's API
 from mltrain.utils import get_logger, seed_everything, set_threads, torch_dtype
+from mltrain.utils.device import select_device
 
 __all__ = ["Trainer", "StopSignals"]
 
@@ -42,14 +43,16 @@ class Trainer:
     ``snapshot`` (rank 0's counts; see ``snapshot_bytes``) is resumed from instead of
     ``checkpoint.dir``. ``until`` is the step ``train`` stops at (``total_steps`` unless a
     search pauses the run at a rung). ``node_masks``: the CPU masks of every rank on this
-    node (``local_cpu_masks`` of the whole job) when ``comm`` is only part of it.
+    node (``local_cpu_masks`` of the whole job) and ``local_rank`` this rank's index among
+    them (``node_rank`` of the whole job; it picks the GPU) when ``comm`` is only part of it.
 
     Collective on ``comm`` (construction, ``train`` and ``evaluate``).
     """
 
     def __init__(self, cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, *, quiet: bool = False,
                  metrics: bool = True, model: torch.nn.Module | None = None,
-                 snapshot: Snapshot | None = None, node_masks: list | None = None):
+                 snapshot: Snapshot | None = None, node_masks: list | None = None,
+                 local_rank: int | None = None):
         self.cfg, self.comm, self.rank, self.quiet = cfg, comm, comm.Get_rank(), quiet
         self.log = get_logger(rank=self.rank)
         self.dtype = torch_dtype(cfg.run.dtype)
@@ -60,12 +63,12 @@ class Trainer:
                   what="config")
         self.gc = self.grid.build(comm)
         try:
-            self._setup(cfg, comm, model, snapshot, node_masks, metrics)
+            self._setup(cfg, comm, model, snapshot, node_masks, local_rank, metrics)
         except CollectiveError:  # refused alike on every rank: free what was split
             self.gc.free()
             raise
 
-    def _setup(self, cfg: Config, comm: MPI.Comm, model, snapshot, node_masks,
+    def _setup(self, cfg: Config, comm: MPI.Comm, model, snapshot, node_masks, local_rank,
                metrics: bool) -> None:
         """The rest of the construction, once the grid is split. Collective on
         ``comm``."""
@@ -73,6 +76,10 @@ class Trainer:
         # A search's trial group shares its node with other groups: their masks count too.
         local_masks = node_masks if node_masks is not None else local_cpu_masks(comm)
         self.threads = set_threads(cfg.run.threads, local_masks)
+        if local_rank is None:
+            local_rank = node_rank(comm)[0]
+        self.device = agree(comm, lambda: select_device(cfg.run.device, local_rank),
+                            what="config")
 
         self.dataset = agree(comm, lambda: open_dataset(cfg.data.name, cfg.data.path,
                                                         cfg.data.num_samples), what="data")
@@ -84,7 +91,8 @@ class Trainer:
 
         if model is None:  # a model too large for the node is refused, not allocated
             agree(comm, lambda: checks.model_memory(cfg, self.dataset, self.dtype,
-                                                    len(local_masks)), what="config")
+                                                    len(local_masks), self.device),
+                  what="config")
         # Same seed everywhere gives the same initial weights; the broadcast makes it true
         # even across torch builds whose initialisers differ.
         seed_everything(cfg.run.seed)
@@ -92,7 +100,8 @@ class Trainer:
             model = build_model(cfg.model.name, self.dataset.input_shape,
                                 self.dataset.num_classes, width=cfg.model.width,
                                 depth=cfg.model.depth, dtype=self.dtype, init=cfg.model.init)
-        self.layout = parallelize(model.to(self.dtype), self.gc, cfg,
+        # Built on the host (the same initial weights on every device), then moved.
+        self.layout = parallelize(model.to(device=self.device, dtype=self.dtype), self.gc, cfg,
                                   align=layer_alignment(cfg))
         self.straggler = Straggler()
         if cfg.run.straggler_spec:  # an emulated slow machine, for comparing schemes
@@ -106,7 +115,8 @@ class Trainer:
         idx = agree(comm, lambda: checks.my_partition(cfg, self.dataset, self.dp_size,
                                                       self.dp_rank), what="config")
         x, y = agree(comm, lambda: self.dataset.read_train(idx), what="data")
-        self.loader = ShardLoader(torch.from_numpy(x).to(self.dtype), torch.from_numpy(y),
+        self.loader = ShardLoader(torch.from_numpy(x).to(self.device, self.dtype),
+                                  torch.from_numpy(y).to(self.device),
                                   cfg.data.batch_size // self.dp_size, self.steps_per_epoch,
                                   cfg.data.shuffle, cfg.run.seed, self.dp_rank)
 
