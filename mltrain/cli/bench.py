@@ -47,16 +47,15 @@ def _bench_shape(cfg) -> tuple[int, int, int]:
 
 
 def _ddp_backend(comm: MPI.Comm, device: torch.device) -> str:
-    """NCCL when every rank of the node has a GPU of its own (NCCL refuses two ranks on
+    """NCCL when every rank drives a GPU no other rank drives (NCCL refuses two ranks on
     one GPU), gloo otherwise. Collective on ``comm``."""
     import torch.distributed as dist
 
-    from mltrain.comm import node_rank
-
-    _, local = node_rank(comm)
-    own = device.type == "cuda" and dist.is_nccl_available() and \
-        local <= torch.cuda.device_count()
-    return "nccl" if comm.allreduce(int(own), op=MPI.MIN) else "gloo"
+    gpu = None
+    if device.type == "cuda" and dist.is_nccl_available():
+        gpu = (MPI.Get_processor_name(), str(torch.cuda.get_device_properties(device).uuid))
+    gpus = comm.allgather(gpu)
+    return "nccl" if None not in gpus and len(set(gpus)) == len(gpus) else "gloo"
 
 
 def _init_dist(comm: MPI.Comm, backend: str = "gloo"):
@@ -167,7 +166,6 @@ def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dic
         t_plain.append(mean_of_slowest(comm, plain_step, per))
     step_ml, step_ddp = statistics.median(t_ml), statistics.median(t_ddp)
     step_plain = statistics.median(t_plain)
-    del plain_model, plain_step, ddp, ddp_step, ddp_model
 
     method.close()
     gc.free()
@@ -202,9 +200,10 @@ def bench_dp(cfg, steps: int, reps: int, comm: MPI.Comm = MPI.COMM_WORLD) -> dic
         "mltrain_step_s": step_ml, "ddp_step_s": step_ddp, "plain_step_s": step_plain,
         "step_ratio_vs_ddp": step_ml / step_ddp, "step_ratio_vs_plain": step_ml / step_plain,
         "reduce_bytes": nbytes, "raw_allreduce_s": t_raw_s, "reducer_s": t_red_s,
-        "raw_bandwidth_GBps": nbytes / t_raw_s / 1e9,
-        "reducer_bandwidth_GBps": nbytes / t_red_s / 1e9,
-        "bandwidth_ratio_vs_raw": t_raw_s / t_red_s,
+        # One rank reduces nothing: no bandwidth to speak of.
+        "raw_bandwidth_GBps": nbytes / t_raw_s / 1e9 if P > 1 else None,
+        "reducer_bandwidth_GBps": nbytes / t_red_s / 1e9 if P > 1 else None,
+        "bandwidth_ratio_vs_raw": t_raw_s / t_red_s if P > 1 else None,
     }
 
 
@@ -403,9 +402,10 @@ def _dp(what: str, cfg, args, comm: MPI.Comm) -> int:
         print(f"  step      mltrain {res['mltrain_step_s'] * 1e3:8.2f} ms   plain loop "
               f"{res['plain_step_s'] * 1e3:8.2f} ms   ratio {res['step_ratio_vs_plain']:.3f}"
               "  (one rank's best; lower is better)")
-        print(f"  reduce    reducer {res['reducer_bandwidth_GBps']:8.2f} GB/s  raw Allreduce "
-              f"{res['raw_bandwidth_GBps']:8.2f} GB/s  ratio {res['bandwidth_ratio_vs_raw']:.3f}"
-              "  (higher is better)")
+        if res["ranks"] > 1:
+            print(f"  reduce    reducer {res['reducer_bandwidth_GBps']:8.2f} GB/s  raw "
+                  f"Allreduce {res['raw_bandwidth_GBps']:8.2f} GB/s  ratio "
+                  f"{res['bandwidth_ratio_vs_raw']:.3f}  (higher is better)")
         _write_json(args.json, what, res)
     return 0
 

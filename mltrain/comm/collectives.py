@@ -91,16 +91,24 @@ def mpi_buffer(t: torch.Tensor, *, reduce: bool = False):
 
 
 class _Staged:
-    """A host copy of a device tensor, written back after the collective."""
+    """What MPI reads and writes for ``t``: ``t`` itself (a CPU tensor; a device tensor with
+    a CUDA-aware MPI; any tensor on a one-rank ``comm``, where nothing crosses), or a host
+    copy written back after the operation. ``recv``: the host side is only written, so
+    nothing is copied in; ``send_only``: nothing is written back; ``fenced``: the caller
+    has waited for the kernels that wrote ``t``."""
 
-    def __init__(self, t: torch.Tensor, send_only: bool = False):
+    def __init__(self, t: torch.Tensor, comm: MPI.Comm | None = None, *,
+                 send_only: bool = False, recv: bool = False, fenced: bool = False):
         self.device_tensor, self.send_only = t, send_only
-        if t.is_cuda and cuda_aware_mpi():
-            # MPI reads device memory outside torch's streams: the writers must be done.
-            torch.cuda.current_stream(t.device).synchronize()
+        if comm is not None and comm.Get_size() == 1:
+            self.host = t
+        elif t.is_cuda and cuda_aware_mpi():
+            if not fenced:  # MPI reads device memory outside torch's streams
+                torch.cuda.current_stream(t.device).synchronize()
             self.host = t
         elif t.is_cuda or stage_host():
-            self.host = t.detach().to("cpu", copy=True)  # host: what MPI reads (synchronous)
+            self.host = (torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)  # host: MPI writes it
+                         if recv else t.detach().to("cpu", copy=True))  # host: MPI reads it
         else:
             self.host = t
 
@@ -130,7 +138,7 @@ class Handle:
 def allreduce_(t: torch.Tensor, comm: MPI.Comm, op: str = "sum") -> torch.Tensor:
     """In-place allreduce of ``t``. Collective on ``comm``."""
     mpi_op = _op(op)
-    s = _Staged(t)
+    s = _Staged(t, comm)
     buf = mpi_buffer(s.host, reduce=True)
     STATS.add(comm, s.host.nbytes)
     if comm.Get_size() > 1:
@@ -147,13 +155,15 @@ def mean_(t: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:
 
 
 @collective("any")
-def iallreduce_(t: torch.Tensor, comm: MPI.Comm, op: str = "sum") -> Handle:
+def iallreduce_(t: torch.Tensor, comm: MPI.Comm, op: str = "sum", *,
+                fenced: bool = False) -> Handle:
     """Starts an in-place non-blocking allreduce; call ``.wait()`` on the result.
 
-    ``t`` must not be read or written until then. Collective on ``comm``.
+    ``t`` must not be read or written until then; ``fenced``: the caller has waited for
+    the device kernels that wrote it. Collective on ``comm``.
     """
     mpi_op = _op(op)
-    s = _Staged(t)
+    s = _Staged(t, comm, fenced=fenced)
     buf = mpi_buffer(s.host, reduce=True)
     STATS.add(comm, s.host.nbytes)
     req = comm.Iallreduce(MPI.IN_PLACE, buf, op=mpi_op) if comm.Get_size() > 1 else MPI.REQUEST_NULL
@@ -163,7 +173,7 @@ def iallreduce_(t: torch.Tensor, comm: MPI.Comm, op: str = "sum") -> Handle:
 @collective("any")
 def broadcast_(t: torch.Tensor, comm: MPI.Comm, root: int = 0) -> torch.Tensor:
     """In-place broadcast of ``t`` from ``root``. Collective on ``comm``."""
-    s = _Staged(t)
+    s = _Staged(t, comm)
     STATS.add(comm, s.host.nbytes)
     if comm.Get_size() > 1:
         if waiting.polite:  # an oversubscribed node: wait without holding the core
@@ -180,7 +190,7 @@ def allgather(t: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:
 
     Collective on ``comm``.
     """
-    s = _Staged(t)
+    s = _Staged(t, comm)
     out = torch.empty((comm.Get_size(), *t.shape), dtype=t.dtype)  # host: MPI writes it
     STATS.add(comm, s.host.nbytes)
     if comm.Get_size() > 1:
@@ -196,7 +206,7 @@ def allgatherv(t: torch.Tensor, counts: list[int], comm: MPI.Comm) -> torch.Tens
 
     Collective on ``comm``.
     """
-    s = _Staged(t)
+    s = _Staged(t, comm)
     out = torch.empty(sum(counts), dtype=t.dtype)  # host: MPI writes it
     STATS.add(comm, s.host.nbytes)
     if comm.Get_size() > 1:
@@ -213,7 +223,7 @@ def reduce_(t: torch.Tensor, comm: MPI.Comm, root: int = 0, op: str = "sum") -> 
     Collective on ``comm``.
     """
     mpi_op = _op(op)
-    s = _Staged(t)
+    s = _Staged(t, comm)
     buf = mpi_buffer(s.host, reduce=True)
     STATS.add(comm, s.host.nbytes)
     if comm.Get_size() > 1:
@@ -267,7 +277,7 @@ def isend(t: torch.Tensor, dest: int, comm: MPI.Comm, tag: int = 0) -> Handle:
 
     Point to point (not collective); counted in STATS as bytes sent.
     """
-    s = _Staged(t, send_only=True)
+    s = _Staged(t, comm, send_only=True)
     STATS.add(comm, s.host.nbytes)
     return Handle(comm.Isend(mpi_buffer(s.host), dest=dest, tag=tag), s)
 
@@ -277,5 +287,5 @@ def irecv(t: torch.Tensor, source: int, comm: MPI.Comm, tag: int = 0) -> Handle:
 
     Point to point (not collective); receiving is not counted (the sender counts).
     """
-    s = _Staged(t)
+    s = _Staged(t, comm, recv=True)
     return Handle(comm.Irecv(mpi_buffer(s.host), source=source, tag=tag), s)

@@ -101,6 +101,7 @@ class _Bucket:
     flat: torch.Tensor
     stage: _Stage | None = None
     ready: set[int] = field(default_factory=set)
+    primed: bool = False  # scaled (packed) and its stage started: ready for MPI
     handle: Handle | None = None
     ptrs: list[int] = field(default_factory=list)  # address of each slot (flat never moves)
 
@@ -149,6 +150,11 @@ class GradReducer:
         self._build(params, max(1, int(bucket_bytes)))
         self._next = 0           # index of the next bucket to launch
         self._active = False     # between prepare() and finish()
+        # On a GPU the hooks run on autograd's device thread: MPI may be called there only
+        # at MPI_THREAD_SERIALIZED or above (the main thread waits in backward meanwhile);
+        # below it, the hooks only start the copies and finish() posts.
+        self._post_in_hooks = (not any(b.flat.is_cuda for b in self.buckets)
+                               or MPI.Query_thread() >= MPI.THREAD_SERIALIZED)
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
     # -- construction ---------------------------------------------------------------------
@@ -195,6 +201,7 @@ class GradReducer:
         for b in self.buckets:
             b.ready.clear()
             b.handle = None
+            b.primed = False
             if self.views:
                 b.flat.zero_()
                 for i, p in enumerate(b.params):
@@ -219,9 +226,14 @@ class GradReducer:
             view.copy_(p.grad)
             p.grad = view
         b.ready.add(i)
-        self._pump()
+        if len(b.ready) == len(b.params):
+            self._prime(b)
+        if self._post_in_hooks:
+            self._pump()
 
-    def _launch(self, b: _Bucket) -> None:
+    def _prime(self, b: _Bucket) -> None:
+        """Scales (or packs) a complete bucket and starts its stage at once, whatever is in
+        flight: on a GPU its copy to the host queues behind the gradients that filled it."""
         if self.views:
             if self.size > 1:
                 b.flat.mul_(self.scale)  # a cache-sized bucket: cheap next to the allreduce
@@ -229,6 +241,9 @@ class GradReducer:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
             ops.pack(grads, b.flat, self.scale)
         b.stage.start()
+        b.primed = True
+
+    def _launch(self, b: _Bucket) -> None:
         self._post(b, block=False)
         self._inflight.append(b)
         self._next = b.index + 1
@@ -237,7 +252,8 @@ class GradReducer:
         """Starts ``b``'s allreduce once its stage is readable (``block``: waits for it);
         whether it is started."""
         if b.handle is None and b.stage.ready(block):
-            b.handle = iallreduce_(b.stage.buf, self.comm)
+            # fenced: the stage's event says the writers are done (no stream sync needed)
+            b.handle = iallreduce_(b.stage.buf, self.comm, fenced=True)
         return b.handle is not None
 
     def _retire(self, b: _Bucket) -> None:
@@ -255,7 +271,7 @@ class GradReducer:
             self._retire(self._inflight.popleft())
         while self._next < len(self.buckets) and len(self._inflight) < self.max_inflight:
             b = self.buckets[self._next]
-            if len(b.ready) < len(b.params):
+            if not b.primed:
                 break
             self._launch(b)
 
@@ -273,6 +289,8 @@ class GradReducer:
                     if i not in b.ready:
                         p.grad = b.view(i)  # unused on this rank: its zeros join the sum
             b.ready = set(range(len(b.params)))
+            if not b.primed:  # every copy queued before any wait
+                self._prime(b)
         while self._next < len(self.buckets):
             if len(self._inflight) >= self.max_inflight:
                 head = self._inflight.popleft()
@@ -313,6 +331,7 @@ class GradReducer:
         for b in self.buckets:
             b.ready = set(range(len(b.params)))
             b.handle = None
+            b.primed = False
         self.finish()
 
     def remove(self) -> None:

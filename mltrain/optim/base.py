@@ -37,6 +37,8 @@ class Straggler:
         t0 = time.perf_counter()
         yield
         if self.factor > 1.0:
+            if torch.cuda.is_initialized():  # the block's kernels, not only their launches
+                torch.cuda.synchronize()
             time.sleep((self.factor - 1.0) * (time.perf_counter() - t0))
 
 

@@ -75,6 +75,7 @@ class Pipeline:
         self.schedule_name = schedule
         self.actions = build_schedule(schedule, S, microbatches)[self.s]
         self.loss_fn = loss_fn or nn.functional.cross_entropy
+        self.amp_dtype: torch.dtype | None = None  # run.amp: the stage's forward under autocast
 
     @property
     def first(self) -> bool:
@@ -109,9 +110,12 @@ class Pipeline:
             m = a.mb
             if a.kind == "F":
                 inp = xs[m] if self.first else inputs[m]
-                out = self.stage(inp)
-                if self.last:  # the batch mean as a sum of weighted micro-batch means
-                    losses[m] = self.loss_fn(out, ys[m]) * (len(ys[m]) / B)
+                # Forward and loss only: backward keeps the types forward chose.
+                with torch.autocast(device.type, dtype=self.amp_dtype or torch.bfloat16,
+                                    enabled=self.amp_dtype is not None):
+                    out = self.stage(inp)
+                    if self.last:  # the batch mean as a sum of weighted micro-batch means
+                        losses[m] = self.loss_fn(out, ys[m]) * (len(ys[m]) / B)
                 outputs[m] = out
             elif a.kind == "SEND_ACT":
                 t = outputs[m].detach().contiguous()

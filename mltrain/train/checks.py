@@ -26,6 +26,11 @@ def model_memory(cfg, dataset, dtype: torch.dtype, share: int,
     nbytes = sum(p.numel() for p in m.parameters()) * dtype.itemsize
     # Parameters and gradients, plus what the optimizer keeps per parameter.
     copies = {"sgd": 1, "adam": 2}.get(c.optim.name, 2 * c.tr.memory + 2)
+    what = (f"model.width = {c.model.width}, model.depth = {c.model.depth} "
+            f"({nbytes / 2 ** 20:.0f} MiB of parameters)")
+    # Built on the host first (the same initial weights on every device), then moved.
+    check_memory(nbytes * (1 if device.type == "cuda" else 2 + copies), what, share=share,
+                 error=ConfigError)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         sharing = -(-share // torch.cuda.device_count())  # ranks per visible GPU
@@ -35,10 +40,6 @@ def model_memory(cfg, dataset, dtype: torch.dtype, share: int,
                 f"model.width = {c.model.width}, model.depth = {c.model.depth}: needs "
                 f"{need / 2 ** 30:.2f} GiB on {device} ({nbytes / 2 ** 20:.0f} MiB of "
                 f"parameters), {free / sharing / 2 ** 30:.2f} GiB free per rank on it")
-        return
-    check_memory(nbytes * (2 + copies), f"model.width = {c.model.width}, model.depth = "
-                 f"{c.model.depth} ({nbytes / 2 ** 20:.0f} MiB of parameters)",
-                 share=share, error=ConfigError)
 
 
 def epoch_steps(cfg, dataset) -> int:

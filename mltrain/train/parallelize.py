@@ -66,8 +66,7 @@ class Layout:
         if self.pipe is not None:
             for p in self.net.parameters():
                 p.grad = None
-            with self.autocast(x):  # the stages' forward passes (backward keeps their types)
-                loss = torch.tensor(self.pipe.step(x, y), device=x.device)
+            loss = torch.tensor(self.pipe.step(x, y), device=x.device)  # autocast: the stages
             if self._reducer is not None:
                 self._reducer.reduce()
             return loss
@@ -142,4 +141,6 @@ def parallelize(model: nn.Module, gc, cfg, *, align: int = 1) -> Layout:
         c = cfg.comm
         reducer = GradReducer(list(pipe.parameters()), gc.data, int(c.bucket_mb * 2 ** 20),
                               grad_as_bucket_view=False, max_inflight=c.max_inflight)
+    if pipe is not None and cfg.run.amp == "bf16":
+        pipe.amp_dtype = torch.bfloat16
     return Layout(model, gc, lp=lp, pipe=pipe, layers=layers, reducer=reducer, amp=cfg.run.amp)
