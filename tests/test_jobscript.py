@@ -67,7 +67,7 @@ def run_script(script: str, workdir: Path) -> subprocess.CompletedProcess:
                           env=env, timeout=60)
 
 
-def make(vendor: str, monkeypatch, **kw) -> str:
+def make(vendor: str, monkeypatch, sets=(), **kw) -> str:
     """The script text for a 1 x 2 job with ``mltrain.launch`` reporting ``vendor``."""
     import mltrain.launch
     from mltrain.cli.jobscript import jobscript
@@ -77,7 +77,17 @@ def make(vendor: str, monkeypatch, **kw) -> str:
     args = dict(nodes=1, ntasks_per_node=2, cpus_per_task=0, time="00:10:00", partition="",
                 account="", job_name="mltrain", launcher="srun", mpi="", signal_lead=120)
     args.update(kw)
-    return jobscript(load_config(None, ["run.steps=20"]), Namespace(**args))
+    return jobscript(load_config(None, ["run.steps=20", *sets]), Namespace(**args))
+
+
+@pytest.mark.parametrize("launcher, line", [("srun", "#SBATCH --gpus-per-task=1"),
+                                            ("mpiexec", "#SBATCH --gpus-per-node=2")])
+def test_gpu_runs_ask_for_one_gpu_per_rank(launcher, line, monkeypatch):
+    text = make("mpich", monkeypatch, sets=["run.device=cuda"], launcher=launcher)
+    assert f"\n{line}\n" in text and "MLTRAIN_CUDA_AWARE_MPI=1" in text
+    for device in ("cpu", "auto"):  # auto: the user's allocation decides
+        assert "--gpus-per" not in make("mpich", monkeypatch, sets=[f"run.device={device}"],
+                                        launcher=launcher)
 
 
 @pytest.mark.parametrize("vendor,flag", [("mpich", "pmi2"), ("intel", "pmi2"),

@@ -1,5 +1,6 @@
 """The gradient reducer against the average of every rank's gradients (gathered and
-averaged in NumPy), in both modes and at bucket sizes that put boundaries everywhere."""
+averaged in NumPy), in both modes and at bucket sizes that put boundaries everywhere, on
+every device at hand (a GPU's buckets are staged through pinned host memory)."""
 import numpy as np
 import pytest
 import torch
@@ -40,14 +41,14 @@ def local_grads(model, rank, use_skip):
 @pytest.mark.parametrize("inflight", [1, 3])
 @pytest.mark.parametrize("views", [True, False])
 @pytest.mark.parametrize("bucket_bytes", [1, 100, 400, 1 << 20])
-def test_average_matches_numpy(comm, views, bucket_bytes, inflight):
+def test_average_matches_numpy(comm, device, views, bucket_bytes, inflight):
     P, rank = comm.Get_size(), comm.Get_rank()
     torch.manual_seed(0)
-    model = Net().double()
+    model = Net().double().to(device)
     broadcast_parameters(model, comm)
     # What every rank would compute alone, then the exact average.
     ref = model.__class__().double()
-    ref.load_state_dict(model.state_dict())
+    ref.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
     per_rank = [local_grads(ref, r, use_skip=(r % 2 == 0)) for r in range(P)]
     expect = {n: np.mean([g[n].numpy() for g in per_rank], axis=0) for n in per_rank[0]}
 
@@ -55,7 +56,7 @@ def test_average_matches_numpy(comm, views, bucket_bytes, inflight):
                       grad_as_bucket_view=views, max_inflight=inflight)
     for _ in range(2):  # twice: buffers must be reset between steps
         g = torch.Generator().manual_seed(rank)
-        x = torch.randn(5, 7, generator=g, dtype=torch.float64)
+        x = torch.randn(5, 7, generator=g, dtype=torch.float64).to(device)
         red.prepare()
         model(x, use_skip=(rank % 2 == 0)).square().sum().backward()
         red.finish()
@@ -63,18 +64,19 @@ def test_average_matches_numpy(comm, views, bucket_bytes, inflight):
             if not p.requires_grad:
                 all_ranks(comm, p.grad is None, f"{n} frozen")
                 continue
-            all_ranks(comm, np.allclose(p.grad.numpy(), expect[n], rtol=1e-13, atol=1e-15),
+            all_ranks(comm, p.grad.device == p.device and np.allclose(
+                p.grad.cpu().numpy(), expect[n], rtol=1e-13, atol=1e-15),
                       f"{n} views={views} bucket={bucket_bytes}")
     if bucket_bytes == 1:
         all_ranks(comm, len(red.buckets) == 6)  # one bucket per trainable parameter
     red.remove()
 
 
-def test_views_stay_views(comm):
+def test_views_stay_views(comm, device):
     torch.manual_seed(0)
-    model = Net().double()
+    model = Net().double().to(device)
     red = GradReducer(model.parameters(), comm, bucket_bytes=1 << 20)
-    x = torch.ones(2, 7, dtype=torch.float64)
+    x = torch.ones(2, 7, dtype=torch.float64, device=device)
     red.prepare()
     model(x, True).sum().backward()
     red.finish()
@@ -85,9 +87,9 @@ def test_views_stay_views(comm):
     red.remove()
 
 
-def test_reduce_without_hooks_and_misuse(comm):
+def test_reduce_without_hooks_and_misuse(comm, device):
     P = comm.Get_size()
-    model = nn.Linear(3, 2).double()
+    model = nn.Linear(3, 2).double().to(device)
     red = GradReducer(model.parameters(), comm)
     for p in model.parameters():
         p.grad = torch.full_like(p, float(comm.Get_rank()))
@@ -103,12 +105,12 @@ def test_reduce_without_hooks_and_misuse(comm):
     red.remove()
 
 
-def test_broadcast_parameters(comm):
+def test_broadcast_parameters(comm, device):
     torch.manual_seed(comm.Get_rank())
-    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).double()
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).double().to(device)
     model[1].running_mean.fill_(comm.Get_rank())
     broadcast_parameters(model, comm, root=0)
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).double()
-    all_ranks(comm, torch.equal(model[0].weight, ref[0].weight)
-              and torch.equal(model[1].running_mean, torch.zeros(4, dtype=torch.float64)))
+    all_ranks(comm, torch.equal(model[0].weight.cpu(), ref[0].weight)
+              and torch.equal(model[1].running_mean.cpu(), torch.zeros(4, dtype=torch.float64)))

@@ -109,6 +109,8 @@ def gather_info() -> dict:
         info["petsc"] = v["petsc"]
         info["petsc4py"] = v["petsc4py"]
         info["petsc_dir"] = v["petsc_dir"]
+        info["petsc_cuda"] = (("built with CUDA" if v["petsc_cuda"] else "built without CUDA")
+                              + "; trust-region solves copy GPU vectors through host memory")
     return info
 
 

@@ -142,6 +142,11 @@ def jobscript(cfg, args) -> str:
         lines.append(f"#SBATCH --partition={args.partition}")
     if args.account:
         lines.append(f"#SBATCH --account={args.account}")
+    if cfg.run.device == "cuda":
+        # One GPU per rank (docs/gpu.md). Under srun each task sees its own GPU; mpiexec
+        # starts the ranks itself, so they see the node's GPUs and take local rank mod count.
+        lines.append("#SBATCH --gpus-per-task=1" if args.launcher == "srun" else
+                     f"#SBATCH --gpus-per-node={args.ntasks_per_node}")
     lines += [
         "# Written by `mltrain jobscript`. Check it against the cluster without queueing:",
         "#   sbatch --test-only THIS_FILE",
@@ -164,6 +169,9 @@ def jobscript(cfg, args) -> str:
         "  exit 2",
         "fi",
         'export PATH="$venv/bin:$PATH"',
+        *(["# Device buffers go to MPI through pinned host memory; if this MPI reads GPU "
+           "memory", "# (CUDA-aware Open MPI/MPICH, Cray MPICH with MPICH_GPU_SUPPORT_ENABLED=1):",
+           "# export MLTRAIN_CUDA_AWARE_MPI=1"] if cfg.run.device == "cuda" else []),
         "# One thread per allocated CPU for OpenMP libraries; torch's threads follow run.threads",
         "# (0 = SLURM_CPUS_PER_TASK, else the CPUs this rank may run on).",
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',

@@ -97,7 +97,9 @@ def versions() -> dict[str, str]:
     major, minor, sub = PETSc.Sys.getVersion()
     cfg = petsc4py.get_config()
     return {"petsc": f"{major}.{minor}.{sub}", "petsc4py": petsc4py.__version__,
-            "petsc_dir": cfg.get("PETSC_DIR", ""), "petsc_arch": cfg.get("PETSC_ARCH", "")}
+            "petsc_dir": cfg.get("PETSC_DIR", ""), "petsc_arch": cfg.get("PETSC_ARCH", ""),
+            # Detected for the report only: mltrain's KSP vectors stay in host memory.
+            "petsc_cuda": bool(PETSc.Sys.hasExternalPackage("cuda"))}
 
 
 def extension_path() -> str | None:
