@@ -244,6 +244,8 @@ class GradReducer:
         b.primed = True
 
     def _launch(self, b: _Bucket) -> None:
+        if not b.primed:
+            self._prime(b)
         self._post(b, block=False)
         self._inflight.append(b)
         self._next = b.index + 1
@@ -289,7 +291,9 @@ class GradReducer:
                     if i not in b.ready:
                         p.grad = b.view(i)  # unused on this rank: its zeros join the sum
             b.ready = set(range(len(b.params)))
-            if not b.primed:  # every copy queued before any wait
+            # A GPU bucket's copy is queued before any wait; a CPU bucket is scaled when it
+            # is launched, while it is still in cache for the allreduce.
+            if not b.primed and b.flat.is_cuda:
                 self._prime(b)
         while self._next < len(self.buckets):
             if len(self._inflight) >= self.max_inflight:

@@ -32,13 +32,7 @@ class AllReduce(SyncStrategy):
     def before_forward(self, step):
         if self.reducer is not None:
             self.reducer.prepare()
-        elif self.compressor is None:  # one rank: zeros, as the reducer's buckets give
-            for p in self.flat.params:  # (a parameter the loss misses still steps on 0)
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                else:
-                    p.grad.zero_()
-        else:
+        else:  # autograd then writes fresh gradients: no zeroing pass, no accumulation
             self.model.zero_grad(set_to_none=True)
 
     def after_backward(self, step):
@@ -46,6 +40,10 @@ class AllReduce(SyncStrategy):
             self.reducer.finish()
         elif self.compressor is not None:
             self.compressor.average_grads(self.flat.params)
+        else:  # one rank: zeros where the reducer's buckets would give them (a parameter
+            for p in self.flat.params:  # the loss misses still steps, on 0)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
 
     def close(self):
         if self.reducer is not None:
