@@ -106,7 +106,7 @@ export OMP_NUM_THREADS=1 PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 launch() { "$py" -m mltrain.launch "$@"; }
 
 say ""
-say "## GPU tests (tests/test_device.py, $device variants; the GPU shared by every rank)"
+say "## GPU tests (tests/test_device.py, test_reducer.py, test_collectives.py: $device variants; the GPU shared by every rank)"
 say ""
 say "| ranks | result | seconds |"
 say "|---|---|---|"
@@ -114,7 +114,8 @@ status=0
 for n in 1 2 4; do
   t0=$SECONDS
   out=$(timeout "$(cap 120)" "$py" -m mltrain.launch -n "$n" "$py" -m mpi4py tests/mpi_pytest.py \
-        -q -p no:cacheprovider tests/test_device.py -k "$device" 2>&1)
+        -q -p no:cacheprovider tests/test_device.py tests/test_reducer.py tests/test_collectives.py \
+        -k "$device" 2>&1)
   rc=$?
   echo "$out" >>"$log"
   line=$(echo "$out" | grep -E "passed|failed|error" | tail -1)
