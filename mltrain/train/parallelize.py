@@ -33,7 +33,11 @@ class Layout:
     def __init__(self, net: nn.Module, gc, *, lp: LayerParallel | None = None,
                  pipe: Pipeline | None = None, layers: list[nn.Module] | None = None,
                  reducer: GradReducer | None = None, amp: str = "off"):
-        self.net, self.gc, self.amp = net, gc, amp
+        self.net, self.gc = net, gc
+        # run.amp, decided once: the pipeline's stages autocast their own forward passes.
+        self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
+        if pipe is not None:
+            pipe.amp_dtype = self.amp_dtype
         self.lp, self.pipe, self._layers, self._reducer = lp, pipe, layers, reducer
         self.module: nn.Module = lp if lp is not None else net
         self.chain = lp if lp is not None else (
@@ -78,7 +82,8 @@ class Layout:
     def autocast(self, x: torch.Tensor):
         """``run.amp``'s autocast on ``x``'s device (bfloat16 forward, float32 weights and
         gradients), or nothing. Not collective."""
-        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16")
+        return torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                              enabled=self.amp_dtype is not None)
 
     def gather(self) -> None:
         """The whole current network on every rank (for evaluation and checkpoints).
@@ -141,6 +146,4 @@ def parallelize(model: nn.Module, gc, cfg, *, align: int = 1) -> Layout:
         c = cfg.comm
         reducer = GradReducer(list(pipe.parameters()), gc.data, int(c.bucket_mb * 2 ** 20),
                               grad_as_bucket_view=False, max_inflight=c.max_inflight)
-    if pipe is not None and cfg.run.amp == "bf16":
-        pipe.amp_dtype = torch.bfloat16
     return Layout(model, gc, lp=lp, pipe=pipe, layers=layers, reducer=reducer, amp=cfg.run.amp)
