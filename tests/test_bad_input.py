@@ -177,6 +177,22 @@ def test_bad_input_without_mpi(files, args, message):
     _assert_clean(r, message)
 
 
+@pytest.mark.parametrize("sets, message", [
+    (["run.device=cuda"], "run.device = cuda: no GPU is visible"),
+    (["run.amp=bf16", "optim.name=tr"], "run.amp = bf16"),
+    (["run.amp=bf16", "run.dtype=float64"], "run.amp = bf16"),
+])
+def test_device_and_amp_refusals_on_every_rank(sets, message):
+    import torch
+
+    if "run.device=cuda" in sets and torch.cuda.is_available():
+        pytest.skip("a GPU is visible here: run.device = cuda is valid input")
+    args = [x for s in sets for x in ("--set", s)]
+    r = mpiexec(2, ["-m", "mltrain", "train", *args, "--quiet", "--set",
+                    "run.out_dir=/tmp/mltrain-bad"], timeout=240)
+    _assert_clean(r, message)
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
 def test_scheduler_signal_ends_with_a_checkpoint_and_resumes(tmp_path, signame):
     """What SLURM does at the time limit (SIGTERM) or with --signal (SIGUSR1): every rank

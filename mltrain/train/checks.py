@@ -9,6 +9,7 @@ from mltrain.config import ConfigError
 from mltrain.data import LABEL_PARTITIONS, partition, partition_options, steps_per_epoch
 from mltrain.nn import build_model
 from mltrain.utils import check_memory
+from mltrain.utils.device import select_device
 
 __all__ = ["model_memory", "epoch_steps", "my_partition"]
 
@@ -40,6 +41,15 @@ def model_memory(cfg, dataset, dtype: torch.dtype, share: int,
                 f"model.width = {c.model.width}, model.depth = {c.model.depth}: needs "
                 f"{need / 2 ** 30:.2f} GiB on {device} ({nbytes / 2 ** 20:.0f} MiB of "
                 f"parameters), {free / sharing / 2 ** 30:.2f} GiB free per rank on it")
+
+
+def device(cfg, local_rank: int) -> torch.device:
+    """``run.device`` for the rank that is ``local_rank`` on its node; ConfigError naming it
+    when no GPU is visible for cuda."""
+    try:
+        return select_device(cfg.run.device, local_rank)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def epoch_steps(cfg, dataset) -> int:

@@ -29,7 +29,6 @@ from mltrain.train.optimizers import build_method, layer_alignment
 from mltrain.train.parallelize import parallelize
 from mltrain.train.signals import StopSignals  # noqa: F401 - part of this module's API
 from mltrain.utils import get_logger, seed_everything, set_threads, torch_dtype
-from mltrain.utils.device import select_device
 
 __all__ = ["Trainer", "StopSignals"]
 
@@ -78,8 +77,7 @@ class Trainer:
         self.threads = set_threads(cfg.run.threads, local_masks)
         if local_rank is None:
             local_rank = node_rank(comm)[0]
-        self.device = agree(comm, lambda: select_device(cfg.run.device, local_rank),
-                            what="config")
+        self.device = agree(comm, lambda: checks.device(cfg, local_rank), what="config")
 
         self.dataset = agree(comm, lambda: open_dataset(cfg.data.name, cfg.data.path,
                                                         cfg.data.num_samples), what="data")
