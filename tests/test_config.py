@@ -136,8 +136,9 @@ def test_every_rule_can_be_broken_and_names_a_key():
         12: ["optim.name=tr", "tr.radius=20"], 13: ["optim.name=tr", "sync.name=sgp"],
         14: ["sync.name=sgp", "sync.compression=fp16"],
         15: ["sync.compression=topk", "sync.topk_ratio=0"],
-        16: ["sync.name=sgp", "checkpoint.resume=true", "checkpoint.dir=x"],
-        17: ["checkpoint.every=3"], 18: ["run.amp=bf16", "run.dtype=float64"],
+        16: ["sync.name=ps", "multilevel.nested=true", "multilevel.levels=2"],
+        17: ["sync.name=sgp", "checkpoint.resume=true", "checkpoint.dir=x"],
+        18: ["checkpoint.every=3"], 19: ["run.amp=bf16", "run.dtype=float64"],
     }
     assert sorted(breaking) == list(range(len(RULES)))
     for i, rule in enumerate(RULES):

@@ -366,7 +366,10 @@ def _train(cfg, args, comm) -> int:
     if comm.Get_rank() == 0:
         acc = summary["test_accuracy"]
         print(f"mltrain: {summary['steps']} steps ({summary['epochs']:.1f} epochs) on "
-              f"{summary['ranks']} ranks in {summary['wall_s']:.1f} s "
+              f"{summary['ranks']} ranks"
+              + (f" + {summary['servers']} parameter server{'s' * (summary['servers'] > 1)}"
+                 if summary.get("servers") else "")
+              + f" in {summary['wall_s']:.1f} s "
               f"({summary['samples_per_s']:.0f} samples/s) | loss {summary['final_loss']:.4f}"
               f" | train acc {summary['train_accuracy']:.2%}"
               + (f" | test acc {acc:.2%}" if acc is not None else "")

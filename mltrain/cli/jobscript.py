@@ -110,7 +110,7 @@ def jobscript(cfg, args) -> str:
         raise ConfigError(f"--signal-lead: expected 0..65535 seconds, got {args.signal_lead}")
     ranks = check_ranks(args.nodes * args.ntasks_per_node, "--nodes x --ntasks-per-node")
     grid = Grid.for_config(cfg, ranks)  # the job's own start-up checks, before the queue
-    resumes = bool(cfg.checkpoint.dir) and cfg.sync.name == "allreduce"
+    resumes = bool(cfg.checkpoint.dir) and cfg.sync.name in ("allreduce", "ps")
     if resumes:  # submitting the script again continues from the newest checkpoint
         import dataclasses
 
@@ -150,7 +150,10 @@ def jobscript(cfg, args) -> str:
     lines += [
         "# Written by `mltrain jobscript`. Check it against the cluster without queueing:",
         "#   sbatch --test-only THIS_FILE",
-        f"# {ranks} ranks: data {grid.data} x pipe {grid.pipe} x layer {grid.layer}. MPI of the "
+        f"# {ranks} ranks: data {grid.data} x pipe {grid.pipe} x layer {grid.layer}"
+        + (f" + {cfg.parallel.servers} parameter server"
+           f"{'s' * (cfg.parallel.servers > 1)} (the last ranks)"
+           if cfg.sync.name == "ps" else "") + ". MPI of the "
         f"environment: {name}.",
         *([f"# SIGUSR1 {args.signal_lead} s before the time limit (and SIGTERM at it) make the "
            "ranks", "# finish their step" + (", write a checkpoint" if cfg.checkpoint.dir else "")

@@ -16,6 +16,18 @@ from mltrain.config import ConfigError
 AXES = ("trial", "data", "pipe", "layer")
 
 
+def ps_workers(cfg, world_size: int) -> int:
+    """The number of workers of a ``sync.name = ps`` job of ``world_size`` ranks (the
+    last ``parallel.servers`` ranks serve). Raises ConfigError when none is left. Not
+    collective."""
+    s = cfg.parallel.servers
+    if s >= world_size:
+        raise ConfigError(f"parallel.servers: {s} parameter server{'s' * (s > 1)} on "
+                          f"{world_size} rank{'s' * (world_size > 1)} leave no worker (need "
+                          f"parallel.servers < ranks)")
+    return world_size - s
+
+
 @dataclass(frozen=True)
 class Grid:
     """Degrees of each axis. Pure arithmetic; nothing here communicates."""
@@ -64,12 +76,16 @@ class Grid:
         if p.trial != 1:
             raise ConfigError(f"parallel.trial: {p.trial} trial groups are for `mltrain "
                               "search`; a training run is one group (set parallel.trial = 1)")
+        if cfg.sync.name == "ps":  # the grid is the workers'; the last ranks serve
+            world_size = ps_workers(cfg, world_size)
         grid = cls.for_world(world_size, data=p.data, layer=p.layer, pipe=p.pipe)
         if cfg.run.straggler_spec:
             rank, _ = cfg.run.straggler_spec
             if rank >= world_size:
                 raise ConfigError(f"run.straggler: rank {rank} does not exist in a job of "
-                                  f"{world_size} ranks")
+                                  f"{world_size} ranks" if cfg.sync.name != "ps" else
+                                  f"run.straggler: rank {rank} is not a worker (ranks "
+                                  f"{world_size} and up are parameter servers)")
         b = cfg.data.batch_size
         if b % grid.data:
             raise ConfigError(f"data.batch_size: the global batch {b} is not divisible by "

@@ -194,6 +194,9 @@ class ParallelConfig:
                    "stages (see pipeline.*)", min=1)
     trial: int = _f(1, "trial groups of `mltrain search`: the ranks split into this many "
                     "groups, each training one configuration at a time (1 for train)", min=1)
+    servers: int = _f(1, "sync.name = ps: the last this many ranks are parameter servers, "
+                      "each holding one contiguous shard of the parameters; the other ranks "
+                      "are workers", min=1)
 
 
 @dataclass
@@ -244,7 +247,8 @@ class CommConfig:
 @dataclass
 class SyncConfig:
     name: str = _f("allreduce", "data-parallel synchronization scheme",
-                   choices=("allreduce", "localsgd", "easgd", "sgp", "dpsgd", "hierarchical"))
+                   choices=("allreduce", "localsgd", "easgd", "sgp", "dpsgd", "hierarchical",
+                            "ps"))
     period: int = _f(4, "steps between synchronizations (localsgd, easgd: tau, hierarchical: "
                      "across nodes)", min=1)
     warmup_steps: int = _f(0, "synchronous steps before local steps begin (localsgd: "
@@ -259,6 +263,9 @@ class SyncConfig:
                             "bitwise reproducible)")
     ranks_per_node: int = _f(0, "hierarchical: ranks per node; 0 = MPI's shared-memory "
                              "split (set it to fake nodes on one machine)", min=0)
+    staleness: int = _f(0, "ps: how many steps a worker may run ahead of the slowest one "
+                        "(0 = bulk synchronous, k > 0 = stale synchronous, -1 = fully "
+                        "asynchronous)", min=-1)
 
 
 @dataclass
@@ -552,8 +559,17 @@ RULES = [
     Rule("sync.topk_ratio", "positive with sync.compression = topk",
          lambda c: _first((c.sync.compression == "topk" and c.sync.topk_ratio <= 0,
                            "sync.topk_ratio: must be positive"))),
-    Rule("checkpoint.resume, sync.name", "resume only with sync.name = allreduce",
-         lambda c: _first((c.checkpoint.resume and c.sync.name != "allreduce",
+    Rule("sync.name, optim.name, parallel.*", "ps: optim.name = sgd or adam on the data "
+         "axis alone (no pipe or layer axis, no nested iteration)",
+         lambda c: _first((c.sync.name == "ps" and (c.optim.name not in ("sgd", "adam")
+                                                    or c.multilevel.nested),
+                           f"sync.name = 'ps': parameter servers apply optim.name = 'sgd' or "
+                           f"'adam' (not {_kind(c)})"),
+                          (c.sync.name == "ps" and (c.parallel.pipe > 1 or c.parallel.layer > 1),
+                           "sync.name = 'ps': parameter servers hold the whole parameter "
+                           "vector: use parallel.pipe = 1 and parallel.layer = 1"))),
+    Rule("checkpoint.resume, sync.name", "resume only with sync.name = allreduce or ps",
+         lambda c: _first((c.checkpoint.resume and c.sync.name not in ("allreduce", "ps"),
                            f"checkpoint.resume: not supported yet with sync.name = "
                            f"{c.sync.name!r} (its checkpoints hold the consensus model, not "
                            "every replica and the scheme's state); start a new run from it"))),

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mltrain.comm import STATS
 from mltrain.optim import build_optimizer
 from mltrain.optim.tr import Objective, TrustRegion
 from mltrain.sync import SyncStrategy, build_sync
@@ -84,6 +85,7 @@ class Context:
     model: torch.nn.Module
     straggler: Straggler
     levels: int | None = None
+    ps: Any = None  # sync.name = ps: this worker's PSClient
 
     @property
     def layered(self) -> bool:
@@ -146,6 +148,54 @@ class FirstOrder(Method):
         return loss
 
 
+class ParameterServerWorker(Method):
+    """A worker of ``sync.name = ps``: computes the gradient of its batch, pushes it to the
+    servers and takes the parameters they send back (the servers run the optimizer).
+    ``state`` is an optimizer of the same kind that is never stepped here: checkpoints
+    fill it with the servers' state (``gather_state``) and resume reads it."""
+
+    def __init__(self, state, sync, straggler, layout, model):
+        super().__init__(state, sync, straggler)
+        self.layout, self.model = layout, model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        flat = sync.flat.get()
+        self._g, self._x = torch.empty_like(flat), flat
+        self.staleness: list[int] = []  # of the steps since the last logged one
+        state.gather_state = self.gather_state  # what Trainer.save asks of an optimizer
+
+    def step(self, batches: Batches) -> torch.Tensor:
+        from mltrain.sync.ps import flat_grads
+
+        self.model.zero_grad(set_to_none=True)
+        with self.straggler.timed():
+            loss = self.layout.loss_backward(*batches.minibatch(), model=self.model)
+        flat_grads(self.params, self._g)
+        self.staleness.append(self.sync.client.push_pull(self._g, batches.step, self._x))
+        self.sync.flat.set(self._x)
+        return loss
+
+    def gather_state(self) -> None:
+        """Loads the optimizer state the last consensus fetch brought (worker 0, which
+        writes checkpoints). Not collective."""
+        from mltrain.sync.ps import load_flat_state
+
+        if self.sync.rank == 0:
+            load_flat_state(self.state, self.params, self.sync.state)
+
+    def step_metrics(self) -> dict:
+        """The staleness of this worker's gradients since the last logged step."""
+        s, self.staleness = self.staleness, []
+        return {"staleness_mean": sum(s) / len(s), "staleness_max": max(s)} if s else {}
+
+    def report(self, num_train: int) -> dict:
+        """The servers' staleness record of every applied push (worker 0 asks, the others
+        receive it). Collective on the workers' communicator."""
+        with STATS.paused():
+            rep = self.sync.client.report() if self.sync.rank == 0 else None
+            return {"servers": len(self.sync.client.servers),
+                    **self.sync.comm.bcast(rep, root=0)}
+
+
 class SecondOrder(Method):
     """An optimizer that evaluates its own objective on the batch (trust region, RMTR,
     MG/OPT, APTS): ``state.tr_step``; it averages gradients and products itself."""
@@ -202,6 +252,11 @@ def first_order(ctx: Context) -> Method:
     o, layout = ctx.cfg.optim, ctx.layout
     opt = build_optimizer(o.name, ctx.model.parameters(), lr=o.lr, momentum=o.momentum,
                           weight_decay=o.weight_decay)
+    if ctx.cfg.sync.name == "ps":
+        from mltrain.sync.ps import PSSync
+
+        return ParameterServerWorker(opt, PSSync(ctx.model, layout.data, ctx.ps),
+                                     ctx.straggler, layout, ctx.model)
     # Layer-parallel: each rank reduces the gradients of what it trains, nothing else.
     sync = (SyncStrategy(ctx.model, layout.data) if layout.pipe is not None else
             build_sync(ctx.cfg.sync, ctx.cfg.comm,

@@ -43,4 +43,7 @@ def build_sync(s, c, model, comm: MPI.Comm, *, seed: int = 0) -> SyncStrategy:
     if s.name == "hierarchical":
         return Hierarchical(model, comm, period=s.period, ranks_per_node=s.ranks_per_node,
                             **bucket)
+    if s.name == "ps":  # servers are ranks of their own: the Trainer sets them up
+        raise ValueError("sync.name = 'ps': parameter servers run through the Trainer "
+                         "(mltrain.train.ps), not as a scheme on a data communicator")
     raise ValueError(f"sync.name: unknown scheme {s.name!r}")

@@ -27,6 +27,7 @@ from mltrain.train.loop import train as run_loop
 from mltrain.train.nested import phases
 from mltrain.train.optimizers import build_method, layer_alignment
 from mltrain.train.parallelize import parallelize
+from mltrain.train.ps import ParameterServers
 from mltrain.train.signals import StopSignals  # noqa: F401 - part of this module's API
 from mltrain.utils import get_logger, seed_everything, set_threads, torch_dtype
 
@@ -60,12 +61,29 @@ class Trainer:
         if cfg.checkpoint.dir:  # unwritable or a file: found now, not after training
             agree(comm, lambda: prepare_folder(cfg.checkpoint.dir) if self.rank == 0 else None,
                   what="config")
+        self.ps: ParameterServers | None = None
+        self.serving = False
+        if cfg.sync.name == "ps":
+            if snapshot is not None or node_masks is not None:
+                raise CollectiveError("config: sync.name = 'ps' does not run inside `mltrain "
+                                      "search` trials yet", "ConfigError", [])
+            self.ps = ParameterServers(cfg, comm)
+            if self.ps.is_server:  # serves the whole run here, returns when it is over
+                self.serving = True
+                self.summary = self.ps.serve()
+                return
+            comm = self.comm = self.ps.workers
+            self.rank = comm.Get_rank()
         self.gc = self.grid.build(comm)
         try:
             self._setup(cfg, comm, model, snapshot, node_masks, local_rank, metrics)
-        except CollectiveError:  # refused alike on every rank: free what was split
+        except CollectiveError as e:  # refused alike on every rank: free what was split
             self.gc.free()
+            if self.ps is not None:
+                self.ps.start(self, e)
             raise
+        if self.ps is not None:
+            self.ps.start(self, None)
 
     def _setup(self, cfg: Config, comm: MPI.Comm, model, snapshot, node_masks, local_rank,
                metrics: bool) -> None:
@@ -106,6 +124,8 @@ class Trainer:
             rank, factor = cfg.run.straggler_spec
             self.straggler.factor = factor if rank == self.rank else 1.0
         self.model = self.layout.module  # what the current phase trains
+        if self.ps is not None:
+            self.ps.connect(self)
         self.method = self._build(self.model)
         # Nested iteration trains the coarse levels first; otherwise one phase.
         self.phases = agree(comm, lambda: phases(self, cfg.multilevel), what="config")
@@ -144,7 +164,8 @@ class Trainer:
     def _build(self, model: torch.nn.Module, levels: int | None = None):
         """The configured optimizer for ``model`` (multilevel ones over ``levels`` levels).
         Collective on the trainer's communicator."""
-        ctx = Context(self.cfg, self.layout, model, self.straggler, levels)
+        ctx = Context(self.cfg, self.layout, model, self.straggler, levels,
+                      ps=self.ps.client if self.ps is not None else None)
         return agree(self.comm, lambda: build_method(ctx), what="config")
 
     # What the rest of the code and the tests see of the layout and the optimizer.
@@ -238,7 +259,15 @@ class Trainer:
     def train(self) -> dict:
         """Runs the remaining steps and returns the summary. Collective on the trainer's
         communicator."""
-        return run_loop(self)
+        if self.serving:  # the workers' summary, received when the run ended
+            return self.summary
+        try:
+            self.summary = run_loop(self)
+        except CollectiveError as e:  # the servers end with the same error, not a hang
+            if self.ps is not None:
+                self.ps.finish(e)
+            raise
+        return self.summary
 
     def evaluate(self) -> dict:
         """Loss and accuracy on the whole training set and the test set. Collective on the
@@ -249,7 +278,11 @@ class Trainer:
     def close(self) -> None:
         """Removes hooks and frees solvers and communicators. Collective on the trainer's
         communicator."""
+        if self.serving:
+            return
         self.method.close()
         self.layout.close()
         self.metrics.close()
         self.gc.free()
+        if self.ps is not None:
+            self.ps.finish(getattr(self, "summary", None))
