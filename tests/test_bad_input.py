@@ -209,18 +209,25 @@ def test_device_and_amp_refusals_on_every_rank(sets, message):
     _assert_clean(r, message)
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
-def test_scheduler_signal_ends_with_a_checkpoint_and_resumes(tmp_path, signame):
+PS_ARGS = ["--set", "sync.name=ps", "--set", "sync.staleness=-1"]
+
+
+@pytest.mark.parametrize("signame, nranks, extra", [("SIGTERM", 2, []), ("SIGUSR1", 2, []),
+                                                    ("SIGTERM", 3, PS_ARGS)],
+                         ids=["SIGTERM", "SIGUSR1", "SIGTERM-ps"])
+def test_scheduler_signal_ends_with_a_checkpoint_and_resumes(tmp_path, signame, nranks,
+                                                             extra):
     """What SLURM does at the time limit (SIGTERM) or with --signal (SIGUSR1): every rank
     receives the signal; the job finishes its step, writes a checkpoint, says so, exits
-    128 + the signal's number, and a second run resumes from that checkpoint."""
+    128 + the signal's number, and a second run resumes from that checkpoint. With
+    parameter servers the servers outlive the signal until the workers have saved."""
     from mltrain.launch import mpiexec_argv
 
     ckdir, out = tmp_path / "ck", tmp_path / "runs"
     args = ["-m", "mltrain", "--quiet", "--set", "run.steps=100000", "--set",
             f"checkpoint.dir={ckdir}", "--set", f"run.out_dir={out}", "--set",
-            "run.log_every=1"]
-    launch, env = mpiexec_argv(2, {**os.environ, "OMP_NUM_THREADS": "1"})
+            "run.log_every=1", *extra]
+    launch, env = mpiexec_argv(nranks, {**os.environ, "OMP_NUM_THREADS": "1"})
     proc = subprocess.Popen([*launch, sys.executable, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
@@ -233,7 +240,7 @@ def test_scheduler_signal_ends_with_a_checkpoint_and_resumes(tmp_path, signame):
         ranks = [int(p) for p in ranks if int(p) != proc.pid
                  and "python" in open(f"/proc/{p}/cmdline", "rb").read().decode(errors="ignore")
                  and "mpiexec" not in open(f"/proc/{p}/cmdline", "rb").read().decode(errors="ignore")]
-        assert len(ranks) == 2, ranks
+        assert len(ranks) == nranks, ranks
         for pid in ranks:  # SLURM signals every task of the step
             os.kill(pid, getattr(signal, signame))
         _, err = proc.communicate(timeout=240)
@@ -247,8 +254,8 @@ def test_scheduler_signal_ends_with_a_checkpoint_and_resumes(tmp_path, signame):
     saved = sorted(ckdir.glob("ckpt-*.h5"))
     assert len(saved) == 1
     step = int(saved[0].stem.split("-")[1])
-    r = mpiexec(2, ["-m", "mltrain", "--quiet", "--set", f"run.steps={step + 3}", "--set",
-                    f"checkpoint.dir={ckdir}", "--set", "checkpoint.resume=true", "--set",
-                    f"run.out_dir={out}"])
+    r = mpiexec(nranks, ["-m", "mltrain", "--quiet", "--set", f"run.steps={step + 3}",
+                         "--set", f"checkpoint.dir={ckdir}", "--set", "checkpoint.resume=true",
+                         "--set", f"run.out_dir={out}", *extra])
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{step + 3} steps" in r.stdout

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 unless mpi4py and PETSc load the same MPI library")
     b = sub.add_parser("bench", parents=[common], help="benchmarks against a baseline")
     b.add_argument("what", choices=["dp", "sync", "kernels", "tr", "multilevel", "mgrit",
-                                    "hardware", "pipeline", "startup", "search"],
+                                    "hardware", "pipeline", "startup", "search", "ps"],
                    help="dp: data-parallel step vs DDP, reducer vs raw allreduce; sync: every "
                    "scheme vs allreduce, with and without a straggler; kernels: C++ kernels vs "
                    "torch references; tr: SGD, Adam and trust region under one work budget; "
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "memory per rank at several rank counts vs a bare torch + MPI job (run it "
                    "as one process, it starts the jobs); search: every search algorithm and "
                    "Optuna's TPE at one budget over seeds, and the wall time with trial "
-                   "groups")
+                   "groups; ps: parameter servers (k = 0, 4, -1) against allreduce and "
+                   "(asynchronous) SGP, with and without a 2x straggler, per data partition")
     b.add_argument("--json", metavar="OUT.json", help="write the figures as JSON")
     b.add_argument("--steps", type=int, default=0,
                    help="timed steps per variant (0 = 30 for dp, 32 for sync)")
@@ -80,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multilevel: test accuracy whose sequential steps are compared")
     b.add_argument("--methods", default="", help="multilevel: a comma-separated subset of "
                    "sgd,adam,lbfgs,tr,rmtr-3,apts,nested-adam; search: of random,grid,asha,"
-                   "pbt,thompson,crowding,tpe")
+                   "pbt,thompson,crowding,tpe; ps: of allreduce,sgp,sgp-async,'ps k=0',"
+                   "'ps k=4','ps k=-1'")
+    b.add_argument("--partitions", default="iid,dirichlet",
+                   help="ps: data partitions (iid; dirichlet: label skew, alpha 0.1)")
     b.add_argument("--regimes", default="hybrid,large,full",
                    help="multilevel: batch regimes (hybrid, large, full)")
     b.add_argument("--inits", default="independent,smooth",
@@ -94,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--resolution", type=float, default=0.01,
                    help="multilevel: check the targets whenever the work grew by this fraction")
     b.add_argument("--markdown", metavar="OUT.md",
-                   help="multilevel, search: write the tables as markdown")
+                   help="multilevel, search, ps: write the tables as markdown")
     b.add_argument("--plot", metavar="OUT.png", help="tr, multilevel: loss and accuracy "
-                   "against work; search: best accuracy against budget")
+                   "against work; search: best accuracy against budget; ps: throughput kept and accuracy")
     b.add_argument("--depths", default="64,128,256,512,1024",
                    help="mgrit: residual layer counts")
     b.add_argument("--cf", type=int, default=8, help="mgrit: coarsening factor")

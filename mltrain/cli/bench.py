@@ -585,6 +585,36 @@ def _search(what: str, cfg, args, comm: MPI.Comm) -> int:
     return 0
 
 
+def _ps(what: str, cfg, args, comm: MPI.Comm) -> int:
+    from mltrain.cli import check_writable
+    from mltrain.cli.bench_ps import SCHEMES, bench_ps, check, markdown, plot
+    from mltrain.comm import agree
+
+    def parse():
+        check_writable(args.plot, "--plot")
+        check_writable(args.markdown, "--markdown")
+        schemes = [m for m in args.methods.split(",") if m] or list(SCHEMES)
+        parts = [p for p in args.partitions.split(",") if p]
+        check(schemes, parts, comm.Get_size(), args.steps or 200)
+        if cfg.data.batch_size % (comm.Get_size() - 1):
+            raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by "
+                              f"the {comm.Get_size() - 1} workers")
+        return schemes, parts
+    schemes, parts = agree(comm, parse, what="config")
+    rank0 = comm.Get_rank() == 0
+    res = bench_ps(cfg, schemes, parts, args.steps or 200, comm,
+                   (lambda m: print(m, flush=True)) if rank0 else (lambda m: None))
+    if rank0:
+        text = markdown(res)
+        print(text)
+        _write_json(args.json, what, res)
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        if args.plot:
+            plot(res, args.plot)
+    return 0
+
+
 BENCHMARKS = {"dp": _dp, "sync": _sync, "kernels": _kernels, "tr": _tr,
               "multilevel": _multilevel, "mgrit": _mgrit, "hardware": _pipeline,
-              "pipeline": _pipeline, "search": _search}
+              "pipeline": _pipeline, "search": _search, "ps": _ps}

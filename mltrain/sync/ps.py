@@ -34,6 +34,7 @@ on; every server records it for every shard push it applies.
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import numpy as np
@@ -41,6 +42,7 @@ import torch
 from mpi4py import MPI
 
 from mltrain.comm import STATS, broadcast_, irecv, isend
+from mltrain.comm import waiting
 from mltrain.comm.collectives import mpi_buffer
 from mltrain.ops import pack
 from mltrain.sync.base import SyncStrategy
@@ -156,8 +158,10 @@ class PSServer:
         self.clock = {w: 0 for w in workers}      # steps each worker has pushed
         self.served = {w: 0 for w in workers}     # global clock of the parameters it holds
         self.active = set(workers)
-        self.staleness: Counter = Counter()       # staleness -> applied shard pushes
+        self.staleness: Counter = Counter()       # clock staleness -> applied shard pushes
+        self.missed: Counter = Counter()          # updates missed -> applied shard pushes
         self.applied = 0                          # optimizer updates
+        self.read = {w: 0 for w in workers}       # updates in the parameters it holds
         self._waiting: list[tuple[int, int]] = []  # (worker, the step it goes on to)
         self._slots: dict[int, torch.Tensor] = {}  # k = 0: this round's pushes by worker
         self._sends: list = []                     # replies in flight, with their buffers
@@ -195,7 +199,7 @@ class PSServer:
         msg[:self.n] = self.param.detach()
         msg[self.n] = c
         for w in go:
-            self.served[w] = c
+            self.served[w], self.read[w] = c, self.applied
             self._sends.append((self.comm.Isend(mpi_buffer(msg), dest=w, tag=TAG_PULL), msg))
         # Completed replies free their buffers; the rest progress while we wait for pushes.
         self._sends = [(r, m) for r, m in self._sends if not r.Test()]
@@ -203,6 +207,7 @@ class PSServer:
     def _on_push(self, w: int, buf: torch.Tensor) -> None:
         step = int(buf[self.n].item())
         self.staleness[step - self.served[w]] += 1
+        self.missed[self.applied - self.read[w]] += 1
         self.clock[w] = step + 1
         self._waiting.append((w, step + 1))
         if self.k == 0:
@@ -218,7 +223,11 @@ class PSServer:
         buf = torch.empty(self.n + 1, dtype=self.param.dtype)  # host: the posted receive
         status = MPI.Status()
         while self.active:
-            self.comm.Probe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)
+            if waiting.polite:  # oversubscribed: a polling server would hold a worker's core
+                while not self.comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, status):
+                    os.sched_yield()
+            else:
+                self.comm.Probe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)
             w, tag = status.Get_source(), status.Get_tag()
             if tag == TAG_PUSH:
                 self.comm.Recv(mpi_buffer(buf), source=w, tag=TAG_PUSH)
@@ -248,16 +257,23 @@ class PSServer:
     def report(self) -> dict:
         """Staleness of every applied shard push: count, mean, max and histogram; the
         number of optimizer updates. Not collective."""
-        return staleness_report(self.staleness, self.applied)
+        return staleness_report(self.staleness, self.missed, self.applied)
 
 
-def staleness_report(hist: Counter, updates: int) -> dict:
-    """The summary figures of a staleness histogram. Not collective."""
+def staleness_report(hist: Counter, missed: Counter, updates: int) -> dict:
+    """The summary figures of the staleness histograms: in clocks (a push's step minus the
+    slowest worker's step count when its parameters left: what k bounds) and in updates
+    (optimizer updates applied between the parameters' read and the push: what the
+    gradient missed). Not collective."""
     total = sum(hist.values())
+
+    def mean(h):
+        return sum(s * c for s, c in h.items()) / max(sum(h.values()), 1)
     return {"pushes": total, "updates": updates,
-            "staleness_mean": sum(s * c for s, c in hist.items()) / max(total, 1),
-            "staleness_max": max(hist, default=0),
-            "staleness_histogram": {int(s): int(c) for s, c in sorted(hist.items())}}
+            "staleness_mean": mean(hist), "staleness_max": max(hist, default=0),
+            "staleness_histogram": {int(s): int(c) for s, c in sorted(hist.items())},
+            "missed_updates_mean": mean(missed), "missed_updates_max": max(missed, default=0),
+            "missed_updates_histogram": {int(s): int(c) for s, c in sorted(missed.items())}}
 
 
 # -- the worker's side ---------------------------------------------------------------------
@@ -333,14 +349,16 @@ class PSClient:
         """Every server's staleness record merged (each shard push counts). Point to
         point."""
         hist: Counter = Counter()
+        missed: Counter = Counter()
         updates = 0
         for s in self.servers:
             self.comm.Send(_EMPTY, dest=s, tag=TAG_REPORT)
         for s in self.servers:
             r = self.comm.recv(source=s, tag=TAG_REPORT)
             hist.update({int(k): int(v) for k, v in r["staleness_histogram"].items()})
+            missed.update({int(k): int(v) for k, v in r["missed_updates_histogram"].items()})
             updates = max(updates, r["updates"])
-        return staleness_report(hist, updates)
+        return staleness_report(hist, missed, updates)
 
     def done(self) -> None:
         """Tells every server this worker has finished (once). Point to point."""
