@@ -214,6 +214,28 @@ def test_bench_sync_smoke(tmp_path):
     assert all(x["step_s_straggler"] > 0 for x in rows.values())
 
 
+def test_bench_ps_smoke(tmp_path):
+    """bench ps at 3 ranks (2 workers + 1 server): every run trains the same samples; k = 0
+    trains as allreduce does; the staleness figures are the servers'."""
+    out, md = tmp_path / "ps.json", tmp_path / "ps.md"
+    r = mpiexec(3, ["-m", "mltrain", "bench", "ps", "--steps", "6", "--json", str(out),
+                    "--markdown", str(md), "--partitions", "iid", "--methods",
+                    "allreduce,ps k=0,ps k=-1", "--set", "model.width=16", "--set",
+                    "model.depth=2", "--set", "run.dtype=float64"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rows = {x["scheme"]: x for x in res["rows"]}
+    assert res["workers"] == 2 and set(rows) == {"allreduce", "ps k=0", "ps k=-1"}
+    assert abs(rows["ps k=0"]["accuracy_vs_allreduce"]) <= 0.01
+    assert rows["ps k=0"]["staleness_max"] == 0 and rows["ps k=0"]["missed_updates_max"] == 0
+    assert rows["ps k=-1"]["staleness_max_straggler"] >= 0
+    assert all(x["fast_samples_per_s"] > 0 and x["fast_throughput_ratio"] > 0
+               for x in rows.values())
+    assert "| iid | ps k=-1 |" in md.read_text()
+    bad = mpiexec(2, ["-m", "mltrain", "bench", "ps"])
+    assert bad.returncode == 2 and "at least 3 ranks" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_bench_kernels_smoke(tmp_path):
     import subprocess
     import sys

@@ -571,18 +571,9 @@ def _search(what: str, cfg, args, comm: MPI.Comm) -> int:
         check(methods, datasets, cfg.data.path)
         return methods, datasets
     methods, datasets = agree(comm, parse, what="config")
-    rank0 = comm.Get_rank() == 0
     res = bench_search(comm, datasets, methods, args.seeds, args.budget, cfg.data.path,
-                       (lambda m: print(m, flush=True)) if rank0 else (lambda m: None))
-    if rank0:
-        text = markdown(res)
-        print(text)
-        _write_json(args.json, what, res)
-        if args.markdown:
-            Path(args.markdown).write_text(text)
-        if args.plot:
-            plot(res, args.plot)
-    return 0
+                       _say(comm))
+    return _publish(what, args, comm, res, markdown, plot)
 
 
 def _ps(what: str, cfg, args, comm: MPI.Comm) -> int:
@@ -601,10 +592,19 @@ def _ps(what: str, cfg, args, comm: MPI.Comm) -> int:
                               f"the {comm.Get_size() - 1} workers")
         return schemes, parts
     schemes, parts = agree(comm, parse, what="config")
-    rank0 = comm.Get_rank() == 0
-    res = bench_ps(cfg, schemes, parts, args.steps or 200, comm,
-                   (lambda m: print(m, flush=True)) if rank0 else (lambda m: None))
-    if rank0:
+    res = bench_ps(cfg, schemes, parts, args.steps or 200, comm, _say(comm))
+    return _publish(what, args, comm, res, markdown, plot)
+
+
+def _say(comm: MPI.Comm):
+    """Progress lines: printed on rank 0, dropped elsewhere. Not collective."""
+    return (lambda m: print(m, flush=True)) if comm.Get_rank() == 0 else (lambda m: None)
+
+
+def _publish(what: str, args, comm: MPI.Comm, res, markdown, plot) -> int:
+    """Rank 0 prints ``markdown(res)`` and writes --json, --markdown and --plot. Not
+    collective."""
+    if comm.Get_rank() == 0:
         text = markdown(res)
         print(text)
         _write_json(args.json, what, res)
