@@ -76,6 +76,43 @@ def test_path_on_device_matches_cpu(comm, device, path, monkeypatch):
     ref.close()
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("k", [0, -1])
+def test_parameter_servers_on_device_match_cpu(comm, device, k, monkeypatch):
+    """sync.name = ps with workers on ``device`` (servers in host memory) against the same
+    run on the CPU: equal bits when staging is forced on the CPU, 1e-12 on a GPU (k = 0;
+    k = -1 on one worker, whose order cannot vary)."""
+    if k < 0 and comm.Get_size() > 2:
+        pytest.skip("asynchronous runs with several workers apply pushes in arrival order")
+    sets = BASE + ["optim.name=sgd", "optim.momentum=0.9", "sync.name=ps",
+                   f"sync.staleness={k}"]
+
+    def final(dev):
+        t = Trainer(load_config(None, sets + [f"run.device={dev}"]), comm, quiet=True,
+                    metrics=False)
+        t.train()
+        flat, where = None, True
+        if not t.serving:
+            where = all(p.device.type == dev for p in t.net.parameters())
+            with t._gathered():  # the servers' parameters
+                flat = flat_params(t.net).cpu()
+        t.close()
+        return flat, where
+
+    ref, _ = final("cpu")
+    if device == "cpu":
+        monkeypatch.setenv("MLTRAIN_STAGE_HOST", "1")
+    got, where = final(device)
+    all_ranks(comm, where, f"ps: parameters left {device}")
+    if ref is None:
+        all_ranks(comm, True)
+    elif device == "cpu":
+        all_ranks(comm, torch.equal(got, ref), "ps: staged run differs")
+    else:
+        rel = float((got - ref).norm() / ref.norm())
+        all_ranks(comm, rel <= 1e-12, f"ps: {device} vs cpu relative {rel:.2e}")
+
+
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("views", [True, False])
 def test_staged_reducer_gives_the_same_bytes(comm, device, views):
