@@ -112,6 +112,7 @@ class ParameterServers:
         lo, hi = bounds[self.world.Get_rank() - self.W]
         shard, state = receive_initial(self.comm, 0, hi - lo, dtype)
         # The workers own the cores; an update of one shard is memory-bound anyway.
+        threads = torch.get_num_threads()
         torch.set_num_threads(1)
         o = self.cfg.optim
         server = PSServer(self.comm, shard, list(range(self.W)), self.cfg.sync.staleness,
@@ -121,9 +122,12 @@ class ParameterServers:
                           state)
         # A scheduler's SIGTERM reaches servers too: the workers stop, checkpoint (from
         # the servers) and say DONE; a server must live until then.
-        with StopSignals():
-            server.serve()
-            end = self.world.bcast(None, root=0)
+        try:
+            with StopSignals():
+                server.serve()
+                end = self.world.bcast(None, root=0)
+        finally:
+            torch.set_num_threads(threads)
         self.shard, self.server = server.param.detach(), server
         self._free()
         if end[0] == "failed":
