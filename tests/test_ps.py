@@ -77,15 +77,21 @@ def test_shard_bounds():
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_flat_state_round_trip(name):
+    """Also with a one-element parameter first, whose moments look like Adam's step."""
     net = _net()
-    params = list(net.parameters())
+    net.scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+    params = [net.scale] + [p for n, p in net.named_parameters() if n != "scale"]
     opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9) if name == "sgd" else
            torch.optim.Adam(params, lr=0.1))
     for _ in range(2):
-        _grad(net, FlatParams(net), 0, 0)
+        net.zero_grad(set_to_none=True)
+        x, y = _batch(0, 0)
+        nn.functional.cross_entropy(net(x) * net.scale, y).backward()
         opt.step()
     st = flat_state(opt, params)
-    assert st and all(v.dim() == 0 or v.numel() == FlatParams(net).numel for v in st.values())
+    n = sum(p.numel() for p in params)
+    assert st and all(v.numel() == (1 if k == "step" else n) for k, v in st.items()), \
+        {k: v.shape for k, v in st.items()}
     other = (torch.optim.SGD(params, lr=0.1, momentum=0.9) if name == "sgd" else
              torch.optim.Adam(params, lr=0.1))
     load_flat_state(other, params, st)
@@ -221,6 +227,8 @@ def test_trainer_resume_is_exact_at_k0(comm, shared_tmp, optim):
     ok = straight is None or torch.equal(straight, resumed)
     all_ranks(comm, ok and s["resumed_from"] is not None and s["steps"] == 8,
               f"resumed from {s['resumed_from']}: differs from the straight run")
+    # The servers resume the clocks too: no push of a bulk-synchronous run is stale.
+    all_ranks(comm, s["staleness_max"] == 0 and s["pushes"] == W * 4, f"{s}")
 
 
 @MPI2

@@ -95,7 +95,7 @@ def lbfgs_race(cfg, comm, budget: float, target: float, target_acc: float | None
     from mltrain.comm import mean_
     from mltrain.train import Trainer
 
-    t = Trainer(cfg, comm, quiet=True, metrics=False)
+    t = Trainer(cfg, comm, quiet=True, metrics=False, serve=False)
     model, x, y = t.model, t.loader.x, t.loader.y
     weight = len(x) * comm.Get_size() / t.dataset.num_train
     params = [p for p in model.parameters() if p.requires_grad]

@@ -51,7 +51,8 @@ def check(schemes: list[str], partitions: list[str], ranks: int, steps: int) -> 
 
 
 def _idle(comm: MPI.Comm) -> None:
-    """Meets every rank of ``comm`` without holding a core while waiting. Collective."""
+    """Meets every rank of ``comm`` without holding a core while waiting. Collective on
+    ``comm``."""
     waiting.wait(comm.Ibarrier())
 
 

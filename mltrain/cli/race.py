@@ -25,7 +25,7 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
     evaluations outside the optimizer, neither charged as work nor timed."""
     from mpi4py import MPI
 
-    t = Trainer(cfg, comm, quiet=True, metrics=False)
+    t = Trainer(cfg, comm, quiet=True, metrics=False, serve=False)
     if t.hierarchy is not None:
         # Nested iteration: equal steps per level, as many as spend the budget in all.
         per_step = cfg.data.batch_size / t.dataset.num_train

@@ -164,6 +164,8 @@ class ParameterServerWorker(Method):
         state.gather_state = self.gather_state  # what Trainer.save asks of an optimizer
 
     def step(self, batches: Batches) -> torch.Tensor:
+        """One step: gradient, push, the servers' parameters back. Point to point with the
+        servers (not collective)."""
         from mltrain.sync.ps import flat_grads
 
         self.model.zero_grad(set_to_none=True)
@@ -183,7 +185,8 @@ class ParameterServerWorker(Method):
             load_flat_state(self.state, self.params, self.sync.state)
 
     def step_metrics(self) -> dict:
-        """The staleness of this worker's gradients since the last logged step."""
+        """The staleness of this worker's gradients since the last logged step. Not
+        collective."""
         s, self.staleness = self.staleness, []
         return {"staleness_mean": sum(s) / len(s), "staleness_max": max(s)} if s else {}
 

@@ -576,7 +576,7 @@ def run_job(plan: Plan, job: dict, group: MPI.Comm, side: MPI.Comm, data: bytes 
                     what="config")
         snapshot = Snapshot(f"snapshot of trial {job['trial']} at {job['start']}", data) \
             if data is not None else None
-        trainer = Trainer(cfg, group, quiet=True, metrics=False, snapshot=snapshot,
+        trainer = Trainer(cfg, group, quiet=True, metrics=False, serve=False, snapshot=snapshot,
                           node_masks=node[0], local_rank=node[1])
         trainer.metrics = MetricsWriter(None, rank, keep=True)
         if plan.opts.resource == "work":  # from where the snapshot left it (counts restart)

@@ -43,6 +43,7 @@ from mpi4py import MPI
 
 from mltrain.comm import STATS, broadcast_, irecv, isend
 from mltrain.comm import waiting
+from mltrain.config import ConfigError
 from mltrain.comm.collectives import mpi_buffer
 from mltrain.ops import pack
 from mltrain.sync.base import SyncStrategy
@@ -57,10 +58,10 @@ _EMPTY = np.empty(0, dtype=np.uint8)  # requests and DONE carry nothing
 
 def shard_bounds(n: int, servers: int) -> list[tuple[int, int]]:
     """[lo, hi) of each of ``servers`` contiguous shards of ``n`` elements (sizes differ by
-    at most one). Raises ValueError naming parallel.servers when a shard would be empty.
+    at most one). Raises ConfigError naming parallel.servers when a shard would be empty.
     Not collective."""
     if servers < 1 or n < servers:
-        raise ValueError(f"parallel.servers: {n} parameters cannot be split into {servers} "
+        raise ConfigError(f"parallel.servers: {n} parameters cannot be split into {servers} "
                          "non-empty server shards")
     edges = np.linspace(0, n, servers + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
@@ -71,14 +72,21 @@ def flat_state(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict:
     """``opt``'s per-parameter state as {key: flat vector over ``params``} (entries shaped
     like their parameter) and {key: 0-d tensor} (scalars such as Adam's step, taken from
     the first parameter that has them); a parameter without a key's state contributes
-    zeros. Not collective."""
+    zeros. A key's kind is read off parameters of more than one element (on a one-element
+    parameter a moment and a step look alike; with none, only ``step`` is a scalar). Not
+    collective."""
     keys: dict[str, str] = {}
-    for p in params:
+    for p in sorted(params, key=lambda q: q.numel() <= 1):  # telling ones first
         for k, v in opt.state.get(p, {}).items():
-            if torch.is_tensor(v) and v.shape == p.shape and p.dim() > 0:
-                keys.setdefault(k, "vec")
-            elif torch.is_tensor(v) and v.numel() == 1:
-                keys.setdefault(k, "scalar")
+            if not torch.is_tensor(v) or k in keys:
+                continue
+            if p.numel() > 1:
+                if v.shape == p.shape:
+                    keys[k] = "vec"
+                elif v.numel() == 1:
+                    keys[k] = "scalar"
+            elif v.numel() == 1:
+                keys[k] = "scalar" if k == "step" else "vec"
     out: dict[str, torch.Tensor] = {}
     for k, kind in keys.items():
         if kind == "scalar":
@@ -102,7 +110,7 @@ def load_flat_state(opt: torch.optim.Optimizer, params: list[torch.Tensor],
         st = opt.state[p]
         for k, v in state.items():
             st[k] = v.clone() if v.dim() == 0 else \
-                v[off:off + n].reshape(p.shape).to(p.device, p.dtype).clone()
+                v[off:off + n].reshape(p.shape).to(p.device, v.dtype).clone()
         off += n
 
 
@@ -141,12 +149,13 @@ class PSServer:
     """One shard of the parameters, served to ``workers`` (their ranks in ``comm``).
 
     ``optimizer(params)`` builds the shard's torch optimizer; ``state`` (flat, this
-    shard's) restores its state. The shard lives in host memory. Not collective; ``serve``
-    exchanges messages with the workers.
+    shard's) restores its state and ``start`` the step the workers resume at (their
+    clocks). The shard lives in host memory. Not collective; ``serve`` exchanges messages
+    with the workers.
     """
 
     def __init__(self, comm: MPI.Comm, shard: torch.Tensor, workers: list[int],
-                 staleness: int, optimizer, state: dict | None = None):
+                 staleness: int, optimizer, state: dict | None = None, start: int = 0):
         if staleness < -1:
             raise ValueError(f"sync.staleness: {staleness} (use -1, 0 or a positive bound)")
         self.comm, self.workers, self.k = comm, list(workers), staleness
@@ -155,8 +164,8 @@ class PSServer:
         if state:
             load_flat_state(self.opt, [self.param], state)
         self.n = shard.numel()
-        self.clock = {w: 0 for w in workers}      # steps each worker has pushed
-        self.served = {w: 0 for w in workers}     # global clock of the parameters it holds
+        self.clock = {w: start for w in workers}  # steps each worker has pushed
+        self.served = {w: start for w in workers}  # global clock of the parameters it holds
         self.active = set(workers)
         self.staleness: Counter = Counter()       # clock staleness -> applied shard pushes
         self.missed: Counter = Counter()          # updates missed -> applied shard pushes
@@ -205,6 +214,8 @@ class PSServer:
         self._sends = [(r, m) for r, m in self._sends if not r.Test()]
 
     def _on_push(self, w: int, buf: torch.Tensor) -> None:
+        """Records and applies (k != 0) or collects (k = 0) worker ``w``'s push ``buf``
+        (shard gradient, then the step), then replies to whoever may go on."""
         step = int(buf[self.n].item())
         self.staleness[step - self.served[w]] += 1
         self.missed[self.applied - self.read[w]] += 1
@@ -401,6 +412,7 @@ class PSSync(SyncStrategy):
             return broadcast_(flat, self.comm)
 
     def close(self) -> None:
+        """Tells every server this worker is done (point to point, not collective)."""
         self.client.done()
 
 

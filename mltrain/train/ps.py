@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-from mltrain.comm import CollectiveError
+from mltrain.comm import CollectiveError, local_cpu_masks
+from mltrain.config import ConfigError
 from mltrain.linalg.vector import FlatParams
 from mltrain.optim import build_optimizer
 from mltrain.sync.ps import (MAX_FLOAT32_STEPS, PSClient, PSServer, flat_state,
@@ -41,6 +42,7 @@ class ParameterServers:
         self.W = P - S  # Grid.for_config refused S >= P
         self.server_ranks = list(range(self.W, P))
         self.is_server = world.Get_rank() >= self.W
+        self.masks = local_cpu_masks(world)  # every rank of the node, servers included
         self.comm = world.Dup()  # the servers' traffic, apart from every other message
         self.workers = world.Split(int(self.is_server), world.Get_rank())
         self.client: PSClient | None = None
@@ -58,7 +60,7 @@ class ParameterServers:
 
         def check():
             if t.dtype == torch.float32 and t.total_steps >= MAX_FLOAT32_STEPS:
-                raise ValueError(f"run.steps: {t.total_steps} steps are beyond what a float32 "
+                raise ConfigError(f"run.steps: {t.total_steps} steps are beyond what a float32 "
                                  "parameter-server message counts exactly (2^24); use "
                                  "run.dtype = 'float64'")
             return shard_bounds(n, len(self.server_ranks))
@@ -72,7 +74,7 @@ class ParameterServers:
         msg = None
         if self.world.Get_rank() == 0:
             msg = (("failed", str(failure), failure.kind, failure.ranks) if failure else
-                   ("ok", t.dtype, self.bounds))
+                   ("ok", t.dtype, self.bounds, t.step))
         self.world.bcast(msg, root=0)
         if failure is not None:
             self._free()
@@ -108,7 +110,7 @@ class ParameterServers:
         if msg[0] == "failed":
             self._free()
             raise CollectiveError(*msg[1:])
-        _, dtype, bounds = msg
+        _, dtype, bounds, step = msg
         lo, hi = bounds[self.world.Get_rank() - self.W]
         shard, state = receive_initial(self.comm, 0, hi - lo, dtype)
         # The workers own the cores; an update of one shard is memory-bound anyway.
@@ -119,7 +121,7 @@ class ParameterServers:
                           lambda ps: build_optimizer(o.name, ps, lr=o.lr,
                                                      momentum=o.momentum,
                                                      weight_decay=o.weight_decay),
-                          state)
+                          state, start=step)
         # A scheduler's SIGTERM reaches servers too: the workers stop, checkpoint (from
         # the servers) and say DONE; a server must live until then.
         try:
@@ -135,6 +137,8 @@ class ParameterServers:
         return end[1]
 
     def _free(self) -> None:
+        """Frees the servers' communicator and this side's split. Collective on ``world``
+        (both frees are collective on the communicators they free)."""
         for c in (self.comm, self.workers):
             if c != MPI.COMM_NULL:
                 c.Free()

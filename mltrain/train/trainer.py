@@ -46,13 +46,20 @@ class Trainer:
     node (``local_cpu_masks`` of the whole job) and ``local_rank`` this rank's index among
     them (``node_rank`` of the whole job; it picks the GPU) when ``comm`` is only part of it.
 
-    Collective on ``comm`` (construction, ``train`` and ``evaluate``).
+    Collective on ``comm`` (construction, ``train`` and ``evaluate``). With ``sync.name =
+    ps`` (``mltrain.train.ps``) the ranks take roles: on a server rank the constructor
+    serves the whole run and returns when the workers have closed theirs (``serving`` is
+    True; ``train`` returns the workers' summary, ``close`` does nothing); on the workers
+    everything is collective on the workers' communicator (``self.comm``) and ``close`` (or
+    a training error) ends the servers, so it must be called. ``serve = False``: the
+    caller drives the trainer itself (search trials, benchmark races) and ``ps`` is
+    refused.
     """
 
     def __init__(self, cfg: Config, comm: MPI.Comm = MPI.COMM_WORLD, *, quiet: bool = False,
                  metrics: bool = True, model: torch.nn.Module | None = None,
                  snapshot: Snapshot | None = None, node_masks: list | None = None,
-                 local_rank: int | None = None):
+                 local_rank: int | None = None, serve: bool = True):
         self.cfg, self.comm, self.rank, self.quiet = cfg, comm, comm.Get_rank(), quiet
         self.log = get_logger(rank=self.rank)
         self.dtype = torch_dtype(cfg.run.dtype)
@@ -64,10 +71,13 @@ class Trainer:
         self.ps: ParameterServers | None = None
         self.serving = False
         if cfg.sync.name == "ps":
-            if snapshot is not None or node_masks is not None:
-                raise CollectiveError("config: sync.name = 'ps' does not run inside `mltrain "
-                                      "search` trials yet", "ConfigError", [])
+            if not serve:
+                raise CollectiveError("config: sync.name = 'ps': parameter servers run "
+                                      "through `mltrain train` (and study, bench ps), not "
+                                      "here yet", "ConfigError", [])
             self.ps = ParameterServers(cfg, comm)
+            # The servers share the node: the workers' thread counts must leave them room.
+            node_masks = self.ps.masks
             if self.ps.is_server:  # serves the whole run here, returns when it is over
                 self.serving = True
                 self.summary = self.ps.serve()
