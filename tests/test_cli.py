@@ -236,6 +236,18 @@ def test_bench_ps_smoke(tmp_path):
     assert bad.returncode == 2 and "at least 3 ranks" in bad.stderr, bad.stderr[-2000:]
 
 
+def test_bench_ps_transport_smoke(tmp_path):
+    """Both transports of the comparison end with initial - lr x every push."""
+    out = tmp_path / "t.json"
+    r = mpiexec(3, ["-m", "mltrain", "bench", "ps", "--transport", "--steps", "5", "--sizes",
+                    "100,3000", "--json", str(out)], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["elements"] for x in rows] == [100, 3000]
+    assert all(x["two_sided_max_error"] <= 1e-5 and x["one_sided_max_error"] <= 1e-5
+               and x["one_sided_vs_two_sided"] > 0 for x in rows), rows
+
+
 def test_bench_kernels_smoke(tmp_path):
     import subprocess
     import sys

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "sgd,adam,lbfgs,tr,rmtr-3,apts,nested-adam; search: of random,grid,asha,"
                    "pbt,thompson,crowding,tpe; ps: of allreduce,sgp,sgp-async,'ps k=0',"
                    "'ps k=4','ps k=-1'")
+    b.add_argument("--transport", action="store_true",
+                   help="ps: time the servers' two-sided loop against MPI one-sided "
+                   "Accumulate/Get (asynchronous plain SGD, no compute; --sizes: elements)")
     b.add_argument("--partitions", default="iid,dirichlet",
                    help="ps: data partitions (iid; dirichlet: label skew, alpha 0.1)")
     b.add_argument("--regimes", default="hybrid,large,full",

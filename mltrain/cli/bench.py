@@ -350,7 +350,7 @@ def _tr(what: str, cfg, args, comm: MPI.Comm) -> int:
             print(f"  {r['method']:<12}{r['steps']:>7}{r['work']:>8.2f}{r['wall_s']:>9.2f}"
                   f"{r['train_loss']:>12.4f}{r['test_accuracy']:>10.4f}")
         _write_json(args.json, what, res)
-        if args.plot:
+        if args.plot and plot is not None:
             plot(res, args.plot)
     return 0
 
@@ -581,6 +581,9 @@ def _ps(what: str, cfg, args, comm: MPI.Comm) -> int:
     from mltrain.cli.bench_ps import SCHEMES, bench_ps, check, markdown, plot
     from mltrain.comm import agree
 
+    if args.transport:
+        return _ps_transport(what, args, comm)
+
     def parse():
         check_writable(args.plot, "--plot")
         check_writable(args.markdown, "--markdown")
@@ -594,6 +597,24 @@ def _ps(what: str, cfg, args, comm: MPI.Comm) -> int:
     schemes, parts = agree(comm, parse, what="config")
     res = bench_ps(cfg, schemes, parts, args.steps or 200, comm, _say(comm))
     return _publish(what, args, comm, res, markdown, plot)
+
+
+def _ps_transport(what: str, args, comm: MPI.Comm) -> int:
+    from mltrain.cli import check_writable
+    from mltrain.cli.bench_ps_transport import bench_transport, markdown
+    from mltrain.comm import agree
+
+    def parse():
+        check_writable(args.markdown, "--markdown")
+        if comm.Get_size() < 2:
+            raise ConfigError("bench ps --transport: needs at least 2 ranks (a server and a "
+                              "worker)")
+        if args.steps < 0:
+            raise ConfigError(f"--steps: at least 1, got {args.steps}")
+        return parse_sizes(args.sizes) or (10_000, 1_000_000, 2_000_000)
+    sizes = agree(comm, parse, what="config")
+    res = bench_transport(sizes, args.steps or 100, comm)
+    return _publish(what, args, comm, res, markdown, None)
 
 
 def _say(comm: MPI.Comm):
