@@ -137,8 +137,9 @@ def test_every_rule_can_be_broken_and_names_a_key():
         14: ["sync.name=sgp", "sync.compression=fp16"],
         15: ["sync.compression=topk", "sync.topk_ratio=0"],
         16: ["sync.name=ps", "multilevel.nested=true", "multilevel.levels=2"],
-        17: ["sync.name=sgp", "checkpoint.resume=true", "checkpoint.dir=x"],
-        18: ["checkpoint.every=3"], 19: ["run.amp=bf16", "run.dtype=float64"],
+        17: ["sync.transport=rma"],
+        18: ["sync.name=sgp", "checkpoint.resume=true", "checkpoint.dir=x"],
+        19: ["checkpoint.every=3"], 20: ["run.amp=bf16", "run.dtype=float64"],
     }
     assert sorted(breaking) == list(range(len(RULES)))
     for i, rule in enumerate(RULES):

@@ -12,7 +12,9 @@ from torch import nn
 
 from mltrain.config import load_config
 from mltrain.linalg.vector import FlatParams
+from mltrain.config import ConfigError
 from mltrain.sync.ps import PSClient, PSServer, flat_state, load_flat_state, shard_bounds
+from mltrain.sync.ps_rma import RMAClient, RMAServer
 from mltrain.train import Trainer
 
 from conftest import all_ranks
@@ -40,23 +42,32 @@ def _grad(net, flat, worker, step):
 
 
 def _run(comm, servers: int, k: int, slow: int | None = None, record=False,
-         steps=lambda rank: STEPS):
-    """Trains ``steps(rank)`` steps with ``servers`` servers (the last ranks); returns
-    (role, result): a worker's final parameters and pushes, a server's (bounds, final
-    shard, report)."""
+         steps=lambda rank: STEPS, transport="messages"):
+    """Trains ``steps(rank)`` steps with ``servers`` servers (the last ranks) over
+    ``transport`` (rma: k = -1 only); returns (role, result): a worker's final parameters
+    and pushes, a server's (bounds, final shard, report)."""
     P, rank = comm.Get_size(), comm.Get_rank()
     W = P - servers
     net = _net()
     flat = FlatParams(net)
     x0 = flat.get()
     bounds = shard_bounds(flat.numel, servers)
+    group = comm.Split(int(rank >= W), rank)  # the workers' own communicator
     if rank >= W:
+        group.Free()
         lo, hi = bounds[rank - W]
-        srv = PSServer(comm, x0[lo:hi], list(range(W)), k,
-                       lambda ps: torch.optim.SGD(ps, lr=LR))
+        if transport == "rma":
+            srv = RMAServer(comm, x0[lo:hi], list(range(W)), first=rank == W)
+        else:
+            srv = PSServer(comm, x0[lo:hi], list(range(W)), k,
+                           lambda ps: torch.optim.SGD(ps, lr=LR))
         report = srv.serve()
         return "server", (bounds[rank - W], srv.param.detach().clone(), report)
-    client = PSClient(comm, list(range(W, P)), bounds, W, record=record)
+    if transport == "rma":
+        client = RMAClient(comm, list(range(W, P)), bounds, W, LR, record=record)
+        client.open()
+    else:
+        client = PSClient(comm, list(range(W, P)), bounds, W, record=record)
     out = x0.clone()
     for step in range(steps(rank)):
         if slow is not None and rank == slow:
@@ -64,8 +75,10 @@ def _run(comm, servers: int, k: int, slow: int | None = None, record=False,
         g = _grad(net, flat, rank, step)
         client.push_pull(g, step, out)
         flat.set(out)
+    report = client.report_all(group) if transport == "rma" else None
+    group.Free()
     client.done()
-    return "worker", (flat.get(), client.pushed)
+    return "worker", (flat.get(), client.pushed, report)
 
 
 def test_shard_bounds():
@@ -126,13 +139,15 @@ def test_bulk_synchronous_equals_data_parallel_sgd(comm, servers):
 
 
 @MPI2
-@pytest.mark.parametrize("k", [0, 2, -1])
-def test_no_push_is_lost(comm, k):
+@pytest.mark.parametrize("k, transport", [(0, "messages"), (2, "messages"), (-1, "messages"),
+                                          (-1, "rma")])
+def test_no_push_is_lost(comm, k, transport):
     """Final = initial - lr * (sum of every push), whatever order the servers applied
     them in; worker r runs STEPS + r steps (the servers must not wait for the ones that
-    finished) and worker 0 is slow."""
+    finished) and worker 0 is slow. The one-sided transport's workers count every push."""
     servers = 1 if comm.Get_size() < 4 else 2
-    role, res = _run(comm, servers, k, slow=0, record=True, steps=lambda r: STEPS + r)
+    role, res = _run(comm, servers, k, slow=0, record=True, steps=lambda r: STEPS + r,
+                     transport=transport)
     workers = comm.gather(res if role == "worker" else None, root=0)
     shards = comm.gather(res if role == "server" else None, root=0)
     ok, msg = True, ""
@@ -145,7 +160,10 @@ def test_no_push_is_lost(comm, k):
             if s is not None:
                 (lo, hi), shard, rep = s
                 final[lo:hi] = shard
-                ok = ok and rep["pushes"] == len(pushes)
+                if transport == "rma":  # the workers keep the record
+                    rep = next(r for r in workers if r is not None)[2]
+                ok = ok and rep["pushes"] == len(pushes) * (servers if transport == "rma"
+                                                           else 1)
         r = float((final - want).norm() / want.norm())
         ok, msg = ok and r <= 1e-12, f"k = {k}: relative {r:.2e}, {len(pushes)} pushes"
     ok, msg = comm.bcast((ok, msg))
@@ -245,3 +263,31 @@ def test_trainer_with_a_straggler_ends_cleanly(comm, k):
     ok = (s["pushes"] == W * 10 * S and s["updates"] == W * 10
           and (k < 0 or s["staleness_max"] <= k) and s["test_accuracy"] is not None)
     all_ranks(comm, ok, f"k = {k}: {s}")
+
+
+@MPI2
+def test_trainer_one_sided_trains_as_the_server_loop(comm):
+    """sync.transport = rma (k = -1, plain SGD): with one worker the same parameters as the
+    server loop to 1e-12 (the add order cannot vary); with more every push is applied and
+    recorded."""
+    W = comm.Get_size() - 1
+    extra = [_workers_batch(W), "optim.name=sgd", "optim.momentum=0", "sync.name=ps",
+             "sync.staleness=-1"]
+    loop, _ = _train(comm, extra)
+    rma, s = _train(comm, extra + ["sync.transport=rma"])
+    ok, msg = s["pushes"] == W * 8 and s["updates"] == W * 8, f"{s}"
+    if loop is not None and W == 1:
+        rel = float((rma - loop).norm() / loop.norm())
+        ok, msg = ok and rel <= 1e-12 and s["staleness_max"] == 0, f"relative {rel:.2e}; {s}"
+    all_ranks(comm, ok, msg)
+
+
+@pytest.mark.parametrize("extra", [["sync.staleness=0"], ["optim.momentum=0.9"],
+                                   ["optim.name=adam"], ["optim.weight_decay=0.1"],
+                                   ["sync.name=allreduce"]])
+def test_one_sided_refuses_what_it_cannot_do(extra):
+    base = ["sync.name=ps", "sync.staleness=-1", "optim.name=sgd", "optim.momentum=0",
+            "sync.transport=rma"]
+    load_config(None, base)  # what it can do
+    with pytest.raises(ConfigError, match="sync.transport"):
+        load_config(None, base + extra)

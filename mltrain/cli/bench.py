@@ -578,7 +578,7 @@ def _search(what: str, cfg, args, comm: MPI.Comm) -> int:
 
 def _ps(what: str, cfg, args, comm: MPI.Comm) -> int:
     from mltrain.cli import check_writable
-    from mltrain.cli.bench_ps import SCHEMES, bench_ps, check, markdown, plot
+    from mltrain.cli.bench_ps import DEFAULT, bench_ps, check, markdown, plot
     from mltrain.comm import agree
 
     if args.transport:
@@ -587,7 +587,7 @@ def _ps(what: str, cfg, args, comm: MPI.Comm) -> int:
     def parse():
         check_writable(args.plot, "--plot")
         check_writable(args.markdown, "--markdown")
-        schemes = [m for m in args.methods.split(",") if m] or list(SCHEMES)
+        schemes = [m for m in args.methods.split(",") if m] or DEFAULT
         parts = [p for p in args.partitions.split(",") if p]
         check(schemes, parts, comm.Get_size(), args.steps or 200)
         if cfg.data.batch_size % (comm.Get_size() - 1):

@@ -29,7 +29,10 @@ SCHEMES = {  # label -> config overrides
     "ps k=0": ["sync.name=ps", "sync.staleness=0"],
     "ps k=4": ["sync.name=ps", "sync.staleness=4"],
     "ps k=-1": ["sync.name=ps", "sync.staleness=-1"],
+    # One-sided transport: plain SGD only (run it with --set optim.momentum=0).
+    "ps-rma k=-1": ["sync.name=ps", "sync.staleness=-1", "sync.transport=rma"],
 }
+DEFAULT = [k for k in SCHEMES if "rma" not in k]
 PARTITIONS = {"iid": ["data.partition=iid"],
               "dirichlet": ["data.partition=dirichlet", "data.alpha=0.1"]}
 FACTOR = 2.0

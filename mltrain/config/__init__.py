@@ -266,6 +266,9 @@ class SyncConfig:
     staleness: int = _f(0, "ps: how many steps a worker may run ahead of the slowest one "
                         "(0 = bulk synchronous, k > 0 = stale synchronous, -1 = fully "
                         "asynchronous)", min=-1)
+    transport: str = _f("messages", "ps: messages (a server loop: every optimizer and "
+                        "staleness) or rma (MPI one-sided Accumulate/Get: asynchronous plain "
+                        "SGD only)", choices=("messages", "rma"))
 
 
 @dataclass
@@ -568,6 +571,15 @@ RULES = [
                           (c.sync.name == "ps" and (c.parallel.pipe > 1 or c.parallel.layer > 1),
                            "sync.name = 'ps': parameter servers hold the whole parameter "
                            "vector: use parallel.pipe = 1 and parallel.layer = 1"))),
+    Rule("sync.transport, sync.staleness, optim.*", "rma: sync.name = ps, staleness -1, "
+         "optim.name = sgd without momentum or weight decay",
+         lambda c: _first((c.sync.transport == "rma" and (
+             c.sync.name != "ps" or c.sync.staleness != -1 or c.optim.name != "sgd"
+             or c.optim.momentum != 0 or c.optim.weight_decay != 0),
+             "sync.transport = 'rma': one-sided Accumulate can only add: it needs "
+             "sync.name = 'ps', sync.staleness = -1 and optim.name = 'sgd' with "
+             "optim.momentum = 0 and optim.weight_decay = 0 (use sync.transport = "
+             "'messages' for anything else)"))),
     Rule("checkpoint.resume, sync.name", "resume only with sync.name = allreduce or ps",
          lambda c: _first((c.checkpoint.resume and c.sync.name not in ("allreduce", "ps"),
                            f"checkpoint.resume: not supported yet with sync.name = "

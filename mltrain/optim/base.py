@@ -194,9 +194,8 @@ class ParameterServerWorker(Method):
         """The servers' staleness record of every applied push (worker 0 asks, the others
         receive it). Collective on the workers' communicator."""
         with STATS.paused():
-            rep = self.sync.client.report() if self.sync.rank == 0 else None
             return {"servers": len(self.sync.client.servers),
-                    **self.sync.comm.bcast(rep, root=0)}
+                    **self.sync.client.report_all(self.sync.comm)}
 
 
 class SecondOrder(Method):

@@ -356,6 +356,11 @@ class PSClient:
             _send_shard(self.comm, s, TAG_INIT, flat[lo:hi],
                         {k: v if v.dim() == 0 else v[lo:hi] for k, v in state.items()})
 
+    def report_all(self, comm: MPI.Comm) -> dict:
+        """``report()`` asked by worker 0 and handed to every worker. Collective on the
+        workers' communicator ``comm``."""
+        return comm.bcast(self.report() if comm.Get_rank() == 0 else None, root=0)
+
     def report(self) -> dict:
         """Every server's staleness record merged (each shard push counts). Point to
         point."""

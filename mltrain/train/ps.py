@@ -65,7 +65,13 @@ class ParameterServers:
                                  "run.dtype = 'float64'")
             return shard_bounds(n, len(self.server_ranks))
         self.bounds = agree(self.workers, check, what="config")
-        self.client = PSClient(self.comm, self.server_ranks, self.bounds, self.W)
+        if self.cfg.sync.transport == "rma":
+            from mltrain.sync.ps_rma import RMAClient
+
+            self.client = RMAClient(self.comm, self.server_ranks, self.bounds, self.W,
+                                    self.cfg.optim.lr)
+        else:
+            self.client = PSClient(self.comm, self.server_ranks, self.bounds, self.W)
 
     def start(self, t, failure: CollectiveError | None) -> None:
         """Tells the servers whether the workers' construction succeeded; if so, worker 0
@@ -84,6 +90,8 @@ class ParameterServers:
             self.client.send_initial(FlatParams(t.model).get().cpu(),
                                      {k: v.cpu() for k, v in
                                       flat_state(t.optimizer, params).items()})
+        if self.cfg.sync.transport == "rma":  # the servers' windows, once they hold x0
+            self.client.open(t.step)
 
     def finish(self, outcome) -> None:
         """After this worker's DONE: worker 0 hands the servers the run's summary (a dict)
@@ -117,11 +125,18 @@ class ParameterServers:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         o = self.cfg.optim
-        server = PSServer(self.comm, shard, list(range(self.W)), self.cfg.sync.staleness,
-                          lambda ps: build_optimizer(o.name, ps, lr=o.lr,
-                                                     momentum=o.momentum,
-                                                     weight_decay=o.weight_decay),
-                          state, start=step)
+        if self.cfg.sync.transport == "rma":
+            from mltrain.sync.ps_rma import RMAServer
+
+            server = RMAServer(self.comm, shard, list(range(self.W)),
+                               first=self.world.Get_rank() == self.W, start=step)
+        else:
+            server = PSServer(self.comm, shard, list(range(self.W)),
+                              self.cfg.sync.staleness,
+                              lambda ps: build_optimizer(o.name, ps, lr=o.lr,
+                                                         momentum=o.momentum,
+                                                         weight_decay=o.weight_decay),
+                              state, start=step)
         # A scheduler's SIGTERM reaches servers too: the workers stop, checkpoint (from
         # the servers) and say DONE; a server must live until then.
         try:
