@@ -5,8 +5,8 @@ One-sided ``Accumulate`` can only add, so the comparison is asynchronous (k = -1
 without momentum: every worker, every step, adds -lr g / W to the server's shard and reads
 the shard back. Two-sided: ``PSClient.push_pull`` against ``PSServer.serve`` (what
 ``sync.name = ps`` runs). One-sided: the server exposes its shard in an ``MPI.Win``; a
-worker locks it shared, ``Accumulate``s (element-wise atomic in MPI), flushes, ``Get``s
-the shard and unlocks; the server waits in MPI until the workers are done. No compute:
+worker locks it shared, ``Accumulate``s (element-wise atomic in MPI), flushes, reads the
+shard (``Get_accumulate`` with ``NO_OP``, as ``sync.transport = rma`` does) and unlocks; the server waits in MPI until the workers are done. No compute:
 the gradients are fixed vectors, so the figures are the transport alone. Both end with
 the same parameters (checked: initial - lr x the sum of every push).
 """
@@ -21,6 +21,7 @@ from mpi4py import MPI
 from mltrain.comm import waiting
 from mltrain.comm.collectives import mpi_buffer
 from mltrain.sync.ps import PSClient, PSServer
+from mltrain.sync.ps_rma import read_atomic
 
 LR = 0.01
 
@@ -78,7 +79,7 @@ def _one_sided(comm: MPI.Comm, n: int, steps: int) -> tuple[float | None, torch.
             win.Lock(W, MPI.LOCK_SHARED)
             win.Accumulate(push, W, op=MPI.SUM)
             win.Flush(W)  # the add is done at the target before the read
-            win.Get(out, W)
+            read_atomic(win, out, W)  # atomic against the other workers' adds
             win.Unlock(W)
         exchange()  # warm-up, counted in the check
         t0 = time.perf_counter()

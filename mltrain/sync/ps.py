@@ -5,8 +5,9 @@ and the server-side optimizer's state with it; the other ranks are workers. A wo
 computes the gradient of its batch, pushes each shard's part to that shard's server and
 pulls the shard's fresh values (one exchange per server and step).
 
-Transport: two-sided messages and a progress loop on each server (``PSServer.serve``),
-not MPI one-sided windows. A passive-target ``Accumulate`` progresses only while the
+Transport (``sync.transport = "messages"``): two-sided messages and a progress loop on
+each server (``PSServer.serve``); the one-sided fast path for asynchronous plain SGD is
+``mltrain.sync.ps_rma``. A passive-target ``Accumulate`` progresses only while the
 target is inside MPI on libraries without an asynchronous progress thread (MPICH's and
 Open MPI's default), so the server must loop in MPI anyway; a loop can also hold replies
 back to enforce the staleness bound, apply the optimizer (Adam's state lives with the

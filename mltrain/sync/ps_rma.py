@@ -5,10 +5,14 @@ Each server exposes its shard in an ``MPI.Win``; a worker's step is, per server,
 lock, ``Accumulate`` of -lr g / W (element-wise atomic in MPI), a flush, a ``Get`` of the
 shard and the unlock: no server process takes part, which ``bench ps --transport`` measured
 7-11x faster than the server loop on one node (MPICH's shared-memory windows). A second
-window on the first server holds a push counter and every worker's clock, so the same
-staleness figures as the server loop's are kept, by the workers (``report_all`` merges
-them). The servers only wait, in MPI (passive-target progress), for every worker's DONE.
-Nothing else of the server loop applies: no optimizer state, no staleness bound.
+window on the first server holds a push counter and every worker's clock, so the
+server loop's staleness figures are kept, by the workers (``report_all`` merges them),
+with three approximations: a worker's clock is published just before its shard add, the
+clocks and the counter are read before the shards, and a worker that has finished keeps
+its last clock (the server loop drops it from the minimum). Reads are ``Get_accumulate``
+with ``NO_OP``, atomic per element against the other workers' adds. The servers only
+wait, in MPI (passive-target progress), for every worker's DONE. Nothing else of the
+server loop applies: no optimizer state, no staleness bound.
 """
 from __future__ import annotations
 
@@ -22,10 +26,18 @@ from mpi4py import MPI
 from mltrain.comm import waiting
 from mltrain.sync.ps import TAG_DONE, PSClient, _EMPTY, staleness_report
 
-__all__ = ["RMAServer", "RMAClient"]
+__all__ = ["RMAServer", "RMAClient", "read_atomic"]
 
 _I64 = np.dtype(np.int64)
 I64 = MPI.INT64_T  # one name on both sides: MPI checks the signatures of RMA datatypes
+
+
+def read_atomic(win: MPI.Win, buf: np.ndarray, rank: int, disp: int = 0) -> None:
+    """Reads ``len(buf)`` elements at ``disp`` of ``rank``'s window into ``buf``, atomically
+    per element against concurrent ``Accumulate`` calls (a plain ``Get`` that overlaps one
+    is erroneous in MPI). Inside a lock epoch; one-sided."""
+    t = I64 if buf.dtype == _I64 else MPI._typedict[buf.dtype.char]
+    win.Get_accumulate([None, 0, t], [buf, t], rank, (disp, len(buf), t), op=MPI.NO_OP)
 
 
 def _windows(comm: MPI.Comm, shard_bytes: int, item: int, counters: int):
@@ -70,11 +82,14 @@ class RMAServer:
         left = set(self.workers)
         while left:
             if waiting.polite:
-                while not self.comm.Iprobe(MPI.ANY_SOURCE, TAG_DONE, status):
+                while not self.comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, status):
                     os.sched_yield()
             else:
-                self.comm.Probe(MPI.ANY_SOURCE, TAG_DONE, status)
+                self.comm.Probe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)
             w = status.Get_source()
+            if status.Get_tag() != TAG_DONE:
+                raise RuntimeError(f"parameter server (rma): unexpected message tag "
+                                   f"{status.Get_tag()} from rank {w}")
             self.comm.Recv(_EMPTY, source=w, tag=TAG_DONE)
             left.discard(w)
         me = self.comm.Get_rank()
@@ -129,7 +144,7 @@ class RMAClient(PSClient):
         self.cwin.Accumulate([np.array([step + 1], dtype=_I64), I64], first, (1 + me, 1, I64),
                              MPI.REPLACE)
         self.cwin.Flush(first)
-        self.cwin.Get([clocks, I64], first, (1, self.W, I64))
+        read_atomic(self.cwin, clocks, first, 1)
         self.cwin.Unlock(first)
         self._hist[step - self._min_clock] += 1
         self._missed[int(prev[0]) - self._seen] += 1  # others' pushes since this one's read
@@ -138,7 +153,7 @@ class RMAClient(PSClient):
             self.win.Lock(s, MPI.LOCK_SHARED)
             self.win.Accumulate(push[lo:hi], s, op=MPI.SUM)
             self.win.Flush(s)  # the add is done at the target before the read
-            self.win.Get(host[lo:hi], s)
+            read_atomic(self.win, host[lo:hi], s)
             self.win.Unlock(s)
         out.copy_(torch.from_numpy(host))  # host: read from the windows, then to out's device
         self._min_clock = int(clocks.min())
@@ -150,9 +165,14 @@ class RMAClient(PSClient):
         host = np.empty(n, dtype=np.dtype(str(dtype).split(".")[-1]))
         for s, (lo, hi) in zip(self.servers, self.bounds):
             self.win.Lock(s, MPI.LOCK_SHARED)
-            self.win.Get(host[lo:hi], s)
+            read_atomic(self.win, host[lo:hi], s)  # workers may still be adding (checkpoints)
             self.win.Unlock(s)
         return torch.from_numpy(host), {}  # host: as PSClient.fetch
+
+    def report(self) -> dict:
+        """The servers keep no record here: ``report_all`` merges the workers'."""
+        raise RuntimeError("sync.transport = 'rma': the workers keep the staleness record "
+                           "(report_all)")
 
     def report_all(self, comm: MPI.Comm) -> dict:
         """Every worker's records merged (each push counts once per server, as the server
