@@ -102,6 +102,27 @@ def test_grid_expands_conditions_and_spaces_points(space):
     assert small.finite and small.size() == 6
 
 
+def _grid_jobs(space, **kw):
+    algo = A.make("grid", space, opts(**kw), 9, 10 ** 6)
+    jobs = []
+    while (job := algo.ask(10 ** 6)) is not None:
+        jobs.append(json.dumps(job["values"], sort_keys=True))
+    return jobs
+
+
+def test_grid_order_is_a_seeded_permutation_or_key_order(space):
+    key = _grid_jobs(space, grid_order="key")
+    assert key == [json.dumps(c, sort_keys=True) for c in space.grid(3)]
+    shuffled = _grid_jobs(space, seed=1)
+    # Every point once, in another order, the same from the same seed, another from another.
+    assert sorted(shuffled) == sorted(key) and shuffled != key
+    assert _grid_jobs(space, seed=1) == shuffled and _grid_jobs(space, seed=2) != shuffled
+    # A budget of a tenth of the grid covers more than the first corner: several rates.
+    head = [json.loads(j) for j in shuffled[:len(shuffled) // 10]]
+    assert len({c["optim.lr"] for c in head}) > 1
+    assert len({json.loads(j)["optim.lr"] for j in key[:len(key) // 10]}) == 1
+
+
 def test_distance_crossover_mutation_perturbation(space):
     a = {"optim.lr": 1e-4, "optim.momentum": 0.5, "data.batch_size": 32, "sync.name": "allreduce"}
     b = {"optim.lr": 1e-1, "optim.momentum": 0.99, "data.batch_size": 64,
@@ -392,8 +413,7 @@ def test_every_algorithm_is_deterministic_from_its_seed_and_resumable(space, nam
     assert first == second and len(first) > 10
     assert _drive(make(), 80, split_at=17) == first
     other = A.make(name, space, opts(seed=6, population=4, interval=3, min_resource=1), 9, 400)
-    if name != "grid":  # the grid has no random choice
-        assert _drive(other, 80) != first
+    assert _drive(other, 80) != first  # the grid's order is drawn from the seed too
     with pytest.raises(ConfigError, match="--resume"):
         wrong = A.make("random" if name != "random" else "grid", space, o, 9, 400)
         wrong.load_state_dict(make().state_dict())

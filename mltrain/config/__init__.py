@@ -324,6 +324,10 @@ class SearchConfig:
                    "taken whole)", min=1)
     grid_points: int = _f(3, "grid: points per number range (log-spaced for log ranges)",
                           min=1)
+    grid_order: str = _f("shuffled", "grid: the order the points are tried in: shuffled "
+                         "(a permutation drawn from search.seed, so a budget smaller than the "
+                         "grid still spreads over the space) or key (the last key varies "
+                         "fastest)", choices=("shuffled", "key"))
     crossover: float = _f(0.9, "crowding: probability that two parents are crossed "
                           "(uniform crossover)", min=0.0, max=1.0)
     mutation: float = _f(0.0, "crowding: probability of mutating each key (0 = 1 / keys)",

@@ -115,7 +115,10 @@ class RandomSearch(Algorithm):
 
 class GridSearch(Algorithm):
     """Every combination of ``search.grid_points`` points per number range and every
-    choice, in key order, each trained for the full resource."""
+    choice, each trained for the full resource, in ``search.grid_order``: a permutation
+    drawn from the search's seed (as Optuna's GridSampler takes its points in random order:
+    a budget smaller than the grid then samples the whole space instead of its first
+    corner) or key order."""
 
     name = "grid"
     _fields = ("index",)
@@ -123,6 +126,8 @@ class GridSearch(Algorithm):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.configs = self.space.grid(self.opts.grid_points)
+        if self.opts.grid_order == "shuffled":  # drawn before any state load: same on resume
+            self.rng.shuffle(self.configs)
         self.index = 0
 
     def ask(self, remaining: int):
