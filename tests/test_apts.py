@@ -10,7 +10,7 @@ from mpi4py import MPI
 
 from mltrain.config import ConfigError, load_config
 from mltrain.linalg.vector import flat_params
-from mltrain.optim.apts import APTS, split_blocks
+from mltrain.optim.apts import APTS, LocalAdam, split_blocks
 from mltrain.optim.tr import Objective, TrustRegion
 from mltrain.train import Trainer
 from mltrain.utils.decisions import BOUND_RTOL, first_difference
@@ -102,10 +102,12 @@ def test_local_models_are_first_order_consistent(decomposition):
     ref.close()
 
 
+@pytest.mark.parametrize("solver", ["tr", "adam"])
 @pytest.mark.parametrize("decomposition", ["data", "weights"])
-def test_the_global_step_keeps_to_the_radius(decomposition):
+def test_the_global_step_keeps_to_the_radius(decomposition, solver):
     """||sum_j s_j|| <= D (data: D/N each; weights: D/sqrt(N) each, orthogonal blocks); the
-    predicted reduction is the sum of the local ones and positive when a step is taken."""
+    predicted reduction is the sum of the local ones and positive when a step is taken
+    (Adam's moments may turn a path uphill: such a step is rejected)."""
     require("petsc4py")
     from mltrain.nn import ResNet
 
@@ -113,17 +115,36 @@ def test_the_global_step_keeps_to_the_radius(decomposition):
     model = ResNet(64, 8, 8, 10).double()
     x, y = _batch()
     a = APTS(model, MPI.COMM_SELF, decomposition=decomposition, subdomains=4, local_iters=3,
-             **TR_KEYS, curvature="lsr1")
+             local_solver=solver, **TR_KEYS, curvature="lsr1")
     ratios = []
     for _ in range(10):
         D = a.radius
         a.tr_step(Objective(model, F.cross_entropy, x, y))
         ratios.append(a.last["step_norm"] / D)
-        assert a.last["step_norm"] == 0.0 or a.last["predicted"] > 0
+        assert a.last["step_norm"] == 0.0 or a.last["predicted"] > 0 or (
+            solver == "adam" and not a.last["accepted"])
     assert max(ratios) <= 1 + BOUND_RTOL, ratios
     assert max(ratios) > 0.5  # the bound is reached, not vacuous
     assert a.counts["accepted"] > 0
+    assert all(ad.t == 30 for ad in a.adam) and len(a.adam) == (4 if solver == "adam" else 0)
     a.close()
+
+
+def test_local_adam_direction_is_torch_adams_update():
+    """The subdomains' Adam moments follow torch.optim.Adam: with lr 1 its update is minus
+    the direction, step after step."""
+    torch.manual_seed(0)
+    p = torch.zeros(7, dtype=torch.float64, requires_grad=True)
+    ref = torch.optim.Adam([p], lr=1.0)
+    ad = LocalAdam(7, "cpu")
+    for _ in range(5):
+        g = torch.randn(7, dtype=torch.float64)
+        before = p.detach().clone()
+        p.grad = g.clone()
+        ref.step()
+        d = ad.direction(g)
+        assert torch.allclose(p.detach() - before, -d, rtol=1e-13, atol=0)
+    assert ad.t == 5
 
 
 def test_non_monotone_acceptance_measures_against_the_worst_recent_value():
@@ -137,8 +158,12 @@ def test_non_monotone_acceptance_measures_against_the_worst_recent_value():
 
 
 @pytest.mark.parametrize("extra", [[], ["apts.decomposition=weights"], ["apts.window=3"],
-                                   ["apts.global_iters=1", "tr.curvature=hessian"]],
-                         ids=["data", "weights", "window", "global-pass"])
+                                   ["apts.global_iters=1", "tr.curvature=hessian"],
+                                   ["apts.local_solver=adam"],
+                                   ["apts.local_solver=adam", "apts.decomposition=weights",
+                                    "apts.global_iters=1"]],
+                         ids=["data", "weights", "window", "global-pass", "adam",
+                              "adam-weights-global"])
 def test_apts_descends_and_is_deterministic(extra):
     require("petsc4py")
     cfg = ["optim.name=apts", "apts.subdomains=4", "run.steps=16"] + extra
@@ -163,8 +188,9 @@ def _local_logs(comm, trainer) -> dict:
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("extra", [["apts.decomposition=data"],
-                                   ["apts.decomposition=weights", "apts.window=3"]],
-                         ids=["data", "weights-window"])
+                                   ["apts.decomposition=weights", "apts.window=3"],
+                                   ["apts.decomposition=data", "apts.local_solver=adam"]],
+                         ids=["data", "weights-window", "adam"])
 @pytest.mark.exactness
 def test_apts_subdomains_compute_alike_at_any_rank_count(comm, extra):
     """Twelve subdomains on 1, 2, 3 or 4 ranks: the same global decisions (checked first,
@@ -199,11 +225,15 @@ def test_apts_subdomains_compute_alike_at_any_rank_count(comm, extra):
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("extra", [["tr.curvature=lsr1"],
                                    ["tr.curvature=lsr1", "apts.decomposition=weights"],
-                                   ["tr.curvature=hessian"]], ids=["lsr1", "weights", "hessian"])
+                                   ["tr.curvature=hessian"], ["apts.local_solver=adam"],
+                                   ["apts.local_solver=adam", "apts.decomposition=weights",
+                                    "run.dtype=float32"]],
+                         ids=["lsr1", "weights", "hessian", "adam", "adam-weights-float32"])
 @pytest.mark.exactness
 def test_apts_resume_is_bit_exact(comm, shared_tmp, extra):
     """The checkpoint holds the global trust region's state and every subdomain's L-SR1
-    memory (gathered from the ranks that compute them): resume is exact."""
+    memory or Adam moments (gathered from the ranks that compute them; the moments in
+    float64 whatever the run's type): resume is exact."""
     require("petsc4py")
     base = SMALL + ["optim.name=apts", "data.batch_size=48",
                     f"apts.subdomains={2 * comm.Get_size()}"] + extra
@@ -211,20 +241,29 @@ def test_apts_resume_is_bit_exact(comm, shared_tmp, extra):
     straight, second = straight_and_resumed(comm, base, ck)
     all_ranks(comm, torch.equal(flat_params(straight.model), flat_params(second.model)))
     memories = [len(tr.lsr1.pairs) for tr in second.optimizer.locs if tr.lsr1 is not None]
-    all_ranks(comm, "tr.curvature=hessian" in extra or min(memories) > 0, str(memories))
+    if second.optimizer.adam:  # the moments went on: as many local steps as straight on
+        steps = [ad.t for ad in second.optimizer.adam]
+        all_ranks(comm, steps == [ad.t for ad in straight.optimizer.adam] and min(steps) > 0
+                  and all(torch.equal(a.v, b.v) for a, b in zip(straight.optimizer.adam,
+                                                                second.optimizer.adam)),
+                  str(steps))
+    else:
+        all_ranks(comm, "tr.curvature=hessian" in extra or min(memories) > 0, str(memories))
     straight.close()
     second.close()
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("solver", ["tr", "adam"])
 @pytest.mark.exactness
-def test_apts_resumes_at_another_rank_count(comm, shared_tmp):
-    """Subdomain memories are stored by subdomain: a run written at P ranks resumes on one
-    rank (or the other way) and follows the uninterrupted serial run."""
+def test_apts_resumes_at_another_rank_count(comm, shared_tmp, solver):
+    """Subdomain memories (and Adam moments) are stored by subdomain: a run written at P
+    ranks resumes on one rank (or the other way) and follows the uninterrupted serial
+    run."""
     require("petsc4py")
     base = SMALL + ["optim.name=apts", "apts.subdomains=12", "data.partition=strided",
-                    "data.shuffle=false", "data.batch_size=96"]
-    ck = shared_tmp / "apts-ranks"
+                    "data.shuffle=false", "data.batch_size=96", f"apts.local_solver={solver}"]
+    ck = shared_tmp / f"apts-ranks-{solver}"
 
     def run(extra, c):
         t = Trainer(load_config(None, base + extra), c, quiet=True, metrics=False)

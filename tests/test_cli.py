@@ -304,7 +304,8 @@ def test_bench_multilevel_smoke(tmp_path):
     res = json.loads(out.read_text())
     cells = {(c["init"], c["method"]): c for c in res["cells"]}
     assert set(cells) == {(i, m) for i in ("independent", "smooth") for m in
-                          ("sgd", "adam", "lbfgs", "tr", "rmtr-3", "apts", "nested-adam")}
+                          ("sgd", "adam", "lbfgs", "tr", "rmtr-3", "apts", "apts-adam",
+                           "nested-adam")}
     for c in cells.values():
         assert [run["seed"] for run in c["runs"]] == [0, 1]
         for run in c["runs"]:  # each stops at both targets or the budget, never before

@@ -182,15 +182,17 @@ def test_unmodified_checkpoint_still_resumes(comm, shared_tmp, good):
     t.close()
 
 
-@pytest.mark.parametrize("optim", ["adam", "tr", "rmtr", "apts"])
+@pytest.mark.parametrize("optim", ["adam", "tr", "rmtr", "apts", "apts-adam"])
 def test_every_optimizers_checkpoint_passes_the_checks(comm, shared_tmp, optim):
     """Adam's moments and step, trust region's radius and L-SR1 memory, RMTR's levels,
-    APTS's subdomain memories: all within what the checks accept, and resumed."""
+    APTS's subdomain memories or Adam moments: all within what the checks accept, and
+    resumed."""
     extra = {"adam": ["optim.name=adam"],
              "tr": ["optim.name=tr", "tr.curvature=lsr1", "tr.memory=3"],
              "rmtr": ["optim.name=rmtr", "multilevel.levels=2", "model.depth=4",
                       "tr.curvature=lsr1"],
-             "apts": ["optim.name=apts", "tr.curvature=lsr1"]}[optim]
+             "apts": ["optim.name=apts", "tr.curvature=lsr1"],
+             "apts-adam": ["optim.name=apts", "apts.local_solver=adam"]}[optim]
     ckdir = shared_tmp / f"ok-{optim}"
     common = BASE + extra
     t = Trainer(load_config(None, common + ["run.steps=3", f"checkpoint.dir={ckdir}"]), comm,

@@ -41,7 +41,7 @@ from mltrain.config import ConfigError, load_config
 
 __all__ = ["METHODS", "REGIMES", "INITS", "bench_multilevel", "plot", "lbfgs_race", "markdown"]
 
-METHODS = ["sgd", "adam", "lbfgs", "tr", "rmtr-3", "apts", "nested-adam"]
+METHODS = ["sgd", "adam", "lbfgs", "tr", "rmtr-3", "apts", "apts-adam", "nested-adam"]
 REGIMES = ["hybrid", "large", "full"]
 INITS = ["independent", "smooth"]
 LR_GRIDS = {"sgd": (3e-3, 3.0), "adam": (1e-4, 0.1)}  # ends of each log-spaced grid
@@ -72,6 +72,7 @@ def _settings(name: str, lr: float | None, curvature: str) -> list[str]:
         "tr": ["optim.name=tr", f"tr.curvature={curvature}"],
         "rmtr-3": ["optim.name=rmtr", "multilevel.levels=3"],
         "apts": ["optim.name=apts"],
+        "apts-adam": ["optim.name=apts", "apts.local_solver=adam"],
         "nested-adam": ["optim.name=adam", f"optim.lr={lr}", "multilevel.nested=true",
                         "multilevel.levels=3"],
     }[name]
@@ -199,7 +200,7 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
     curvature = load_config(config, overrides + ["optim.name=rmtr"]).tr.curvature
 
     def run(name, regime, init, seed, lr=None):
-        second = name in ("tr", "rmtr-3", "apts")
+        second = name in ("tr", "rmtr-3", "apts", "apts-adam")
         extra = [f"model.init={init}", f"run.seed={seed}", "run.steps=100000000"]
         if name == "lbfgs":
             if (init, seed) not in full_batch:

@@ -208,6 +208,7 @@ def _state_rules(optimizer) -> tuple[set[str], int, int]:
         lsr1 = getattr(opt, "lsr1", None)
         if lsr1 is not None:
             memory = max(memory, lsr1.memory)
+    names |= getattr(optimizer, "state_names", set())  # APTS: its subdomains' Adam moments
     return names, memory, getattr(optimizer, "state_levels", len(parts))
 
 
@@ -300,9 +301,10 @@ def _inspect(f, path: Path, model: torch.nn.Module, optimizer) -> tuple[dict, li
         shape = () if base in _SCALARS else tuple(p.shape)
         if obj.shape != shape:
             raise err(f"{path}: /{key} has shape {obj.shape}, expected {shape}")
-        # Moments and buffers are the parameter's type; the L-SR1 memory is kept in float64.
-        want = (np.dtype(np.float64) if _LSR1.match(parts[2].split(".")[-1]) else
-                _np_dtype(p.dtype))
+        # Moments and buffers are the parameter's type; the L-SR1 memory (and what an
+        # optimizer names in float64_state) is kept in float64.
+        wide = _LSR1.match(base) or base in getattr(optimizer, "float64_state", ())
+        want = np.dtype(np.float64) if wide else _np_dtype(p.dtype)
         if obj.dtype.kind != "f" or (obj.shape and obj.dtype != want):
             raise err(f"{path}: /{key} is {obj.dtype}, expected {want if obj.shape else 'a float'}")
         check_dataset(obj, f"{path}: /{key}", err, filters=False)

@@ -289,6 +289,7 @@ def apts(ctx: Context) -> Method:
     a, o = ctx.cfg.apts, ctx.cfg.tr
     opt = APTS(ctx.model, ctx.layout.data, decomposition=a.decomposition,
                subdomains=a.subdomains, local_iters=a.local_iters,
-               global_iters=a.global_iters, window=a.window, **tr_settings(o))
+               global_iters=a.global_iters, window=a.window, local_solver=a.local_solver,
+               **tr_settings(o))
     return SecondOrder(opt, SyncStrategy(ctx.model, ctx.layout.data), ctx.straggler,
                        ctx.model, o.batch, ctx.cfg.run.costs)
