@@ -22,7 +22,8 @@ One step from the point x_k, with radius D:
    subdomain, or Hessian / Gauss-Newton products on its samples), each kept inside the
    ball ||y - x_k|| <= D/N (``data``: the N steps then add up to at most D, triangle
    inequality) or D/sqrt(N) (``weights``: the blocks are orthogonal), ending early at that
-   bound;
+   bound; or, with ``local_solver = "adam"``, ``local_iters`` Adam steps of the subdomain's
+   own moments, each of length bound / local_iters (a trust-region Adam, ``_local_adam``);
 4. the global step s = sum_j s_j, its predicted reduction the sum of the local models'
    predicted reductions of the local steps they accepted;
 5. rho = (f(x_k) - f(x_k + s)) / predicted on the global batch: the trust-region rule of
@@ -492,6 +493,7 @@ class APTS:
                 "hvp_evals": s["product"] / num_train, "loss_evals": s["loss"] / num_train,
                 "accepted_steps": c["accepted"], "rejected_steps": c["rejected"],
                 "subdomains": self.N, "decomposition": self.decomposition,
+                "local_solver": self.local_solver,
                 "local_steps_per_subdomain": c["local_steps"] / max(self.K, 1),
                 "local_accepted": c["local_accepted"], "local_at_bound": c["local_at_bound"],
                 "radius": self.radius, "batch_factor": self.batch_factor,
