@@ -147,6 +147,31 @@ def test_local_adam_direction_is_torch_adams_update():
     assert ad.t == 5
 
 
+def test_adam_local_solver_takes_no_step_on_a_block_without_gradient():
+    """A block whose parameters the loss ignores has a zero gradient and zero moments:
+    its local solve stops with a zero step instead of dividing by a zero direction."""
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 3)
+            self.unused = torch.nn.Parameter(torch.zeros(20))
+
+        def forward(self, x):
+            return self.a(x) + 0 * self.unused.sum()
+
+    model = Net().double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    a = APTS(model, MPI.COMM_SELF, decomposition="weights", subdomains=2, local_iters=2,
+             local_solver="adam", **TR_KEYS, curvature="lsr1")
+    before = model.unused.detach().clone()
+    for _ in range(3):
+        a.tr_step(Objective(model, F.cross_entropy, x, y))
+    assert torch.equal(model.unused.detach(), before) and a.counts["accepted"] > 0
+    a.close()
+
+
 def test_non_monotone_acceptance_measures_against_the_worst_recent_value():
     tr = TrustRegion([torch.zeros(3, dtype=torch.float64, requires_grad=True)], MPI.COMM_SELF,
                      **TR_KEYS, curvature="lsr1")

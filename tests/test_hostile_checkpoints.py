@@ -271,6 +271,25 @@ def test_incomplete_optimizer_state_is_a_clear_error(comm, shared_tmp):
               f"{err.kind}: {err}")
 
 
+@pytest.mark.parametrize("damage", ["step", "moment"])
+def test_impossible_apts_adam_state_is_a_clear_error(comm, shared_tmp, damage):
+    """A subdomain's Adam step count below zero or negative second moments are finite
+    floats that pass the per-dataset checks but would divide by zero in the next step:
+    refused as a CheckpointError on every rank."""
+    apts = [a for a in BASE if not a.startswith("optim.")] + ["optim.name=apts",
+                                                              "apts.local_solver=adam"]
+
+    def spoil(f):
+        if damage == "step":
+            f["optim/0/level1.step"][...] = -1.0
+        else:
+            ds = f["optim/0/level1.exp_avg_sq"]
+            ds[...] = -ds[...] - 1.0
+    err = _tampered_resume(comm, shared_tmp / f"apts-adam-{damage}", apts, spoil)
+    all_ranks(comm, err.kind == "CheckpointError" and "Adam state" in str(err),
+              f"{err.kind}: {err}")
+
+
 def test_a_subdomain_beyond_the_run_is_refused(comm, shared_tmp):
     """APTS stores subdomain j's memory under level<j+1>.: a checkpoint naming a subdomain
     the run does not have is refused before anything is read for it."""

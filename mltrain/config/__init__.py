@@ -178,7 +178,8 @@ class AptsConfig:
                             "on its share)", choices=("data", "weights"))
     subdomains: int = _f(0, "number of subdomains, a multiple of the data-parallel ranks; "
                          "0 = one per data-parallel rank", min=0)
-    local_iters: int = _f(3, "trust-region steps of each subdomain's local solve", min=1)
+    local_iters: int = _f(3, "steps of each subdomain's local solve (trust-region or Adam "
+                          "steps, apts.local_solver)", min=1)
     global_iters: int = _f(0, "trust-region steps on the global objective after each APTS "
                            "step (the optional global pass)", min=0)
     window: int = _f(1, "non-monotone acceptance (NAPTS): a step is measured against the worst "

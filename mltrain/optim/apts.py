@@ -281,10 +281,18 @@ class APTS:
             m = self.ids.index(j)
             if self.adam and "step" in own.get(0, {}):
                 ad = self.adam[m]  # a part missing: KeyError or a size mismatch, refused
-                for name, into in (("exp_avg", ad.m), ("exp_avg_sq", ad.v)):
-                    into.copy_(torch.cat([own[li][name].reshape(-1)
-                                          for li in range(len(self._group(j)))]))
-                ad.t = int(own[0]["step"])
+                t = float(own[0]["step"])
+                v = torch.cat([own[li]["exp_avg_sq"].reshape(-1)
+                               for li in range(len(self._group(j)))])
+                # Finite floats pass the file checks; these would divide by zero later.
+                if not (t >= 0 and t == int(t)) or bool((v < 0).any()):
+                    raise ValueError(f"subdomain {j}'s Adam state is not one Adam keeps "
+                                     f"(step {t:g}, negative second moments: "
+                                     f"{bool((v < 0).any())})")
+                ad.m.copy_(torch.cat([own[li]["exp_avg"].reshape(-1)
+                                      for li in range(len(self._group(j)))]))
+                ad.v.copy_(v)
+                ad.t = int(t)
             if tr.lsr1 is not None and "lsr1_gamma" in own.get(0, {}):
                 sd = tr.state_dict()  # its own radius and counters, the memory replaced
                 merged = {i: {k: v for k, v in st.items() if not k.startswith("lsr1_")}
@@ -386,7 +394,10 @@ class APTS:
                                      "local iterate")
             start = value if start is None else start
             d = ad.direction(g)
-            s = d.mul_(-length / float(d.norm()))
+            norm = float(d.norm())
+            if norm == 0.0:  # a zero gradient from the start (an unused block): no step
+                break
+            s = d.mul_(-length / norm)
             predicted -= float(g @ s)
             tr.set_iterate(tr.iterate + s.to(x0.dtype))
             self.counts["local_steps"] += 1
