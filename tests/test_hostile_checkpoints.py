@@ -271,6 +271,18 @@ def test_incomplete_optimizer_state_is_a_clear_error(comm, shared_tmp):
               f"{err.kind}: {err}")
 
 
+def test_impossible_adam_state_is_a_clear_error(comm, shared_tmp):
+    """Adam's own step count below zero is a finite float the per-dataset checks pass; the
+    value check refuses it as for APTS's subdomains."""
+    adam = [a for a in BASE if not a.startswith("optim.")] + ["optim.name=adam"]
+
+    def spoil(f):
+        f["optim/0/step"][...] = -1.0
+    err = _tampered_resume(comm, shared_tmp / "adam-negative-step", adam, spoil)
+    all_ranks(comm, err.kind == "CheckpointError" and "Adam state" in str(err),
+              f"{err.kind}: {err}")
+
+
 @pytest.mark.parametrize("damage", ["step", "moment"])
 def test_impossible_apts_adam_state_is_a_clear_error(comm, shared_tmp, damage):
     """A subdomain's Adam step count below zero or negative second moments are finite

@@ -189,6 +189,7 @@ class Snapshot:
 _STATE = {"SGD": {"momentum_buffer"}, "Adam": {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"},
           "TrustRegion": {"radius", "batch_factor", "rejected_streak", "lsr1_gamma"}}
 _SCALARS = {"step", "radius", "batch_factor", "rejected_streak", "lsr1_gamma"}
+_SECOND_MOMENTS = {"exp_avg_sq", "max_exp_avg_sq"}
 _LSR1 = re.compile(r"^lsr1_[sy](\d{1,6})$")
 _LEVEL = re.compile(r"^level(\d{1,7})\.(.+)$")
 
@@ -355,6 +356,14 @@ def _read_validated(path: "Path | Snapshot", model: torch.nn.Module, optimizer: 
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise CheckpointError(f"{path}: /{key} holds non-finite values (NaN or inf); "
                                   "resume from an earlier checkpoint")
+        # Finite values Adam cannot have (torch's or APTS's subdomains'): the next step
+        # would divide by zero or take a square root of a negative number.
+        base = key.rsplit("/", 1)[-1].split(".")[-1]
+        if key.startswith("optim/") and (
+                (base == "step" and not (arr >= 0 and arr == np.floor(arr)))
+                or (base in _SECOND_MOMENTS and (arr < 0).any())):
+            raise CheckpointError(f"{path}: /{key} is not Adam state (a step count is a whole "
+                                  "number >= 0, second moments are >= 0)")
     return meta, arrays
 
 

@@ -118,7 +118,6 @@ class APTS:
             raise ValueError(f"decomposition must be data or weights, not {decomposition!r}")
         if local_solver not in ("tr", "adam"):
             raise ValueError(f"local_solver must be tr or adam, not {local_solver!r}")
-        self.local_solver = local_solver
         P = comm.Get_size()
         N = subdomains or P
         if N % P:
@@ -278,21 +277,13 @@ class APTS:
                         if k.startswith(prefix)}
                 if keys:
                     own[li] = keys
-            m = self.ids.index(j)
             if self.adam and "step" in own.get(0, {}):
-                ad = self.adam[m]  # a part missing: KeyError or a size mismatch, refused
-                t = float(own[0]["step"])
-                v = torch.cat([own[li]["exp_avg_sq"].reshape(-1)
-                               for li in range(len(self._group(j)))])
-                # Finite floats pass the file checks; these would divide by zero later.
-                if not (t >= 0 and t == int(t)) or bool((v < 0).any()):
-                    raise ValueError(f"subdomain {j}'s Adam state is not one Adam keeps "
-                                     f"(step {t:g}, negative second moments: "
-                                     f"{bool((v < 0).any())})")
-                ad.m.copy_(torch.cat([own[li]["exp_avg"].reshape(-1)
-                                      for li in range(len(self._group(j)))]))
-                ad.v.copy_(v)
-                ad.t = int(t)
+                # Values checked with the file (io.checkpoint); a part missing: KeyError or
+                # a size mismatch, refused.
+                ad = self.adam[self.ids.index(j)]
+                for name, into in (("exp_avg", ad.m), ("exp_avg_sq", ad.v)):
+                    into.copy_(torch.cat([own[li][name].reshape(-1) for li in range(len(own))]))
+                ad.t = int(own[0]["step"])
             if tr.lsr1 is not None and "lsr1_gamma" in own.get(0, {}):
                 sd = tr.state_dict()  # its own radius and counters, the memory replaced
                 merged = {i: {k: v for k, v in st.items() if not k.startswith("lsr1_")}
@@ -504,7 +495,7 @@ class APTS:
                 "hvp_evals": s["product"] / num_train, "loss_evals": s["loss"] / num_train,
                 "accepted_steps": c["accepted"], "rejected_steps": c["rejected"],
                 "subdomains": self.N, "decomposition": self.decomposition,
-                "local_solver": self.local_solver,
+                "local_solver": "adam" if self.adam else "tr",
                 "local_steps_per_subdomain": c["local_steps"] / max(self.K, 1),
                 "local_accepted": c["local_accepted"], "local_at_bound": c["local_at_bound"],
                 "radius": self.radius, "batch_factor": self.batch_factor,
