@@ -93,6 +93,31 @@ def test_async_pushsum_conserves_after_flush(comm):
     ps.close()
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_sgp_debiased_parameters_take_the_optimizers_step_whatever_the_weight(asynchronous):
+    """Asynchronous rounds drift the push-sum weight w away from 1; the parameters the
+    optimizer sees (z = x / w) must still move by exactly its step, not by step / w (with
+    w = 0.1 that was 10x the learning rate). One rank: no mixing, the weight stays set."""
+    from mpi4py import MPI
+
+    from mltrain.sync import SGP
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    sgp = SGP(model, MPI.COMM_SELF, asynchronous=asynchronous)
+    for w in (1.0, 0.1, 3.0):
+        sgp.w = w
+        sgp.x = sgp.flat.get() * w  # the state (x, w) whose de-biased point is the model
+        z = sgp.flat.get()
+        step = torch.randn(z.numel(), dtype=torch.float64)
+        sgp.flat.set(z + step)  # what an optimizer step leaves in the parameters
+        sgp.after_step(0)
+        moved = sgp.flat.get() - z
+        assert torch.allclose(moved, step, rtol=1e-12, atol=1e-14), (w, float((moved - step).norm()))
+        assert torch.allclose(sgp.x / sgp.w, sgp.flat.get(), rtol=1e-15, atol=0)
+    sgp.close()
+
+
 def test_exponential_peers():
     assert exponential_peers(1) == [] and exponential_peers(2) == [1]
     assert exponential_peers(4) == [1, 2] and exponential_peers(5) == [1, 2, 4]
