@@ -113,7 +113,8 @@ def test_sgp_debiased_parameters_take_the_optimizers_step_whatever_the_weight(as
         sgp.flat.set(z + step)  # what an optimizer step leaves in the parameters
         sgp.after_step(0)
         moved = sgp.flat.get() - z
-        assert torch.allclose(moved, step, rtol=1e-12, atol=1e-14), (w, float((moved - step).norm()))
+        assert torch.allclose(moved, step, rtol=1e-12, atol=1e-14), \
+            (w, float((moved - step).norm()))
         assert torch.allclose(sgp.x / sgp.w, sgp.flat.get(), rtol=1e-15, atol=0)
     sgp.close()
 

@@ -192,17 +192,13 @@ class SGP(SyncStrategy):
         self.model.zero_grad(set_to_none=True)
 
     def after_step(self, step):
-        # The optimizer moved z = x / w to z'. x takes w (z' - z), so the de-biased
-        # parameters take exactly the optimizer's step whatever the weight, and mixing
-        # keeps every z a convex combination of stepped ones. Adding z' - z to x instead
-        # (right where w stays 1, as in synchronous rounds) moves z by step / w: in
+        # The optimizer moved z = x / w to z'. x takes w (z' - z), i.e. x = w z', so the
+        # de-biased parameters take exactly the optimizer's step whatever the weight, and
+        # mixing keeps every z a convex combination of stepped ones (w = 1 exactly in
+        # synchronous rounds: x = z'). Adding z' - z to x instead moves z by step / w: in
         # asynchronous rounds a rank halves w at every push that meets no incoming message
         # (measured on MNIST at 3 ranks: w from 0.006 to 1.7), and runs diverged.
-        z_new = self.flat.get(self._z)
-        if self.w == 1.0:  # synchronous push-sum keeps w = 1 exactly: x = z'
-            self.x.copy_(z_new)
-        else:  # x + w (z' - x / w)
-            self.x.add_(z_new.sub_(self.x / self.w), alpha=self.w)
+        torch.mul(self.flat.get(self._z), self.w, out=self.x)
         if isinstance(self.pushsum, AsyncPushSum):
             self.w = self.pushsum.push(self.x, self.w, step)
         else:
