@@ -46,7 +46,8 @@ def test_apts_with_one_subdomain_is_the_trust_region(curvature):
     require("petsc4py")
     common = ["run.steps=12", f"tr.curvature={curvature}", "tr.batch=minibatch"]
     s_tr, p_tr = _run(["optim.name=tr"] + common)
-    s_ap, p_ap = _run(["optim.name=apts", "apts.subdomains=1", "apts.local_iters=1"] + common)
+    s_ap, p_ap = _run(["optim.name=apts", "apts.subdomains=1", "apts.local_iters=1",
+                       "apts.local_solver=tr"] + common)
     assert torch.equal(p_tr, p_ap)
     for key in ("work", "grad_evals", "hvp_evals", "loss_evals", "accepted_steps",
                 "rejected_steps", "radius"):
@@ -77,7 +78,7 @@ def test_local_models_are_first_order_consistent(decomposition):
     model = ResNet(64, 8, 8, 10).double()
     x, y = _batch()
     a = APTS(model, MPI.COMM_SELF, decomposition=decomposition, subdomains=4, **TR_KEYS,
-             curvature="lsr1")
+             local_solver="tr", curvature="lsr1")
     obj = Objective(model, F.cross_entropy, x, y)
     pieces = a._pieces(obj)
     assert sorted(torch.cat([p[1] for p in pieces]).tolist()) == sorted(y.tolist())
@@ -182,8 +183,11 @@ def test_non_monotone_acceptance_measures_against_the_worst_recent_value():
     tr.close()
 
 
-@pytest.mark.parametrize("extra", [[], ["apts.decomposition=weights"], ["apts.window=3"],
-                                   ["apts.global_iters=1", "tr.curvature=hessian"],
+@pytest.mark.parametrize("extra", [["apts.local_solver=tr"],
+                                   ["apts.local_solver=tr", "apts.decomposition=weights"],
+                                   ["apts.local_solver=tr", "apts.window=3"],
+                                   ["apts.local_solver=tr", "apts.global_iters=1",
+                                    "tr.curvature=hessian"],
                                    ["apts.local_solver=adam"],
                                    ["apts.local_solver=adam", "apts.decomposition=weights",
                                     "apts.global_iters=1"]],
@@ -212,8 +216,9 @@ def _local_logs(comm, trainer) -> dict:
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("extra", [["apts.decomposition=data"],
-                                   ["apts.decomposition=weights", "apts.window=3"],
+@pytest.mark.parametrize("extra", [["apts.decomposition=data", "apts.local_solver=tr"],
+                                   ["apts.decomposition=weights", "apts.window=3",
+                                    "apts.local_solver=tr"],
                                    ["apts.decomposition=data", "apts.local_solver=adam"]],
                          ids=["data", "weights-window", "adam"])
 @pytest.mark.exactness
@@ -248,9 +253,11 @@ def test_apts_subdomains_compute_alike_at_any_rank_count(comm, extra):
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("extra", [["tr.curvature=lsr1"],
-                                   ["tr.curvature=lsr1", "apts.decomposition=weights"],
-                                   ["tr.curvature=hessian"], ["apts.local_solver=adam"],
+@pytest.mark.parametrize("extra", [["apts.local_solver=tr", "tr.curvature=lsr1"],
+                                   ["apts.local_solver=tr", "tr.curvature=lsr1",
+                                    "apts.decomposition=weights"],
+                                   ["apts.local_solver=tr", "tr.curvature=hessian"],
+                                   ["apts.local_solver=adam"],
                                    ["apts.local_solver=adam", "apts.decomposition=weights",
                                     "run.dtype=float32"]],
                          ids=["lsr1", "weights", "hessian", "adam", "adam-weights-float32"])

@@ -304,7 +304,7 @@ def test_bench_multilevel_smoke(tmp_path):
     res = json.loads(out.read_text())
     cells = {(c["init"], c["method"]): c for c in res["cells"]}
     assert set(cells) == {(i, m) for i in ("independent", "smooth") for m in
-                          ("sgd", "adam", "lbfgs", "tr", "rmtr-3", "apts", "apts-adam",
+                          ("sgd", "adam", "lbfgs", "tr", "rmtr-3", "apts", "apts-tr",
                            "nested-adam")}
     for c in cells.values():
         assert [run["seed"] for run in c["runs"]] == [0, 1]
@@ -318,6 +318,13 @@ def test_bench_multilevel_smoke(tmp_path):
             assert w["q25"] <= w["median"] <= w["q75"]
     tr = cells["independent", "tr"]
     assert tr["work_ratio_vs_tr"] in (1.0, None)
+    for key in cells:  # every second-order cell compared with Adam rerun to its steps
+        eq = cells[key].get("vs_adam_equal_steps")
+        if key[1] in ("tr", "rmtr-3", "apts", "apts-tr"):
+            assert eq is not None and len(eq["per_seed"]) == 2, (key, eq)
+            assert eq["min"] <= eq["median"] <= eq["max"]
+        else:
+            assert eq is None, key
     assert cells["independent", "nested-adam"]["lr"] == cells["independent", "adam"]["lr"]
     assert "rmtr-3" in r.stdout and "medians [IQR]" in r.stdout
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -327,6 +334,33 @@ def test_bench_multilevel_smoke(tmp_path):
     assert bad.returncode == 2 and "rmtr-9" in bad.stderr
     bad = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--regimes", "tiny"])
     assert bad.returncode == 2 and "--regimes" in bad.stderr
+
+
+def test_equal_steps_compares_each_seed_with_adam_at_its_step_count():
+    """Adam is rerun once per seed, to every step count a second-order method ended at on
+    that seed, and each run is compared with Adam's accuracy at exactly its count."""
+    from mltrain.cli.bench_multilevel import _equal_steps
+
+    def runs(steps, accs):
+        return [{"seed": i, "steps": n, "test_accuracy": a}
+                for i, (n, a) in enumerate(zip(steps, accs))]
+    cells = [{"method": "adam", "runs": runs([90, 90], [0.9, 0.9])},
+             {"method": "apts", "runs": runs([7, 9], [0.80, 0.70])},
+             {"method": "rmtr-3", "runs": runs([7, 4], [0.60, 0.75])}]
+    asked = []
+
+    def adam_run(seed, probes):
+        asked.append((seed, sorted(probes)))
+        return {"curve": [{"step": 0, "test_accuracy": 0.1}]
+                + [{"step": n, "test_accuracy": 0.5 + 0.01 * n + 0.1 * seed}
+                   for n in sorted(probes)]}
+    _equal_steps(cells, adam_run)
+    assert asked == [(0, [7]), (1, [4, 9])]
+    apts = cells[1]["vs_adam_equal_steps"]
+    assert apts["per_seed"] == pytest.approx([100 * (0.80 - 0.57), 100 * (0.70 - 0.69)])
+    assert apts["median"] == pytest.approx(12.0) and apts["min"] == pytest.approx(1.0)
+    assert cells[2]["vs_adam_equal_steps"]["per_seed"] == pytest.approx([3.0, 11.0])
+    assert "vs_adam_equal_steps" not in cells[0]
 
 
 def test_bench_multilevel_statistics():

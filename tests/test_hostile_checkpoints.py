@@ -182,7 +182,7 @@ def test_unmodified_checkpoint_still_resumes(comm, shared_tmp, good):
     t.close()
 
 
-@pytest.mark.parametrize("optim", ["adam", "tr", "rmtr", "apts", "apts-adam"])
+@pytest.mark.parametrize("optim", ["adam", "tr", "rmtr", "apts", "apts-tr"])
 def test_every_optimizers_checkpoint_passes_the_checks(comm, shared_tmp, optim):
     """Adam's moments and step, trust region's radius and L-SR1 memory, RMTR's levels,
     APTS's subdomain memories or Adam moments: all within what the checks accept, and
@@ -191,8 +191,8 @@ def test_every_optimizers_checkpoint_passes_the_checks(comm, shared_tmp, optim):
              "tr": ["optim.name=tr", "tr.curvature=lsr1", "tr.memory=3"],
              "rmtr": ["optim.name=rmtr", "multilevel.levels=2", "model.depth=4",
                       "tr.curvature=lsr1"],
-             "apts": ["optim.name=apts", "tr.curvature=lsr1"],
-             "apts-adam": ["optim.name=apts", "apts.local_solver=adam"]}[optim]
+             "apts": ["optim.name=apts"],
+             "apts-tr": ["optim.name=apts", "apts.local_solver=tr", "tr.curvature=lsr1"]}[optim]
     ckdir = shared_tmp / f"ok-{optim}"
     common = BASE + extra
     t = Trainer(load_config(None, common + ["run.steps=3", f"checkpoint.dir={ckdir}"]), comm,
@@ -306,6 +306,7 @@ def test_a_subdomain_beyond_the_run_is_refused(comm, shared_tmp):
     """APTS stores subdomain j's memory under level<j+1>.: a checkpoint naming a subdomain
     the run does not have is refused before anything is read for it."""
     apts = [a for a in BASE if not a.startswith("optim.")] + ["optim.name=apts",
+                                                              "apts.local_solver=tr",
                                                               "tr.curvature=lsr1"]
 
     def add_level(f):

@@ -16,12 +16,18 @@ skeptical reviewer.
   with Adam uses Adam's rate. Full-batch L-BFGS (``torch.optim.LBFGS``, strong Wolfe line
   search, gradients averaged over the ranks) in every regime, as the deterministic
   reference. TR runs with RMTR's curvature (``tr.curvature``, L-SR1 by default) and batch
-  schedule. RMTR (3 levels) and APTS run their documented defaults, untuned.
+  schedule. RMTR (3 levels) and APTS run their documented defaults, untuned (``apts``:
+  the trust-region Adam local solver; ``apts-tr``: trust-region local solves on TR's
+  curvature).
 - **Cost three ways.** Work in fine-gradient equivalents at measured prices
   (``mltrain.optim.costs``; L-BFGS pays 1 per function evaluation), wall time at the run's
   rank count (evaluation excluded), and sequential steps; each to the target training loss
   (checked whenever the work grew by 1%, ``mltrain.cli.race``) and to the target test
-  accuracy.
+  accuracy. A second-order step is dearer than Adam's, so also **accuracy at equal
+  steps**: tuned Adam is rerun on each seed to each second-order method's final step count
+  and evaluated exactly there; the cell reports the median over seeds of the method's
+  final test accuracy minus Adam's at that step (the count the APTS papers compare by,
+  per epoch at a fixed batch).
 - **Statistics.** ``seeds`` seeds; the median and the inter-quartile range of every cost
   over the seeds (a seed that misses the target counts as missing: the median is reported
   only when at least half the seeds reached it), how many reached it, and the final test
@@ -41,7 +47,8 @@ from mltrain.config import ConfigError, load_config
 
 __all__ = ["METHODS", "REGIMES", "INITS", "bench_multilevel", "plot", "lbfgs_race", "markdown"]
 
-METHODS = ["sgd", "adam", "lbfgs", "tr", "rmtr-3", "apts", "apts-adam", "nested-adam"]
+METHODS = ["sgd", "adam", "lbfgs", "tr", "rmtr-3", "apts", "apts-tr", "nested-adam"]
+SECOND_ORDER = ("tr", "rmtr-3", "apts", "apts-tr")
 REGIMES = ["hybrid", "large", "full"]
 INITS = ["independent", "smooth"]
 LR_GRIDS = {"sgd": (3e-3, 3.0), "adam": (1e-4, 0.1)}  # ends of each log-spaced grid
@@ -72,7 +79,7 @@ def _settings(name: str, lr: float | None, curvature: str) -> list[str]:
         "tr": ["optim.name=tr", f"tr.curvature={curvature}"],
         "rmtr-3": ["optim.name=rmtr", "multilevel.levels=3"],
         "apts": ["optim.name=apts"],
-        "apts-adam": ["optim.name=apts", "apts.local_solver=adam"],
+        "apts-tr": ["optim.name=apts", "apts.local_solver=tr", f"tr.curvature={curvature}"],
         "nested-adam": ["optim.name=adam", f"optim.lr={lr}", "multilevel.nested=true",
                         "multilevel.levels=3"],
     }[name]
@@ -199,9 +206,10 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
     full_batch = {}  # L-BFGS is full-batch in every regime: one run per (init, seed)
     curvature = load_config(config, overrides + ["optim.name=rmtr"]).tr.curvature
 
-    def run(name, regime, init, seed, lr=None):
-        second = name in ("tr", "rmtr-3", "apts", "apts-adam")
-        extra = [f"model.init={init}", f"run.seed={seed}", "run.steps=100000000"]
+    def run(name, regime, init, seed, lr=None, probes=frozenset()):
+        second = name in SECOND_ORDER
+        steps = max(probes) if probes else 100000000
+        extra = [f"model.init={init}", f"run.seed={seed}", f"run.steps={steps}"]
         if name == "lbfgs":
             if (init, seed) not in full_batch:
                 cfg = load_config(config, overrides + extra + ["optim.name=adam"])
@@ -209,6 +217,8 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
             return full_batch[init, seed]
         cfg = load_config(config, overrides + extra + _settings(name, lr, curvature)
                           + _regime(regime, second, large_batch, num_train, ranks))
+        if probes:  # Adam to exactly these step counts: no budget, no target
+            return race(cfg, comm, math.inf, 1, resolution=resolution, probes=probes)
         return race(cfg, comm, budget, 16, target, resolution=resolution,
                     target_acc=target_acc)
 
@@ -244,6 +254,10 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
                 log(f"  {regime}/{init} {name}: reached {w['reached']}/{seeds}, median work "
                     f"{w['median'] if w['median'] is None else round(w['median'], 3)}, "
                     f"test acc {cell['test_accuracy']['median']:.4f}")
+            if "adam" in rates:
+                _equal_steps([c for c in cells if (c["regime"], c["init"]) == (regime, init)],
+                             lambda seed, probes: run("adam", regime, init, seed,
+                                                      rates["adam"], frozenset(probes)))
     _ratios(cells)
     return {"dataset": base.data.name, "model": f"{base.model.name} width {base.model.width} "
             f"depth {base.model.depth}", "ranks": ranks, "budget": budget, "target": target,
@@ -252,6 +266,28 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
             "resolution": resolution,
             "curvature": curvature,
             "cells": cells}
+
+
+def _equal_steps(cells: list[dict], adam_run) -> None:
+    """For each second-order cell of one (regime, init): its final test accuracy minus
+    tuned Adam's after as many steps, seed by seed (``adam_run(seed, steps)`` reruns Adam
+    on that seed, evaluating after each of those step counts), in points; the median and
+    the range over the seeds. Collective (through ``adam_run``)."""
+    mine = [c for c in cells if c["method"] in SECOND_ORDER]
+    seeds = sorted({r["seed"] for c in mine for r in c["runs"]})
+    at = {}
+    for seed in seeds:
+        want = {r["steps"] for c in mine for r in c["runs"] if r["seed"] == seed
+                and r["steps"] > 0}
+        if want:
+            curve = adam_run(seed, want)["curve"]
+            at.update({(seed, p["step"]): p["test_accuracy"] for p in curve})
+    for c in mine:
+        diffs = [100 * (r["test_accuracy"] - at[r["seed"], r["steps"]]) for r in c["runs"]
+                 if (r["seed"], r["steps"]) in at]
+        c["vs_adam_equal_steps"] = ({"median": float(np.median(diffs)), "min": min(diffs),
+                                     "max": max(diffs), "per_seed": diffs}
+                                    if len(diffs) == len(c["runs"]) else None)
 
 
 def _ratios(cells: list[dict]) -> None:
@@ -322,8 +358,8 @@ def markdown(res: dict) -> str:
             out += [f"**{regime} batch, {init} initialization**", "",
                     "| method | lr | work to target | wall s to target | steps to target | "
                     "steps to accuracy | test accuracy | TR / method (work) | "
-                    "Adam / method (steps to accuracy) |",
-                    "|---|---|---|---|---|---|---|---|---|"]
+                    "Adam / method (steps to accuracy) | vs Adam at equal steps (points) |",
+                    "|---|---|---|---|---|---|---|---|---|---|"]
             for c in res["cells"]:
                 if (c["regime"], c["init"]) != (regime, init):
                     continue
@@ -331,10 +367,13 @@ def markdown(res: dict) -> str:
                 r1 = f"{c['work_ratio_vs_tr']:.2f}" if c["work_ratio_vs_tr"] else "-"
                 r2 = f"{c['steps_ratio_vs_adam']:.2f}" if c["steps_ratio_vs_adam"] else "-"
                 lr = f"{c['lr']:.3g}" if c["lr"] and c["method"] != "lbfgs" else "-"
+                eq = c.get("vs_adam_equal_steps")
+                eq = (f"{eq['median']:+.1f} [{eq['min']:+.1f}, {eq['max']:+.1f}]" if eq
+                      else "-")
                 out.append(f"| {c['method']} | {lr} | {fmt(c['work_to_target'])} | "
                            f"{fmt(c['wall_to_target'], '{:.1f}')} | "
                            f"{fmt(c['steps_to_target'], '{:.0f}')} | "
                            f"{fmt(c['steps_to_acc'], '{:.0f}')} | {acc['median']:.4f} "
-                           f"[{acc['q25']:.4f}, {acc['q75']:.4f}] | {r1} | {r2} |")
+                           f"[{acc['q25']:.4f}, {acc['q75']:.4f}] | {r1} | {r2} | {eq} |")
             out.append("")
     return "\n".join(out)

@@ -12,7 +12,8 @@ __all__ = ["race", "plot"]
 
 
 def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
-         resolution: float = 0.01, target_acc: float | None = None) -> dict:
+         resolution: float = 0.01, target_acc: float | None = None,
+         probes: frozenset[int] = frozenset()) -> dict:
     """Trains ``cfg`` until ``budget`` fine-gradient equivalents are spent or the training
     loss over the whole training set reaches ``target`` (and, with ``target_acc``, the test
     accuracy that); returns the curve (work, wall time without evaluation, steps, training
@@ -22,7 +23,8 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
     The target is checked after every step whose work exceeds the last check's by the
     fraction ``resolution`` (so the work to the target is known to that relative
     resolution, and an expensive second-order step is always checked); checks are
-    evaluations outside the optimizer, neither charged as work nor timed."""
+    evaluations outside the optimizer, neither charged as work nor timed. The curve also
+    holds a point after each step count in ``probes`` (an equal-steps comparison)."""
     from mpi4py import MPI
 
     t = Trainer(cfg, comm, quiet=True, metrics=False, serve=False)
@@ -45,7 +47,8 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
         t.advance()
         wall += time.perf_counter() - t0
         w = t.work()  # priced at the measured costs (mltrain.optim.costs)
-        at_mark = w >= mark or w >= budget or t.step == t.total_steps
+        at_mark = (w >= mark or w >= budget or t.step == t.total_steps
+                   or t.step in probes)
         if at_mark or (checking and w > checked * (1 + resolution)):
             ev = t.evaluate()
             checked = w

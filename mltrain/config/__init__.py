@@ -184,10 +184,11 @@ class AptsConfig:
                            "step (the optional global pass)", min=0)
     window: int = _f(1, "non-monotone acceptance (NAPTS): a step is measured against the worst "
                      "of the last window accepted objectives; 1 = monotone", min=1)
-    local_solver: str = _f("tr", "each subdomain's local solve: tr (trust-region steps on "
-                           "tr.curvature) or adam (Adam directions of the subdomain's own "
-                           "moments, each step of length local radius / local_iters: a "
-                           "trust-region Adam, no learning rate)", choices=("tr", "adam"))
+    local_solver: str = _f("adam", "each subdomain's local solve: adam (Adam directions of "
+                           "the subdomain's own moments, each step of length local radius / "
+                           "local_iters: a trust-region Adam, no learning rate, the APTS "
+                           "authors' choice) or tr (trust-region steps on tr.curvature)",
+                           choices=("adam", "tr"))
 
 
 @dataclass

@@ -18,12 +18,13 @@ One step from the point x_k, with radius D:
    j's part for ``weights``); the global f and g are their average (no extra pass);
 2. local model, first-order consistent: h_j(y) = f_j(y) + (g - g_j) . (y - x_k) (restricted
    to block j for ``weights``), so grad h_j(x_k) = g (block j of it);
-3. ``local_iters`` trust-region steps on h_j (``tr.curvature``: L-SR1 with its own memory per
-   subdomain, or Hessian / Gauss-Newton products on its samples), each kept inside the
-   ball ||y - x_k|| <= D/N (``data``: the N steps then add up to at most D, triangle
-   inequality) or D/sqrt(N) (``weights``: the blocks are orthogonal), ending early at that
-   bound; or, with ``local_solver = "adam"``, ``local_iters`` Adam steps of the subdomain's
-   own moments, each of length bound / local_iters (a trust-region Adam, ``_local_adam``);
+3. ``local_iters`` steps on h_j inside the ball ||y - x_k|| <= D/N (``data``: the N steps
+   then add up to at most D, triangle inequality) or D/sqrt(N) (``weights``: the blocks
+   are orthogonal): with ``local_solver = "adam"`` (the default, the authors' TRAdam) Adam
+   steps of the subdomain's own moments, each of length bound / local_iters (a
+   trust-region Adam, ``_local_adam``); with ``"tr"`` trust-region steps (``tr.curvature``:
+   L-SR1 with its own memory per subdomain, or Hessian / Gauss-Newton products on its
+   samples), ending early at that bound;
 4. the global step s = sum_j s_j, its predicted reduction the sum of the local models'
    predicted reductions of the local steps they accepted;
 5. rho = (f(x_k) - f(x_k + s)) / predicted on the global batch: the trust-region rule of
@@ -37,9 +38,10 @@ One step from the point x_k, with radius D:
    pass), with the same radius;
 7. the hybrid batch grows after ``tr.grow_after`` rejected steps in a row (``tr.batch``).
 
-With one subdomain, one local iteration and no global pass, a step is a trust-region step:
-APTS then equals ``optim.name = "tr"`` iterate for iterate (the local model is the objective,
-its predicted reduction the trust region's, and the global rule the same).
+With the trust-region local solver, one subdomain, one local iteration and no global pass, a
+step is a trust-region step: APTS then equals ``optim.name = "tr"`` iterate for iterate
+(the local model is the objective, its predicted reduction the trust region's, and the
+global rule the same).
 
 Every rank computes its subdomains one after the other (K = N / P of them; N must be a
 multiple of the data-parallel ranks P); sums over subdomains are one allreduce per step.
@@ -113,11 +115,12 @@ class APTS:
 
     def __init__(self, model: torch.nn.Module, comm: MPI.Comm, *, decomposition: str = "data",
                  subdomains: int = 0, local_iters: int = 3, global_iters: int = 0,
-                 window: int = 1, boundary: float = 0.05, local_solver: str = "tr", **tr):
+                 window: int = 1, boundary: float = 0.05, local_solver: str = "adam",
+                 **tr):
         if decomposition not in ("data", "weights"):
             raise ValueError(f"decomposition must be data or weights, not {decomposition!r}")
-        if local_solver not in ("tr", "adam"):
-            raise ValueError(f"local_solver must be tr or adam, not {local_solver!r}")
+        if local_solver not in ("adam", "tr"):
+            raise ValueError(f"local_solver must be adam or tr, not {local_solver!r}")
         P = comm.Get_size()
         N = subdomains or P
         if N % P:
