@@ -218,7 +218,7 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
         cfg = load_config(config, overrides + extra + _settings(name, lr, curvature)
                           + _regime(regime, second, large_batch, num_train, ranks))
         if probes:  # Adam to exactly these step counts: no budget, no target
-            return race(cfg, comm, math.inf, 1, resolution=resolution, probes=probes)
+            return race(cfg, comm, math.inf, 1, probes=probes)
         return race(cfg, comm, budget, 16, target, resolution=resolution,
                     target_acc=target_acc)
 
@@ -274,14 +274,13 @@ def _equal_steps(cells: list[dict], adam_run) -> None:
     on that seed, evaluating after each of those step counts), in points; the median and
     the range over the seeds. Collective (through ``adam_run``)."""
     mine = [c for c in cells if c["method"] in SECOND_ORDER]
-    seeds = sorted({r["seed"] for c in mine for r in c["runs"]})
+    want: dict[int, set[int]] = {}
+    for r in (r for c in mine for r in c["runs"] if r["steps"] > 0):
+        want.setdefault(r["seed"], set()).add(r["steps"])
     at = {}
-    for seed in seeds:
-        want = {r["steps"] for c in mine for r in c["runs"] if r["seed"] == seed
-                and r["steps"] > 0}
-        if want:
-            curve = adam_run(seed, want)["curve"]
-            at.update({(seed, p["step"]): p["test_accuracy"] for p in curve})
+    for seed in sorted(want):
+        at.update({(seed, p["step"]): p["test_accuracy"]
+                   for p in adam_run(seed, want[seed])["curve"]})
     for c in mine:
         diffs = [100 * (r["test_accuracy"] - at[r["seed"], r["steps"]]) for r in c["runs"]
                  if (r["seed"], r["steps"]) in at]
