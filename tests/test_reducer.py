@@ -72,6 +72,45 @@ def test_average_matches_numpy(comm, device, views, bucket_bytes, inflight):
     red.remove()
 
 
+@pytest.mark.parametrize("views", [True, False])
+def test_stages_ready_out_of_order_keep_the_call_order(comm, monkeypatch, views):
+    """On a GPU a later bucket's host copy can finish before an earlier one's, and not in the
+    same order on every rank; MPI pairs collectives by call order, so the allreduces must
+    still start in bucket order. Simulated on the CPU with staged buckets whose stage says
+    "not yet" to non-blocking queries: bucket ``rank mod 3`` on each rank, a different one
+    per rank, until finish() blocks on it."""
+    from mltrain.comm import reducer as red_mod
+
+    rank = comm.Get_rank()
+    real = red_mod._Stage.ready
+    slow = []
+
+    def ready(self, block=False):
+        return real(self, block) if block or self not in slow else False
+
+    monkeypatch.setattr(red_mod._Stage, "ready", ready)
+    torch.manual_seed(0)
+    model = Net().double()
+    broadcast_parameters(model, comm)
+    ref = Net().double()
+    ref.load_state_dict(model.state_dict())
+    per_rank = [local_grads(ref, r, use_skip=(r % 2 == 0)) for r in range(comm.Get_size())]
+    expect = {n: np.mean([g[n].numpy() for g in per_rank], axis=0) for n in per_rank[0]}
+    red = GradReducer(model.parameters(), comm, bucket_bytes=1, grad_as_bucket_view=views,
+                      max_inflight=3, staged=True)
+    slow.append(red.buckets[rank % 3].stage)
+    for _ in range(2):
+        x = torch.randn(5, 7, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+        red.prepare()
+        model(x, use_skip=(rank % 2 == 0)).square().sum().backward()
+        red.finish()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                all_ranks(comm, np.allclose(p.grad.numpy(), expect[n], rtol=1e-13, atol=1e-15),
+                          f"{n} views={views}")
+    red.remove()
+
+
 def test_views_stay_views(comm, device):
     torch.manual_seed(0)
     model = Net().double().to(device)

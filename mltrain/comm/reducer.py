@@ -246,9 +246,18 @@ class GradReducer:
     def _launch(self, b: _Bucket) -> None:
         if not b.primed:
             self._prime(b)
-        self._post(b, block=False)
         self._inflight.append(b)
         self._next = b.index + 1
+        self._post_in_order()
+
+    def _post_in_order(self) -> None:
+        """Starts the launched buckets' allreduces in launch order, up to the first whose
+        stage is not readable yet. A later bucket's copy may land first (GPU events fire
+        in any order across ranks), but MPI matches collectives by call order: posting it
+        ahead would pair different buckets on different ranks. Not collective."""
+        for b in self._inflight:
+            if not self._post(b, block=False):
+                break
 
     def _post(self, b: _Bucket, block: bool) -> bool:
         """Starts ``b``'s allreduce once its stage is readable (``block``: waits for it);
@@ -265,9 +274,7 @@ class GradReducer:
     def _pump(self) -> None:
         """Retires completed allreduces (testing also drives MPI's progress) and launches
         ready buckets, in order, while fewer than ``max_inflight`` are in flight."""
-        for b in self._inflight:  # in launch order: MPI matches collectives by call order
-            if not self._post(b, block=False):
-                break
+        self._post_in_order()
         while self._inflight and self._inflight[0].handle is not None \
                 and self._inflight[0].handle.test():
             self._retire(self._inflight.popleft())
