@@ -184,6 +184,24 @@ def test_topk_ratio_1_and_error_feedback(comm):
         residual = tk.residual.clone()
 
 
+def test_topk_breaks_exact_ties_towards_the_lower_index(comm, device):
+    """Exact ties at the k-th magnitude occur in real gradients (mirror-symmetric weights,
+    seen in the device test's run); torch.topk resolves them differently on a CPU and a
+    GPU, so the selection takes the lowest indices among the tied, on every device."""
+    from mltrain.sync.compression import _top_indices
+
+    mag = torch.tensor([0.5, 2.0, 1.0, 3.0, 1.0, 1.0, 0.0, 1.0], dtype=torch.float64,
+                       device=device)
+    all_ranks(comm, sorted(_top_indices(mag, 4).tolist()) == [1, 2, 3, 4])
+    all_ranks(comm, sorted(_top_indices(mag.flip(0), 4).tolist()) == [0, 2, 4, 6])
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1000, generator=g, dtype=torch.float64).to(device)  # no ties: topk's set
+    all_ranks(comm, sorted(_top_indices(x, 37).tolist())
+              == sorted(torch.topk(x, 37).indices.tolist()))
+    x[5] = float("nan")  # NaN compares false: still exactly k entries
+    all_ranks(comm, _top_indices(x, 37).numel() == 37)
+
+
 def test_powersgd_full_rank_and_error_feedback(comm):
     grads = _rank_grads(comm, SHAPES)
     mean = _exact_mean(comm, grads)

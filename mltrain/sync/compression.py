@@ -87,6 +87,20 @@ class HalfPrecision:
         _set_grads(params, ring_allreduce_(flat, self.comm, self.wire))
 
 
+def _top_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of ``mag``, exact ties broken towards the lower index.
+
+    ``torch.topk`` breaks ties as its kernel happens to (the CPU and a GPU differ), and exact
+    ties occur in real gradients (mirror-symmetric weights): every device must send the same
+    entries. Not collective."""
+    kth = torch.topk(mag, k, sorted=False).values.min()
+    above = torch.nonzero(mag > kth).squeeze(1)
+    tied = torch.nonzero(mag == kth).squeeze(1)[:k - above.numel()]
+    idx = torch.cat([above, tied])
+    # NaN compares false: keep topk's own choice so every rank still sends exactly k.
+    return idx if idx.numel() == k else torch.topk(mag, k, sorted=False).indices
+
+
 class TopK:
     """Top-k sparsification with error feedback. ``residual`` after a step holds exactly
     what was accumulated but not sent: sent + residual = gradient + previous residual."""
@@ -102,7 +116,7 @@ class TopK:
             acc.add_(self.residual)
         n = acc.numel()
         k = min(n, max(1, math.ceil(self.ratio * n)))
-        idx = torch.topk(acc.abs(), k, sorted=False).indices
+        idx = _top_indices(acc.abs(), k)
         vals = acc[idx]
         self.residual = acc.clone()
         self.residual[idx] = 0
