@@ -17,7 +17,7 @@
 # default 450 s). Knobs: PYTHON (default python3), WHEELS, BUILD_EXT=1 (compile the C++
 # CPU kernels against the node's torch; the GPU paths do not use them), QUICK=1 (a smaller
 # model and fewer steps: to try the script itself, also on a CPU-only machine with
-# ALLOW_CPU=1).
+# ALLOW_CPU=1), STEPS and REPS (bench dp's, default 30 and 20).
 set -uo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$here"
@@ -71,7 +71,10 @@ device=cuda; [[ "$gpu" == 1 ]] || device=cpu
 # what the node lacks, ahead of the node's own (an mpi4py there is replaced by the carried
 # one, which loads the carried MPICH from the venv).
 venv=$(mktemp -d /tmp/mltrain-device-XXXX)/venv
-"$PYTHON" -m venv "$venv" >>"$log" 2>&1
+# Without ensurepip (a distribution's Python lacking its venv package) the venv is made
+# without pip; the node's pip, seen through the .pth below, then installs into it.
+"$PYTHON" -m venv "$venv" >>"$log" 2>&1 || { rm -rf "$venv"; "$PYTHON" -m venv --without-pip "$venv" >>"$log" 2>&1; } ||
+  { say "$PYTHON cannot make a venv (see $log): stopping"; exit 1; }
 py=$venv/bin/python
 "$PYTHON" -c "import site; print('\n'.join(site.getsitepackages()))" \
   >"$("$py" -c "import site; print(site.getsitepackages()[0])")/node-packages.pth"
@@ -133,7 +136,7 @@ say ""
 if [[ "${QUICK:-0}" == 1 ]]; then
   shapes=("resnet 256 4 128" "cnn 32 2 128"); steps=6; reps=6
 else
-  shapes=("resnet 4096 16 1024" "cnn 32 2 1024"); steps=30; reps=20
+  shapes=("resnet 4096 16 1024" "cnn 32 2 1024"); steps=${STEPS:-30}; reps=${REPS:-20}
 fi
 say "| model | ranks | mltrain ms | DDP ms (backend) | plain ms | vs DDP | vs plain | reducer GB/s | raw host Allreduce GB/s | bandwidth ratio |"
 say "|---|---|---|---|---|---|---|---|---|---|"
