@@ -47,7 +47,7 @@ def test_apts_with_one_subdomain_is_the_trust_region(curvature):
     common = ["run.steps=12", f"tr.curvature={curvature}", "tr.batch=minibatch"]
     s_tr, p_tr = _run(["optim.name=tr"] + common)
     s_ap, p_ap = _run(["optim.name=apts", "apts.subdomains=1", "apts.local_iters=1",
-                       "apts.local_solver=tr"] + common)
+                       "apts.local_solver=tr", "apts.window=1"] + common)
     assert torch.equal(p_tr, p_ap)
     for key in ("work", "grad_evals", "hvp_evals", "loss_evals", "accepted_steps",
                 "rejected_steps", "radius"):
@@ -181,6 +181,19 @@ def test_non_monotone_acceptance_measures_against_the_worst_recent_value():
     assert tr.accept(1.0, 1.05, 0.1, x0, reference=1.2)  # rho = (1.2 - 1.05) / 0.1
     assert not tr.accept(1.0, 1.05, 0.1, x0, reference=0.5)  # a lower reference: f counts
     tr.close()
+
+
+def test_window_auto_is_non_monotone_on_a_fixed_mini_batch_only():
+    """apts.window = 0 (the default) resolves by the batch regime; a value set is kept."""
+    def window(*sets):
+        return load_config(None, ["optim.name=apts", *sets]).apts.window
+
+    assert window() == 1  # APTS's batch is hybrid by default
+    assert window("tr.batch=minibatch") == 3
+    assert window("tr.batch=full") == 1
+    assert window("tr.batch=hybrid") == 1
+    assert window("tr.batch=minibatch", "apts.window=1") == 1
+    assert window("tr.batch=full", "apts.window=5") == 5
 
 
 @pytest.mark.parametrize("extra", [["apts.local_solver=tr"],

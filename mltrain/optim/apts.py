@@ -33,7 +33,8 @@ One step from the point x_k, with radius D:
    accepted iterates instead of f(x_k) (non-monotone acceptance, as NAPTS: some increase
    is allowed, fewer steps are rejected; the recent values were computed on their own
    steps' batches, as in non-monotone stochastic methods, and are forgotten when the hybrid
-   batch grows);
+   batch grows; ``apts.window = 0``, the default, resolves to 3 on a fixed mini-batch and
+   1 with hybrid or full batches);
 6. ``global_iters`` ordinary trust-region steps on the global objective (the optional global
    pass), with the same radius;
 7. the hybrid batch grows after ``tr.grow_after`` rejected steps in a row (``tr.batch``).
