@@ -38,6 +38,14 @@ def local_grads(model, rank, use_skip):
             for n, p in model.named_parameters() if p.requires_grad}
 
 
+def exact_average(model, P):
+    """What each of P ranks would compute alone from ``model``'s weights, averaged in NumPy."""
+    ref = Net().double()
+    ref.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+    per_rank = [local_grads(ref, r, use_skip=(r % 2 == 0)) for r in range(P)]
+    return {n: np.mean([g[n].numpy() for g in per_rank], axis=0) for n in per_rank[0]}
+
+
 @pytest.mark.parametrize("inflight", [1, 3])
 @pytest.mark.parametrize("views", [True, False])
 @pytest.mark.parametrize("bucket_bytes", [1, 100, 400, 1 << 20])
@@ -46,11 +54,7 @@ def test_average_matches_numpy(comm, device, views, bucket_bytes, inflight):
     torch.manual_seed(0)
     model = Net().double().to(device)
     broadcast_parameters(model, comm)
-    # What every rank would compute alone, then the exact average.
-    ref = model.__class__().double()
-    ref.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
-    per_rank = [local_grads(ref, r, use_skip=(r % 2 == 0)) for r in range(P)]
-    expect = {n: np.mean([g[n].numpy() for g in per_rank], axis=0) for n in per_rank[0]}
+    expect = exact_average(model, P)
 
     red = GradReducer(model.parameters(), comm, bucket_bytes=bucket_bytes,
                       grad_as_bucket_view=views, max_inflight=inflight)
@@ -92,10 +96,7 @@ def test_stages_ready_out_of_order_keep_the_call_order(comm, monkeypatch, views)
     torch.manual_seed(0)
     model = Net().double()
     broadcast_parameters(model, comm)
-    ref = Net().double()
-    ref.load_state_dict(model.state_dict())
-    per_rank = [local_grads(ref, r, use_skip=(r % 2 == 0)) for r in range(comm.Get_size())]
-    expect = {n: np.mean([g[n].numpy() for g in per_rank], axis=0) for n in per_rank[0]}
+    expect = exact_average(model, comm.Get_size())
     red = GradReducer(model.parameters(), comm, bucket_bytes=1, grad_as_bucket_view=views,
                       max_inflight=3, staged=True)
     slow.append(red.buckets[rank % 3].stage)
