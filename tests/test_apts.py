@@ -196,6 +196,18 @@ def test_window_auto_is_non_monotone_on_a_fixed_mini_batch_only():
     assert window("tr.batch=full", "apts.window=5") == 5
 
 
+def test_grow_on_auto_holds_out_for_apts_only():
+    """tr.grow_on = auto (the default): the held-out test for APTS, rejections for the
+    trust-region methods; a value set is kept."""
+    def grow_on(*sets):
+        return load_config(None, list(sets)).tr.grow_on
+
+    assert grow_on("optim.name=apts") == "holdout"
+    assert grow_on("optim.name=rmtr") == grow_on("optim.name=tr") == "rejections"
+    assert grow_on("optim.name=apts", "tr.grow_on=rejections") == "rejections"
+    assert grow_on("optim.name=rmtr", "tr.grow_on=holdout") == "holdout"
+
+
 @pytest.mark.parametrize("extra", [["apts.local_solver=tr"],
                                    ["apts.local_solver=tr", "apts.decomposition=weights"],
                                    ["apts.local_solver=tr", "apts.window=3"],
@@ -232,8 +244,10 @@ def _local_logs(comm, trainer) -> dict:
 @pytest.mark.parametrize("extra", [["apts.decomposition=data", "apts.local_solver=tr"],
                                    ["apts.decomposition=weights", "apts.window=3",
                                     "apts.local_solver=tr"],
-                                   ["apts.decomposition=data", "apts.local_solver=adam"]],
-                         ids=["data", "weights-window", "adam"])
+                                   ["apts.decomposition=data", "apts.local_solver=adam"],
+                                   ["apts.decomposition=data", "apts.local_solver=adam",
+                                    "tr.grow_on=holdout", "tr.grow_after=1"]],
+                         ids=["data", "weights-window", "adam", "adam-holdout"])
 @pytest.mark.exactness
 def test_apts_subdomains_compute_alike_at_any_rank_count(comm, extra):
     """Twelve subdomains on 1, 2, 3 or 4 ranks: the same global decisions (checked first,
@@ -272,8 +286,11 @@ def test_apts_subdomains_compute_alike_at_any_rank_count(comm, extra):
                                    ["apts.local_solver=tr", "tr.curvature=hessian"],
                                    ["apts.local_solver=adam"],
                                    ["apts.local_solver=adam", "apts.decomposition=weights",
-                                    "run.dtype=float32"]],
-                         ids=["lsr1", "weights", "hessian", "adam", "adam-weights-float32"])
+                                    "run.dtype=float32"],
+                                   ["apts.local_solver=adam", "tr.grow_on=holdout",
+                                    "tr.grow_after=1"]],
+                         ids=["lsr1", "weights", "hessian", "adam", "adam-weights-float32",
+                              "adam-holdout"])
 @pytest.mark.exactness
 def test_apts_resume_is_bit_exact(comm, shared_tmp, extra):
     """The checkpoint holds the global trust region's state and every subdomain's L-SR1

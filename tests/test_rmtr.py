@@ -151,10 +151,11 @@ def test_multilevel_optimizers_descend_and_are_deterministic(extra):
                                    ["optim.name=rmtr", "multilevel.levels=3",
                                     "multilevel.coarse_model=hybrid"],
                                    ["optim.name=rmtr", "multilevel.levels=3",
-                                    "multilevel.init=nested", "multilevel.init_cycles=2"],
+                                    "multilevel.init=nested", "multilevel.init_cycles=2",
+                                    "tr.grow_on=holdout", "tr.grow_after=1"],
                                    ["optim.name=mgopt", "multilevel.levels=2",
                                     "mgopt.smoother=adam"]],
-                         ids=["rmtr", "rmtr-hybrid", "rmtr-init", "mgopt"])
+                         ids=["rmtr", "rmtr-hybrid", "rmtr-init-holdout", "mgopt"])
 @pytest.mark.exactness
 def test_multilevel_rank_count_invariant(comm, extra):
     require("petsc4py")

@@ -290,8 +290,10 @@ def test_lsr1_recovers_a_quadratic():
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("extra", [["tr.curvature=lsr1"], ["tr.batch=full"]],
-                         ids=["lsr1", "full"])
+@pytest.mark.parametrize("extra", [["tr.curvature=lsr1"], ["tr.batch=full"],
+                                   ["tr.batch=hybrid", "tr.grow_on=holdout",
+                                    "tr.grow_after=1"]],
+                         ids=["lsr1", "full", "holdout"])
 @pytest.mark.exactness
 def test_tr_modes_rank_count_invariant(comm, extra):
     require("petsc4py")
@@ -311,6 +313,56 @@ def test_tr_hybrid_batch_grows_when_steps_fail(comm):
     # 4 rejected steps, 2 in a row double the batch: 1 -> 2 -> 4 mini-batches per step
     all_ranks(comm, s["rejected_steps"] == 4 and s["batch_factor"] == 4, str(s))
     all_ranks(comm, s["grad_evals"] == pytest.approx((1 + 1 + 2 + 2) * 24 / 1438))
+    t.close()
+
+
+def test_holdout_verdicts_count_as_the_steps_they_judge():
+    from mltrain.optim.tr import TrustRegion
+
+    tr = TrustRegion(nn.Linear(2, 1).parameters(), MPI.COMM_SELF, radius=1.0, radius_max=2.0,
+                     eta1=0.1, eta2=0.75, gamma1=0.5, gamma2=2.0, grow_after=2)
+    tr.holdout = True
+    tr.after_step(True)  # waits for its verdict: neither a success nor a failure yet
+    tr.verdict(False)
+    tr.after_step(True)
+    tr.verdict(False)  # two failed steps in a row
+    assert tr.batch_factor == 2
+    tr.after_step(False)  # a rejection counts at once
+    tr.after_step(True)
+    tr.verdict(True)  # a step that carried over ends the streak
+    tr.after_step(False)
+    assert tr.batch_factor == 2
+    tr.after_step(False)
+    assert tr.batch_factor == 4
+
+
+@pytest.mark.mpi(min_size=1)
+def test_tr_holdout_grows_on_steps_that_do_not_carry_over(comm):
+    """tr.grow_on = holdout: an accepted step that keeps less than eta1 of its decrease on
+    the next mini-batch fails. Replaying the run's decisions gives its batch factor, and its
+    loss evaluations are the trial points' plus one mini-batch before each step and one
+    after each accepted step (the held-out check is charged)."""
+    require("petsc4py")
+    cfg = load_config(None, TR + ["tr.batch=hybrid", "tr.grow_on=holdout", "tr.grow_after=1",
+                                  "run.steps=10"])
+    t = Trainer(cfg, comm, quiet=True, metrics=False)
+    s = t.train()
+    factor, batches, verdicts = 1, 0, []
+    for d in t.optimizer.decisions.entries:
+        if d.kind == "accept":
+            batches += factor + 1  # the trial point on the step's batch; held-out before
+            if not d.taken:
+                factor *= 2
+        elif d.kind == "holdout":
+            batches += 1  # held-out after the accepted step
+            verdicts.append(d.taken)
+            if not d.taken:
+                factor *= 2
+    all_ranks(comm, s["accepted_steps"] == len(verdicts) and False in verdicts
+              and True in verdicts, f"{s['accepted_steps']} accepted, verdicts {verdicts}")
+    all_ranks(comm, s["batch_factor"] == factor > 1, f"{s['batch_factor']} vs {factor}")
+    all_ranks(comm, s["loss_evals"] == pytest.approx(batches * 24 / 1438),
+              f"{s['loss_evals']} vs {batches * 24 / 1438}")
     t.close()
 
 

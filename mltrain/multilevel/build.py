@@ -39,7 +39,7 @@ def rmtr(ctx: Context) -> Method:
                init_cycles=o.init_cycles if o.init == "nested" else 0,
                **_common(o), **tr_settings(ctx.cfg.tr))
     return SecondOrder(opt, SyncStrategy(ctx.model, layout.data), ctx.straggler, ctx.model,
-                       ctx.cfg.tr.batch, ctx.cfg.run.costs)
+                       ctx.cfg.tr.batch, ctx.cfg.run.costs, ctx.cfg.tr.grow_on)
 
 
 def mgopt(ctx: Context) -> Method:

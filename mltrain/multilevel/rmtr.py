@@ -102,6 +102,7 @@ class RMTR(LevelOptimizers):
         self.gamma_model = COARSE_MODELS[coarse_model]
         self.init_cycles = init_cycles
         self.top = 0  # the level the next cycle starts from (above 0 while initializing)
+        self.last: dict | None = None  # the last cycle, as a trust region's ``last``
         self._init_from: int | None = None  # the first step's level, until it is set up
         # Every level's decisions in one sequence, in the order they are taken.
         self.decisions = log = DecisionLog()
@@ -154,6 +155,13 @@ class RMTR(LevelOptimizers):
     def batch_factor(self) -> int:
         return self.parts[0].batch_factor
 
+    @property
+    def grower(self):
+        """The trust region whose failed steps grow the hybrid batch: the finest level's,
+        and none while nested initialization cycles from a coarser level (the finest
+        level takes no step then)."""
+        return self.parts[0] if self.top == 0 else None
+
     def init_level(self, step: int) -> int:
         """The level training step ``step`` cycles from (nested initialization: the
         coarsest first, ``init_cycles`` steps per level; then 0). Not collective."""
@@ -196,15 +204,23 @@ class RMTR(LevelOptimizers):
         self.bound_checks = []
         self._cycle_diag = [[] for _ in self._cycle_diag]
         if self.hierarchy.levels == 1:
-            return self.parts[0].tr_step(obj)
+            start = self.parts[0].tr_step(obj)
+            self.last = self.parts[0].last
+            return start
         top = self.top
         if self._init_from is not None:
             if self._init_from > 0:
                 self._enter(self._init_from)
             self._init_from = None
         if top == 0:
-            start, _ = self._cycle(0, obj, math.inf, None)
+            fine = self.parts[0]
+            before = fine.counts["accepted"] + self.corrections["accepted"][0]
+            start, end = self._cycle(0, obj, math.inf, None)
+            # Whether the finest iterate moved: any of its steps or corrections accepted.
+            self.last = {"accepted": fine.counts["accepted"] + self.corrections["accepted"][0]
+                         > before, "start": start, "value": end}
             return start
+        self.last = None
         start, _ = self._cycle(top, obj.on(self.nets[top]), math.inf, None)
         self._prolong_down(top)
         return start

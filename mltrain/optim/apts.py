@@ -181,6 +181,11 @@ class APTS:
         return self.glob.batch_factor
 
     @property
+    def grower(self) -> TrustRegion:
+        """The trust region whose failed steps grow the hybrid batch: the global one."""
+        return self.glob
+
+    @property
     def param_groups(self):
         return self.glob.param_groups
 
@@ -446,9 +451,11 @@ class APTS:
         self.counts["accepted" if accepted else "rejected"] += 1
         glob.after_step(accepted)
         self.last = {"accepted": accepted, "start": f, "predicted": predicted,
-                     "step_norm": float(s.norm())}
+                     "value": f_trial if accepted else f, "step_norm": float(s.norm())}
         for _ in range(self.global_iters):
             glob.tr_step(obj)
+            self.last["accepted"] |= glob.last["accepted"]
+            self.last["value"] = glob.last["value"]
         return f
 
     def _reduce(self, s: torch.Tensor, predicted: float) -> tuple[torch.Tensor, float]:

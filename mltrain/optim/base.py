@@ -73,6 +73,16 @@ class Batches:
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), 1.0
         return (*self.minibatch(), 1.0)
 
+    def heldout(self, factor: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The mini-batch after the ``factor`` that ``grown`` gives a hybrid step, in the
+        same epoch's order: samples that step does not see (None when the step's batch
+        already fills the epoch)."""
+        spe = self.loader.num_steps
+        if factor + 1 > spe:
+            return None
+        epoch, pos = divmod(self.step, spe)
+        return self.loader.batch(epoch, (pos + factor) % spe)
+
 
 @dataclass
 class Context:
@@ -202,11 +212,13 @@ class SecondOrder(Method):
     """An optimizer that evaluates its own objective on the batch (trust region, RMTR,
     MG/OPT, APTS): ``state.tr_step``; it averages gradients and products itself."""
 
-    def __init__(self, state, sync, straggler, model, batch_mode: str, costs: str = "measured"):
+    def __init__(self, state, sync, straggler, model, batch_mode: str, costs: str = "measured",
+                 grow_on: str = "rejections"):
         """``costs``: ``run.costs``; measured prices are timed on the first step's batch
-        (``mltrain.optim.costs``)."""
+        (``mltrain.optim.costs``). ``grow_on``: ``tr.grow_on`` (hybrid batches)."""
         super().__init__(state, sync, straggler)
         self.model, self.batch_mode = model, batch_mode
+        self.holdout = grow_on == "holdout" and batch_mode == "hybrid"
         self.flat_state = bool(getattr(state, "flat_state", False))
         self.to_measure = costs == "measured"
 
@@ -222,8 +234,34 @@ class SecondOrder(Method):
             self.state.measure_costs(Objective(self.model, F.cross_entropy,
                                                *batches.minibatch(), 1.0))
         with self.straggler.timed():
-            value = self.state.tr_step(obj)
+            value = self._held_out_step(obj, batches, factor) if self.holdout \
+                else self.state.tr_step(obj)
         return torch.tensor(value)  # host: a Python float already; the loop reads .item()
+
+    def _held_out_step(self, obj: Objective, batches: Batches, factor: int) -> float:
+        """A step whose acceptance also faces unseen samples (``tr.grow_on = holdout``):
+        the loss on the next mini-batch is evaluated before and after, and an accepted step
+        that kept less than eta1 of its decrease there counts as failed for the batch growth.
+        A step that grows from the noise of its own batch looks like a success on that batch;
+        only samples it did not see tell. Collective on the data axis."""
+        tr = getattr(self.state, "grower", None)
+        held = batches.heldout(factor)
+        if tr is None or not tr.grow_after or held is None:
+            return self.state.tr_step(obj)
+        check = Objective(self.model, F.cross_entropy, *held, 1.0)
+        before = tr.value(check)
+        tr.holdout = True
+        try:
+            value = self.state.tr_step(obj)
+        finally:
+            tr.holdout = False
+        last = self.state.last
+        if last["accepted"]:
+            after = tr.value(check)
+            kept, need = before - after, tr.eta1 * max(last["start"] - last["value"], 0.0)
+            tr.verdict(tr.decisions.record("holdout", kept >= need, kept, need,
+                                           abs(before) + abs(after) + abs(need), tr.level))
+        return value
 
     def work(self, steps: int, batch_size: int, num_train: int) -> float:
         return self.state.work(num_train)
@@ -278,7 +316,7 @@ def trust_region(ctx: Context) -> Method:
     else:
         opt = TrustRegion(ctx.model.parameters(), layout.data, **tr_settings(o))
     return SecondOrder(opt, SyncStrategy(ctx.model, layout.data), ctx.straggler, ctx.model,
-                       o.batch, ctx.cfg.run.costs)
+                       o.batch, ctx.cfg.run.costs, o.grow_on)
 
 
 def apts(ctx: Context) -> Method:
@@ -292,4 +330,4 @@ def apts(ctx: Context) -> Method:
                global_iters=a.global_iters, window=a.window, local_solver=a.local_solver,
                **tr_settings(o))
     return SecondOrder(opt, SyncStrategy(ctx.model, ctx.layout.data), ctx.straggler,
-                       ctx.model, o.batch, ctx.cfg.run.costs)
+                       ctx.model, o.batch, ctx.cfg.run.costs, o.grow_on)

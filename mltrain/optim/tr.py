@@ -151,6 +151,9 @@ class TrustRegion(torch.optim.Optimizer):
         st["batch_factor"] = torch.tensor(1.0)  # host: a counter
         st["rejected_streak"] = torch.tensor(0.0)  # host: a counter
         self.grow_after = grow_after
+        # Set by the caller for one step: an accepted step then counts as failed or not by
+        # its held-out verdict (``verdict``), not as a success by itself.
+        self.holdout = False
         self._first = first
         if self.layer_comm is not None and curvature != "lsr1":
             from mltrain.config import ConfigError
@@ -196,6 +199,11 @@ class TrustRegion(torch.optim.Optimizer):
         return int(self.state[self._first]["batch_factor"])
 
     @property
+    def grower(self) -> "TrustRegion":
+        """The trust region whose failed steps grow the hybrid batch: this one."""
+        return self
+
+    @property
     def iterate(self) -> torch.Tensor:
         """This rank's part of the parameter vector, flat (a copy)."""
         return self._flat.get()
@@ -230,8 +238,16 @@ class TrustRegion(torch.optim.Optimizer):
 
     def after_step(self, accepted: bool) -> None:
         """Counts a step of the run (accepted or not) for the hybrid batch: after
-        ``grow_after`` rejections in a row the batch doubles."""
+        ``grow_after`` failed steps in a row the batch doubles. With ``holdout`` set, an
+        accepted step waits for ``verdict``. Not collective."""
+        if accepted and self.holdout:
+            return
         self._after(accepted)
+
+    def verdict(self, ok: bool) -> None:
+        """Counts the held-out test of an accepted step (``holdout``): a step whose decrease
+        did not carry over to unseen samples counts as failed. Not collective."""
+        self._after(ok)
 
     def _after(self, accepted: bool) -> None:
         st = self.state[self._first]
