@@ -68,8 +68,7 @@ class Batches:
             x, y = self.loader.x, self.loader.y
             return x, y, len(x) * self.dp_size / self.num_train
         if factor > 1:
-            epoch, pos = divmod(self.step, spe)
-            parts = [self.loader.batch(epoch, (pos + j) % spe) for j in range(factor)]
+            parts = [self._ahead(j) for j in range(factor)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), 1.0
         return (*self.minibatch(), 1.0)
 
@@ -77,11 +76,13 @@ class Batches:
         """The mini-batch after the ``factor`` that ``grown`` gives a hybrid step, in the
         same epoch's order: samples that step does not see (None when the step's batch
         already fills the epoch)."""
+        return self._ahead(factor) if factor + 1 <= self.loader.num_steps else None
+
+    def _ahead(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mini-batch ``j`` places after this step's in its epoch's order (wrapping)."""
         spe = self.loader.num_steps
-        if factor + 1 > spe:
-            return None
         epoch, pos = divmod(self.step, spe)
-        return self.loader.batch(epoch, (pos + factor) % spe)
+        return self.loader.batch(epoch, (pos + j) % spe)
 
 
 @dataclass
@@ -246,7 +247,7 @@ class SecondOrder(Method):
         only samples it did not see tell. Collective on the data axis."""
         tr = getattr(self.state, "grower", None)
         held = batches.heldout(factor)
-        if tr is None or not tr.grow_after or held is None:
+        if tr is None or held is None:
             return self.state.tr_step(obj)
         check = Objective(self.model, F.cross_entropy, *held, 1.0)
         before = tr.value(check)
