@@ -292,6 +292,27 @@ def test_bench_tr_smoke(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_prices_smoke(tmp_path):
+    """bench prices: both protocols price every level of a 3-level RMTR (the level-0
+    gradient exactly 1, Hessian products priced, coarser gradients cheaper than the
+    finest's in the median), with the spreads and their ratio reported."""
+    out = tmp_path / "prices.json"
+    r = mpiexec(2, ["-m", "mltrain", "bench", "prices", "--reps", "3", "--json", str(out),
+                    "--set", "optim.name=rmtr", "--set", "multilevel.levels=3",
+                    "--set", "model.depth=32", "--set", "tr.curvature=hessian"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["levels"] == 3 and res["reps"] == 3 and res["ranks"] == 2
+    assert len(res["prices"]) == 12 and "blocks / interleaved" in r.stdout
+    for p in res["protocols"].values():
+        med = dict(zip(res["prices"], p["median"]))
+        assert med["level 0 gradient"] == 1.0 and p["spread"][0] == 0.0
+        assert med["level 0 product"] > 0 and med["level 2 product"] > 0
+        assert med["level 2 gradient"] < med["level 0 gradient"], med
+        assert all(s >= 0 for s in p["spread"]) and p["worst_spread"] == max(p["spread"])
+    assert res["spread_ratio"] > 0
+
+
 def test_bench_multilevel_smoke(tmp_path):
     out, png, md = tmp_path / "ml.json", tmp_path / "ml.png", tmp_path / "ml.md"
     r = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--budget", "1.0", "--target",

@@ -247,7 +247,7 @@ def test_measured_prices_order_the_levels_by_cost():
     # the order must hold in one of them. A wrong price order fails all three.
     try:
         for _ in range(3):
-            r.measure_costs(Objective(model, F.cross_entropy, x, y), reps=5)
+            r.measure_costs(Objective(model, F.cross_entropy, x, y), rounds=5)
             p = r.prices.levels
             if ordered(p):
                 break
@@ -301,3 +301,37 @@ def test_the_race_finds_the_first_step_at_the_target(resolution):
     else:
         assert first <= row["work_to_target"] <= first * (1 + resolution) + losses[0][0]
     assert row["curve"][-1]["work"] == row["work_to_target"]
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_time_levels_prices_relative_to_the_finest_gradient(interleaved):
+    """Both timing protocols price every kind of every level relative to level 0's plain
+    gradient (exactly 1), run each evaluation once untimed and once per round (interleaved
+    or in blocks), price what a curvature does not use as the code charges it (an L-SR1
+    level's graph gradient as a plain one, its products 0) and change nothing."""
+    from mltrain.optim.costs import KINDS, time_levels
+
+    torch.manual_seed(0)
+    fine, coarse = ResNet(64, 16, 8, 10).double(), ResNet(64, 16, 4, 10).double()
+    x, y = _batch(64)
+    calls = []
+
+    def loss_fn(out, target):
+        calls.append(len(calls))
+        return F.cross_entropy(out, target)
+
+    before = [flat_params(m).clone() for m in (fine, coarse)]
+    rng = torch.get_rng_state()
+    rounds = 4
+    p = time_levels([(fine, "hessian", None), (coarse, "lsr1", None)], loss_fn, x, y,
+                    rounds, interleaved)
+    assert [set(q) for q in p] == [set(KINDS)] * 2
+    assert p[0]["gradient"] == 1.0
+    assert p[0]["product"] > 0 and p[0]["loss"] > 0 and p[1]["gradient"] > 0
+    assert p[1]["graph_gradient"] == p[1]["gradient"] and p[1]["product"] == 0.0
+    # Every loss-calling evaluation (level 0: gradient, graph gradient, loss; level 1:
+    # gradient, loss) once to warm up and once per round; products reuse their graph.
+    assert len(calls) == (1 + rounds) * 5 + 1  # + the product's own gradient, once
+    assert all(torch.equal(b, flat_params(m)) for b, m in zip(before, (fine, coarse)))
+    assert all(q.grad is None for m in (fine, coarse) for q in m.parameters())
+    assert torch.equal(rng, torch.get_rng_state())

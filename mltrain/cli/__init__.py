@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 unless mpi4py and PETSc load the same MPI library")
     b = sub.add_parser("bench", parents=[common], help="benchmarks against a baseline")
     b.add_argument("what", choices=["dp", "sync", "kernels", "tr", "multilevel", "mgrit",
-                                    "hardware", "pipeline", "startup", "search", "ps"],
+                                    "hardware", "pipeline", "startup", "search", "ps", "prices"],
                    help="dp: data-parallel step vs DDP, reducer vs raw allreduce; sync: every "
                    "scheme vs allreduce, with and without a straggler; kernels: C++ kernels vs "
                    "torch references; tr: SGD, Adam and trust region under one work budget; "
@@ -62,12 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "as one process, it starts the jobs); search: every search algorithm and "
                    "Optuna's TPE at one budget over seeds, and the wall time with trial "
                    "groups; ps: parameter servers (k = 0, 4, -1) against allreduce and "
-                   "(asynchronous) SGP, with and without a 2x straggler, per data partition")
+                   "(asynchronous) SGP, with and without a 2x straggler, per data partition; "
+                   "prices: how much the start-up prices of work figures vary between "
+                   "start-ups, the current timing protocol against the previous one")
     b.add_argument("--json", metavar="OUT.json", help="write the figures as JSON")
     b.add_argument("--steps", type=int, default=0,
                    help="timed steps per variant (0 = 30 for dp, 32 for sync)")
     b.add_argument("--reps", type=int, default=0, help="timed reductions per variant (dp, "
-                   "0 = 20); jobs per variant (startup, 0 = 2)")
+                   "0 = 20); jobs per variant (startup, 0 = 2); start-ups per protocol "
+                   "(prices, 0 = 12)")
     b.add_argument("--ranks", default="8,16,32", help="startup: rank counts")
     b.add_argument("--sizes", default="", help="kernels: element counts, e.g. 1e4,1e6")
     b.add_argument("--budget", type=float, default=10.0,

@@ -636,6 +636,14 @@ def _publish(what: str, args, comm: MPI.Comm, res, markdown, plot) -> int:
     return 0
 
 
+def _prices(what: str, cfg, args, comm: MPI.Comm) -> int:
+    from mltrain.cli.bench_prices import bench_prices, markdown
+
+    res = bench_prices(args.config, args.overrides, comm, reps=args.reps or 12)
+    return _publish(what, args, comm, res, markdown, None)
+
+
 BENCHMARKS = {"dp": _dp, "sync": _sync, "kernels": _kernels, "tr": _tr,
               "multilevel": _multilevel, "mgrit": _mgrit, "hardware": _pipeline,
-              "pipeline": _pipeline, "search": _search, "ps": _ps}
+              "pipeline": _pipeline, "search": _search, "ps": _ps,
+              "prices": _prices}

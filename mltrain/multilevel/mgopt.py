@@ -22,7 +22,7 @@ from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy, prolong_vec, restrict_grad, restrict_vec
 from mltrain.optim import build_optimizer
-from mltrain.optim.costs import Prices, measure, time_level
+from mltrain.optim.costs import Prices, measure, time_levels
 from mltrain.optim.evals import EvalCache
 from mltrain.optim.tr import Objective, TrustRegion, check_level_options, sum_host_copies
 from mltrain.utils.decisions import DecisionLog
@@ -192,12 +192,12 @@ class MGOpt(LevelOptimizers):
             out.append(own)
         return out
 
-    def measure_costs(self, obj: Objective, reps: int = 3) -> None:
+    def measure_costs(self, obj: Objective, rounds: int = 15) -> None:
         """Prices every level's evaluations by timing them on ``obj``'s batch
         (``mltrain.optim.costs``). Collective on the data axis."""
-        times = [time_level(m, obj.loss_fn, obj.x, obj.y,
-                            p.curvature if isinstance(p, TrustRegion) else "lsr1", reps=reps)
-                 for m, p in zip(self.hierarchy.models, self.parts)]
+        times = time_levels([(m, p.curvature if isinstance(p, TrustRegion) else "lsr1", None)
+                             for m, p in zip(self.hierarchy.models, self.parts)],
+                            obj.loss_fn, obj.x, obj.y, rounds)
         self.prices = measure(times, (self.comm,))
 
     def report(self, num_train: int) -> dict:

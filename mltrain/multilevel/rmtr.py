@@ -49,7 +49,7 @@ from mpi4py import MPI
 from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy
 from mltrain.multilevel.transfers import LayerTransfers, Transfers
-from mltrain.optim.costs import Prices, measure, time_level
+from mltrain.optim.costs import Prices, measure, time_levels
 from mltrain.optim.tr import (Objective, TrustRegion, ball_fraction, check_level_options,
                               sum_host_copies)
 from mltrain.utils.decisions import BOUND_RTOL, DecisionLog
@@ -382,12 +382,13 @@ class RMTR(LevelOptimizers):
                 a0 * E_H)
 
     # -- reporting -----------------------------------------------------------------------
-    def measure_costs(self, obj: Objective, reps: int = 3) -> None:
+    def measure_costs(self, obj: Objective, rounds: int = 15) -> None:
         """Prices every level's evaluations by timing them on ``obj``'s batch, relative to
         the finest level's plain gradient (``mltrain.optim.costs``). Collective on the data
         axis (and the layer axis)."""
-        times = [time_level(net, obj.loss_fn, obj.x, obj.y, p.curvature, p._params, reps)
-                 for net, p in zip(self.nets, self.parts)]
+        times = time_levels([(net, p.curvature, p._params)
+                             for net, p in zip(self.nets, self.parts)],
+                            obj.loss_fn, obj.x, obj.y, rounds)
         self.prices = measure(times, (self.comm, self.parts[0].layer_comm))
 
     def report(self, num_train: int) -> dict:

@@ -63,7 +63,7 @@ from mltrain.comm import allreduce_
 from mltrain.config import ConfigError
 from mltrain.linalg.curvature import Curvature
 from mltrain.linalg.vector import FlatParams
-from mltrain.optim.costs import KINDS, Prices, measure, time_level
+from mltrain.optim.costs import KINDS, Prices, measure, time_levels
 from mltrain.optim.tr import NonFiniteError, Objective, TrustRegion, ball_fraction
 from mltrain.utils.decisions import BOUND_RTOL, DecisionLog
 
@@ -480,11 +480,11 @@ class APTS:
         g = self.glob.samples()
         return {k: g[k] + self.local_samples[k] for k in g}
 
-    def measure_costs(self, obj: Objective, reps: int = 3) -> None:
+    def measure_costs(self, obj: Objective, rounds: int = 15) -> None:
         """Prices the evaluations by timing them on ``obj``'s batch (the subdomains run the
         same network; ``mltrain.optim.costs``). Collective on the data axis."""
-        self.prices = measure([time_level(obj.model, obj.loss_fn, obj.x, obj.y,
-                                          self.glob.curvature, self.params, reps)],
+        self.prices = measure(time_levels([(obj.model, self.glob.curvature, self.params)],
+                                          obj.loss_fn, obj.x, obj.y, rounds),
                               (self.comm,))
 
     def work(self, num_train: int) -> float:

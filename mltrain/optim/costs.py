@@ -8,8 +8,8 @@ on coarser networks, and none of those costs one gradient: measured here, a Hess
 product costs 1.6-2x a gradient, a Gauss-Newton product more, a loss-only evaluation about a
 quarter, and a coarse level with half the blocks far more than half when a wide opening
 layer is shared by all levels. So each kind on each level is priced by timing it at
-start-up on the rank's first batch (one untimed warm-up, then the median of ``reps`` runs),
-relative to the finest level's plain gradient on that batch. The ranks average their
+start-up on the rank's first batch, relative to the finest level's plain gradient on that
+batch (``time_levels``: a warm-up, then interleaved rounds, the median of per-round ratios). The ranks average their
 prices, so every rank reports the same work and stops a work budget at the same step.
 
 With ``run.costs = "unit"`` every evaluation is priced 1 on every level (counts, not cost:
@@ -28,7 +28,7 @@ import torch
 
 from mltrain.linalg.curvature import Curvature
 
-__all__ = ["KINDS", "Prices", "time_level", "measure"]
+__all__ = ["KINDS", "Prices", "time_levels", "measure"]
 
 # gradient: plain (no graph kept); graph_gradient: keeps the graph for Hessian products;
 # product: one curvature product (Hessian or Gauss-Newton); loss: a forward pass only.
@@ -58,64 +58,97 @@ class Prices:
                 "levels": [{k: round(v, 4) for k, v in p.items()} for p in self.levels]}
 
 
-def _median_seconds(fn, reps: int, device: torch.device) -> float:
-    """Median wall time of ``fn``; on a GPU each run is waited for (kernels are queued
+def _seconds(fn, device: torch.device) -> float:
+    """Wall time of one call of ``fn``; on a GPU the call is waited for (kernels are queued
     asynchronously, so the clock would otherwise stop at the launch)."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    fn()  # warm-up: allocator, kernels, autograd graph caches
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
 
-def time_level(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
-               curvature: str, params: list | None = None, reps: int = 3) -> dict[str, float]:
-    """Seconds of each kind of evaluation of ``model`` on (x, y): a plain gradient, one
-    keeping its graph (timed for ``hessian`` only), a curvature product of ``curvature``
-    (hessian or ggn; 0 for lsr1), a loss-only forward. Changes nothing (no
-    parameter, gradient or random state). Collective as the model's forward pass is."""
+def _evaluations(model: torch.nn.Module, loss_fn, x, y, curvature: str,
+                 params: list | None) -> dict:
+    """The kinds of evaluation a level pays for, as callables: a plain gradient, one keeping
+    its graph (``hessian`` only), a curvature product (``hessian`` or ``ggn``), a loss-only
+    forward. None of them changes a parameter, a gradient or the random state."""
     def plain():
         Curvature(model, loss_fn, x, y, "lsr1", params).loss_and_grad()
-
-    def graph():
-        Curvature(model, loss_fn, x, y, "hessian", params).loss_and_grad()
 
     def loss():
         with torch.no_grad():
             float(loss_fn(model(x), y))
 
-    device = x.device
-    out = {"gradient": _median_seconds(plain, reps, device),
-           "loss": _median_seconds(loss, reps, device)}
+    out = {"gradient": plain, "loss": loss}
     # Only Hessian products keep the graph; the other kinds never charge it (and a
     # layer-parallel network has no double backward through MGRIT).
-    out["graph_gradient"] = (_median_seconds(graph, reps, device) if curvature == "hessian"
-                             else out["gradient"])
-    kind = curvature if curvature in ("hessian", "ggn") else None
-    if kind is None:
-        out["product"] = 0.0  # L-SR1 products are vector operations, no pass over data
-    else:
-        curv = Curvature(model, loss_fn, x, y, kind, params)
+    if curvature == "hessian":
+        out["graph_gradient"] = lambda: Curvature(model, loss_fn, x, y, "hessian",
+                                                  params).loss_and_grad()
+    if curvature in ("hessian", "ggn"):
+        curv = Curvature(model, loss_fn, x, y, curvature, params)
         curv.loss_and_grad()
         n = sum(p.numel() for p in curv.params)
         first = curv.params[0]
         # any direction: the cost does not depend on it
         v = torch.full((n,), 1e-3, dtype=first.dtype, device=first.device)
-        out["product"] = _median_seconds(lambda: curv.mv(v), reps, device)
+        out["product"] = lambda: curv.mv(v)
+    return out
+
+
+def time_levels(levels: list[tuple], loss_fn, x: torch.Tensor, y: torch.Tensor,
+                rounds: int = 15, interleaved: bool = True) -> list[dict[str, float]]:
+    """Each kind of evaluation of each level, ``levels[l] = (model, curvature, params)``,
+    on (x, y), in plain gradients of level 0 (so level 0's ``gradient`` is 1): one untimed
+    warm-up of every evaluation, then ``rounds`` timed rounds.
+
+    ``interleaved`` (the default): every round times every evaluation once, and each
+    evaluation's price is the median over the rounds of its time over the same round's
+    level-0 gradient. A slow spell (another process, a frequency change) then slows the
+    numerator and the denominator alike: over 12 start-ups on the 2-core development
+    machine the prices of a 3-level RMTR spread by 5-9% (max - min over median) with 15
+    rounds, against 23-45% timing each kind in a block of 3 and dividing medians
+    (``interleaved=False``, the protocol before 2026-12-04; ``mltrain bench prices``).
+    A graph-keeping gradient is priced as a plain one unless the curvature is
+    ``hessian``, and an L-SR1 product 0 (vector operations, no pass over data).
+
+    Not collective on the data axis; collective on the layer axis as the forward pass of
+    a layer-parallel network is (every rank of it runs the same evaluations in the same
+    order)."""
+    device = x.device
+    evals = [_evaluations(m, loss_fn, x, y, curvature, params)
+             for m, curvature, params in levels]
+    keys = [(lv, k) for lv, ev in enumerate(evals) for k in ev]
+    for lv, k in keys:  # warm-up: allocator, kernels, autograd graph caches
+        evals[lv][k]()
+    if interleaved:
+        ratios = {key: [] for key in keys}
+        for _ in range(rounds):
+            t = {(lv, k): _seconds(evals[lv][k], device) for lv, k in keys}
+            for key in keys:
+                ratios[key].append(t[key] / t[0, "gradient"])
+        price = {key: statistics.median(v) for key, v in ratios.items()}
+    else:
+        med = {(lv, k): statistics.median(_seconds(evals[lv][k], device)
+                                          for _ in range(rounds)) for lv, k in keys}
+        price = {key: v / med[0, "gradient"] for key, v in med.items()}
+    out = []
+    for lv, (_, curvature, _) in enumerate(levels):
+        p = {k: price[lv, k] for k in evals[lv]}
+        p.setdefault("graph_gradient", p["gradient"])
+        p.setdefault("product", 0.0)
+        out.append(p)
     return out
 
 
 def measure(times: list[dict[str, float]], comms=()) -> Prices:
-    """Prices from the seconds ``times[l][kind]`` of each level, relative to level 0's plain
-    gradient, averaged over each communicator of ``comms`` in turn (so every rank of their
+    """Prices from the times ``times[l][kind]`` of each level (seconds, or already relative
+    as ``time_levels`` gives them), relative to level 0's plain gradient, averaged over each communicator of ``comms`` in turn (so every rank of their
     product holds the same prices). Collective on each of ``comms``."""
     from mltrain.comm import mean_
 

@@ -33,7 +33,7 @@ from mltrain.linalg.vector import FlatParams
 from mltrain.linalg.lsr1 import LSR1
 from mltrain.linalg.petsc import NonFiniteError, TRSubproblem, check_options_used, log_event
 from mltrain.linalg.reference import steihaug_cg
-from mltrain.optim.costs import Prices, measure, time_level
+from mltrain.optim.costs import Prices, measure, time_levels
 from mltrain.optim.evals import EvalCache
 from mltrain.utils.decisions import DecisionLog
 
@@ -393,11 +393,11 @@ class TrustRegion(torch.optim.Optimizer):
         return {"gradient": c["gradient_samples"], "graph_gradient": c["graph_gradient_samples"],
                 "product": c["product_samples"], "loss": c["loss_samples"]}
 
-    def measure_costs(self, obj: Objective, reps: int = 3) -> None:
+    def measure_costs(self, obj: Objective, rounds: int = 15) -> None:
         """Prices this optimizer's evaluations by timing them on ``obj``'s batch
         (``mltrain.optim.costs``). Collective on the data axis (and the layer axis)."""
-        self.prices = measure([time_level(obj.model, obj.loss_fn, obj.x, obj.y,
-                                          self.curvature, self._params, reps)],
+        self.prices = measure(time_levels([(obj.model, self.curvature, self._params)],
+                                          obj.loss_fn, obj.x, obj.y, rounds),
                               (self.comm, self.layer_comm))
 
     def work(self, num_train: int) -> float:

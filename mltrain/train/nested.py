@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from mltrain.multilevel import Hierarchy
-from mltrain.optim.costs import measure, time_level
+from mltrain.optim.costs import measure, time_levels
 
 __all__ = ["Nested", "OnePhase", "phases"]
 
@@ -62,8 +62,8 @@ class Nested:
         trainer's ranks. Collective on the trainer's communicator."""
         t = self.t
         x, y = t.loader.batch(0, 0)
-        prices = measure([time_level(m, F.cross_entropy, x, y, "lsr1")
-                          for m in self.hierarchy.models], (t.comm,))
+        prices = measure(time_levels([(m, "lsr1", None) for m in self.hierarchy.models],
+                                     F.cross_entropy, x, y), (t.comm,))
         self.cost = [p["gradient"] for p in prices.levels]
 
     def phase_of(self, step: int) -> int:

@@ -1,0 +1,80 @@
+"""``mltrain bench prices``: how reproducible the start-up prices behind every work figure
+are (``mltrain.optim.costs``). The run's network hierarchy (``optim.name = "rmtr"`` with
+``multilevel.levels`` > 1: every level; otherwise the one network) is priced ``reps`` times
+on rank 0's first batch, as a run does at start-up, under two protocols:
+
+- ``blocks``: each kind timed in a block of 3 calls, the median of each block divided by
+  the median of level 0's gradient block (the protocol before 2026-12-04);
+- ``interleaved``: 15 rounds, every evaluation once per round, the median over rounds of
+  each evaluation's time over the same round's level-0 gradient (the current protocol).
+
+Per price (level, kind) the median over the repetitions and the spread (max - min) /
+median; the table's last line gives each protocol's worst spread and their ratio.
+Measured prices are averaged over the ranks, as in a run. Collective on the world
+communicator."""
+from __future__ import annotations
+
+import numpy as np
+import torch.nn.functional as F
+
+from mltrain.config import load_config
+from mltrain.optim.costs import KINDS, measure, time_levels
+
+__all__ = ["PROTOCOLS", "bench_prices", "markdown"]
+
+PROTOCOLS = {"blocks": (3, False), "interleaved": (15, True)}
+
+
+def bench_prices(config, overrides: list[str], comm, reps: int = 12) -> dict:
+    """See the module docstring. Collective on ``comm``."""
+    from mltrain.train import Trainer
+
+    cfg = load_config(config, overrides)
+    t = Trainer(cfg, comm, quiet=True, metrics=False, serve=False)
+    st = getattr(t.method, "state", None)
+    if hasattr(st, "nets"):  # a multilevel optimizer: every level of its hierarchy
+        levels = [(n, p.curvature, p._params) for n, p in zip(st.nets, st.parts)]
+    else:
+        levels = [(t.model, getattr(st, "curvature", "lsr1"), None)]
+    x, y = t.loader.batch(0, 0)
+    out = {"model": f"{cfg.model.name} width {cfg.model.width} depth {cfg.model.depth}",
+           "levels": len(levels), "batch": len(x), "ranks": comm.Get_size(), "reps": reps,
+           "protocols": {}}
+    for name, (rounds, interleaved) in PROTOCOLS.items():
+        runs = np.array([[p[k] for p in measure(time_levels(levels, F.cross_entropy, x, y,
+                                                             rounds, interleaved),
+                                                (comm,)).levels for k in KINDS]
+                         for _ in range(reps)])
+        med = np.median(runs, axis=0)
+        priced = med > 0  # the level-0 gradient is 1 by definition; L-SR1 products are 0
+        priced[0] = False
+        spread = np.zeros_like(med)
+        spread[priced] = (runs.max(0) - runs.min(0))[priced] / med[priced]
+        out["protocols"][name] = {"rounds": rounds, "interleaved": interleaved,
+                                  "median": med.tolist(), "spread": spread.tolist(),
+                                  "worst_spread": float(spread.max())}
+    blocks, inter = (out["protocols"][k]["worst_spread"] for k in PROTOCOLS)
+    out["spread_ratio"] = blocks / inter if inter > 0 else None
+    out["prices"] = [f"level {lv} {k}" for lv in range(len(levels)) for k in KINDS]
+    t.close()
+    return out
+
+
+def markdown(res: dict) -> str:
+    """The table: per price, the median and spread of each protocol. Not collective."""
+    names = list(res["protocols"])
+    lines = [f"bench prices: {res['model']}, {res['levels']} level(s), batch {res['batch']} "
+             f"per rank, {res['ranks']} rank(s), {res['reps']} start-ups per protocol",
+             "", "| price | " + " | ".join(f"{n} median | {n} spread" for n in names) + " |",
+             "|---|" + "---|---|" * len(names)]
+    for i, label in enumerate(res["prices"]):
+        cells = []
+        for n in names:
+            p = res["protocols"][n]
+            cells += [f"{p['median'][i]:.3f}", f"{100 * p['spread'][i]:.0f}%"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ratio = res["spread_ratio"]
+    lines += ["", "worst spread: " + ", ".join(
+        f"{n} {100 * res['protocols'][n]['worst_spread']:.0f}%" for n in names)
+        + (f"; blocks / interleaved = {ratio:.1f}x" if ratio else "")]
+    return "\n".join(lines)
