@@ -311,6 +311,15 @@ def test_bench_prices_smoke(tmp_path):
         assert med["level 2 gradient"] < med["level 0 gradient"], med
         assert all(s >= 0 for s in p["spread"]) and p["worst_spread"] == max(p["spread"])
     assert res["spread_ratio"] > 0
+    # It prices what the run's optimizer prices: APTS with Hessian products pays for them.
+    r = mpiexec(1, ["-m", "mltrain", "bench", "prices", "--reps", "2", "--json", str(out),
+                    "--set", "optim.name=apts", "--set", "tr.curvature=hessian",
+                    "--set", "model.depth=8"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["levels"] == 1 and res["protocols"]["interleaved"]["median"][2] > 0, res
+    bad = mpiexec(2, ["-m", "mltrain", "bench", "prices", "--plot", str(tmp_path / "p.png")])
+    assert bad.returncode == 2 and "error: config: --plot: bench prices" in bad.stderr, bad.stderr
 
 
 def test_bench_multilevel_smoke(tmp_path):

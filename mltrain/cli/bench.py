@@ -637,8 +637,15 @@ def _publish(what: str, args, comm: MPI.Comm, res, markdown, plot) -> int:
 
 
 def _prices(what: str, cfg, args, comm: MPI.Comm) -> int:
+    from mltrain.cli import check_writable
     from mltrain.cli.bench_prices import bench_prices, markdown
+    from mltrain.comm import agree
 
+    def check():
+        if args.plot:
+            raise ConfigError("--plot: bench prices draws no plot (use --json or --markdown)")
+        check_writable(args.markdown, "--markdown")
+    agree(comm, check, what="config")
     res = bench_prices(args.config, args.overrides, comm, reps=args.reps or 12)
     return _publish(what, args, comm, res, markdown, None)
 

@@ -1,10 +1,11 @@
 """``mltrain bench prices``: how reproducible the start-up prices behind every work figure
-are (``mltrain.optim.costs``). The run's network hierarchy (``optim.name = "rmtr"`` with
-``multilevel.levels`` > 1: every level; otherwise the one network) is priced ``reps`` times
-on rank 0's first batch, as a run does at start-up, under two protocols:
+are (``mltrain.optim.costs``). What the run's optimizer prices (``price_levels``: every
+level of RMTR or MG/OPT, the one network otherwise) is priced ``reps`` times on each rank's
+first batch, as a run does at start-up, under two protocols:
 
 - ``blocks``: each kind timed in a block of 3 calls, the median of each block divided by
-  the median of level 0's gradient block (the protocol before 2026-12-04);
+  the median of level 0's gradient block (the protocol before 2026-12-04, except that
+  every evaluation is warmed up first, where it warmed each kind just before its block);
 - ``interleaved``: 15 rounds, every evaluation once per round, the median over rounds of
   each evaluation's time over the same round's level-0 gradient (the current protocol).
 
@@ -31,11 +32,18 @@ def bench_prices(config, overrides: list[str], comm, reps: int = 12) -> dict:
 
     cfg = load_config(config, overrides)
     t = Trainer(cfg, comm, quiet=True, metrics=False, serve=False)
+    try:
+        return _measure(t, cfg, comm, reps)
+    finally:
+        t.close()
+
+
+def _measure(t, cfg, comm, reps: int) -> dict:
+    """``bench_prices`` on trainer ``t``. Collective on ``comm``."""
     st = getattr(t.method, "state", None)
-    if hasattr(st, "nets"):  # a multilevel optimizer: every level of its hierarchy
-        levels = [(n, p.curvature, p._params) for n, p in zip(st.nets, st.parts)]
-    else:
-        levels = [(t.model, getattr(st, "curvature", "lsr1"), None)]
+    model = getattr(t.method, "model", t.model)  # a second-order method's (layer-parallel) net
+    # What the run's optimizer prices at start-up; a first-order one pays plain gradients.
+    levels = st.price_levels(model) if hasattr(st, "price_levels") else [(model, "lsr1", None)]
     x, y = t.loader.batch(0, 0)
     out = {"model": f"{cfg.model.name} width {cfg.model.width} depth {cfg.model.depth}",
            "levels": len(levels), "batch": len(x), "ranks": comm.Get_size(), "reps": reps,
@@ -56,7 +64,6 @@ def bench_prices(config, overrides: list[str], comm, reps: int = 12) -> dict:
     blocks, inter = (out["protocols"][k]["worst_spread"] for k in PROTOCOLS)
     out["spread_ratio"] = blocks / inter if inter > 0 else None
     out["prices"] = [f"level {lv} {k}" for lv in range(len(levels)) for k in KINDS]
-    t.close()
     return out
 
 
@@ -76,5 +83,5 @@ def markdown(res: dict) -> str:
     ratio = res["spread_ratio"]
     lines += ["", "worst spread: " + ", ".join(
         f"{n} {100 * res['protocols'][n]['worst_spread']:.0f}%" for n in names)
-        + (f"; blocks / interleaved = {ratio:.1f}x" if ratio else "")]
+        + (f"; blocks / interleaved = {ratio:.3g}x" if ratio else "")]
     return "\n".join(lines)

@@ -192,12 +192,16 @@ class MGOpt(LevelOptimizers):
             out.append(own)
         return out
 
+    def price_levels(self, model=None) -> list[tuple]:
+        """What ``measure_costs`` times: every level's network with its smoother's
+        curvature (L-SR1's price for a first-order smoother). Not collective."""
+        return [(m, p.curvature if isinstance(p, TrustRegion) else "lsr1", None)
+                for m, p in zip(self.hierarchy.models, self.parts)]
+
     def measure_costs(self, obj: Objective, rounds: int = 15) -> None:
         """Prices every level's evaluations by timing them on ``obj``'s batch
         (``mltrain.optim.costs``). Collective on the data axis."""
-        times = time_levels([(m, p.curvature if isinstance(p, TrustRegion) else "lsr1", None)
-                             for m, p in zip(self.hierarchy.models, self.parts)],
-                            obj.loss_fn, obj.x, obj.y, rounds)
+        times = time_levels(self.price_levels(obj.model), obj.loss_fn, obj.x, obj.y, rounds)
         self.prices = measure(times, (self.comm,))
 
     def report(self, num_train: int) -> dict:

@@ -382,13 +382,16 @@ class RMTR(LevelOptimizers):
                 a0 * E_H)
 
     # -- reporting -----------------------------------------------------------------------
+    def price_levels(self, model=None) -> list[tuple]:
+        """What ``measure_costs`` times: every level's network, curvature and parameters
+        (``model``, the finest network, is ``self.nets[0]`` already). Not collective."""
+        return [(net, p.curvature, p._params) for net, p in zip(self.nets, self.parts)]
+
     def measure_costs(self, obj: Objective, rounds: int = 15) -> None:
         """Prices every level's evaluations by timing them on ``obj``'s batch, relative to
         the finest level's plain gradient (``mltrain.optim.costs``). Collective on the data
         axis (and the layer axis)."""
-        times = time_levels([(net, p.curvature, p._params)
-                             for net, p in zip(self.nets, self.parts)],
-                            obj.loss_fn, obj.x, obj.y, rounds)
+        times = time_levels(self.price_levels(obj.model), obj.loss_fn, obj.x, obj.y, rounds)
         self.prices = measure(times, (self.comm, self.parts[0].layer_comm))
 
     def report(self, num_train: int) -> dict:

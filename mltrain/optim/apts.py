@@ -480,10 +480,15 @@ class APTS:
         g = self.glob.samples()
         return {k: g[k] + self.local_samples[k] for k in g}
 
+    def price_levels(self, model) -> list[tuple]:
+        """What ``measure_costs`` times: ``model`` with the global rule's curvature (the
+        subdomains run the same network). Not collective."""
+        return [(model, self.glob.curvature, self.params)]
+
     def measure_costs(self, obj: Objective, rounds: int = 15) -> None:
         """Prices the evaluations by timing them on ``obj``'s batch (the subdomains run the
         same network; ``mltrain.optim.costs``). Collective on the data axis."""
-        self.prices = measure(time_levels([(obj.model, self.glob.curvature, self.params)],
+        self.prices = measure(time_levels(self.price_levels(obj.model),
                                           obj.loss_fn, obj.x, obj.y, rounds),
                               (self.comm,))
 

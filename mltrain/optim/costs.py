@@ -9,8 +9,9 @@ product costs 1.6-2x a gradient, a Gauss-Newton product more, a loss-only evalua
 quarter, and a coarse level with half the blocks far more than half when a wide opening
 layer is shared by all levels. So each kind on each level is priced by timing it at
 start-up on the rank's first batch, relative to the finest level's plain gradient on that
-batch (``time_levels``: a warm-up, then interleaved rounds, the median of per-round ratios). The ranks average their
-prices, so every rank reports the same work and stops a work budget at the same step.
+batch (``time_levels``: a warm-up, then interleaved rounds, the median of per-round
+ratios). The ranks average their prices, so every rank reports the same work and stops a
+work budget at the same step.
 
 With ``run.costs = "unit"`` every evaluation is priced 1 on every level (counts, not cost:
 reproducible to the bit, for tests and for comparing counts).
@@ -76,7 +77,9 @@ def _evaluations(model: torch.nn.Module, loss_fn, x, y, curvature: str,
                  params: list | None) -> dict:
     """The kinds of evaluation a level pays for, as callables: a plain gradient, one keeping
     its graph (``hessian`` only), a curvature product (``hessian`` or ``ggn``), a loss-only
-    forward. None of them changes a parameter, a gradient or the random state."""
+    forward. None of them changes a parameter, a gradient or the random state. With a
+    curvature product it evaluates the gradient whose graph the products use, once, here
+    (collective on the layer axis as the forward pass is; otherwise not collective)."""
     def plain():
         Curvature(model, loss_fn, x, y, "lsr1", params).loss_and_grad()
 
@@ -111,9 +114,11 @@ def time_levels(levels: list[tuple], loss_fn, x: torch.Tensor, y: torch.Tensor,
     evaluation's price is the median over the rounds of its time over the same round's
     level-0 gradient. A slow spell (another process, a frequency change) then slows the
     numerator and the denominator alike: over 12 start-ups on the 2-core development
-    machine the prices of a 3-level RMTR spread by 5-9% (max - min over median) with 15
-    rounds, against 23-45% timing each kind in a block of 3 and dividing medians
-    (``interleaved=False``, the protocol before 2026-12-04; ``mltrain bench prices``).
+    machine the prices of a 3-level RMTR spread by 7-10% (max - min over median) with 15
+    rounds, against 22-45% timing each kind in a block of 3 and dividing medians
+    (``interleaved=False``, close to the protocol before 2026-12-04; ``mltrain bench
+    prices``). Every level's curvature graph (Hessian or Gauss-Newton) stays alive for
+    the whole timing, so the start-up peak memory holds all of them at once.
     A graph-keeping gradient is priced as a plain one unless the curvature is
     ``hessian``, and an L-SR1 product 0 (vector operations, no pass over data).
 
@@ -148,8 +153,9 @@ def time_levels(levels: list[tuple], loss_fn, x: torch.Tensor, y: torch.Tensor,
 
 def measure(times: list[dict[str, float]], comms=()) -> Prices:
     """Prices from the times ``times[l][kind]`` of each level (seconds, or already relative
-    as ``time_levels`` gives them), relative to level 0's plain gradient, averaged over each communicator of ``comms`` in turn (so every rank of their
-    product holds the same prices). Collective on each of ``comms``."""
+    as ``time_levels`` gives them), relative to level 0's plain gradient, averaged over
+    each communicator of ``comms`` in turn (so every rank of their product holds the same
+    prices). Collective on each of ``comms``."""
     from mltrain.comm import mean_
 
     unit = times[0]["gradient"]

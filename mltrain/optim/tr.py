@@ -393,10 +393,15 @@ class TrustRegion(torch.optim.Optimizer):
         return {"gradient": c["gradient_samples"], "graph_gradient": c["graph_gradient_samples"],
                 "product": c["product_samples"], "loss": c["loss_samples"]}
 
+    def price_levels(self, model) -> list[tuple]:
+        """What ``measure_costs`` times: (network, curvature, parameters) per level, here
+        ``model`` alone (``mltrain.optim.costs.time_levels``). Not collective."""
+        return [(model, self.curvature, self._params)]
+
     def measure_costs(self, obj: Objective, rounds: int = 15) -> None:
         """Prices this optimizer's evaluations by timing them on ``obj``'s batch
         (``mltrain.optim.costs``). Collective on the data axis (and the layer axis)."""
-        self.prices = measure(time_levels([(obj.model, self.curvature, self._params)],
+        self.prices = measure(time_levels(self.price_levels(obj.model),
                                           obj.loss_fn, obj.x, obj.y, rounds),
                               (self.comm, self.layer_comm))
 
