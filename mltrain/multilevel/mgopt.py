@@ -22,7 +22,7 @@ from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy, prolong_vec, restrict_grad, restrict_vec
 from mltrain.optim import build_optimizer
-from mltrain.optim.costs import Prices, measure, time_levels
+from mltrain.optim.costs import Prices, price
 from mltrain.optim.evals import EvalCache
 from mltrain.optim.tr import Objective, TrustRegion, check_level_options, sum_host_copies
 from mltrain.utils.decisions import DecisionLog
@@ -201,8 +201,7 @@ class MGOpt(LevelOptimizers):
     def measure_costs(self, obj: Objective, rounds: int = 15) -> None:
         """Prices every level's evaluations by timing them on ``obj``'s batch
         (``mltrain.optim.costs``). Collective on the data axis."""
-        times = time_levels(self.price_levels(obj.model), obj.loss_fn, obj.x, obj.y, rounds)
-        self.prices = measure(times, (self.comm,))
+        self.prices = price(self.price_levels(obj.model), obj, (self.comm,), rounds)
 
     def report(self, num_train: int) -> dict:
         """Work in fine-gradient equivalents (``work`` priced, ``*_evals`` counted) and per

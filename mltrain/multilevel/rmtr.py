@@ -49,7 +49,7 @@ from mpi4py import MPI
 from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy
 from mltrain.multilevel.transfers import LayerTransfers, Transfers
-from mltrain.optim.costs import Prices, measure, time_levels
+from mltrain.optim.costs import Prices, price
 from mltrain.optim.tr import (Objective, TrustRegion, ball_fraction, check_level_options,
                               sum_host_copies)
 from mltrain.utils.decisions import BOUND_RTOL, DecisionLog
@@ -391,8 +391,8 @@ class RMTR(LevelOptimizers):
         """Prices every level's evaluations by timing them on ``obj``'s batch, relative to
         the finest level's plain gradient (``mltrain.optim.costs``). Collective on the data
         axis (and the layer axis)."""
-        times = time_levels(self.price_levels(obj.model), obj.loss_fn, obj.x, obj.y, rounds)
-        self.prices = measure(times, (self.comm, self.parts[0].layer_comm))
+        self.prices = price(self.price_levels(obj.model), obj,
+                            (self.comm, self.parts[0].layer_comm), rounds)
 
     def report(self, num_train: int) -> dict:
         """Work in fine-gradient equivalents: ``work`` priced (each kind on each level at

@@ -63,7 +63,7 @@ from mltrain.comm import allreduce_
 from mltrain.config import ConfigError
 from mltrain.linalg.curvature import Curvature
 from mltrain.linalg.vector import FlatParams
-from mltrain.optim.costs import KINDS, Prices, measure, time_levels
+from mltrain.optim.costs import KINDS, Prices, price
 from mltrain.optim.tr import NonFiniteError, Objective, TrustRegion, ball_fraction
 from mltrain.utils.decisions import BOUND_RTOL, DecisionLog
 
@@ -488,9 +488,7 @@ class APTS:
     def measure_costs(self, obj: Objective, rounds: int = 15) -> None:
         """Prices the evaluations by timing them on ``obj``'s batch (the subdomains run the
         same network; ``mltrain.optim.costs``). Collective on the data axis."""
-        self.prices = measure(time_levels(self.price_levels(obj.model),
-                                          obj.loss_fn, obj.x, obj.y, rounds),
-                              (self.comm,))
+        self.prices = price(self.price_levels(obj.model), obj, (self.comm,), rounds)
 
     def work(self, num_train: int) -> float:
         return self.prices.work([self.samples()], num_train)

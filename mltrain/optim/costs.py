@@ -29,7 +29,7 @@ import torch
 
 from mltrain.linalg.curvature import Curvature
 
-__all__ = ["KINDS", "Prices", "time_levels", "measure"]
+__all__ = ["KINDS", "Prices", "time_levels", "measure", "price"]
 
 # gradient: plain (no graph kept); graph_gradient: keeps the graph for Hessian products;
 # product: one curvature product (Hessian or Gauss-Newton); loss: a forward pass only.
@@ -143,12 +143,19 @@ def time_levels(levels: list[tuple], loss_fn, x: torch.Tensor, y: torch.Tensor,
                                           for _ in range(rounds)) for lv, k in keys}
         price = {key: v / med[0, "gradient"] for key, v in med.items()}
     out = []
-    for lv, (_, curvature, _) in enumerate(levels):
-        p = {k: price[lv, k] for k in evals[lv]}
+    for lv, ev in enumerate(evals):
+        p = {k: price[lv, k] for k in ev}
         p.setdefault("graph_gradient", p["gradient"])
         p.setdefault("product", 0.0)
         out.append(p)
     return out
+
+
+def price(levels: list[tuple], obj, comms=(), rounds: int = 15) -> Prices:
+    """The prices of ``levels`` (as ``time_levels``) timed on objective ``obj``'s batch and
+    averaged over ``comms`` (``measure``): what every optimizer's ``measure_costs`` does.
+    Collective on each of ``comms`` (and the layer axis, as ``time_levels``)."""
+    return measure(time_levels(levels, obj.loss_fn, obj.x, obj.y, rounds), comms)
 
 
 def measure(times: list[dict[str, float]], comms=()) -> Prices:

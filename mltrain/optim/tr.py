@@ -33,7 +33,7 @@ from mltrain.linalg.vector import FlatParams
 from mltrain.linalg.lsr1 import LSR1
 from mltrain.linalg.petsc import NonFiniteError, TRSubproblem, check_options_used, log_event
 from mltrain.linalg.reference import steihaug_cg
-from mltrain.optim.costs import Prices, measure, time_levels
+from mltrain.optim.costs import Prices, price
 from mltrain.optim.evals import EvalCache
 from mltrain.utils.decisions import DecisionLog
 
@@ -401,9 +401,8 @@ class TrustRegion(torch.optim.Optimizer):
     def measure_costs(self, obj: Objective, rounds: int = 15) -> None:
         """Prices this optimizer's evaluations by timing them on ``obj``'s batch
         (``mltrain.optim.costs``). Collective on the data axis (and the layer axis)."""
-        self.prices = measure(time_levels(self.price_levels(obj.model),
-                                          obj.loss_fn, obj.x, obj.y, rounds),
-                              (self.comm, self.layer_comm))
+        self.prices = price(self.price_levels(obj.model), obj, (self.comm, self.layer_comm),
+                            rounds)
 
     def work(self, num_train: int) -> float:
         """Work so far in fine-gradient equivalents: the samples of each kind of evaluation
