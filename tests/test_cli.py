@@ -312,12 +312,14 @@ def test_bench_prices_smoke(tmp_path):
         assert all(s >= 0 for s in p["spread"]) and p["worst_spread"] == max(p["spread"])
     assert res["spread_ratio"] > 0
     # It prices what the run's optimizer prices: APTS with Hessian products pays for them.
-    r = mpiexec(1, ["-m", "mltrain", "bench", "prices", "--reps", "2", "--json", str(out),
+    # At 3 ranks as well (one subdomain each, prices averaged over the ranks).
+    r = mpiexec(3, ["-m", "mltrain", "bench", "prices", "--reps", "2", "--json", str(out),
                     "--set", "optim.name=apts", "--set", "tr.curvature=hessian",
-                    "--set", "model.depth=8"], timeout=600)
+                    "--set", "model.depth=8", "--set", "data.batch_size=96"], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["levels"] == 1 and res["protocols"]["interleaved"]["median"][2] > 0, res
+    assert res["levels"] == 1 and res["ranks"] == 3, res
+    assert res["protocols"]["interleaved"]["median"][2] > 0, res
     bad = mpiexec(2, ["-m", "mltrain", "bench", "prices", "--plot", str(tmp_path / "p.png")])
     assert bad.returncode == 2 and "error: config: --plot: bench prices" in bad.stderr, bad.stderr
 
