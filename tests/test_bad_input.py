@@ -44,6 +44,7 @@ def files(tmp_path_factory):
               "space_pipe": '["parallel.pipe"]\nchoice = [1, 2]\n'}
     for name, text in spaces.items():
         (d / f"{name}.toml").write_text(text)
+    (d / "wrongbench.json").write_text('{"bench": "tr", "cells": []}')
     (d / "emptydir").mkdir()
     (d / "stated").mkdir()
     (d / "stated" / "search-state.json").write_text("{}")
@@ -95,6 +96,12 @@ MPI_CASES = [  # (ranks, arguments after `-m mltrain`, what the message must con
     (2, ["bench", "tr", "--budget", "nan"], "--budget"),
     (2, ["bench", "multilevel", "--resolution", "2"], "--resolution"),
     (2, ["bench", "multilevel", "--seeds", "0"], "--seeds"),
+    (2, ["bench", "multilevel", "--from-json", "{fifo}"], "not a regular file"),
+    (2, ["bench", "multilevel", "--from-json", "{space_ok}"], "not JSON"),
+    (2, ["bench", "multilevel", "--from-json", "{wrongbench}"], "a bench 'tr' result"),
+    (2, ["bench", "multilevel", "--from-json", "{wrongbench}", "--markdown", "{wrongbench}"],
+     "is the --from-json input"),
+    (2, ["bench", "tr", "--from-json", "{wrongbench}"], "only bench multilevel"),
     (1, ["bench", "kernels", "--sizes", "abc"], "--sizes"),
     (2, ["bench", "kernels"], "run it as one process"),
     # Errors that were already clean, kept so they stay so.

@@ -1,11 +1,14 @@
 """The command line end to end, in real MPI jobs launched from a serial test."""
 import json
 import math
+import re
 import time
 
 import pytest
 
 from conftest import ROOT, mpiexec
+
+from mltrain.config import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -362,6 +365,17 @@ def test_bench_multilevel_smoke(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     text = md.read_text()
     assert text.count("| rmtr-3 |") == 2 and "hybrid batch, smooth initialization" in text
+    # The saved run renders again without training: the same tables, the same plot panels.
+    md2, png2 = tmp_path / "again.md", tmp_path / "again.png"
+    again = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--from-json", str(out),
+                        "--markdown", str(md2), "--plot", str(png2)], timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert md2.read_text() == text and png2.read_bytes()[:4] == b"\x89PNG"
+    def table(stdout):  # the table's rows, not the progress log's ("...: rates", ...)
+        return [ln for ln in stdout.splitlines() if ln.startswith("  hybrid/")
+                and ": " not in ln]
+    assert table(r.stdout) and table(r.stdout) == table(again.stdout)
+    assert "rates" not in again.stdout  # nothing was tuned or trained
     bad = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--methods", "tr,rmtr-9"])
     assert bad.returncode == 2 and "rmtr-9" in bad.stderr
     bad = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--regimes", "tiny"])
@@ -393,6 +407,54 @@ def test_equal_steps_compares_each_seed_with_adam_at_its_step_count():
     assert apts["median"] == pytest.approx(12.0) and apts["min"] == pytest.approx(1.0)
     assert cells[2]["vs_adam_equal_steps"]["per_seed"] == pytest.approx([3.0, 11.0])
     assert "vs_adam_equal_steps" not in cells[0]
+
+
+def _saved_result() -> dict:
+    """The smallest result ``bench multilevel --json`` could have written."""
+    stats = {"reached": 1, "median": 2.0, "q25": 2.0, "q75": math.inf}
+    point = {"work": 0.0, "wall_s": 0.0, "step": 0, "train_loss": 2.3, "test_accuracy": 0.1}
+    cell = {"regime": "hybrid", "init": "smooth", "method": "rmtr-3", "lr": None,
+            "runs": [{"curve": [point, dict(point, work=1.0, train_loss=0.5)]}],
+            "work_to_target": stats, "wall_to_target": stats, "steps_to_target": stats,
+            "work_to_acc": stats, "steps_to_acc": dict(stats, median=None, q25=None),
+            "test_accuracy": {"median": 0.9, "q25": 0.9, "q75": 0.9},
+            "work_ratio_vs_tr": None, "steps_ratio_vs_adam": None,
+            "vs_adam_equal_steps": {"median": 1.0, "min": 0.0, "max": 2.0}}
+    return {"bench": "multilevel", "dataset": "digits", "data_path": "", "model": "resnet",
+            "curvature": "lsr1", "ranks": 2, "seeds": 2, "batch": 64, "large_batch": 512,
+            "budget": 1.0, "target": 0.1, "target_acc": None, "regimes": ["hybrid"],
+            "inits": ["smooth"], "cells": [cell]}
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda r: r.pop("cells"), "missing 'cells'"),
+    (lambda r: r.update(seeds=True), "'seeds' must be int, got bool"),
+    (lambda r: r.update(regimes=["hybrid", "hybrid"]), "'regimes' must list distinct"),
+    (lambda r: r.update(inits=[["smooth"]]), "'inits' must list distinct"),
+    (lambda r: r.update(model="resnet\n| injected |"), "'model' must be a short printable"),
+    (lambda r: r["cells"][0].update(method="rmtr-3 | x"), "cells[0]: its regime, init or"),
+    (lambda r: r["cells"][0]["runs"][0]["curve"][1].update(train_loss="0.5"),
+     "cells[0].runs[0].curve[1]: 'train_loss' must be int or float, got str"),
+    (lambda r: r["cells"][0].update(runs=[]), "cells[0]: 'runs' is empty"),
+    (lambda r: r["cells"][0]["work_to_target"].update(q25=None), "a median needs its"),
+    (lambda r: r["cells"][0]["test_accuracy"].update(median=None),
+     "cells[0].test_accuracy: 'median' must be int or float"),
+    (lambda r: r["cells"][0].update(vs_adam_equal_steps={"median": 1.0}), "missing 'min'"),
+    (lambda r: r.update(cells={"0": {}}), "'cells' must be list, got dict"),
+])
+def test_from_json_refuses_what_the_tables_could_not_read(tmp_path, spoil, message):
+    """``--from-json`` reads an untrusted file: every field the tables and the plot read is
+    checked, and the first bad one is named. The unspoiled result renders."""
+    from mltrain.cli.bench_multilevel import load_result, markdown
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(_saved_result()))
+    assert "| rmtr-3 | - | 2.00 [2.00, inf] (1/2) |" in markdown(load_result(str(path)))
+    res = _saved_result()
+    spoil(res)
+    path.write_text(json.dumps(res))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_result(str(path))
 
 
 def test_bench_multilevel_statistics():

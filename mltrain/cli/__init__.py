@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multilevel: the global batch of the large-batch regime")
     b.add_argument("--resolution", type=float, default=0.01,
                    help="multilevel: check the targets whenever the work grew by this fraction")
+    b.add_argument("--from-json", metavar="IN.json", help="multilevel: print the tables and "
+                   "write --plot/--markdown of a run saved with --json, without training")
     b.add_argument("--markdown", metavar="OUT.md",
                    help="multilevel, search, ps: write the tables as markdown")
     b.add_argument("--plot", metavar="OUT.png", help="tr, multilevel: loss and accuracy "

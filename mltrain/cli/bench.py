@@ -310,6 +310,9 @@ def check_args(what: str, cfg, args, ranks: int) -> None:
                           f"got {args.budget}")
     if not (math.isfinite(args.target) and args.target >= 0):
         raise ConfigError(f"--target: expected a training loss >= 0, got {args.target}")
+    if args.from_json and what != "multilevel":
+        raise ConfigError(f"--from-json: only bench multilevel renders a saved run, not "
+                          f"bench {what}")
     if what == "mgrit" and args.cf < 2:
         raise ConfigError(f"--cf: the coarsening factor must be at least 2, got {args.cf}")
     if what == "kernels":
@@ -410,10 +413,41 @@ def _dp(what: str, cfg, args, comm: MPI.Comm) -> int:
     return 0
 
 
+def _print_multilevel(res: dict) -> None:
+    """The console table of a bench multilevel result. Not collective."""
+    print(f"bench multilevel: {res['dataset']}, {res['model']}, batch {res['batch']} "
+          f"(large {res['large_batch']}), {res['ranks']} rank(s), {res['seeds']} seeds; "
+          f"target training loss {res['target']:g}"
+          + (f", test accuracy {res['target_acc']:g}" if res["target_acc"] else "")
+          + f"; budget {res['budget']:g} fine-gradient equivalents; medians [IQR]")
+
+    def cell(s, fmt="{:.2f}"):
+        if s["median"] is None:
+            return f"- ({s['reached']}/{res['seeds']})"
+        return (fmt.format(s["median"]) + " [" + fmt.format(s["q25"]) + ", "
+                + (fmt.format(s["q75"]) if math.isfinite(s["q75"]) else "inf") + "]")
+
+    print(f"  {'regime/init':<20}{'method':<12}{'work@target':>24}{'wall s@target':>24}"
+          f"{'steps@target':>22}{'steps@acc':>20}{'test acc':>9}{'TR/this':>8}"
+          f"{'Adam/this steps':>16}")
+    for c in res["cells"]:
+        r1 = f"{c['work_ratio_vs_tr']:.2f}" if c["work_ratio_vs_tr"] else "-"
+        r2 = f"{c['steps_ratio_vs_adam']:.2f}" if c["steps_ratio_vs_adam"] else "-"
+        print(f"  {c['regime'] + '/' + c['init']:<20}{c['method']:<12}"
+              f"{cell(c['work_to_target']):>24}{cell(c['wall_to_target'], '{:.1f}'):>24}"
+              f"{cell(c['steps_to_target'], '{:.0f}'):>22}"
+              f"{cell(c['steps_to_acc'], '{:.0f}'):>20}"
+              f"{c['test_accuracy']['median']:>9.4f}{r1:>8}{r2:>16}")
+
+
 def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
+    """Runs bench multilevel, or with ``--from-json`` renders a saved run again (no
+    training). Collective on ``comm``."""
+    import os
+
     from mltrain.cli import check_writable
     from mltrain.cli.bench_multilevel import (INITS, METHODS, REGIMES, bench_multilevel,
-                                              markdown, plot)
+                                              load_result, markdown, plot)
     from mltrain.comm import agree
 
     def listed(text, choices, flag):
@@ -427,6 +461,13 @@ def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
     def check():
         check_writable(args.plot, "--plot")
         check_writable(args.markdown, "--markdown")
+        if args.from_json:
+            for flag, out in (("--json", args.json), ("--plot", args.plot),
+                              ("--markdown", args.markdown)):
+                if out and os.path.exists(out) and os.path.samefile(out, args.from_json):
+                    raise ConfigError(f"{flag} {out}: is the --from-json input; it would be "
+                                      "overwritten")
+            return load_result(args.from_json)
         for flag, value in (("--seeds", args.seeds), ("--lrs", args.lrs),
                             ("--large-batch", args.large_batch)):
             if value < 1:
@@ -438,38 +479,22 @@ def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
         return (listed(args.methods, METHODS, "--methods"),
                 listed(args.regimes, REGIMES, "--regimes") or REGIMES,
                 listed(args.inits, INITS, "--inits") or INITS)
-    only, regimes, inits = agree(comm, check, what="config")
+    checked = agree(comm, check, what="config")
     rank0 = comm.Get_rank() == 0
-    res = bench_multilevel(args.config, args.overrides, comm, budget=args.budget,
-                           target=args.target, target_acc=args.target_acc, regimes=regimes,
-                           inits=inits, seeds=args.seeds, lrs=args.lrs,
-                           large_batch=args.large_batch, only=only or None,
-                           resolution=args.resolution,
-                           log=(lambda m: print(m, flush=True)) if rank0 else (lambda m: None))
+    if args.from_json:
+        res = checked
+        res.pop("bench")
+    else:
+        only, regimes, inits = checked
+        res = bench_multilevel(args.config, args.overrides, comm, budget=args.budget,
+                               target=args.target, target_acc=args.target_acc,
+                               regimes=regimes, inits=inits, seeds=args.seeds, lrs=args.lrs,
+                               large_batch=args.large_batch, only=only or None,
+                               resolution=args.resolution,
+                               log=(lambda m: print(m, flush=True)) if rank0
+                               else (lambda m: None))
     if rank0:
-        print(f"bench multilevel: {res['dataset']}, {res['model']}, batch {res['batch']} "
-              f"(large {res['large_batch']}), {res['ranks']} rank(s), {res['seeds']} seeds; "
-              f"target training loss {res['target']:g}"
-              + (f", test accuracy {res['target_acc']:g}" if res["target_acc"] else "")
-              + f"; budget {res['budget']:g} fine-gradient equivalents; medians [IQR]")
-
-        def cell(s, fmt="{:.2f}"):
-            if s["median"] is None:
-                return f"- ({s['reached']}/{res['seeds']})"
-            return (fmt.format(s["median"]) + " [" + fmt.format(s["q25"]) + ", "
-                    + (fmt.format(s["q75"]) if math.isfinite(s["q75"]) else "inf") + "]")
-
-        print(f"  {'regime/init':<20}{'method':<12}{'work@target':>24}{'wall s@target':>24}"
-              f"{'steps@target':>22}{'steps@acc':>20}{'test acc':>9}{'TR/this':>8}"
-              f"{'Adam/this steps':>16}")
-        for c in res["cells"]:
-            r1 = f"{c['work_ratio_vs_tr']:.2f}" if c["work_ratio_vs_tr"] else "-"
-            r2 = f"{c['steps_ratio_vs_adam']:.2f}" if c["steps_ratio_vs_adam"] else "-"
-            print(f"  {c['regime'] + '/' + c['init']:<20}{c['method']:<12}"
-                  f"{cell(c['work_to_target']):>24}{cell(c['wall_to_target'], '{:.1f}'):>24}"
-                  f"{cell(c['steps_to_target'], '{:.0f}'):>22}"
-                  f"{cell(c['steps_to_acc'], '{:.0f}'):>20}"
-                  f"{c['test_accuracy']['median']:>9.4f}{r1:>8}{r2:>16}")
+        _print_multilevel(res)
         _write_json(args.json, "multilevel", res)
         if args.plot:
             plot(res, args.plot)

@@ -45,7 +45,8 @@ import numpy as np
 from mltrain.cli.race import race
 from mltrain.config import ConfigError, load_config
 
-__all__ = ["METHODS", "REGIMES", "INITS", "bench_multilevel", "plot", "lbfgs_race", "markdown"]
+__all__ = ["METHODS", "REGIMES", "INITS", "bench_multilevel", "plot", "lbfgs_race", "markdown",
+           "load_result"]
 
 METHODS = ["sgd", "adam", "lbfgs", "tr", "rmtr-3", "apts", "apts-tr", "nested-adam"]
 SECOND_ORDER = ("tr", "rmtr-3", "apts", "apts-tr")
@@ -259,7 +260,7 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
                              lambda seed, probes: run("adam", regime, init, seed,
                                                       rates["adam"], frozenset(probes)))
     _ratios(cells)
-    return {"dataset": base.data.name, "model": f"{base.model.name} width {base.model.width} "
+    return {"dataset": base.data.name, "data_path": base.data.path, "model": f"{base.model.name} width {base.model.width} "
             f"depth {base.model.depth}", "ranks": ranks, "budget": budget, "target": target,
             "target_acc": target_acc, "seeds": seeds, "lrs": lrs, "large_batch": large_batch,
             "batch": base.data.batch_size, "regimes": regimes, "inits": inits,
@@ -311,33 +312,136 @@ def _ratios(cells: list[dict]) -> None:
 
 
 def plot(res: dict, path: str) -> None:
-    """One panel per regime (rows) and initialization (columns): the first seed's training
-    loss against work for every method."""
+    """Per regime (rows) and initialization (pairs of columns), the first seed's training
+    loss and test accuracy against work for every method. Not collective."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows, cols = len(res["regimes"]), len(res["inits"])
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(4.6 * 2 * cols, 3.4 * rows),
+                             squeeze=False)
     keys = [(r, i) for r in res["regimes"] for i in res["inits"]]
-    for ax, (regime, init) in zip(axes.flat, keys):
+    for (loss_ax, acc_ax), (regime, init) in zip(axes.reshape(-1, 2), keys):
+        lows = []
         for c in res["cells"]:
             if (c["regime"], c["init"]) != (regime, init):
                 continue
             curve = c["runs"][0]["curve"]
-            ax.plot([p["work"] for p in curve], [p["train_loss"] for p in curve], marker="o",
-                    ms=2, label=c["method"])
-        ax.axhline(res["target"], color="k", lw=0.8, ls="--")
-        ax.set(title=f"{regime} batch, {init} init", xlabel="fine-gradient equivalents",
-               ylabel="training loss", yscale="log")
-        ax.grid(alpha=0.3)
+            work = [p["work"] for p in curve]
+            for ax, key in ((loss_ax, "train_loss"), (acc_ax, "test_accuracy")):
+                ax.plot(work, [p[key] for p in curve], marker="o", ms=2, label=c["method"])
+            lows += [p["test_accuracy"] for p in curve[1:]]
+        if lows:  # the untrained start would squash the curves into the top of the panel
+            acc_ax.set_ylim(max(0.0, min(lows) - 0.02), min(1.0, max(lows) + 0.01))
+        if res["target"] > 0:  # a target of 0 (spend the budget) has no line on a log axis
+            loss_ax.axhline(res["target"], color="k", lw=0.8, ls="--")
+        if res["target_acc"] is not None:
+            acc_ax.axhline(res["target_acc"], color="k", lw=0.8, ls="--")
+        loss_ax.set(title=f"{regime} batch, {init} init", xlabel="fine-gradient equivalents",
+                    ylabel="training loss", yscale="log")
+        acc_ax.set(title=f"{regime} batch, {init} init", xlabel="fine-gradient equivalents",
+                   ylabel="test accuracy")
+        for ax in (loss_ax, acc_ax):
+            ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{res['dataset']}, {res['model']}, {res['ranks']} rank(s), seed 0")
+    data = res["dataset"] + (f" {res['data_path']}" if res.get("data_path") else "")
+    fig.suptitle(f"{data}, {res['model']}, {res['ranks']} rank(s), seed 0")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+# -- a saved run (--json), rendered again with --from-json -----------------------------------
+def _field(obj, key: str, kinds: tuple, where: str):
+    """``obj[key]`` if ``obj`` is an object holding it as one of ``kinds`` (a bool is no
+    number), else ConfigError naming ``where`` and the key."""
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(obj).__name__}")
+    if key not in obj:
+        raise ConfigError(f"{where}: missing {key!r}")
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ConfigError(f"{where}: {key!r} must be "
+                          f"{' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+    return value
+
+
+NUM, OPT_NUM = (int, float), (int, float, type(None))
+
+
+def _check_stats(s, where: str, optional: bool) -> None:
+    for key in ("median", "q25", "q75"):
+        _field(s, key, OPT_NUM if optional else NUM, where)
+    if optional:
+        _field(s, "reached", (int,), where)
+        if s["median"] is not None and (s["q25"] is None or s["q75"] is None):
+            raise ConfigError(f"{where}: a median needs its quartiles")
+
+
+def _check_result(res, where: str) -> None:
+    """Raises ConfigError naming the first field of a saved result that the tables and the
+    plot could not read. Not collective."""
+    if _field(res, "bench", (str,), where) != "multilevel":
+        raise ConfigError(f"{where}: a bench {res['bench']!r} result, not bench multilevel")
+    for key in ("dataset", "model", "curvature", "data_path"):
+        if key == "data_path" and key not in res:  # runs saved before it was recorded
+            continue
+        text = _field(res, key, (str,), where)
+        if len(text) > 1000 or not text.isprintable():
+            raise ConfigError(f"{where}: {key!r} must be a short printable name")
+    for key in ("ranks", "seeds", "batch", "large_batch"):
+        if _field(res, key, (int,), where) < 1:
+            raise ConfigError(f"{where}: {key!r} must be at least 1")
+    for key in ("budget", "target"):
+        _field(res, key, NUM, where)
+    _field(res, "target_acc", OPT_NUM, where)
+    for key, known in (("regimes", REGIMES), ("inits", INITS)):
+        items = _field(res, key, (list,), where)
+        if (not items or not all(isinstance(x, str) for x in items)
+                or len(set(items)) != len(items) or not set(items) <= set(known)):
+            raise ConfigError(f"{where}: {key!r} must list distinct names from "
+                              f"{', '.join(known)}")
+    for i, c in enumerate(_field(res, "cells", (list,), where)):
+        at = f"{where}: cells[{i}]"
+        if (_field(c, "regime", (str,), at) not in res["regimes"]
+                or _field(c, "init", (str,), at) not in res["inits"]
+                or _field(c, "method", (str,), at) not in METHODS):
+            raise ConfigError(f"{at}: its regime, init or method is not one of the run's")
+        _field(c, "lr", OPT_NUM, at)
+        for key in ("work_to_target", "wall_to_target", "steps_to_target", "steps_to_acc"):
+            _check_stats(_field(c, key, (dict,), at), f"{at}.{key}", optional=True)
+        _check_stats(_field(c, "test_accuracy", (dict,), at), f"{at}.test_accuracy", False)
+        for key in ("work_ratio_vs_tr", "steps_ratio_vs_adam"):
+            _field(c, key, OPT_NUM, at)
+        if c.get("vs_adam_equal_steps") is not None:
+            for key in ("median", "min", "max"):
+                _field(c["vs_adam_equal_steps"], key, NUM, f"{at}.vs_adam_equal_steps")
+        runs = _field(c, "runs", (list,), at)
+        if not runs:
+            raise ConfigError(f"{at}: 'runs' is empty")
+        for j, p in enumerate(_field(runs[0], "curve", (list,), f"{at}.runs[0]")):
+            for key in ("work", "train_loss", "test_accuracy"):
+                _field(p, key, NUM, f"{at}.runs[0].curve[{j}]")
+
+
+def load_result(path: str) -> dict:
+    """The result a ``--json`` run wrote, checked field by field before anything is drawn
+    (the file is untrusted: a small regular text file, JSON only). Raises ConfigError naming
+    the file and the field. Not collective."""
+    import json
+
+    from mltrain.config import read_text
+
+    where = f"--from-json {path}"
+    text = read_text(path, "--from-json")
+    try:
+        res = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{where}: not JSON ({e})") from None
+    _check_result(res, where)
+    return res
 
 
 def markdown(res: dict) -> str:

@@ -686,7 +686,7 @@ def check_ranks(n: int, what: str = "--ranks") -> int:
 
 
 def read_text(path: str | Path, what: str) -> str:
-    """A small UTF-8 text file (config, hardware), refused with ConfigError naming
+    """A small UTF-8 text file (config, hardware, saved state), refused with ConfigError naming
     ``what`` when it is not a regular file (a FIFO would block), too large, or not UTF-8
     text. Not collective."""
     import os
@@ -704,7 +704,7 @@ def read_text(path: str | Path, what: str) -> str:
     except OSError as e:
         raise ConfigError(f"{what} {path}: cannot read ({e.strerror or e})") from None
     if b"\0" in raw:
-        raise ConfigError(f"{what} {path}: a binary file, not TOML text")
+        raise ConfigError(f"{what} {path}: a binary file, not text")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
