@@ -246,8 +246,13 @@ def _local_logs(comm, trainer) -> dict:
                                     "apts.local_solver=tr"],
                                    ["apts.decomposition=data", "apts.local_solver=adam"],
                                    ["apts.decomposition=data", "apts.local_solver=adam",
-                                    "tr.grow_on=holdout", "tr.grow_after=1"]],
-                         ids=["data", "weights-window", "adam", "adam-holdout"])
+                                    "tr.grow_on=holdout", "tr.grow_after=1"],
+                                   ["apts.decomposition=data", "apts.local_solver=adam",
+                                    "model.depth_penalty=0.05"],
+                                   ["apts.decomposition=weights", "apts.local_solver=tr",
+                                    "model.depth_penalty=0.05"]],
+                         ids=["data", "weights-window", "adam", "adam-holdout",
+                              "adam-depth-penalty", "weights-depth-penalty"])
 @pytest.mark.exactness
 def test_apts_subdomains_compute_alike_at_any_rank_count(comm, extra):
     """Twelve subdomains on 1, 2, 3 or 4 ranks: the same global decisions (checked first,
@@ -259,7 +264,10 @@ def test_apts_subdomains_compute_alike_at_any_rank_count(comm, extra):
                                      "data.partition=strided", "data.shuffle=false",
                                      "data.batch_size=96", "run.steps=6"] + extra)
     s, before, diff = against_serial(comm, cfg)
-    all_ranks(comm, diff < 1e-10, f"{diff:.2e}")
+    # The penalty's weights-decomposition run takes long steps (radius 4 by step 3), which
+    # amplify the round-off of the sums: 1.8e-10 at 2 ranks after 6 steps.
+    all_ranks(comm, diff < (1e-8 if "model.depth_penalty=0.05" in extra else 1e-10),
+              f"{diff:.2e}")
     all_ranks(comm, s["final_loss"] < before, str(s))
     par = Trainer(cfg, comm, quiet=True, metrics=False)
     par.train()

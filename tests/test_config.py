@@ -94,6 +94,11 @@ def test_docs_list_every_key():
     (["parallel.pipe=2", "parallel.layer=2", "optim.name=tr"], "optim.name"),
     (["pipeline.balance=2,x"], "pipeline.balance"),
     (["pipeline.balance=2,0"], "at least one layer"),
+    (["model.depth_penalty=0.1", "model.name=mlp"], "model.depth_penalty: couples"),
+    (["model.depth_penalty=0.1", "parallel.layer=2"], "parallel.layer = 2"),
+    (["model.depth_penalty=0.1", "parallel.pipe=2", "optim.name=sgd"], "parallel.pipe = 2"),
+    (["model.depth_penalty=-1"], "model.depth_penalty"),
+    (["model.depth_penalty=1e39"], "beyond float32"),
 ])
 def test_model_parallel_config_errors(extra, match):
     with pytest.raises(ConfigError, match=match):
@@ -131,15 +136,16 @@ def test_every_rule_can_be_broken_and_names_a_key():
         4: ["parallel.pipe=2", "sync.name=sgp"], 5: ["parallel.layer=2", "optim.name=mgopt"],
         6: ["parallel.layer=2", "optim.name=tr", "tr.curvature=hessian"], 7: ["parallel.layer=2", "sync.name=sgp"],
         8: ["optim.lr=1e39"], 9: ["model.init=smooth", "model.name=mlp"],
-        10: ["multilevel.nested=true"],
-        11: ["multilevel.init=nested", "optim.name=tr"],
-        12: ["optim.name=tr", "tr.radius=20"], 13: ["optim.name=tr", "sync.name=sgp"],
-        14: ["sync.name=sgp", "sync.compression=fp16"],
-        15: ["sync.compression=topk", "sync.topk_ratio=0"],
-        16: ["sync.name=ps", "multilevel.nested=true", "multilevel.levels=2"],
-        17: ["sync.transport=rma"],
-        18: ["sync.name=sgp", "checkpoint.resume=true", "checkpoint.dir=x"],
-        19: ["checkpoint.every=3"], 20: ["run.amp=bf16", "run.dtype=float64"],
+        10: ["model.depth_penalty=0.1", "model.name=mlp"],
+        11: ["multilevel.nested=true"],
+        12: ["multilevel.init=nested", "optim.name=tr"],
+        13: ["optim.name=tr", "tr.radius=20"], 14: ["optim.name=tr", "sync.name=sgp"],
+        15: ["sync.name=sgp", "sync.compression=fp16"],
+        16: ["sync.compression=topk", "sync.topk_ratio=0"],
+        17: ["sync.name=ps", "multilevel.nested=true", "multilevel.levels=2"],
+        18: ["sync.transport=rma"],
+        19: ["sync.name=sgp", "checkpoint.resume=true", "checkpoint.dir=x"],
+        20: ["checkpoint.every=3"], 21: ["run.amp=bf16", "run.dtype=float64"],
     }
     assert sorted(breaking) == list(range(len(RULES)))
     for i, rule in enumerate(RULES):

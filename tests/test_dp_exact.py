@@ -9,7 +9,7 @@ from mltrain.comm import CollectiveError
 from mltrain.config import load_config
 from mltrain.train import Trainer
 
-from conftest import all_ranks
+from conftest import all_ranks, require
 
 pytestmark = pytest.mark.mpi(min_size=1)
 
@@ -44,6 +44,35 @@ def test_matches_serial_large_batch(comm, model, views):
         all_ranks(comm, s_par["comm_bytes"] > 0 and s_par["comm_calls"] >= 20)
     par.close()
     ser.close()
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam", "tr"])
+def test_depth_penalty_matches_serial_and_smooths_the_blocks(comm, optim):
+    """model.depth_penalty on the first-order path (every rank adds it, the average counts
+    it once) and in the trust region's objective and Hessian: the iterates of P ranks are
+    the serial ones, and the trained blocks differ less from one another than without the
+    penalty."""
+    from mltrain.nn import depth_penalty, set_depth_penalty
+
+    if optim == "tr":
+        require("petsc4py")
+    base = EXACT + ["model.name=resnet", "model.depth=4", f"optim.name={optim}",
+                    "run.steps=10"]
+    cfg = load_config(None, base + ["model.depth_penalty=0.5"])
+    par = Trainer(cfg, comm, quiet=True, metrics=False)
+    par.train()
+    ser = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
+    ser.train()
+    diff = max_rel_diff(par.model, ser.model)
+    all_ranks(comm, diff <= 1e-10, f"{optim}: relative difference {diff:.2e}")
+    plain = Trainer(load_config(None, base), MPI.COMM_SELF, quiet=True, metrics=False)
+    plain.train()
+    set_depth_penalty(plain.model, 0.5)
+    with torch.no_grad():
+        smoothed, unpenalized = float(depth_penalty(ser.model)), float(depth_penalty(plain.model))
+    all_ranks(comm, smoothed < 0.9 * unpenalized, f"{smoothed} vs {unpenalized}")
+    for t in (par, ser, plain):
+        t.close()
 
 
 def test_indivisible_batch_is_a_config_error_everywhere(comm):

@@ -154,8 +154,13 @@ def test_multilevel_optimizers_descend_and_are_deterministic(extra):
                                     "multilevel.init=nested", "multilevel.init_cycles=2",
                                     "tr.grow_on=holdout", "tr.grow_after=1"],
                                    ["optim.name=mgopt", "multilevel.levels=2",
-                                    "mgopt.smoother=adam"]],
-                         ids=["rmtr", "rmtr-hybrid", "rmtr-init-holdout", "mgopt"])
+                                    "mgopt.smoother=adam"],
+                                   ["optim.name=rmtr", "multilevel.levels=3",
+                                    "model.depth_penalty=0.05"],
+                                   ["optim.name=mgopt", "multilevel.levels=2",
+                                    "mgopt.smoother=adam", "model.depth_penalty=0.05"]],
+                         ids=["rmtr", "rmtr-hybrid", "rmtr-init-holdout", "mgopt",
+                              "rmtr-depth-penalty", "mgopt-depth-penalty"])
 @pytest.mark.exactness
 def test_multilevel_rank_count_invariant(comm, extra):
     require("petsc4py")
@@ -168,6 +173,28 @@ def test_multilevel_rank_count_invariant(comm, extra):
     tol = 1e-8 if "multilevel.coarse_model=hybrid" in extra else 1e-10
     all_ranks(comm, diff < tol, f"{diff:.2e}")
     all_ranks(comm, s["final_loss"] < before, str(s))
+
+
+@pytest.mark.parametrize("extra", [["optim.name=rmtr", "multilevel.levels=3"],
+                                   ["optim.name=mgopt", "multilevel.levels=2",
+                                    "mgopt.smoother=tr"]], ids=["rmtr", "mgopt"])
+def test_multilevel_optimizers_minimize_the_depth_penalty(extra):
+    """With model.depth_penalty every level's objective carries the penalty (the coarse
+    ones their own): the trained blocks differ less from one another than without it."""
+    require("petsc4py")
+    from mltrain.nn import depth_penalty, set_depth_penalty
+
+    base = SMALL + ["run.dtype=float64", "run.steps=6"] + extra
+    models = []
+    for alpha in (0.5, 0.0):
+        t = Trainer(load_config(None, base + [f"model.depth_penalty={alpha}"]),
+                    MPI.COMM_SELF, quiet=True, metrics=False)
+        t.train()
+        set_depth_penalty(t.model, 0.5)
+        with torch.no_grad():
+            models.append(float(depth_penalty(t.model)))
+        t.close()
+    assert models[0] < 0.9 * models[1], models
 
 
 @pytest.mark.mpi(min_size=1)

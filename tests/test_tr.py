@@ -121,6 +121,65 @@ def test_ggn_against_explicit_jacobian():
     assert float(torch.linalg.eigvalsh(G).min()) > -1e-12  # positive semi-definite
 
 
+def test_depth_penalty_is_in_the_objective_its_gradient_and_every_product():
+    """model.depth_penalty: the loss, the gradient and the Hessian and Gauss-Newton products
+    each gain exactly the penalty's share, checked against the penalty written out by hand
+    (its Hessian is (alpha / h) times the second difference over depth, free ends); a
+    coarse level (injection, twice the step) discretizes the same integral: for weights
+    linear in depth its penalty is (N - 2) / (N - 1) of the fine one."""
+    from mltrain.multilevel import Hierarchy
+    from mltrain.nn import build_model, depth_penalty, set_depth_penalty
+
+    torch.manual_seed(0)
+    N, alpha = 6, 0.3
+    model = build_model("resnet", (1, 2, 2), 3, width=3, depth=N, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 1, 2, 2, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    h = model.blocks[0].h
+    blocks = [torch.cat([p.detach().reshape(-1) for p in b.parameters()]) for b in model.blocks]
+    by_hand = alpha / (2 * h) * sum(float((b - a) @ (b - a)) for a, b in zip(blocks, blocks[1:]))
+    v = torch.randn(sum(p.numel() for p in model.parameters()), generator=gen,
+                    dtype=torch.float64)
+    # The penalty's Hessian times v by hand: (alpha / h) (2 v_k - v_{k-1} - v_{k+1}), one
+    # neighbour at each end; zero on the opening and closing layers.
+    n_open = sum(p.numel() for p in model.opening.parameters())
+    per = blocks[0].numel()
+    vb = v[n_open:n_open + N * per].view(N, per)
+    lap = torch.zeros_like(vb)
+    lap[:-1] += vb[:-1] - vb[1:]
+    lap[1:] += vb[1:] - vb[:-1]
+    pen_hv = torch.zeros_like(v)
+    pen_hv[n_open:n_open + N * per] = (alpha / h) * lap.reshape(-1)
+
+    plain = {k: Curvature(model, nn.functional.cross_entropy, x, y, k) for k in ("hessian", "ggn")}
+    f0, g0 = plain["hessian"].loss_and_grad()
+    plain["ggn"].loss_and_grad()
+    hv0 = {k: c.mv(v) for k, c in plain.items()}
+    set_depth_penalty(model, alpha)
+    assert float(depth_penalty(model).detach()) == pytest.approx(by_hand, rel=1e-12)
+    for kind in ("hessian", "ggn"):
+        curv = Curvature(model, nn.functional.cross_entropy, x, y, kind, penalty=depth_penalty)
+        f, g = curv.loss_and_grad()
+        assert f == pytest.approx(f0 + by_hand, rel=1e-12)
+        gp = torch.autograd.grad(depth_penalty(model), list(model.parameters()),
+                                 allow_unused=True)
+        gp = torch.cat([t.reshape(-1) if t is not None else torch.zeros(p.numel(), dtype=p.dtype)
+                        for t, p in zip(gp, model.parameters())])
+        assert torch.allclose(g, g0 + gp, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(curv.mv(v), hv0[kind] + pen_hv, rtol=1e-10, atol=1e-12), kind
+    with pytest.raises(ConfigError, match="model.depth_penalty"):
+        set_depth_penalty(nn.Sequential(nn.Linear(2, 2)), 0.1)
+
+    smooth = build_model("resnet", (1, 2, 2), 3, width=3, depth=8, dtype=torch.float64,
+                         init="smooth")
+    set_depth_penalty(smooth, alpha)
+    coarse = Hierarchy(smooth, 2, 2).models[1]
+    assert coarse.depth_alpha == alpha and coarse.blocks[0].h == 2 * smooth.blocks[0].h
+    assert float(depth_penalty(coarse).detach()) == pytest.approx(
+        6 / 7 * float(depth_penalty(smooth).detach()), rel=1e-10)
+
+
 TR = ["optim.name=tr", "run.dtype=float64", "data.partition=strided", "data.shuffle=false",
       "data.batch_size=24", "model.width=16", "model.depth=2", "run.threads=1",
       "run.steps=15"]
@@ -292,8 +351,9 @@ def test_lsr1_recovers_a_quadratic():
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("extra", [["tr.curvature=lsr1"], ["tr.batch=full"],
                                    ["tr.batch=hybrid", "tr.grow_on=holdout",
-                                    "tr.grow_after=1"]],
-                         ids=["lsr1", "full", "holdout"])
+                                    "tr.grow_after=1"],
+                                   ["tr.curvature=ggn", "model.depth_penalty=0.05"]],
+                         ids=["lsr1", "full", "holdout", "ggn-depth-penalty"])
 @pytest.mark.exactness
 def test_tr_modes_rank_count_invariant(comm, extra):
     require("petsc4py")

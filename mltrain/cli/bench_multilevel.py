@@ -102,6 +102,7 @@ def lbfgs_race(cfg, comm, budget: float, target: float, target_acc: float | None
     from mpi4py import MPI
 
     from mltrain.comm import mean_
+    from mltrain.nn import depth_penalty
     from mltrain.train import Trainer
 
     t = Trainer(cfg, comm, quiet=True, metrics=False, serve=False)
@@ -117,7 +118,7 @@ def lbfgs_race(cfg, comm, budget: float, target: float, target_acc: float | None
     def closure():
         for p in params:
             p.grad = None
-        loss = F.cross_entropy(model(x), y) * weight
+        loss = (F.cross_entropy(model(x), y) + depth_penalty(model)) * weight
         loss.backward()
         flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
         mean_(flat, comm)

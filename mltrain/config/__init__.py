@@ -93,6 +93,9 @@ class ModelConfig:
     init: str = _f("independent", "initial weights: independent draws per layer, or smooth "
                    "(resnet: blocks linear in depth between the first and last block's draws)",
                    choices=("independent", "smooth"))
+    depth_penalty: float = _f(0.0, "alpha of the smoothness-in-depth term alpha/2 sum_k "
+                              "||theta_{k+1} - theta_k||^2 / h added to the training "
+                              "objective (resnet; 0: none; docs/multilevel.md)", min=0.0)
 
 
 @dataclass
@@ -529,18 +532,29 @@ RULES = [
          lambda c: _first((c.parallel.layer > 1 and c.sync.name != "allreduce",
                            f"parallel.layer: layer-parallel training needs sync.name = "
                            f"'allreduce', not {c.sync.name!r}"))),
-    Rule("optim.lr, optim.weight_decay, tr.radius, tr.radius_max",
+    Rule("optim.lr, optim.weight_decay, tr.radius, tr.radius_max, model.depth_penalty",
          "within float32 when run.dtype = float32",
          lambda c: _first(*((c.run.dtype == "float32" and getattr(sec, k) > _F32_MAX,
                              f"{name}.{k}: {getattr(sec, k)} is beyond float32 (run.dtype); "
                              "nothing trains at that scale")
                             for name, sec, keys in (("optim", c.optim, ("lr", "weight_decay")),
-                                                    ("tr", c.tr, ("radius", "radius_max")))
+                                                    ("tr", c.tr, ("radius", "radius_max")),
+                                                    ("model", c.model, ("depth_penalty",)))
                             for k in keys))),
     Rule("model.init, model.name", "init = smooth for resnet only",
          lambda c: _first((c.model.init == "smooth" and c.model.name != "resnet",
                            f"model.init: 'smooth' makes residual blocks linear in depth; "
                            f"model.name = {c.model.name!r} has none"))),
+    Rule("model.depth_penalty, model.name, parallel.layer, parallel.pipe",
+         "a depth penalty needs residual blocks on every rank (resnet, no layer or pipe axis)",
+         lambda c: _first((c.model.depth_penalty > 0 and c.model.name != "resnet",
+                           f"model.depth_penalty: couples consecutive residual blocks; "
+                           f"model.name = {c.model.name!r} has none"),
+                          (c.model.depth_penalty > 0 and (c.parallel.layer > 1
+                                                          or c.parallel.pipe > 1),
+                           "model.depth_penalty: needs every residual block on every rank "
+                           f"(parallel.layer = {c.parallel.layer}, parallel.pipe = "
+                           f"{c.parallel.pipe}; both must be 1)"))),
     Rule("multilevel.nested, multilevel.levels", "nested iteration needs 2 levels or more",
          lambda c: _first((c.multilevel.nested and c.multilevel.levels < 2,
                            "multilevel.nested: needs multilevel.levels >= 2"))),

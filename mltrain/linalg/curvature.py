@@ -20,12 +20,15 @@ CURVATURES = ("hessian", "ggn", "lsr1")  # lsr1: gradients here, products from l
 
 class Curvature:
     def __init__(self, model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor,
-                 kind: str = "hessian", params: list | None = None):
+                 kind: str = "hessian", params: list | None = None, penalty=None):
         """``params``: the parameters to differentiate (default: all of the model's);
-        a subset works for gradients (``loss_and_grad``) only."""
+        a subset works for gradients (``loss_and_grad``) only. ``penalty(model)``: a term
+        of the parameters alone added to the loss (``mltrain.nn.depth_penalty``), in every
+        product too; 0.0 or None: none."""
         if kind not in CURVATURES:
             raise ValueError(f"tr.curvature: {kind!r} is not one of {CURVATURES}")
         self.model, self.loss_fn, self.x, self.y, self.kind = model, loss_fn, x, y, kind
+        self.penalty = penalty
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = ([p for p in model.parameters() if p.requires_grad] if params is None
                        else list(params))
@@ -47,6 +50,8 @@ class Curvature:
     def loss_and_grad(self) -> tuple[float, torch.Tensor]:
         """Loss value and flat gradient at the current parameters (kept for ``mv``)."""
         loss = self.loss_fn(self.model(self.x), self.y)
+        if self.penalty is not None:
+            loss = loss + self.penalty(self.model)
         grads = torch.autograd.grad(loss, self.params, create_graph=self.kind == "hessian")
         self._loss, self._grads = loss, grads
         return float(loss.detach()), torch.cat([g.detach().reshape(-1) for g in grads])
@@ -62,7 +67,24 @@ class Curvature:
             dot = sum((g * vi).sum() for g, vi in zip(self._grads, self._split(v)))
             hv = torch.autograd.grad(dot, self.params, retain_graph=True)
             return torch.cat([h.reshape(-1) for h in hv])
-        return self._ggn_mv(v)
+        hv = self._ggn_mv(v)
+        return hv if self.penalty is None else hv + self._penalty_mv(v)
+
+    def _penalty_mv(self, v: torch.Tensor) -> torch.Tensor:
+        """The depth penalty's Hessian times ``v``: exact, the penalty being quadratic (the
+        Gauss-Newton product covers the data term only); zeros without a penalty."""
+        with torch.enable_grad():
+            term = self.penalty(self.model)
+            if not torch.is_tensor(term):
+                return torch.zeros_like(v)
+            g = torch.autograd.grad(term, self.params, create_graph=True, allow_unused=True)
+            used = [(gi, vi, p) for gi, vi, p in zip(g, self._split(v), self.params)
+                    if gi is not None]
+            dot = sum((gi * vi).sum() for gi, vi, _ in used)
+            hv = dict(zip((id(p) for *_, p in used),
+                          torch.autograd.grad(dot, [p for *_, p in used])))
+        return torch.cat([hv.get(id(p), torch.zeros_like(p)).reshape(-1)
+                          for p in self.params])
 
     def _ggn_mv(self, v: torch.Tensor) -> torch.Tensor:
         params = {n: p.detach() for n, p in zip(self.names, self.params)}

@@ -16,7 +16,7 @@ from torch import nn
 from mltrain import ops
 
 __all__ = ["MLP", "ResNet", "ResidualBlock", "CNN", "build_model", "is_residual",
-           "check_residual", "smooth_in_depth"]
+           "check_residual", "smooth_in_depth", "set_depth_penalty", "depth_penalty"]
 
 PROTOCOL = ("opening", "blocks", "closing")
 
@@ -181,6 +181,34 @@ def smooth_in_depth(model: nn.Module) -> None:
             t = k / (n - 1)
             for p, a, b in zip(block.parameters(), first, last):
                 p.copy_(a * (1 - t) + b * t)
+
+
+def set_depth_penalty(model: nn.Module, alpha: float) -> None:
+    """Gives ``model`` the smoothness-in-depth term of ``depth_penalty`` with weight
+    ``alpha`` (``model.depth_penalty``; ConfigError unless ``model`` follows the
+    residual-block protocol). Coarse copies of the model (``mltrain.multilevel``) inherit
+    it with their own step. Not collective."""
+    if alpha:
+        check_residual(model, "model.depth_penalty")
+    model.depth_alpha = float(alpha)
+
+
+def depth_penalty(model: nn.Module):
+    """alpha/2 sum_k ||theta_{k+1} - theta_k||^2 / h over consecutive residual blocks
+    (alpha: ``set_depth_penalty``; h: the blocks' step), the forward-difference discretization
+    of alpha/2 int ||theta'(t)||^2 dt (Haber and Ruthotto 2017). A coarse level, with half
+    the blocks at twice the step, discretizes the same integral, so its coarse model stays
+    consistent. It penalizes parameters that oscillate in depth: on a deep network those
+    directions become the stiffest, the case a multilevel method is built for. A
+    differentiable scalar tensor, or 0.0 without a penalty. Not collective."""
+    alpha = getattr(model, "depth_alpha", 0.0)
+    if not alpha or len(model.blocks) < 2:
+        return 0.0
+    total = 0.0
+    for name, _ in model.blocks[0].named_parameters():
+        stacked = torch.stack([b.get_parameter(name) for b in model.blocks])
+        total = total + (stacked[1:] - stacked[:-1]).square().sum()
+    return total * (0.5 * alpha / model.blocks[0].h)
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, width: int,

@@ -63,6 +63,7 @@ from mltrain.comm import allreduce_
 from mltrain.config import ConfigError
 from mltrain.linalg.curvature import Curvature
 from mltrain.linalg.vector import FlatParams
+from mltrain.nn import depth_penalty
 from mltrain.optim.costs import KINDS, Prices, price
 from mltrain.optim.tr import NonFiniteError, Objective, TrustRegion, ball_fraction
 from mltrain.utils.decisions import BOUND_RTOL, DecisionLog
@@ -320,7 +321,8 @@ class APTS:
         packed = torch.zeros(self.n + 1, dtype=torch.float64, device=self.params[0].device)
         local = []
         for m, (x, y) in enumerate(pieces):
-            loss, g = Curvature(obj.model, obj.loss_fn, x, y, "lsr1", self.params).loss_and_grad()
+            loss, g = Curvature(obj.model, obj.loss_fn, x, y, "lsr1", self.params,
+                                penalty=depth_penalty).loss_and_grad()
             g = g.to(torch.float64)
             self._own += len(x)
             lo, hi = self.blocks[m]

@@ -30,6 +30,7 @@ from mltrain.comm import mean_
 from mltrain.linalg import has_petsc
 from mltrain.linalg.curvature import Curvature
 from mltrain.linalg.vector import FlatParams
+from mltrain.nn import depth_penalty
 from mltrain.linalg.lsr1 import LSR1
 from mltrain.linalg.petsc import NonFiniteError, TRSubproblem, check_options_used, log_event
 from mltrain.linalg.reference import steihaug_cg
@@ -75,8 +76,9 @@ def _event(name: str):
 @dataclass(frozen=True)
 class Objective:
     """What a trust-region step minimizes: the mean over the data axis of ``weight`` x
-    ``loss_fn(model(x), y)`` (``weight`` = local samples x ranks / global samples, 1 for
-    equal shares), f, corrected as a multilevel method's coarse model asks:
+    (``loss_fn(model(x), y)`` + the model's ``depth_penalty``) (``weight`` = local samples
+    x ranks / global samples, 1 for equal shares, so the weights average to 1 and the
+    penalty counts once), f, corrected as a multilevel method's coarse model asks:
 
         (a0 + a . (theta - anchor)) f(theta) + delta . (theta - anchor)
 
@@ -319,7 +321,8 @@ class TrustRegion(torch.optim.Optimizer):
         if hit is not None:
             return self._corrected(obj, hit[0])[0]
         with torch.no_grad():
-            value = torch.tensor([float(obj.loss_fn(obj.model(obj.x), obj.y)) * obj.weight],
+            value = torch.tensor([float(obj.loss_fn(obj.model(obj.x), obj.y)
+                                        + depth_penalty(obj.model)) * obj.weight],
                                  dtype=torch.float64)  # host: a scalar averaged over MPI
         self.counts["losses"] += 1
         self.counts["loss_samples"] += self._samples
@@ -341,7 +344,8 @@ class TrustRegion(torch.optim.Optimizer):
             loss, g = hit
         else:
             if curv is None:
-                curv = Curvature(obj.model, obj.loss_fn, obj.x, obj.y, "lsr1", self._params)
+                curv = Curvature(obj.model, obj.loss_fn, obj.x, obj.y, "lsr1", self._params,
+                                 penalty=depth_penalty)
             with _event("mltrain_gradient"):
                 loss, g = curv.loss_and_grad()
             packed = torch.cat([g.to(torch.float64),
@@ -497,7 +501,8 @@ class TrustRegion(torch.optim.Optimizer):
 
         Collective on the data-axis communicator."""
         self._samples = len(obj.x) * self.ranks / obj.weight  # the global batch behind it
-        curv = Curvature(obj.model, obj.loss_fn, obj.x, obj.y, self.curvature, self._params)
+        curv = Curvature(obj.model, obj.loss_fn, obj.x, obj.y, self.curvature, self._params,
+                         penalty=depth_penalty)
         f_raw, g_raw = self._gradient(obj, curv, raw=True)
         loss, g = self._corrected(obj, f_raw, g_raw)
         if not (math.isfinite(loss) and self._finite(g)):

@@ -15,6 +15,7 @@ from torch import nn
 
 from mltrain.comm import GradReducer, agree, broadcast_parameters
 from mltrain.mgrit import LayerParallel
+from mltrain.nn import depth_penalty
 from mltrain.pipeline import LayeredPipeline, Pipeline, sequential_layers
 
 __all__ = ["Layout", "parallelize", "layer_parallel"]
@@ -74,8 +75,10 @@ class Layout:
             if self._reducer is not None:
                 self._reducer.reduce()
             return loss
+        model = model or self.module
         with self.autocast(x):
-            loss = F.cross_entropy((model or self.module)(x), y)
+            loss = F.cross_entropy(model(x), y)
+        loss = loss + depth_penalty(model)  # in the weights' precision, outside autocast
         loss.backward()
         return loss.detach()
 

@@ -19,7 +19,7 @@ from mltrain.config import Config, to_toml
 from mltrain.data import ShardLoader, open_dataset
 from mltrain.io import (MetricsWriter, Snapshot, checkpoint_bytes, load_checkpoint,
                         prepare_folder, resume, save_checkpoint)
-from mltrain.nn import build_model
+from mltrain.nn import build_model, set_depth_penalty
 from mltrain.optim.base import Batches, Context, Straggler
 from mltrain.train import checks
 from mltrain.train.evaluate import evaluate
@@ -126,6 +126,7 @@ class Trainer:
             model = build_model(cfg.model.name, self.dataset.input_shape,
                                 self.dataset.num_classes, width=cfg.model.width,
                                 depth=cfg.model.depth, dtype=self.dtype, init=cfg.model.init)
+        agree(comm, lambda: set_depth_penalty(model, cfg.model.depth_penalty), what="config")
         # Built on the host (the same initial weights on every device), then moved.
         self.layout = parallelize(model.to(device=self.device, dtype=self.dtype), self.gc, cfg,
                                   align=layer_alignment(cfg))
