@@ -261,13 +261,14 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
                              lambda seed, probes: run("adam", regime, init, seed,
                                                       rates["adam"], frozenset(probes)))
     _ratios(cells)
-    return {"dataset": base.data.name, "data_path": base.data.path, "model": f"{base.model.name} width {base.model.width} "
-            f"depth {base.model.depth}", "ranks": ranks, "budget": budget, "target": target,
-            "target_acc": target_acc, "seeds": seeds, "lrs": lrs, "large_batch": large_batch,
+    m = base.model
+    model = (f"{m.name} width {m.width} depth {m.depth}"
+             + (f" depth_penalty {m.depth_penalty:g}" if m.depth_penalty else ""))
+    return {"dataset": base.data.name, "data_path": base.data.path, "model": model,
+            "ranks": ranks, "budget": budget, "target": target, "target_acc": target_acc,
+            "seeds": seeds, "lrs": lrs, "large_batch": large_batch,
             "batch": base.data.batch_size, "regimes": regimes, "inits": inits,
-            "resolution": resolution,
-            "curvature": curvature,
-            "cells": cells}
+            "resolution": resolution, "curvature": curvature, "cells": cells}
 
 
 def _equal_steps(cells: list[dict], adam_run) -> None:
