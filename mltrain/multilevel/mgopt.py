@@ -106,8 +106,8 @@ class MGOpt(LevelOptimizers):
             f = hit[0]
         else:
             with torch.no_grad():
-                f = torch.tensor([float(loss_fn(model(x), y) + depth_penalty(model)) * weight],  # host: an MPI scalar
-                                 dtype=torch.float64)
+                value = float(loss_fn(model(x), y) + depth_penalty(model)) * weight
+                f = torch.tensor([value], dtype=torch.float64)  # host: an MPI scalar
             self.loss_samples[level] += len(x) * self.ranks / weight
             f = float(self._mean(f)[0])
             self.caches[level].store(model, x, y, weight, it, f, None)
