@@ -102,7 +102,7 @@ def lbfgs_race(cfg, comm, budget: float, target: float, target_acc: float | None
     from mpi4py import MPI
 
     from mltrain.comm import mean_
-    from mltrain.nn import depth_penalty
+    from mltrain.nn import add_depth_penalty
     from mltrain.train import Trainer
 
     t = Trainer(cfg, comm, quiet=True, metrics=False, serve=False)
@@ -118,7 +118,7 @@ def lbfgs_race(cfg, comm, budget: float, target: float, target_acc: float | None
     def closure():
         for p in params:
             p.grad = None
-        loss = (F.cross_entropy(model(x), y) + depth_penalty(model)) * weight
+        loss = add_depth_penalty(F.cross_entropy(model(x), y), model) * weight
         loss.backward()
         flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
         mean_(flat, comm)
@@ -387,9 +387,9 @@ def _check_result(res, where: str) -> None:
     plot could not read. Not collective."""
     if _field(res, "bench", (str,), where) != "multilevel":
         raise ConfigError(f"{where}: a bench {res['bench']!r} result, not bench multilevel")
-    for key in ("dataset", "model", "curvature", "data_path"):
-        if key == "data_path" and key not in res:  # runs saved before it was recorded
-            continue
+    # data_path: absent from runs saved before it was recorded
+    for key in ("dataset", "model", "curvature") + (("data_path",) if "data_path" in res
+                                                     else ()):
         text = _field(res, key, (str,), where)
         if len(text) > 1000 or not text.isprintable():
             raise ConfigError(f"{where}: {key!r} must be a short printable name")

@@ -24,7 +24,7 @@ class Curvature:
         """``params``: the parameters to differentiate (default: all of the model's);
         a subset works for gradients (``loss_and_grad``) only. ``penalty(model)``: a term
         of the parameters alone added to the loss (``mltrain.nn.depth_penalty``), in every
-        product too; 0.0 or None: none."""
+        product too; when it returns None, or is None, nothing is added."""
         if kind not in CURVATURES:
             raise ValueError(f"tr.curvature: {kind!r} is not one of {CURVATURES}")
         self.model, self.loss_fn, self.x, self.y, self.kind = model, loss_fn, x, y, kind
@@ -50,8 +50,9 @@ class Curvature:
     def loss_and_grad(self) -> tuple[float, torch.Tensor]:
         """Loss value and flat gradient at the current parameters (kept for ``mv``)."""
         loss = self.loss_fn(self.model(self.x), self.y)
-        if self.penalty is not None:
-            loss = loss + self.penalty(self.model)
+        term = self.penalty(self.model) if self.penalty is not None else None
+        if term is not None:
+            loss = loss + term
         grads = torch.autograd.grad(loss, self.params, create_graph=self.kind == "hessian")
         self._loss, self._grads = loss, grads
         return float(loss.detach()), torch.cat([g.detach().reshape(-1) for g in grads])
@@ -68,15 +69,16 @@ class Curvature:
             hv = torch.autograd.grad(dot, self.params, retain_graph=True)
             return torch.cat([h.reshape(-1) for h in hv])
         hv = self._ggn_mv(v)
-        return hv if self.penalty is None else hv + self._penalty_mv(v)
+        extra = self._penalty_mv(v) if self.penalty is not None else None
+        return hv if extra is None else hv + extra
 
-    def _penalty_mv(self, v: torch.Tensor) -> torch.Tensor:
+    def _penalty_mv(self, v: torch.Tensor) -> torch.Tensor | None:
         """The depth penalty's Hessian times ``v``: exact, the penalty being quadratic (the
-        Gauss-Newton product covers the data term only); zeros without a penalty."""
+        Gauss-Newton product covers the data term only); None without a penalty term."""
         with torch.enable_grad():
             term = self.penalty(self.model)
-            if not torch.is_tensor(term):
-                return torch.zeros_like(v)
+            if term is None:
+                return None
             g = torch.autograd.grad(term, self.params, create_graph=True, allow_unused=True)
             used = [(gi, vi, p) for gi, vi, p in zip(g, self._split(v), self.params)
                     if gi is not None]

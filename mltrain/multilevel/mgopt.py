@@ -21,7 +21,7 @@ from mltrain.comm import mean_
 from mltrain.linalg.vector import flat_params, set_flat_params
 from mltrain.multilevel.base import LevelOptimizers
 from mltrain.multilevel.hierarchy import Hierarchy, prolong_vec, restrict_grad, restrict_vec
-from mltrain.nn import depth_penalty
+from mltrain.nn import add_depth_penalty
 from mltrain.optim import build_optimizer
 from mltrain.optim.costs import Prices, price
 from mltrain.optim.evals import EvalCache
@@ -82,7 +82,7 @@ class MGOpt(LevelOptimizers):
             f, grad = hit
         else:
             params = [p for p in model.parameters()]
-            loss = loss_fn(model(x), y) + depth_penalty(model)
+            loss = add_depth_penalty(loss_fn(model(x), y), model)
             g = torch.autograd.grad(loss, params)
             self.grad_evals[level] += 1
             self.grad_samples[level] += len(x) * self.ranks / weight
@@ -106,7 +106,7 @@ class MGOpt(LevelOptimizers):
             f = hit[0]
         else:
             with torch.no_grad():
-                value = float(loss_fn(model(x), y) + depth_penalty(model)) * weight
+                value = float(add_depth_penalty(loss_fn(model(x), y), model)) * weight
                 f = torch.tensor([value], dtype=torch.float64)  # host: an MPI scalar
             self.loss_samples[level] += len(x) * self.ranks / weight
             f = float(self._mean(f)[0])

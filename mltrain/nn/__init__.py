@@ -16,7 +16,8 @@ from torch import nn
 from mltrain import ops
 
 __all__ = ["MLP", "ResNet", "ResidualBlock", "CNN", "build_model", "is_residual",
-           "check_residual", "smooth_in_depth", "set_depth_penalty", "depth_penalty"]
+           "check_residual", "smooth_in_depth", "set_depth_penalty", "depth_penalty",
+           "add_depth_penalty"]
 
 PROTOCOL = ("opening", "blocks", "closing")
 
@@ -200,15 +201,23 @@ def depth_penalty(model: nn.Module):
     the blocks at twice the step, discretizes the same integral, so its coarse model stays
     consistent. It penalizes parameters that oscillate in depth: on a deep network those
     directions become the stiffest, the case a multilevel method is built for. A
-    differentiable scalar tensor, or 0.0 without a penalty. Not collective."""
+    differentiable scalar tensor, or None without a penalty (so that a run without one
+    adds nothing to its training step). Not collective."""
     alpha = getattr(model, "depth_alpha", 0.0)
     if not alpha or len(model.blocks) < 2:
-        return 0.0
+        return None
     total = 0.0
     for name, _ in model.blocks[0].named_parameters():
         stacked = torch.stack([b.get_parameter(name) for b in model.blocks])
         total = total + (stacked[1:] - stacked[:-1]).square().sum()
     return total * (0.5 * alpha / model.blocks[0].h)
+
+
+def add_depth_penalty(loss, model: nn.Module):
+    """``loss`` plus ``model``'s ``depth_penalty``; ``loss`` itself without one. Not
+    collective."""
+    term = depth_penalty(model)
+    return loss if term is None else loss + term
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, width: int,

@@ -30,7 +30,7 @@ from mltrain.comm import mean_
 from mltrain.linalg import has_petsc
 from mltrain.linalg.curvature import Curvature
 from mltrain.linalg.vector import FlatParams
-from mltrain.nn import depth_penalty
+from mltrain.nn import add_depth_penalty, depth_penalty
 from mltrain.linalg.lsr1 import LSR1
 from mltrain.linalg.petsc import NonFiniteError, TRSubproblem, check_options_used, log_event
 from mltrain.linalg.reference import steihaug_cg
@@ -321,8 +321,8 @@ class TrustRegion(torch.optim.Optimizer):
         if hit is not None:
             return self._corrected(obj, hit[0])[0]
         with torch.no_grad():
-            value = torch.tensor([float(obj.loss_fn(obj.model(obj.x), obj.y)
-                                        + depth_penalty(obj.model)) * obj.weight],
+            loss = add_depth_penalty(obj.loss_fn(obj.model(obj.x), obj.y), obj.model)
+            value = torch.tensor([float(loss) * obj.weight],
                                  dtype=torch.float64)  # host: a scalar averaged over MPI
         self.counts["losses"] += 1
         self.counts["loss_samples"] += self._samples

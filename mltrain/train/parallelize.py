@@ -15,7 +15,7 @@ from torch import nn
 
 from mltrain.comm import GradReducer, agree, broadcast_parameters
 from mltrain.mgrit import LayerParallel
-from mltrain.nn import depth_penalty
+from mltrain.nn import add_depth_penalty
 from mltrain.pipeline import LayeredPipeline, Pipeline, sequential_layers
 
 __all__ = ["Layout", "parallelize", "layer_parallel"]
@@ -78,7 +78,7 @@ class Layout:
         model = model or self.module
         with self.autocast(x):
             loss = F.cross_entropy(model(x), y)
-        loss = loss + depth_penalty(model)  # in the weights' precision, outside autocast
+        loss = add_depth_penalty(loss, model)  # in the weights' precision, outside autocast
         loss.backward()
         return loss.detach()
 
