@@ -503,3 +503,16 @@ def test_bench_multilevel_gives_tr_the_curvature_of_rmtr():
     assert _regime("hybrid", True, 512, 1438, 2) == ["tr.batch=hybrid"]
     assert "tr.batch=minibatch" in _regime("large", True, 512, 1438, 2)
     assert _regime("full", False, 512, 1438, 3) == ["data.batch_size=1437"]
+
+
+def test_bench_multilevel_races_four_levels_only_when_asked():
+    """rmtr-4 needs a network deep enough for three coarsenings: it runs only when
+    --methods names it, with four levels, and counts as second order."""
+    from mltrain.cli.bench_multilevel import SECOND_ORDER, _settings, chosen
+    from mltrain.config import load_config
+
+    assert "rmtr-4" not in chosen(None) and "rmtr-3" in chosen([])
+    assert chosen(["rmtr-4", "tr"]) == ["tr", "rmtr-4"]
+    cfg = load_config(None, _settings("rmtr-4", None, "lsr1") + ["model.name=resnet",
+                                                                  "model.depth=16"])
+    assert (cfg.optim.name, cfg.multilevel.levels) == ("rmtr", 4) and "rmtr-4" in SECOND_ORDER

@@ -48,11 +48,18 @@ from mltrain.config import ConfigError, load_config
 __all__ = ["METHODS", "REGIMES", "INITS", "bench_multilevel", "plot", "lbfgs_race", "markdown",
            "load_result"]
 
-METHODS = ["sgd", "adam", "lbfgs", "tr", "rmtr-3", "apts", "apts-tr", "nested-adam"]
-SECOND_ORDER = ("tr", "rmtr-3", "apts", "apts-tr")
+METHODS = ["sgd", "adam", "lbfgs", "tr", "rmtr-3", "rmtr-4", "apts", "apts-tr", "nested-adam"]
+OPT_IN = ("rmtr-4",)  # only when --methods names it: four levels need a deep network
+SECOND_ORDER = ("tr", "rmtr-3", "rmtr-4", "apts", "apts-tr")
 REGIMES = ["hybrid", "large", "full"]
 INITS = ["independent", "smooth"]
 LR_GRIDS = {"sgd": (3e-3, 3.0), "adam": (1e-4, 0.1)}  # ends of each log-spaced grid
+
+
+def chosen(only: list[str] | None) -> list[str]:
+    """The methods a run races, in table order: ``only`` (every method but the opt-in ones
+    when None or empty)."""
+    return [m for m in METHODS if (m in only if only else m not in OPT_IN)]
 
 
 def lr_grid(name: str, n: int) -> list[float]:
@@ -79,6 +86,7 @@ def _settings(name: str, lr: float | None, curvature: str) -> list[str]:
         "adam": ["optim.name=adam", f"optim.lr={lr}"],
         "tr": ["optim.name=tr", f"tr.curvature={curvature}"],
         "rmtr-3": ["optim.name=rmtr", "multilevel.levels=3"],
+        "rmtr-4": ["optim.name=rmtr", "multilevel.levels=4"],
         "apts": ["optim.name=apts"],
         "apts-tr": ["optim.name=apts", "apts.local_solver=tr", f"tr.curvature={curvature}"],
         "nested-adam": ["optim.name=adam", f"optim.lr={lr}", "multilevel.nested=true",
@@ -195,7 +203,7 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
     """Every cell (regime x initialization x method x seed); see the module docstring.
     ``log`` reports progress on rank 0. Collective on ``comm``."""
     regimes, inits = regimes or REGIMES, inits or INITS
-    methods = [m for m in METHODS if not only or m in only]
+    methods = chosen(only)
     base = load_config(config, overrides)
     from mltrain.data import open_dataset
 
