@@ -161,7 +161,7 @@ def test_multilevel_optimizers_descend_and_are_deterministic(extra):
                                     "mgopt.smoother=adam", "model.depth_penalty=0.05"],
                                    # Short Krylov solves: on this network the exact
                                    # Hessian's Steihaug-CG amplifies round-off about 10x
-                                   # per iteration past the tenth (docs/multilevel.md), so
+                                   # per iteration past the ninth (docs/multilevel.md), so
                                    # the default 50 would compare conditioning, not code.
                                    ["optim.name=mgopt", "multilevel.levels=2",
                                     "mgopt.smoother=tr", "tr.max_it=5"]],

@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", default="", help="multilevel: a comma-separated subset of "
                    "sgd,adam,lbfgs,tr,rmtr-3,apts,apts-tr,nested-adam (the default: all) and "
                    "rmtr-4; search: of random,grid,asha,pbt,thompson,crowding,tpe; ps: of "
-                   "allreduce,sgp,sgp-async,'ps k=0',"
-                   "'ps k=4','ps k=-1','ps-rma k=-1' (one-sided; needs optim.momentum=0)")
+                   "allreduce,sgp,sgp-async,'ps k=0','ps k=4','ps k=-1','ps-rma k=-1' "
+                   "(one-sided; needs optim.momentum=0)")
     b.add_argument("--transport", action="store_true",
                    help="ps: time the servers' two-sided loop against MPI one-sided "
                    "Accumulate/Get (asynchronous plain SGD, no compute; --sizes: elements)")

@@ -69,14 +69,14 @@ class Curvature:
             hv = torch.autograd.grad(dot, self.params, retain_graph=True)
             return torch.cat([h.reshape(-1) for h in hv])
         hv = self._ggn_mv(v)
-        extra = self._penalty_mv(v) if self.penalty is not None else None
+        extra = self._penalty_mv(v)
         return hv if extra is None else hv + extra
 
     def _penalty_mv(self, v: torch.Tensor) -> torch.Tensor | None:
         """The depth penalty's Hessian times ``v``: exact, the penalty being quadratic (the
         Gauss-Newton product covers the data term only); None without a penalty term."""
         with torch.enable_grad():
-            term = self.penalty(self.model)
+            term = None if self.penalty is None else self.penalty(self.model)
             if term is None:
                 return None
             g = torch.autograd.grad(term, self.params, create_graph=True, allow_unused=True)
