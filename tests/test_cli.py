@@ -505,14 +505,19 @@ def test_bench_multilevel_gives_tr_the_curvature_of_rmtr():
     assert _regime("full", False, 512, 1438, 3) == ["data.batch_size=1437"]
 
 
-def test_bench_multilevel_races_four_levels_only_when_asked():
-    """rmtr-4 needs a network deep enough for three coarsenings: it runs only when
-    --methods names it, with four levels, and counts as second order."""
+@pytest.mark.parametrize("method, levels, init", [("rmtr-4", 4, "none"),
+                                                  ("rmtr-3-nested", 3, "nested")])
+def test_bench_multilevel_races_opt_in_methods_only_when_asked(method, levels, init):
+    """rmtr-4 needs a network deep enough for three coarsenings and rmtr-3-nested is a
+    variant of rmtr-3 (nested initialization): each runs only when --methods names it,
+    with its levels and start, and counts as second order."""
     from mltrain.cli.bench_multilevel import SECOND_ORDER, _settings, chosen
     from mltrain.config import load_config
 
-    assert "rmtr-4" not in chosen(None) and "rmtr-3" in chosen([])
-    assert chosen(["rmtr-4", "tr"]) == ["tr", "rmtr-4"]
-    cfg = load_config(None, _settings("rmtr-4", None, "lsr1") + ["model.name=resnet",
-                                                                  "model.depth=16"])
-    assert (cfg.optim.name, cfg.multilevel.levels) == ("rmtr", 4) and "rmtr-4" in SECOND_ORDER
+    assert method not in chosen(None) and "rmtr-3" in chosen([])
+    assert chosen([method, "tr"]) == ["tr", method]
+    cfg = load_config(None, _settings(method, None, "lsr1") + ["model.name=resnet",
+                                                                "model.depth=16"])
+    assert (cfg.optim.name, cfg.multilevel.levels, cfg.multilevel.init) == ("rmtr", levels,
+                                                                           init)
+    assert method in SECOND_ORDER

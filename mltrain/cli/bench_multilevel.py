@@ -48,9 +48,12 @@ from mltrain.config import ConfigError, load_config
 __all__ = ["METHODS", "REGIMES", "INITS", "bench_multilevel", "plot", "lbfgs_race", "markdown",
            "load_result"]
 
-METHODS = ["sgd", "adam", "lbfgs", "tr", "rmtr-3", "rmtr-4", "apts", "apts-tr", "nested-adam"]
-OPT_IN = ("rmtr-4",)  # only when --methods names it: four levels need a deep network
-SECOND_ORDER = ("tr", "rmtr-3", "rmtr-4", "apts", "apts-tr")
+METHODS = ["sgd", "adam", "lbfgs", "tr", "rmtr-3", "rmtr-3-nested", "rmtr-4", "apts", "apts-tr",
+           "nested-adam"]
+# Only when --methods names them: four levels need a deep network; the nested start is a
+# variant of rmtr-3 measured apart.
+OPT_IN = ("rmtr-3-nested", "rmtr-4")
+SECOND_ORDER = ("tr", "rmtr-3", "rmtr-3-nested", "rmtr-4", "apts", "apts-tr")
 REGIMES = ["hybrid", "large", "full"]
 INITS = ["independent", "smooth"]
 LR_GRIDS = {"sgd": (3e-3, 3.0), "adam": (1e-4, 0.1)}  # ends of each log-spaced grid
@@ -86,6 +89,7 @@ def _settings(name: str, lr: float | None, curvature: str) -> list[str]:
         "adam": ["optim.name=adam", f"optim.lr={lr}"],
         "tr": ["optim.name=tr", f"tr.curvature={curvature}"],
         "rmtr-3": ["optim.name=rmtr", "multilevel.levels=3"],
+        "rmtr-3-nested": ["optim.name=rmtr", "multilevel.levels=3", "multilevel.init=nested"],
         "rmtr-4": ["optim.name=rmtr", "multilevel.levels=4"],
         "apts": ["optim.name=apts"],
         "apts-tr": ["optim.name=apts", "apts.local_solver=tr", f"tr.curvature={curvature}"],
