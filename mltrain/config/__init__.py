@@ -169,7 +169,7 @@ class MultilevelConfig:
     init: str = _f("none", "rmtr: nested (FMG-style) initialization: cycles from the coarsest "
                    "level first, init_cycles steps per level, each level starting from the "
                    "prolonged weights of the one below; or none", choices=("none", "nested"))
-    init_cycles: int = _f(5, "rmtr with init = nested: training steps cycling from each "
+    init_cycles: int = _f(30, "rmtr with init = nested: training steps cycling from each "
                           "coarse level", min=1)
 
 
