@@ -497,27 +497,31 @@ def test_bench_multilevel_gives_tr_the_curvature_of_rmtr():
     from mltrain.cli.bench_multilevel import _regime, _settings
     from mltrain.config import load_config
 
-    assert "tr.curvature=lsr1" in _settings("tr", None, "lsr1")
-    assert load_config(None, _settings("tr", None, "lsr1")).tr.curvature == \
-        load_config(None, _settings("rmtr-3", None, "lsr1")).tr.curvature == "lsr1"
+    assert "tr.curvature=lsr1" in _settings("tr", None, "lsr1", 30)
+    assert load_config(None, _settings("tr", None, "lsr1", 30)).tr.curvature == \
+        load_config(None, _settings("rmtr-3", None, "lsr1", 30)).tr.curvature == "lsr1"
     assert _regime("hybrid", True, 512, 1438, 2) == ["tr.batch=hybrid"]
     assert "tr.batch=minibatch" in _regime("large", True, 512, 1438, 2)
     assert _regime("full", False, 512, 1438, 3) == ["data.batch_size=1437"]
 
 
-@pytest.mark.parametrize("method, levels, init", [("rmtr-4", 4, "none"),
-                                                  ("rmtr-3-nested", 3, "nested")])
-def test_bench_multilevel_races_opt_in_methods_only_when_asked(method, levels, init):
-    """rmtr-4 needs a network deep enough for three coarsenings and rmtr-3-nested is a
-    variant of rmtr-3 (nested initialization): each runs only when --methods names it,
-    with its levels and start, and counts as second order."""
+@pytest.mark.parametrize("method, name, levels, init, nested", [
+    ("rmtr-4", "rmtr", 4, "none", 0), ("rmtr-3-nested", "rmtr", 3, "nested", 0),
+    ("nested-tr", "tr", 3, "none", 7)])
+def test_bench_multilevel_races_opt_in_methods_only_when_asked(method, name, levels, init,
+                                                               nested):
+    """rmtr-4 needs a network deep enough for three coarsenings, rmtr-3-nested is a
+    variant of rmtr-3 (nested initialization) and nested-tr its control (TR after nested
+    iteration with RMTR's init_cycles steps per coarse level): each runs only when
+    --methods names it, with its levels and start, and counts as second order."""
     from mltrain.cli.bench_multilevel import SECOND_ORDER, _settings, chosen
     from mltrain.config import load_config
 
     assert method not in chosen(None) and "rmtr-3" in chosen([])
     assert chosen([method, "tr"]) == ["tr", method]
-    cfg = load_config(None, _settings(method, None, "lsr1") + ["model.name=resnet",
-                                                                "model.depth=16"])
-    assert (cfg.optim.name, cfg.multilevel.levels, cfg.multilevel.init) == ("rmtr", levels,
-                                                                           init)
+    cfg = load_config(None, _settings(method, None, "lsr1", 7) + ["model.name=resnet",
+                                                                   "model.depth=16"])
+    m = cfg.multilevel
+    assert (cfg.optim.name, m.levels, m.init, m.nested_steps) == (name, levels, init, nested)
+    assert m.nested == (nested > 0) and cfg.tr.curvature == "lsr1"
     assert method in SECOND_ORDER

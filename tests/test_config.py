@@ -98,6 +98,9 @@ def test_docs_list_every_key():
     (["model.depth_penalty=0.1", "parallel.layer=2"], "parallel.layer = 2"),
     (["model.depth_penalty=0.1", "parallel.pipe=2", "optim.name=sgd"], "parallel.pipe = 2"),
     (["model.depth_penalty=-1"], "model.depth_penalty"),
+    (["multilevel.nested_steps=5", "optim.name=tr"], "multilevel.nested_steps: sets"),
+    (["multilevel.nested_steps=-1", "multilevel.nested=true", "multilevel.levels=2"],
+     "multilevel.nested_steps"),
     (["model.depth_penalty=1e39"], "beyond float32"),
 ])
 def test_model_parallel_config_errors(extra, match):

@@ -93,14 +93,17 @@ NESTED = ["multilevel.nested=true", "multilevel.levels=3", "model.depth=8", "mod
 
 
 @pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("per_level, level_steps", [(0, [10, 10, 10]), (7, [16, 7, 7])])
 @pytest.mark.exactness
-def test_nested_iteration_is_rank_count_invariant_and_descends(comm):
+def test_nested_iteration_is_rank_count_invariant_and_descends(comm, per_level, level_steps):
+    """run.steps shared equally by the levels, or multilevel.nested_steps on each coarse
+    level and the rest on the full network."""
     exact = ["run.dtype=float64", "data.partition=strided", "data.shuffle=false",
-             "optim.name=sgd", "optim.lr=0.05"]
+             "optim.name=sgd", "optim.lr=0.05", f"multilevel.nested_steps={per_level}"]
     s, before, diff = against_serial(comm, load_config(None, NESTED + exact
                                                         + ["run.costs=unit"]))
     all_ranks(comm, diff < 1e-10, f"{diff:.2e}")
-    all_ranks(comm, s["level_steps"] == [10, 10, 10] and s["final_loss"] < before, str(s))
+    all_ranks(comm, s["level_steps"] == level_steps and s["final_loss"] < before, str(s))
     # unit prices: every step one mini-batch gradient, whatever its level
     all_ranks(comm, s["fine_grad_evals"] == pytest.approx(30 * 24 / 1438), str(s))
 

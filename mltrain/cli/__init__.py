@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multilevel: test accuracy whose sequential steps are compared")
     b.add_argument("--methods", default="", help="multilevel: a comma-separated subset of "
                    "sgd,adam,lbfgs,tr,rmtr-3,apts,apts-tr,nested-adam (the default: all), "
-                   "rmtr-3-nested and rmtr-4; search: of "
+                   "rmtr-3-nested, nested-tr and rmtr-4; search: of "
                    "random,grid,asha,pbt,thompson,crowding,tpe; ps: of "
                    "allreduce,sgp,sgp-async,'ps k=0','ps k=4','ps k=-1','ps-rma k=-1' "
                    "(one-sided; needs optim.momentum=0)")

@@ -18,7 +18,10 @@ skeptical reviewer.
   reference. TR runs with RMTR's curvature (``tr.curvature``, L-SR1 by default) and batch
   schedule. RMTR (3 levels) and APTS run their documented defaults, untuned (``apts``:
   the trust-region Adam local solver; ``apts-tr``: trust-region local solves on TR's
-  curvature).
+  curvature). Opt-in (``--methods``): ``rmtr-3-nested``, RMTR-3 after its nested start
+  (``multilevel.init = nested``), with ``nested-tr`` as its control (TR after nested
+  iteration with as many steps per coarse level, ``multilevel.nested_steps``), and
+  ``rmtr-4``.
 - **Cost three ways.** Work in fine-gradient equivalents at measured prices
   (``mltrain.optim.costs``; L-BFGS pays 1 per function evaluation), wall time at the run's
   rank count (evaluation excluded), and sequential steps; each to the target training loss
@@ -48,12 +51,12 @@ from mltrain.config import ConfigError, load_config
 __all__ = ["METHODS", "REGIMES", "INITS", "bench_multilevel", "plot", "lbfgs_race", "markdown",
            "load_result"]
 
-METHODS = ["sgd", "adam", "lbfgs", "tr", "rmtr-3", "rmtr-3-nested", "rmtr-4", "apts", "apts-tr",
-           "nested-adam"]
+METHODS = ["sgd", "adam", "lbfgs", "tr", "rmtr-3", "rmtr-3-nested", "nested-tr", "rmtr-4", "apts",
+           "apts-tr", "nested-adam"]
 # Only when --methods names them: four levels need a deep network; the nested start is a
 # variant of rmtr-3 measured apart.
-OPT_IN = ("rmtr-3-nested", "rmtr-4")
-SECOND_ORDER = ("tr", "rmtr-3", "rmtr-3-nested", "rmtr-4", "apts", "apts-tr")
+OPT_IN = ("rmtr-3-nested", "nested-tr", "rmtr-4")
+SECOND_ORDER = ("tr", "rmtr-3", "rmtr-3-nested", "nested-tr", "rmtr-4", "apts", "apts-tr")
 REGIMES = ["hybrid", "large", "full"]
 INITS = ["independent", "smooth"]
 LR_GRIDS = {"sgd": (3e-3, 3.0), "adam": (1e-4, 0.1)}  # ends of each log-spaced grid
@@ -82,14 +85,19 @@ def _regime(regime: str, second_order: bool, large: int, num_train: int,
             [f"data.batch_size={full}"])
 
 
-def _settings(name: str, lr: float | None, curvature: str) -> list[str]:
-    """A method's overrides; ``curvature``: RMTR's (``auto`` resolved), which TR shares."""
+def _settings(name: str, lr: float | None, curvature: str, init_cycles: int) -> list[str]:
+    """A method's overrides; ``curvature``: RMTR's (``auto`` resolved), which TR shares;
+    ``init_cycles``: the steps per coarse level of RMTR's nested start, which nested-tr
+    takes as plain trust-region steps (the control that tells the start's saving from the
+    cycles')."""
     return {
         "sgd": ["optim.name=sgd", f"optim.lr={lr}", "optim.momentum=0.9"],
         "adam": ["optim.name=adam", f"optim.lr={lr}"],
         "tr": ["optim.name=tr", f"tr.curvature={curvature}"],
         "rmtr-3": ["optim.name=rmtr", "multilevel.levels=3"],
         "rmtr-3-nested": ["optim.name=rmtr", "multilevel.levels=3", "multilevel.init=nested"],
+        "nested-tr": ["optim.name=tr", f"tr.curvature={curvature}", "multilevel.nested=true",
+                      "multilevel.levels=3", f"multilevel.nested_steps={init_cycles}"],
         "rmtr-4": ["optim.name=rmtr", "multilevel.levels=4"],
         "apts": ["optim.name=apts"],
         "apts-tr": ["optim.name=apts", "apts.local_solver=tr", f"tr.curvature={curvature}"],
@@ -218,7 +226,8 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
                           f"fit the {num_train} training samples")
 
     full_batch = {}  # L-BFGS is full-batch in every regime: one run per (init, seed)
-    curvature = load_config(config, overrides + ["optim.name=rmtr"]).tr.curvature
+    as_rmtr = load_config(config, overrides + ["optim.name=rmtr"])
+    curvature, init_cycles = as_rmtr.tr.curvature, as_rmtr.multilevel.init_cycles
 
     def run(name, regime, init, seed, lr=None, probes=frozenset()):
         second = name in SECOND_ORDER
@@ -229,7 +238,8 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
                 cfg = load_config(config, overrides + extra + ["optim.name=adam"])
                 full_batch[init, seed] = lbfgs_race(cfg, comm, budget, target, target_acc)
             return full_batch[init, seed]
-        cfg = load_config(config, overrides + extra + _settings(name, lr, curvature)
+        cfg = load_config(config, overrides + extra
+                          + _settings(name, lr, curvature, init_cycles)
                           + _regime(regime, second, large_batch, num_train, ranks))
         if probes:  # Adam to exactly these step counts: no budget, no target
             return race(cfg, comm, math.inf, 1, probes=probes)

@@ -28,7 +28,7 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
     from mpi4py import MPI
 
     t = Trainer(cfg, comm, quiet=True, metrics=False, serve=False)
-    if t.hierarchy is not None:
+    if t.hierarchy is not None and not cfg.multilevel.nested_steps:
         # Nested iteration: equal steps per level, as many as spend the budget in all.
         per_step = cfg.data.batch_size / t.dataset.num_train
         t.total_steps = t.hierarchy.levels * math.ceil(

@@ -146,7 +146,9 @@ class MultilevelConfig:
                            choices=("constant", "linear"))
     nested: bool = _f(False, "nested iteration: train the coarsest network first, prolong "
                       "its weights to the next finer, up to the full depth (run.steps "
-                      "shared equally by the levels; any optim.name)")
+                      "shared equally by the levels, or see nested_steps; any optim.name)")
+    nested_steps: int = _f(0, "nested iteration: steps on each coarse level, the rest on the "
+                           "full network (0: run.steps shared equally by the levels)", min=0)
     cycle: str = _f("V", "rmtr: V- or W-cycle (one or two coarse corrections per level)",
                     choices=("V", "W"))
     pre_smooth: int = _f(3, "rmtr, mgopt: smoothing steps before the coarse correction "
@@ -555,9 +557,14 @@ RULES = [
                            "model.depth_penalty: needs every residual block on every rank "
                            f"(parallel.layer = {c.parallel.layer}, parallel.pipe = "
                            f"{c.parallel.pipe}; both must be 1)"))),
-    Rule("multilevel.nested, multilevel.levels", "nested iteration needs 2 levels or more",
+    Rule("multilevel.nested, multilevel.levels, multilevel.nested_steps",
+         "nested iteration needs 2 levels or more; nested_steps only with nested = true",
          lambda c: _first((c.multilevel.nested and c.multilevel.levels < 2,
-                           "multilevel.nested: needs multilevel.levels >= 2"))),
+                           "multilevel.nested: needs multilevel.levels >= 2"),
+                          (c.multilevel.nested_steps > 0 and not c.multilevel.nested,
+                           "multilevel.nested_steps: sets the phases of nested iteration; "
+                           "needs multilevel.nested = true (RMTR's nested start: "
+                           "multilevel.init_cycles)"))),
     Rule("multilevel.init, optim.name, multilevel.levels",
          "init = nested: RMTR with 2 levels or more, not with multilevel.nested",
          lambda c: _first((c.multilevel.init == "nested" and c.optim.name != "rmtr",

@@ -1,6 +1,7 @@
 """Nested iteration: train the coarsest network of a depth hierarchy first, prolong its
 weights to the next finer, up to the full depth (``multilevel.nested``); ``run.steps`` is shared
-equally by the levels, coarsest first."""
+equally by the levels, coarsest first, or each coarse level trains ``multilevel.nested_steps``
+and the full network the rest."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ class Nested:
         self.coarse_work = 0.0  # work of the levels already trained, fine-gradient units
         self.fine = trainer.method
         self.phase = 0
+        self.per_level = o.nested_steps  # 0: run.steps shared equally
         # Each level's plain gradient in full-network gradients (``run.costs``), measured
         # on the first batch when the run starts.
         self.cost = [1.0] * self.hierarchy.levels
@@ -67,8 +69,11 @@ class Nested:
         self.cost = [p["gradient"] for p in prices.levels]
 
     def phase_of(self, step: int) -> int:
+        """The level that trains ``step``: ``multilevel.nested_steps`` on each coarse level
+        (or run.steps shared equally), the coarsest first. Not collective."""
         L = self.hierarchy.levels
-        return max(L - 1 - step // max(self.t.total_steps // L, 1), 0)
+        per = self.per_level or max(self.t.total_steps // L, 1)
+        return max(L - 1 - step // per, 0)
 
     def start(self, step: int) -> None:
         """Enters the level that trains ``step`` (the coarsest for a new run), with the
