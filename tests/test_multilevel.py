@@ -122,6 +122,23 @@ def test_nested_works_with_any_optimizer_and_is_deterministic(optim):
     assert torch.equal(runs[0], runs[1])
 
 
+def test_nested_target_is_seen_in_a_coarse_phase():
+    """While a coarse level trains, evaluation and run.target_loss see the full-depth network
+    with that level's weights prolonged (what a stop there gives), not the untouched initial
+    weights: this run reaches its target on the coarsest level and ends there."""
+    cfg = load_config(None, NESTED[:-2] + ["optim.name=adam", "run.steps=300", "run.threads=1",
+                                           "multilevel.nested_steps=100",
+                                           "run.target_loss=0.8", "run.log_every=10"])
+    t = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
+    start = t.evaluate()["train_loss"]
+    s = t.train()
+    at = s["target_reached_at_step"]
+    assert s["target_reached"] and at < 100 and t.level_steps == [0, 0, at], (s, t.level_steps)
+    assert s["final_loss"] <= 0.8 < start
+    assert t.evaluate()["train_loss"] == s["final_loss"]  # the full network, after finish
+    t.close()
+
+
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("optim", ["adam", "rmtr"])
 @pytest.mark.exactness

@@ -31,6 +31,9 @@ class OnePhase:
     def finish(self) -> None:
         pass
 
+    def show(self) -> None:
+        pass
+
     def work(self) -> float:
         t = self.t
         return t.method.work(self.steps[0], t.cfg.data.batch_size, t.dataset.num_train)
@@ -109,6 +112,18 @@ class Nested:
         # A multilevel optimizer on a coarse level uses the levels below it.
         t.method = self.fine if level == 0 else t._build(t.model, hier.levels - level)
         t.model.train()
+
+    def show(self) -> None:
+        """Prolongs the weights of the level in training to every finer network (the
+        coarse phase goes on), so that evaluation, ``run.target_loss`` and the bench's
+        races see the full-depth network a stop here would give, not its initial weights.
+        The finer levels are overwritten by the same prolongation when they are entered;
+        before the first step the full network keeps its own initial weights (every method
+        starts from the same point). Not collective (every rank holds the same weights)."""
+        if not any(self.steps):
+            return
+        for lv in range(self.phase - 1, -1, -1):
+            self.hierarchy.prolong_to(lv)
 
     def finish(self) -> None:
         """Brings a run that stopped early to the full-depth network."""

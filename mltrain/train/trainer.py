@@ -282,7 +282,9 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Loss and accuracy on the whole training set and the test set. Collective on the
-        grid's axes."""
+        grid's axes. In a nested run's coarse phase, of the full-depth network with the
+        coarse level's weights prolonged."""
+        self.phases.show()
         return evaluate(self.layout, self.model, self.sync, self.loader, self.dataset,
                         self.dtype)
 
