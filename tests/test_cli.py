@@ -2,7 +2,6 @@
 import json
 import math
 import re
-import time
 
 import pytest
 
@@ -74,15 +73,14 @@ def test_no_arguments_means_train(tmp_path):
     (2, ["--set", "data.name=idx", "--set", "data.path=/nonexistent"], "not a folder"),
     (2, ["--config", "/nonexistent.toml"], "cannot read"),
     (2, ["--summary", "/nonexistent/dir/s.json"], "--summary"),
+    (2, ["--set", "model.stem_pool=3"], "model.stem_pool: 3 does not divide the 8 x 8 images"),
 ])
 def test_user_errors_exit_cleanly_on_every_rank(ranks, args, message):
-    t0 = time.monotonic()
     r = mpiexec(ranks, ["-m", "mltrain", "train", "--quiet", *args], timeout=120)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert r.stderr.count("mltrain: error:") == 1, r.stderr  # once, not once per rank
     assert message in r.stderr
     assert "Traceback" not in r.stderr
-    assert time.monotonic() - t0 < 120
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

@@ -99,6 +99,8 @@ def test_docs_list_every_key():
     (["model.depth_penalty=0.1", "parallel.pipe=2", "optim.name=sgd"], "parallel.pipe = 2"),
     (["model.depth_penalty=-1"], "model.depth_penalty"),
     (["multilevel.nested_steps=5", "optim.name=tr"], "multilevel.nested_steps: sets"),
+    (["model.stem_pool=2", "model.name=cnn"], "model.stem_pool: pools"),
+    (["model.stem_pool=0"], "model.stem_pool"),
     (["multilevel.nested_steps=-1", "multilevel.nested=true", "multilevel.levels=2"],
      "multilevel.nested_steps"),
     (["model.depth_penalty=1e39"], "beyond float32"),

@@ -67,6 +67,27 @@ def test_linear_in_depth_weights_survive_linear_prolongation():
     assert torch.allclose(_blocks(model), before, rtol=1e-14, atol=1e-14)
 
 
+def test_stem_pool_is_average_pooling_shared_by_every_level():
+    """model.stem_pool = 2: the network sees the images average-pooled 2x2 (the same logits
+    as the plain network on pooled images, with the same weights), and every level of the
+    hierarchy has that stem."""
+    from mltrain.nn import build_model
+
+    torch.manual_seed(0)
+    pooled = build_model("resnet", (1, 8, 8), 10, width=8, depth=4, dtype=torch.float64,
+                         stem_pool=2)
+    plain = build_model("resnet", (1, 4, 4), 10, width=8, depth=4, dtype=torch.float64)
+    plain.load_state_dict({
+        k.replace("opening.2.", "opening.1."): v for k, v in pooled.state_dict().items()})
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
+    by_hand = x.reshape(5, 1, 4, 2, 4, 2).mean(dim=(3, 5))
+    assert torch.allclose(pooled(x), plain(by_hand), rtol=0, atol=1e-14)
+    assert pooled.opening[2].in_features == 16
+    h = Hierarchy(pooled, 3, 2)
+    assert all(m.opening[2].in_features == 16 for m in h.models)
+    assert h.models[2](x).shape == (5, 10)
+
+
 def test_hierarchy_errors_and_user_models():
     with pytest.raises(ConfigError, match="cannot be coarsened"):
         Hierarchy(ResNet(64, 8, 6, 10), levels=3, cf=2)

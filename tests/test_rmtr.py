@@ -157,6 +157,8 @@ def test_multilevel_optimizers_descend_and_are_deterministic(extra):
                                     "mgopt.smoother=adam"],
                                    ["optim.name=rmtr", "multilevel.levels=3",
                                     "model.depth_penalty=0.05"],
+                                   ["optim.name=rmtr", "multilevel.levels=3",
+                                    "model.stem_pool=2"],
                                    ["optim.name=mgopt", "multilevel.levels=2",
                                     "mgopt.smoother=adam", "model.depth_penalty=0.05"],
                                    # Short Krylov solves: on this network the exact
@@ -166,7 +168,8 @@ def test_multilevel_optimizers_descend_and_are_deterministic(extra):
                                    ["optim.name=mgopt", "multilevel.levels=2",
                                     "mgopt.smoother=tr", "tr.max_it=5"]],
                          ids=["rmtr", "rmtr-hybrid", "rmtr-init-holdout", "mgopt",
-                              "rmtr-depth-penalty", "mgopt-depth-penalty", "mgopt-tr"])
+                              "rmtr-depth-penalty", "rmtr-stem", "mgopt-depth-penalty",
+                              "mgopt-tr"])
 @pytest.mark.exactness
 def test_multilevel_rank_count_invariant(comm, extra):
     require("petsc4py")
@@ -175,9 +178,11 @@ def test_multilevel_rank_count_invariant(comm, extra):
     s, before, diff = against_serial(comm, load_config(None, SMALL + exact + extra))
     # The decisions are the same (checked first); the iterates then differ by the round-off
     # of the rank sums, amplified 10-30x per cycle by the L-SR1 steps (seen at 2 ranks
-    # after 6 cycles: 1.8e-12 additive, 2.3e-9 hybrid, whose coarse steps are longer;
-    # MG/OPT with the trust-region smoother 1.5e-13 at 3 ranks).
-    tol = 1e-8 if "multilevel.coarse_model=hybrid" in extra else 1e-10
+    # after 6 cycles: 1.8e-12 additive, 2.3e-9 hybrid, whose coarse steps are longer,
+    # 4.5e-10 with the pooled stem, below 1e-10 after 3; MG/OPT with the trust-region
+    # smoother 1.5e-13 at 3 ranks).
+    loose = "multilevel.coarse_model=hybrid" in extra or "model.stem_pool=2" in extra
+    tol = 1e-8 if loose else 1e-10
     all_ranks(comm, diff < tol, f"{diff:.2e}")
     all_ranks(comm, s["final_loss"] < before, str(s))
 

@@ -120,8 +120,9 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
     import dataclasses
 
     from mltrain.comm import Grid
+    from mltrain.config import ConfigError
     from mltrain.data import open_dataset
-    from mltrain.nn import build_model
+    from mltrain.nn import build_model, stem_error
     from mltrain.optim.base import Batches, Context, Straggler
     from mltrain.planner.search import plan, profile_model
     from mltrain.train.optimizers import build_method, layer_alignment
@@ -132,11 +133,14 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
     hw = measure_hardware(comm)
     ds = open_dataset(cfg.data.name, cfg.data.path, cfg.data.num_samples)
     B = cfg.data.batch_size
+    if cfg.model.name == "resnet" and stem_error(ds.input_shape, cfg.model.stem_pool):
+        raise ConfigError(stem_error(ds.input_shape, cfg.model.stem_pool))
 
     def fresh():
         torch.manual_seed(cfg.run.seed)
         return build_model(cfg.model.name, ds.input_shape, ds.num_classes,
-                           width=cfg.model.width, depth=cfg.model.depth)
+                           width=cfg.model.width, depth=cfg.model.depth,
+                           stem_pool=cfg.model.stem_pool)
     x_all = torch.randn(B, *ds.input_shape)
     y_all = torch.randint(0, ds.num_classes, (B,))
     state = {"adam": 2.0, "sgd": 1.0 if cfg.optim.momentum else 0.0}.get(cfg.optim.name, 1.0)

@@ -96,6 +96,9 @@ class ModelConfig:
     depth_penalty: float = _f(0.0, "alpha of the smoothness-in-depth term alpha/2 sum_k "
                               "||theta_{k+1} - theta_k||^2 / h added to the training "
                               "objective (resnet; 0: none; docs/multilevel.md)", min=0.0)
+    stem_pool: int = _f(1, "resnet: average-pool the input images by this factor before the "
+                        "opening layer (a cheap stem, so the residual blocks dominate the "
+                        "cost; must divide the image size; 1: none)", min=1)
 
 
 @dataclass
@@ -543,10 +546,13 @@ RULES = [
                                                     ("tr", c.tr, ("radius", "radius_max")),
                                                     ("model", c.model, ("depth_penalty",)))
                             for k in keys))),
-    Rule("model.init, model.name", "init = smooth for resnet only",
+    Rule("model.init, model.stem_pool, model.name", "init = smooth and stem_pool for resnet only",
          lambda c: _first((c.model.init == "smooth" and c.model.name != "resnet",
                            f"model.init: 'smooth' makes residual blocks linear in depth; "
-                           f"model.name = {c.model.name!r} has none"))),
+                           f"model.name = {c.model.name!r} has none"),
+                          (c.model.stem_pool > 1 and c.model.name != "resnet",
+                           f"model.stem_pool: pools the input of a residual network's opening "
+                           f"layer; model.name = {c.model.name!r} is not one"))),
     Rule("model.depth_penalty, model.name, parallel.layer, parallel.pipe",
          "a depth penalty needs residual blocks on every rank (resnet, no layer or pipe axis)",
          lambda c: _first((c.model.depth_penalty > 0 and c.model.name != "resnet",

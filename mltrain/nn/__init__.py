@@ -15,7 +15,8 @@ from torch import nn
 
 from mltrain import ops
 
-__all__ = ["MLP", "ResNet", "ResidualBlock", "CNN", "build_model", "is_residual",
+__all__ = ["MLP", "ResNet", "ResidualBlock", "CNN", "ImagePool", "build_model", "stem_error",
+           "is_residual",
            "check_residual", "smooth_in_depth", "set_depth_penalty", "depth_penalty",
            "add_depth_penalty"]
 
@@ -125,14 +126,29 @@ class ResidualBlock(nn.Module):
         return ops.residual_vjp_sweep(lam, states, w, [k.h for k in blocks], scale, adds)
 
 
+class ImagePool(nn.Module):
+    """Average pooling of image inputs by ``k`` in both directions, flattened (a cheap stem:
+    the opening layer then has k^2 times fewer inputs)."""
+
+    def __init__(self, input_shape: tuple[int, ...], k: int):
+        super().__init__()
+        self.shape, self.k = tuple(input_shape), k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.avg_pool2d(x.reshape(-1, *self.shape), self.k)
+        return x.flatten(1)
+
+
 class ResNet(nn.Module):
-    """Opening layer, ``depth`` residual blocks with step ``T / depth``, closing layer."""
+    """Opening layer, ``depth`` residual blocks with step ``T / depth``, closing layer;
+    ``stem``: a module in front of the opening layer whose output has ``in_features``."""
 
     def __init__(self, in_features: int, width: int, depth: int, num_classes: int,
-                 T: float = 1.0):
+                 T: float = 1.0, stem: nn.Module | None = None):
         super().__init__()
         self.T = T
-        self.opening = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
+        self.opening = nn.Sequential(*([stem] if stem is not None else []), nn.Flatten(),
+                                     nn.Linear(in_features, width), nn.ReLU())
         self.blocks = nn.ModuleList(ResidualBlock(width, T / depth) for _ in range(depth))
         self.closing = nn.Linear(width, num_classes)
 
@@ -220,11 +236,25 @@ def add_depth_penalty(loss, model: nn.Module):
     return loss if term is None else loss + term
 
 
+def stem_error(input_shape: tuple[int, ...], k: int) -> str | None:
+    """Why ``model.stem_pool = k`` does not fit inputs of ``input_shape`` (None: it does)."""
+    if k == 1:
+        return None
+    if len(input_shape) != 3:
+        return f"model.stem_pool: pools images (C, H, W), the inputs are {input_shape}"
+    if input_shape[1] % k or input_shape[2] % k:
+        return (f"model.stem_pool: {k} does not divide the {input_shape[1]} x "
+                f"{input_shape[2]} images")
+    return None
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, width: int,
                 depth: int, dtype: torch.dtype = torch.float32,
-                init: str = "independent") -> nn.Module:
+                init: str = "independent", stem_pool: int = 1) -> nn.Module:
     """The model named by ``model.name`` for inputs of ``input_shape`` (C, H, W);
-    ``init = "smooth"``: a residual network's blocks linear in depth (``smooth_in_depth``).
+    ``init = "smooth"``: a residual network's blocks linear in depth (``smooth_in_depth``);
+    ``stem_pool``: a residual network's images average-pooled by that factor before its
+    opening layer (``stem_error`` says when that does not fit).
 
     Initialisation uses torch's global RNG: seed it identically on every rank, or
     broadcast the parameters afterwards. Not collective.
@@ -233,7 +263,14 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, wi
     if name == "mlp":
         model = MLP(in_features, width, depth, num_classes)
     elif name == "resnet":
-        model = ResNet(in_features, width, depth, num_classes)
+        if stem_pool > 1:
+            why = stem_error(input_shape, stem_pool)
+            if why:
+                raise ValueError(why)
+            model = ResNet(in_features // stem_pool ** 2, width, depth, num_classes,
+                           stem=ImagePool(input_shape, stem_pool))
+        else:
+            model = ResNet(in_features, width, depth, num_classes)
     elif name == "cnn":
         if len(input_shape) != 3:
             raise ValueError(f"model.name = 'cnn' needs image inputs (C, H, W), got {input_shape}")

@@ -7,7 +7,7 @@ import torch
 
 from mltrain.config import ConfigError
 from mltrain.data import LABEL_PARTITIONS, partition, partition_options, steps_per_epoch
-from mltrain.nn import build_model
+from mltrain.nn import build_model, stem_error
 from mltrain.utils import check_memory
 from mltrain.utils.device import select_device
 
@@ -16,14 +16,20 @@ __all__ = ["model_memory", "epoch_steps", "my_partition"]
 
 def model_memory(cfg, dataset, dtype: torch.dtype, share: int,
                  device: torch.device = torch.device("cpu")) -> None:
-    """ConfigError when the configured model, its gradients and optimizer state would not
+    """ConfigError when ``model.stem_pool`` does not suit the dataset's images, or when the
+    configured model, its gradients and optimizer state would not
     fit in this rank's ``share`` of the node's available memory, or of its GPU's free memory
     (its ranks share it) when ``device`` is a GPU (sized on the meta device: nothing is
     allocated)."""
     c = cfg
+    if c.model.name == "resnet":  # the dataset's images must suit the stem
+        why = stem_error(dataset.input_shape, c.model.stem_pool)
+        if why:
+            raise ConfigError(f"{why} of data.name = {c.data.name!r}")
     with torch.device("meta"):
         m = build_model(c.model.name, dataset.input_shape, dataset.num_classes,
-                        width=c.model.width, depth=c.model.depth, dtype=dtype)
+                        width=c.model.width, depth=c.model.depth, dtype=dtype,
+                        stem_pool=c.model.stem_pool)
     nbytes = sum(p.numel() for p in m.parameters()) * dtype.itemsize
     # Parameters and gradients, plus what the optimizer keeps per parameter.
     copies = {"sgd": 1, "adam": 2}.get(c.optim.name, 2 * c.tr.memory + 2)

@@ -125,7 +125,8 @@ class Trainer:
         if model is None:
             model = build_model(cfg.model.name, self.dataset.input_shape,
                                 self.dataset.num_classes, width=cfg.model.width,
-                                depth=cfg.model.depth, dtype=self.dtype, init=cfg.model.init)
+                                depth=cfg.model.depth, dtype=self.dtype, init=cfg.model.init,
+                                stem_pool=cfg.model.stem_pool)
         agree(comm, lambda: set_depth_penalty(model, cfg.model.depth_penalty), what="config")
         # Built on the host (the same initial weights on every device), then moved.
         self.layout = parallelize(model.to(device=self.device, dtype=self.dtype), self.gc, cfg,
