@@ -143,21 +143,49 @@ def test_nested_works_with_any_optimizer_and_is_deterministic(optim):
     assert torch.equal(runs[0], runs[1])
 
 
-def test_nested_target_is_seen_in_a_coarse_phase():
+def test_nested_target_is_seen_in_a_coarse_phase(tmp_path):
     """While a coarse level trains, evaluation and run.target_loss see the full-depth network
     with that level's weights prolonged (what a stop there gives), not the untouched initial
-    weights: this run reaches its target on the coarsest level and ends there."""
-    cfg = load_config(None, NESTED[:-2] + ["optim.name=adam", "run.steps=300", "run.threads=1",
-                                           "multilevel.nested_steps=100",
-                                           "run.target_loss=0.8", "run.log_every=10"])
-    t = Trainer(cfg, MPI.COMM_SELF, quiet=True, metrics=False)
+    weights: this run reaches its target on the coarsest level and ends there, on the
+    network it was evaluated as. Its checkpoint resumes on the coarsest level from the
+    weights it stopped with, restricted back bit for bit."""
+    from mltrain.io import MetricsWriter
+
+    stop = NESTED[:-2] + ["optim.name=adam", "run.steps=300", "run.threads=1",
+                          "multilevel.nested_steps=100", "run.log_every=10",
+                          f"checkpoint.dir={tmp_path}"]
+    t = Trainer(load_config(None, stop + ["run.target_loss=0.8"]), MPI.COMM_SELF, quiet=True,
+                metrics=False)
+    t.metrics = MetricsWriter(None, 0, keep=True)
     start = t.evaluate()["train_loss"]
     s = t.train()
     at = s["target_reached_at_step"]
     assert s["target_reached"] and at < 100 and t.level_steps == [0, 0, at], (s, t.level_steps)
-    assert s["final_loss"] <= 0.8 < start
-    assert t.evaluate()["train_loss"] == s["final_loss"]  # the full network, after finish
+    seen = [r["train_loss"] for r in t.metrics.records if r.get("step") == at
+            and "train_loss" in r and r.get("event") is None]
+    assert seen == [s["final_loss"]] and s["final_loss"] <= 0.8 < start, (seen, s)
+    coarse = flat_params(t.hierarchy.models[2])
     t.close()
+    resumed = Trainer(load_config(None, stop + ["checkpoint.resume=true"]), MPI.COMM_SELF,
+                      quiet=True, metrics=False)
+    assert resumed.step == at and resumed.phase == 2
+    assert torch.equal(flat_params(resumed.hierarchy.models[2]), coarse)
+    assert resumed.evaluate()["train_loss"] == s["final_loss"]
+    resumed.close()
+
+
+def test_nested_evaluation_does_not_change_training():
+    """Evaluating every step (run.target_loss, never reached) prolongs each coarse phase's
+    weights into the finer networks again and again; training is bit for bit the same."""
+    cfg = NESTED[:-2] + ["optim.name=adam", "run.steps=30", "run.threads=1",
+                         "multilevel.nested_steps=8"]
+    runs = []
+    for extra in ([], ["run.target_loss=1e-9", "run.log_every=1"]):
+        t = Trainer(load_config(None, cfg + extra), MPI.COMM_SELF, quiet=True, metrics=False)
+        t.train()
+        runs.append(flat_params(t.model))
+        t.close()
+    assert torch.equal(runs[0], runs[1])
 
 
 @pytest.mark.mpi(min_size=1)

@@ -285,7 +285,8 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
     _ratios(cells)
     m = base.model
     model = (f"{m.name} width {m.width} depth {m.depth}"
-             + (f" depth_penalty {m.depth_penalty:g}" if m.depth_penalty else ""))
+             + (f" depth_penalty {m.depth_penalty:g}" if m.depth_penalty else "")
+             + (f" stem_pool {m.stem_pool}" if m.stem_pool > 1 else ""))
     return {"dataset": base.data.name, "data_path": base.data.path, "model": model,
             "ranks": ranks, "budget": budget, "target": target, "target_acc": target_acc,
             "seeds": seeds, "lrs": lrs, "large_batch": large_batch,

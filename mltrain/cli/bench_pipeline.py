@@ -120,12 +120,12 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
     import dataclasses
 
     from mltrain.comm import Grid
-    from mltrain.config import ConfigError
     from mltrain.data import open_dataset
-    from mltrain.nn import build_model, stem_error
+    from mltrain.nn import build_model
     from mltrain.optim.base import Batches, Context, Straggler
     from mltrain.planner.search import plan, profile_model
     from mltrain.train.optimizers import build_method, layer_alignment
+    from mltrain.train.checks import stem
     from mltrain.train.parallelize import parallelize
 
     P, rank = comm.Get_size(), comm.Get_rank()
@@ -133,8 +133,7 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
     hw = measure_hardware(comm)
     ds = open_dataset(cfg.data.name, cfg.data.path, cfg.data.num_samples)
     B = cfg.data.batch_size
-    if cfg.model.name == "resnet" and stem_error(ds.input_shape, cfg.model.stem_pool):
-        raise ConfigError(stem_error(ds.input_shape, cfg.model.stem_pool))
+    stem(cfg, ds)
 
     def fresh():
         torch.manual_seed(cfg.run.seed)

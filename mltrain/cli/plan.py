@@ -14,15 +14,15 @@ __all__ = ["run_plan", "run_simulate"]
 
 def _profile(cfg, ranks: int):
     from mltrain.data import open_dataset
-    from mltrain.nn import build_model, stem_error
+    from mltrain.nn import build_model
+    from mltrain.train.checks import stem
     from mltrain.planner.search import profile_model
     from mltrain.utils import torch_dtype
 
     ds = open_dataset(cfg.data.name, cfg.data.path, cfg.data.num_samples)
     dtype = torch_dtype(cfg.run.dtype)
     torch.manual_seed(cfg.run.seed)
-    if cfg.model.name == "resnet" and stem_error(ds.input_shape, cfg.model.stem_pool):
-        raise ConfigError(stem_error(ds.input_shape, cfg.model.stem_pool))
+    stem(cfg, ds)
     model = build_model(cfg.model.name, ds.input_shape, ds.num_classes, width=cfg.model.width,
                         depth=cfg.model.depth, dtype=dtype, stem_pool=cfg.model.stem_pool)
     b = max(1, cfg.data.batch_size // max(ranks, 1))  # a rank's share, as it will run

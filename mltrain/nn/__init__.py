@@ -16,9 +16,8 @@ from torch import nn
 from mltrain import ops
 
 __all__ = ["MLP", "ResNet", "ResidualBlock", "CNN", "ImagePool", "build_model", "stem_error",
-           "is_residual",
-           "check_residual", "smooth_in_depth", "set_depth_penalty", "depth_penalty",
-           "add_depth_penalty"]
+           "is_residual", "check_residual", "smooth_in_depth", "set_depth_penalty",
+           "depth_penalty", "add_depth_penalty"]
 
 PROTOCOL = ("opening", "blocks", "closing")
 
@@ -237,7 +236,8 @@ def add_depth_penalty(loss, model: nn.Module):
 
 
 def stem_error(input_shape: tuple[int, ...], k: int) -> str | None:
-    """Why ``model.stem_pool = k`` does not fit inputs of ``input_shape`` (None: it does)."""
+    """Why ``model.stem_pool = k`` does not fit inputs of ``input_shape`` (None: it does).
+    Not collective."""
     if k == 1:
         return None
     if len(input_shape) != 3:

@@ -11,7 +11,16 @@ from mltrain.nn import build_model, stem_error
 from mltrain.utils import check_memory
 from mltrain.utils.device import select_device
 
-__all__ = ["model_memory", "epoch_steps", "my_partition"]
+__all__ = ["model_memory", "epoch_steps", "my_partition", "stem"]
+
+
+def stem(cfg, dataset) -> None:
+    """ConfigError when ``model.stem_pool`` does not suit the dataset's images. Not
+    collective."""
+    if cfg.model.name == "resnet":
+        why = stem_error(dataset.input_shape, cfg.model.stem_pool)
+        if why:
+            raise ConfigError(f"{why} of data.name = {cfg.data.name!r}")
 
 
 def model_memory(cfg, dataset, dtype: torch.dtype, share: int,
@@ -22,10 +31,7 @@ def model_memory(cfg, dataset, dtype: torch.dtype, share: int,
     (its ranks share it) when ``device`` is a GPU (sized on the meta device: nothing is
     allocated)."""
     c = cfg
-    if c.model.name == "resnet":  # the dataset's images must suit the stem
-        why = stem_error(dataset.input_shape, c.model.stem_pool)
-        if why:
-            raise ConfigError(f"{why} of data.name = {c.data.name!r}")
+    stem(c, dataset)
     with torch.device("meta"):
         m = build_model(c.model.name, dataset.input_shape, dataset.num_classes,
                         width=c.model.width, depth=c.model.depth, dtype=dtype,

@@ -11,15 +11,18 @@ __all__ = ["evaluate", "run_summary"]
 
 
 @torch.no_grad()
-def evaluate(layout, model, sync, loader, dataset, dtype: torch.dtype) -> dict:
+def evaluate(layout, model, sync, loader, dataset, dtype: torch.dtype, show=None) -> dict:
     """Loss and accuracy of ``layout.net`` on the whole training set and the test set
     (each data rank takes its partition / a strided shard of the test set, then counts are
     summed); drifting replicas are evaluated at their average. ``model`` (the network
-    being trained) is put in eval mode meanwhile. Collective on the layout's axes."""
+    being trained) is put in eval mode meanwhile; ``show`` (nested iteration) brings its
+    averaged weights into ``layout.net`` first. Collective on the layout's axes."""
     model.eval()
     dcomm = layout.data
     rank, size = dcomm.Get_rank(), dcomm.Get_size()
     with STATS.paused(), sync.consensus():
+        if show is not None:
+            show()
         layout.gather()  # the whole network on every rank, evaluated serially
         train = _score(layout.net, loader.x, loader.y)
         test = (0.0, 0, 0)

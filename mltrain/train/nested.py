@@ -13,7 +13,8 @@ __all__ = ["Nested", "OnePhase", "phases"]
 
 
 class OnePhase:
-    """The schedule of a run without nested iteration: one phase, the full network."""
+    """The schedule of a run without nested iteration: one phase, the full network.
+    Nothing here is collective."""
 
     hierarchy = None
     phase = 0
@@ -80,13 +81,20 @@ class Nested:
 
     def start(self, step: int) -> None:
         """Enters the level that trains ``step`` (the coarsest for a new run), with the
-        levels' costs measured (``run.costs``). Collective on the trainer's
-        communicator."""
+        levels' costs measured (``run.costs``). A run resumed inside a coarse phase (from
+        the checkpoint written where a run stopped on a coarse level) restricts the loaded
+        full network down to it: the coarse weights that were prolonged into it, bit for
+        bit with injection and constant prolongation (the coarse optimizer starts afresh).
+        Collective on the trainer's communicator."""
         if self.t.cfg.run.costs == "measured":
             self._measure()
-        if self.phase_of(step) > 0:
+        level = self.phase_of(step)
+        if level > 0:
+            if step > 0:
+                for lv in range(level):
+                    self.hierarchy.restrict_to(lv)
             self.phase = self.hierarchy.levels
-            self.enter(self.phase_of(step))
+            self.enter(level)
 
     def before(self, step: int) -> None:
         want = self.phase_of(step)
@@ -119,7 +127,8 @@ class Nested:
         races see the full-depth network a stop here would give, not its initial weights.
         The finer levels are overwritten by the same prolongation when they are entered;
         before the first step the full network keeps its own initial weights (every method
-        starts from the same point). Not collective (every rank holds the same weights)."""
+        starts from the same point). Not collective: call it where drifting replicas are
+        already averaged (``Trainer.evaluate`` does, inside the sync's consensus)."""
         if not any(self.steps):
             return
         for lv in range(self.phase - 1, -1, -1):

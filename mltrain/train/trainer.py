@@ -285,9 +285,8 @@ class Trainer:
         """Loss and accuracy on the whole training set and the test set. Collective on the
         grid's axes. In a nested run's coarse phase, of the full-depth network with the
         coarse level's weights prolonged."""
-        self.phases.show()
         return evaluate(self.layout, self.model, self.sync, self.loader, self.dataset,
-                        self.dtype)
+                        self.dtype, show=self.phases.show)
 
     def close(self) -> None:
         """Removes hooks and frees solvers and communicators. Collective on the trainer's
