@@ -46,7 +46,7 @@ import time
 import numpy as np
 
 from mltrain.cli.race import race
-from mltrain.config import ConfigError, load_config
+from mltrain.config import ConfigError, load_config, model_label
 
 __all__ = ["METHODS", "REGIMES", "INITS", "bench_multilevel", "plot", "lbfgs_race", "markdown",
            "load_result"]
@@ -283,10 +283,7 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
                              lambda seed, probes: run("adam", regime, init, seed,
                                                       rates["adam"], frozenset(probes)))
     _ratios(cells)
-    m = base.model
-    model = (f"{m.name} width {m.width} depth {m.depth}"
-             + (f" depth_penalty {m.depth_penalty:g}" if m.depth_penalty else "")
-             + (f" stem_pool {m.stem_pool}" if m.stem_pool > 1 else ""))
+    model = model_label(base.model)
     return {"dataset": base.data.name, "data_path": base.data.path, "model": model,
             "ranks": ranks, "budget": budget, "target": target, "target_acc": target_acc,
             "seeds": seeds, "lrs": lrs, "large_batch": large_batch,

@@ -120,12 +120,13 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
     import dataclasses
 
     from mltrain.comm import Grid
+    from mltrain.config import model_label
     from mltrain.data import open_dataset
     from mltrain.nn import build_model
     from mltrain.optim.base import Batches, Context, Straggler
     from mltrain.planner.search import plan, profile_model
-    from mltrain.train.optimizers import build_method, layer_alignment
     from mltrain.train.checks import stem
+    from mltrain.train.optimizers import build_method, layer_alignment
     from mltrain.train.parallelize import parallelize
 
     P, rank = comm.Get_size(), comm.Get_rank()
@@ -207,8 +208,8 @@ def bench_pipeline(cfg, comm: MPI.Comm, steps: int = 10, rounds: int = 3) -> dic
         r["ratio_vs_unpipelined"] = r["time_s"] / base["time_s"]
     top = min(rows, key=lambda r: r["predicted_s"])
     fastest = min(r["time_s"] for r in rows)
-    return {"ranks": P, "hardware": hw.__dict__, "model": f"{cfg.model.name} width "
-            f"{cfg.model.width} depth {cfg.model.depth}", "batch": B, "rows": rows,
+    return {"ranks": P, "hardware": hw.__dict__, "model": model_label(cfg.model),
+            "batch": B, "rows": rows,
             "model_error": max(r["model_error"] for r in rows),
             "top_choice": {k: top[k] for k in ("data", "pipe", "layer", "microbatches",
                                                "schedule")},

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch.nn.functional as F
 
-from mltrain.config import load_config
+from mltrain.config import load_config, model_label
 from mltrain.optim.costs import KINDS, measure, time_levels
 
 __all__ = ["PROTOCOLS", "bench_prices", "markdown"]
@@ -45,7 +45,7 @@ def _measure(t, cfg, comm, reps: int) -> dict:
     # What the run's optimizer prices at start-up; a first-order one pays plain gradients.
     levels = st.price_levels(model) if hasattr(st, "price_levels") else [(model, "lsr1", None)]
     x, y = t.loader.batch(0, 0)
-    out = {"model": f"{cfg.model.name} width {cfg.model.width} depth {cfg.model.depth}",
+    out = {"model": model_label(cfg.model),
            "levels": len(levels), "batch": len(x), "ranks": comm.Get_size(), "reps": reps,
            "protocols": {}}
     for name, (rounds, interleaved) in PROTOCOLS.items():

@@ -20,7 +20,7 @@ import time
 from mpi4py import MPI
 
 from mltrain.comm import waiting
-from mltrain.config import ConfigError
+from mltrain.config import ConfigError, model_label
 
 SCHEMES = {  # label -> config overrides
     "allreduce": ["sync.name=allreduce"],
@@ -147,7 +147,7 @@ def bench_ps(cfg, schemes: list[str], partitions: list[str], steps: int,
                 row["test_accuracy" + tag] - ref["test_accuracy" + tag] if ref else None)
     return {"ranks": P, "workers": W, "servers": 1, "steps": steps,
             "global_batch": cfg.data.batch_size, "dataset": cfg.data.name,
-            "model": f"{cfg.model.name} width {cfg.model.width} depth {cfg.model.depth}",
+            "model": model_label(cfg.model),
             "straggler_factor": FACTOR, "rows": rows}
 
 

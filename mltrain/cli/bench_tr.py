@@ -10,7 +10,7 @@ time (evaluation excluded). Collective on the world communicator.
 from __future__ import annotations
 
 from mltrain.cli.race import race
-from mltrain.config import load_config
+from mltrain.config import load_config, model_label
 
 METHODS = [
     ("sgd", ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"]),
@@ -29,6 +29,5 @@ def bench_tr(config: str | None, overrides: list[str], comm, budget: float = 10.
     for name, extra in METHODS:
         cfg = load_config(config, overrides + extra + ["run.steps=100000000"])
         results.append({"method": name, **race(cfg, comm, budget, points)})
-    return {"dataset": cfg.data.name, "model": f"{cfg.model.name} width {cfg.model.width} "
-            f"depth {cfg.model.depth}", "ranks": comm.Get_size(), "budget": budget,
+    return {"dataset": cfg.data.name, "model": model_label(cfg.model), "ranks": comm.Get_size(), "budget": budget,
             "methods": results}

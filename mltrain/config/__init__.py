@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError", "Config", "load_config", "parse_override", "parse_straggler", "to_toml",
     "to_dict", "describe_keys", "parse_balance", "check_ranks", "read_text", "writable_folder", "RULES", "rules_table", "MOVED",
     "MAX_RANKS", "resolve", "config_from", "key_field", "toml_value", "check_value",
+    "model_label",
 ]
 
 
@@ -99,6 +100,14 @@ class ModelConfig:
     stem_pool: int = _f(1, "resnet: average-pool the input images by this factor before the "
                         "opening layer (a cheap stem, so the residual blocks dominate the "
                         "cost; must divide the image size; 1: none)", min=1)
+
+
+def model_label(m: "ModelConfig") -> str:
+    """The network a benchmark reports, as ``[model]`` sets it (the non-default extras
+    named). Not collective."""
+    return (f"{m.name} width {m.width} depth {m.depth}"
+            + (f" depth_penalty {m.depth_penalty:g}" if m.depth_penalty else "")
+            + (f" stem_pool {m.stem_pool}" if m.stem_pool > 1 else ""))
 
 
 @dataclass
