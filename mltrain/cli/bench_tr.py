@@ -29,5 +29,5 @@ def bench_tr(config: str | None, overrides: list[str], comm, budget: float = 10.
     for name, extra in METHODS:
         cfg = load_config(config, overrides + extra + ["run.steps=100000000"])
         results.append({"method": name, **race(cfg, comm, budget, points)})
-    return {"dataset": cfg.data.name, "model": model_label(cfg.model), "ranks": comm.Get_size(), "budget": budget,
-            "methods": results}
+    return {"dataset": cfg.data.name, "model": model_label(cfg.model),
+            "ranks": comm.Get_size(), "budget": budget, "methods": results}

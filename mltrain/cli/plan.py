@@ -15,8 +15,8 @@ __all__ = ["run_plan", "run_simulate"]
 def _profile(cfg, ranks: int):
     from mltrain.data import open_dataset
     from mltrain.nn import build_model
-    from mltrain.train.checks import stem
     from mltrain.planner.search import profile_model
+    from mltrain.train.checks import stem
     from mltrain.utils import torch_dtype
 
     ds = open_dataset(cfg.data.name, cfg.data.path, cfg.data.num_samples)

@@ -113,8 +113,7 @@ class Nested:
             self.coarse_work += t.method.work(self.steps[self.phase], t.cfg.data.batch_size,
                                               t.dataset.num_train) * self.cost[self.phase]
             t.method.close()
-            for lv in range(self.phase - 1, level - 1, -1):
-                hier.prolong_to(lv)
+            self._prolong(level)
         self.phase = level
         t.model = hier.models[level]
         # A multilevel optimizer on a coarse level uses the levels below it.
@@ -129,9 +128,13 @@ class Nested:
         before the first step the full network keeps its own initial weights (every method
         starts from the same point). Not collective: call it where drifting replicas are
         already averaged (``Trainer.evaluate`` does, inside the sync's consensus)."""
-        if not any(self.steps):
-            return
-        for lv in range(self.phase - 1, -1, -1):
+        if any(self.steps):
+            self._prolong(0)
+
+    def _prolong(self, level: int) -> None:
+        """Prolongs the weights of the level in training down to ``level``, through every
+        level between. Not collective."""
+        for lv in range(self.phase - 1, level - 1, -1):
             self.hierarchy.prolong_to(lv)
 
     def finish(self) -> None:
