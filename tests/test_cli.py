@@ -74,6 +74,9 @@ def test_no_arguments_means_train(tmp_path):
     (2, ["--config", "/nonexistent.toml"], "cannot read"),
     (2, ["--summary", "/nonexistent/dir/s.json"], "--summary"),
     (2, ["--set", "model.stem_pool=3"], "model.stem_pool: 3 does not divide the 8 x 8 images"),
+    (2, ["--set", "multilevel.nested=true", "--set", "multilevel.levels=3", "--set",
+         "multilevel.nested_steps=5", "--set", "run.steps=10"],
+     "multilevel.nested_steps: 2 coarse levels x 5 steps = 10 covers all 10 steps"),
 ])
 def test_user_errors_exit_cleanly_on_every_rank(ranks, args, message):
     r = mpiexec(ranks, ["-m", "mltrain", "train", "--quiet", *args], timeout=120)

@@ -496,6 +496,25 @@ def test_nested_initialization_trains_the_coarse_levels_first():
     t.close()
 
 
+@pytest.mark.parametrize("extra, key", [
+    (["optim.name=rmtr", "multilevel.init=nested", "multilevel.init_cycles=30"], "init_cycles"),
+    (["optim.name=adam", "multilevel.nested=true", "multilevel.nested_steps=30"],
+     "nested_steps")])
+def test_coarse_phases_that_fill_the_run_are_refused(extra, key):
+    """A nested start whose coarse phases cover every step of the run (here one epoch of
+    run.epochs, fewer than 2 x 30 steps) would leave the full network untrained: refused
+    before training, naming the key; one step fewer on the coarse levels is accepted."""
+    from mltrain.comm import CollectiveError
+
+    cfg = SMALL + extra + ["multilevel.levels=3", "run.steps=0", "run.epochs=1"]
+    with pytest.raises(CollectiveError, match=f"multilevel.{key}: 2 coarse levels x 30 steps"):
+        Trainer(load_config(None, cfg), MPI.COMM_SELF, quiet=True, metrics=False)
+    t = Trainer(load_config(None, cfg[:-2] + ["run.steps=61"]), MPI.COMM_SELF, quiet=True,
+                metrics=False)
+    assert t.total_steps == 61
+    t.close()
+
+
 def test_smooth_initialization_is_linear_in_depth_and_seen_alike_by_the_coarse_levels():
     """model.init = smooth: every block parameter is linear in depth (second differences
     vanish), the end blocks keep their own draws; the coarse gradients then point where the

@@ -74,6 +74,22 @@ def epoch_steps(cfg, dataset) -> int:
     return spe
 
 
+def coarse_phases(cfg, total_steps: int) -> None:
+    """ConfigError when nested iteration (``multilevel.nested_steps``) or RMTR's nested
+    start (``multilevel.init_cycles``) spends every step on the coarse levels: the
+    full-depth network would end the run untrained."""
+    o = cfg.multilevel
+    for on, per, key in ((o.nested, o.nested_steps, "nested_steps"),
+                         (cfg.optim.name == "rmtr" and o.init == "nested", o.init_cycles,
+                          "init_cycles")):
+        coarse = per * (o.levels - 1)
+        if on and per > 0 and coarse >= total_steps:
+            raise ConfigError(
+                f"multilevel.{key}: {o.levels - 1} coarse levels x {per} steps = {coarse} "
+                f"covers all {total_steps} steps of the run; the full-depth network would "
+                f"never train (raise run.steps or lower multilevel.{key})")
+
+
 def my_partition(cfg, dataset, dp_size: int, dp_rank: int):
     """The training-sample indices of data-parallel rank ``dp_rank`` of ``dp_size``."""
     d = cfg.data

@@ -113,6 +113,7 @@ class Trainer:
                                      what="config")
         self.total_steps = cfg.run.steps or cfg.run.epochs * self.steps_per_epoch
         self.until = self.total_steps
+        agree(comm, lambda: checks.coarse_phases(cfg, self.total_steps), what="config")
         self.until_work: float | None = None  # a search's stop in fine-gradient equivalents
 
         if model is None:  # a model too large for the node is refused, not allocated
