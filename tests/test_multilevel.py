@@ -213,6 +213,43 @@ def test_nested_resume_is_bit_exact(comm, shared_tmp, optim):
     resumed.close()
 
 
+@pytest.mark.mpi(min_size=1)
+def test_nested_drifting_replicas_are_evaluated_at_their_average(comm):
+    """Local SGD in a nested run's coarsest phase: the replicas drift between averagings;
+    evaluation shows the full-depth network prolonged from the ranks' average coarse
+    weights, then gives every rank its own weights back, and evaluating every step
+    leaves training bit for bit the same (across the level switches)."""
+    from mltrain.comm import mean_
+
+    cfg = NESTED[:-2] + ["optim.name=sgd", "optim.lr=0.05", "sync.name=localsgd",
+                         "sync.period=4", "data.batch_size=48", "run.threads=1"]
+    t = Trainer(load_config(None, cfg), comm, quiet=True, metrics=False)
+    for _ in range(3):  # mid-period, on the coarsest level (10 steps per level)
+        t.advance()
+    mine = flat_params(t.model).clone()
+    all_ranks(comm, t.phase == 2 and (comm.Get_size() == 1 or t.sync.distance() > 0))
+    t.evaluate()
+    all_ranks(comm, torch.equal(flat_params(t.model), mine), "own weights not restored")
+    h = t.hierarchy
+    with torch.no_grad():  # the average by hand, prolonged: blocks equal in groups of 4
+        for b in h.models[2].blocks:
+            for p in b.parameters():
+                mean_(p.data, comm)
+        average = _blocks(h.models[2])
+    full = _blocks(h.models[0])
+    all_ranks(comm, torch.allclose(full, average.repeat_interleave(4, 0), rtol=1e-6,
+                                   atol=1e-7), "the full network is not the prolonged average")
+    t.close()
+
+    runs = []
+    for extra in ([], ["run.target_loss=1e-9", "run.log_every=1"]):
+        t = Trainer(load_config(None, cfg + extra), comm, quiet=True, metrics=False)
+        t.train()
+        runs.append(flat_params(t.model))
+        t.close()
+    all_ranks(comm, torch.equal(runs[0], runs[1]))
+
+
 def test_target_loss():
     hit = Trainer(load_config(None, ["run.target_loss=0.5", "run.log_every=5"]),
                   MPI.COMM_SELF, quiet=True, metrics=False)
