@@ -362,6 +362,9 @@ def test_bench_multilevel_smoke(tmp_path):
         else:
             assert eq is None, key
     assert cells["independent", "nested-adam"]["lr"] == cells["independent", "adam"]["lr"]
+    for key in (("independent", "sgd"), ("independent", "adam")):  # the rates tuning tried
+        rates = cells[key]["rates"]
+        assert len(rates) >= 2 and rates == sorted(rates) and cells[key]["lr"] in rates
     assert "rmtr-3" in r.stdout and "medians [IQR]" in r.stdout
     assert png.read_bytes()[:4] == b"\x89PNG"
     text = md.read_text()
@@ -442,6 +445,8 @@ def _saved_result() -> dict:
      "cells[0].test_accuracy: 'median' must be int or float"),
     (lambda r: r["cells"][0].update(vs_adam_equal_steps={"median": 1.0}), "missing 'min'"),
     (lambda r: r.update(cells={"0": {}}), "'cells' must be list, got dict"),
+    (lambda r: r["cells"][0].update(rates=[0.1, -1.0]), "cells[0]: 'rates' must list"),
+    (lambda r: r["cells"][0].update(rates=[0.1] * 101), "cells[0]: 'rates' must list"),
 ])
 def test_from_json_refuses_what_the_tables_could_not_read(tmp_path, spoil, message):
     """``--from-json`` reads an untrusted file: every field the tables and the plot read is
@@ -451,6 +456,10 @@ def test_from_json_refuses_what_the_tables_could_not_read(tmp_path, spoil, messa
     path = tmp_path / "run.json"
     path.write_text(json.dumps(_saved_result()))
     assert "| rmtr-3 | - | 2.00 [2.00, inf] (1/2) |" in markdown(load_result(str(path)))
+    adam = _saved_result()  # a tuned rate at the end of the rates tried is marked
+    adam["cells"][0].update(method="adam", lr=0.1, rates=[0.01, 0.1])
+    path.write_text(json.dumps(adam))
+    assert "| adam | 0.1 (edge) |" in markdown(load_result(str(path)))
     res = _saved_result()
     spoil(res)
     path.write_text(json.dumps(res))
@@ -477,6 +486,30 @@ def test_bench_multilevel_statistics():
     g = lr_grid("adam", 6)
     assert len(g) == 6 and g[0] == pytest.approx(1e-4) and g[-1] == pytest.approx(0.1)
     assert all(b / a == pytest.approx(g[1] / g[0]) for a, b in zip(g, g[1:]))
+
+
+def test_bench_multilevel_tuning_goes_past_the_grid_while_its_end_is_best():
+    """A best rate at an end of the grid is not tuned: tuning tries rates past that end,
+    at the grid's spacing, until the best is inside (or EXTEND more were tried)."""
+    from mltrain.cli.bench_multilevel import EXTEND, lr_grid, tune
+
+    def race_at(best):  # work to the target least at ``best``, growing away from it
+        return lambda lr: {"work_to_target": 1 + abs(math.log(lr / best)),
+                           "train_loss": 0.1}
+
+    g = lr_grid("adam", 6)
+    ratio = g[1] / g[0]
+    inside, tried = tune("adam", 6, race_at(g[2]))
+    assert inside == g[2] and [lr for lr, _ in tried] == g  # nothing past the grid
+    up, tried = tune("adam", 6, race_at(g[-1] * ratio ** 1.2))
+    assert [lr for lr, _ in tried] == pytest.approx(g + [g[-1] * ratio, g[-1] * ratio ** 2])
+    assert up == pytest.approx(g[-1] * ratio)
+    down, tried = tune("adam", 6, race_at(1e-12))  # the low end, out of reach
+    assert len(tried) == 6 + EXTEND and down == tried[0][0] == pytest.approx(g[0] / ratio ** 3)
+    # A rate that diverges past the top end stops the search there.
+    diverge = {"work_to_target": None, "train_loss": math.nan}
+    top, tried = tune("adam", 6, lambda lr: race_at(1.0)(lr) if lr <= g[-1] else diverge)
+    assert top == g[-1] and len(tried) == 7
 
 
 def test_bench_mgrit_smoke(tmp_path):
