@@ -447,6 +447,7 @@ def _saved_result() -> dict:
     (lambda r: r.update(cells={"0": {}}), "'cells' must be list, got dict"),
     (lambda r: r["cells"][0].update(rates=[0.1, -1.0]), "cells[0]: 'rates' must list"),
     (lambda r: r["cells"][0].update(rates=[0.1] * 101), "cells[0]: 'rates' must list"),
+    (lambda r: r["cells"][0].update(lr=10 ** 400), "cells[0]: 'lr' is out of range"),
 ])
 def test_from_json_refuses_what_the_tables_could_not_read(tmp_path, spoil, message):
     """``--from-json`` reads an untrusted file: every field the tables and the plot read is
@@ -460,6 +461,9 @@ def test_from_json_refuses_what_the_tables_could_not_read(tmp_path, spoil, messa
     adam["cells"][0].update(method="adam", lr=0.1, rates=[0.01, 0.1])
     path.write_text(json.dumps(adam))
     assert "| adam | 0.1 (edge) |" in markdown(load_result(str(path)))
+    adam["cells"][0].update(lr=0.05, rates=[0.01, 0.05, 0.1])
+    path.write_text(json.dumps(adam))
+    assert "| adam | 0.05 |" in markdown(load_result(str(path)))
     res = _saved_result()
     spoil(res)
     path.write_text(json.dumps(res))
@@ -510,6 +514,12 @@ def test_bench_multilevel_tuning_goes_past_the_grid_while_its_end_is_best():
     diverge = {"work_to_target": None, "train_loss": math.nan}
     top, tried = tune("adam", 6, lambda lr: race_at(1.0)(lr) if lr <= g[-1] else diverge)
     assert top == g[-1] and len(tried) == 7
+    # An end tied with an inner rate is not strictly best: no search past it.
+    tie = tune("adam", 6, lambda lr: {"work_to_target": 2.0 if lr < g[2] else 3.0,
+                                      "train_loss": 0.1})
+    assert tie[0] == g[0] and len(tie[1]) == 6
+    assert len(tune("adam", 6, lambda lr: diverge)[1]) == 6  # nothing finite: nothing to chase
+    assert len(tune("adam", 2, race_at(1e-12))[1]) == 2  # 2 rates: no spacing to extend by
 
 
 def test_bench_mgrit_smoke(tmp_path):

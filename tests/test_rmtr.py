@@ -500,18 +500,36 @@ def test_nested_initialization_trains_the_coarse_levels_first():
     (["optim.name=rmtr", "multilevel.init=nested", "multilevel.init_cycles=30"], "init_cycles"),
     (["optim.name=adam", "multilevel.nested=true", "multilevel.nested_steps=30"],
      "nested_steps")])
-def test_coarse_phases_that_fill_the_run_are_refused(extra, key):
+def test_coarse_phases_that_fill_the_run_are_refused(tmp_path, extra, key):
     """A nested start whose coarse phases cover every step of the run (here one epoch of
     run.epochs, fewer than 2 x 30 steps) would leave the full network untrained: refused
-    before training, naming the key; one step fewer on the coarse levels is accepted."""
+    before training, naming the key. Accepted: one step more than the coarse phases, and
+    a run that writes checkpoints (the first leg of a longer run, resumed later)."""
     from mltrain.comm import CollectiveError
 
     cfg = SMALL + extra + ["multilevel.levels=3", "run.steps=0", "run.epochs=1"]
     with pytest.raises(CollectiveError, match=f"multilevel.{key}: 2 coarse levels x 30 steps"):
         Trainer(load_config(None, cfg), MPI.COMM_SELF, quiet=True, metrics=False)
-    t = Trainer(load_config(None, cfg[:-2] + ["run.steps=61"]), MPI.COMM_SELF, quiet=True,
+    for ok, steps in ([], 61), ([f"checkpoint.dir={tmp_path}"], 22):
+        t = Trainer(load_config(None, cfg[:-2] + ok + [f"run.steps={steps}"]), MPI.COMM_SELF,
+                    quiet=True, metrics=False)
+        assert t.total_steps == steps
+        t.close()
+
+
+def test_nested_run_shorter_than_its_levels_is_refused():
+    """run.steps shared equally by the levels (nested_steps = 0): 2 steps for 3 levels
+    leave none for the full network; 3 give it one."""
+    from mltrain.comm import CollectiveError
+
+    cfg = SMALL + ["optim.name=sgd", "multilevel.nested=true", "multilevel.levels=3"]
+    with pytest.raises(CollectiveError, match="run.steps: 2 steps shared by 3 levels"):
+        Trainer(load_config(None, cfg + ["run.steps=2"]), MPI.COMM_SELF, quiet=True,
                 metrics=False)
-    assert t.total_steps == 61
+    t = Trainer(load_config(None, cfg + ["run.steps=3"]), MPI.COMM_SELF, quiet=True,
+                metrics=False)
+    t.train()
+    assert t.phases.steps == [1, 1, 1]
     t.close()
 
 

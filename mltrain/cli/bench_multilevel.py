@@ -12,12 +12,11 @@ skeptical reviewer.
   the largest multiple of the rank count).
 - **Baselines tuned.** SGD with momentum 0.9 and Adam, each over ``lrs`` log-spaced
   learning rates on the first seed (every rate the same budget), and past either end of
-  that grid, at its spacing, while the best rate is the end (at most ``EXTEND`` more); the
-  rate that reaches the target with least work (else the lowest final loss) runs every
-  seed. Nested iteration
-  with Adam uses Adam's rate. Full-batch L-BFGS (``torch.optim.LBFGS``, strong Wolfe line
-  search, gradients averaged over the ranks) in every regime, as the deterministic
-  reference. TR runs with RMTR's curvature (``tr.curvature``, L-SR1 by default) and batch
+  that grid, at its spacing, while the end is strictly best (at most ``EXTEND`` more past
+  each end; ``lrs`` >= 3); the rate that reaches the target with least work (else the
+  lowest final loss) runs every seed. Nested iteration with Adam uses Adam's rate.
+  Full-batch L-BFGS (``torch.optim.LBFGS``, strong Wolfe line search, gradients averaged
+  over the ranks) in every regime, as the deterministic reference. TR runs with RMTR's curvature (``tr.curvature``, L-SR1 by default) and batch
   schedule. RMTR (3 levels) and APTS run their documented defaults, untuned (``apts``:
   the trust-region Adam local solver; ``apts-tr``: trust-region local solves on TR's
   curvature). Opt-in (``--methods``): ``rmtr-3-nested``, RMTR-3 after its nested start
@@ -81,21 +80,25 @@ def lr_grid(name: str, n: int) -> list[float]:
 
 def tune(name: str, n: int, run_lr, extend: int = EXTEND) -> tuple[float, list]:
     """Tunes ``name``'s learning rate: the ``n`` rates of ``lr_grid(name, n)``, then, while
-    the best (``_best_rate``) is the largest or the smallest rate tried, the next rate past
-    it at the grid's spacing, at most ``extend`` more past each end. ``run_lr(lr)`` races
-    one rate and returns its row. Returns the best rate and every (rate, row) tried, in
-    increasing rate. Collective (through ``run_lr``)."""
+    the largest or the smallest rate tried is strictly better than every other
+    (``_merit``), the next rate past it at the grid's spacing, at most ``extend`` more
+    past each end. A grid of fewer than 3 rates is not extended (2 rates always have a
+    best end, and their spacing is the whole range). ``run_lr(lr)`` races one rate and
+    returns its row. Returns the best rate and every (rate, row) tried, in increasing
+    rate. Collective on the bench's communicator (through ``run_lr``)."""
     grid = lr_grid(name, n)
     tried = [(lr, run_lr(lr)) for lr in grid]
     past = {1: 0, -1: 0}
-    while len(grid) > 1:
-        best, rates = _best_rate(tried), [lr for lr, _ in tried]
-        side = 1 if best == max(rates) else -1 if best == min(rates) else 0
+    while n >= 3:
+        tried.sort(key=lambda t: t[0])
+        merits = [_merit(r) for _, r in tried]
+        side = (1 if merits[-1] < min(merits[:-1]) else
+                -1 if merits[0] < min(merits[1:]) else 0)
         if side == 0 or past[side] >= extend:
             break
         past[side] += 1
         ratio = grid[1] / grid[0]
-        lr = max(rates) * ratio if side > 0 else min(rates) / ratio
+        lr = tried[-1][0] * ratio if side > 0 else tried[0][0] / ratio
         tried.append((lr, run_lr(lr)))
     return _best_rate(tried), sorted(tried, key=lambda t: t[0])
 
@@ -223,14 +226,19 @@ def _stats(values: list, seeds: int) -> dict:
     return out
 
 
+def _merit(row: dict) -> tuple:
+    """How good a tuning run was, smaller better: reached the target (by its work), else
+    a finite final loss (by it), else diverged."""
+    if row["work_to_target"]:
+        return (0, row["work_to_target"])
+    loss = row["train_loss"]
+    return (1, loss) if math.isfinite(loss) else (2, 0.0)
+
+
 def _best_rate(rows: list[tuple[float, dict]]) -> float:
     """The rate whose run reached the target with least work, else the lowest final
-    loss."""
-    reached = [(r["work_to_target"], lr) for lr, r in rows if r["work_to_target"]]
-    if reached:
-        return min(reached)[1]
-    finite = [(r["train_loss"], lr) for lr, r in rows if math.isfinite(r["train_loss"])]
-    return min(finite)[1] if finite else rows[0][0]
+    loss (ties: the lowest rate; nothing finite: the first rate). Not collective."""
+    return min((_merit(r), lr) for lr, r in rows)[1] if rows else None
 
 
 def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: float,
@@ -294,8 +302,9 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
                     done.append(dict(run(name, regime, init, seed, lr), seed=seed))
                 cell = {"regime": regime, "init": init, "method": name, "lr": lr,
                         "runs": done}
-                if name in grids:  # the rates its tuning tried
-                    cell["rates"] = grids[name]
+                tuned = grids.get("adam" if name == "nested-adam" else name)
+                if tuned:  # the rates its tuning tried
+                    cell["rates"] = tuned
                 for key in ("work_to_target", "wall_to_target", "steps_to_target",
                             "work_to_acc", "steps_to_acc"):
                     cell[key] = _stats([r[key] for r in done], seeds)
@@ -417,6 +426,8 @@ def _field(obj, key: str, kinds: tuple, where: str):
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise ConfigError(f"{where}: {key!r} must be "
                           f"{' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+    if float in kinds and isinstance(value, int) and abs(value) > 1e300:
+        raise ConfigError(f"{where}: {key!r} is out of range")  # no float could print it
     return value
 
 
@@ -464,7 +475,7 @@ def _check_result(res, where: str) -> None:
         _field(c, "lr", OPT_NUM, at)
         rates = c.get("rates")  # absent from runs saved before it was recorded
         if rates is not None and (not isinstance(rates, list) or not 0 < len(rates) <= 100
-                                  or not all(type(r) in NUM and 0 < r < math.inf
+                                  or not all(type(r) in NUM and 0 < r < 1e300
                                              for r in rates)):
             raise ConfigError(f"{at}: 'rates' must list at most 100 positive learning rates")
         for key in ("work_to_target", "wall_to_target", "steps_to_target", "steps_to_acc"):
@@ -527,7 +538,7 @@ def markdown(res: dict) -> str:
                 r1 = f"{c['work_ratio_vs_tr']:.2f}" if c["work_ratio_vs_tr"] else "-"
                 r2 = f"{c['steps_ratio_vs_adam']:.2f}" if c["steps_ratio_vs_adam"] else "-"
                 lr = f"{c['lr']:.3g}" if c["lr"] and c["method"] != "lbfgs" else "-"
-                if c.get("rates") and len(c["rates"]) > 1 and c["lr"] in (
+                if lr != "-" and c.get("rates") and len(c["rates"]) > 1 and c["lr"] in (
                         min(c["rates"]), max(c["rates"])):
                     lr += " (edge)"  # tuning ran out of rates past this end
                 eq = c.get("vs_adam_equal_steps")

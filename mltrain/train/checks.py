@@ -11,7 +11,7 @@ from mltrain.nn import build_model, stem_error
 from mltrain.utils import check_memory
 from mltrain.utils.device import select_device
 
-__all__ = ["model_memory", "epoch_steps", "my_partition", "stem"]
+__all__ = ["model_memory", "epoch_steps", "my_partition", "stem", "coarse_phases"]
 
 
 def stem(cfg, dataset) -> None:
@@ -75,15 +75,22 @@ def epoch_steps(cfg, dataset) -> int:
 
 
 def coarse_phases(cfg, total_steps: int) -> None:
-    """ConfigError when nested iteration (``multilevel.nested_steps``) or RMTR's nested
-    start (``multilevel.init_cycles``) spends every step on the coarse levels: the
-    full-depth network would end the run untrained."""
+    """ConfigError when nested iteration (``multilevel.nested``) or RMTR's nested start
+    (``multilevel.init_cycles``) spends every step of the run on the coarse levels: the
+    full-depth network would end it untrained. A run that writes checkpoints
+    (``checkpoint.dir``) may be the first leg of a longer one, resumed later, and is not
+    refused. Not collective."""
     o = cfg.multilevel
-    for on, per, key in ((o.nested, o.nested_steps, "nested_steps"),
+    if cfg.checkpoint.dir:
+        return
+    if o.nested and not o.nested_steps and total_steps < o.levels:
+        raise ConfigError(f"run.steps: {total_steps} steps shared by {o.levels} levels of "
+                          "nested iteration leave none for the full-depth network")
+    for on, per, key in ((o.nested and o.nested_steps > 0, o.nested_steps, "nested_steps"),
                          (cfg.optim.name == "rmtr" and o.init == "nested", o.init_cycles,
                           "init_cycles")):
         coarse = per * (o.levels - 1)
-        if on and per > 0 and coarse >= total_steps:
+        if on and coarse >= total_steps:
             raise ConfigError(
                 f"multilevel.{key}: {o.levels - 1} coarse levels x {per} steps = {coarse} "
                 f"covers all {total_steps} steps of the run; the full-depth network would "
