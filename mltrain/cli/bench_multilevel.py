@@ -16,10 +16,10 @@ skeptical reviewer.
   each end; ``lrs`` >= 3); the rate that reaches the target with least work (else the
   lowest final loss) runs every seed. Nested iteration with Adam uses Adam's rate.
   Full-batch L-BFGS (``torch.optim.LBFGS``, strong Wolfe line search, gradients averaged
-  over the ranks) in every regime, as the deterministic reference. TR runs with RMTR's curvature (``tr.curvature``, L-SR1 by default) and batch
-  schedule. RMTR (3 levels) and APTS run their documented defaults, untuned (``apts``:
-  the trust-region Adam local solver; ``apts-tr``: trust-region local solves on TR's
-  curvature). Opt-in (``--methods``): ``rmtr-3-nested``, RMTR-3 after its nested start
+  over the ranks) in every regime, as the deterministic reference. TR runs with RMTR's
+  curvature (``tr.curvature``, L-SR1 by default) and batch schedule. RMTR (3 levels) and
+  APTS run their documented defaults, untuned (``apts``: the trust-region Adam local
+  solver; ``apts-tr``: trust-region local solves on TR's curvature). Opt-in (``--methods``): ``rmtr-3-nested``, RMTR-3 after its nested start
   (``multilevel.init = nested``), with ``nested-tr`` as its control (TR after nested
   iteration with as many steps per coarse level, ``multilevel.nested_steps``), and
   ``rmtr-4``.
@@ -235,7 +235,7 @@ def _merit(row: dict) -> tuple:
     return (1, loss) if math.isfinite(loss) else (2, 0.0)
 
 
-def _best_rate(rows: list[tuple[float, dict]]) -> float:
+def _best_rate(rows: list[tuple[float, dict]]) -> float | None:
     """The rate whose run reached the target with least work, else the lowest final
     loss (ties: the lowest rate; nothing finite: the first rate). Not collective."""
     return min((_merit(r), lr) for lr, r in rows)[1] if rows else None
