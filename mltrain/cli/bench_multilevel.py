@@ -19,10 +19,10 @@ skeptical reviewer.
   over the ranks) in every regime, as the deterministic reference. TR runs with RMTR's
   curvature (``tr.curvature``, L-SR1 by default) and batch schedule. RMTR (3 levels) and
   APTS run their documented defaults, untuned (``apts``: the trust-region Adam local
-  solver; ``apts-tr``: trust-region local solves on TR's curvature). Opt-in (``--methods``): ``rmtr-3-nested``, RMTR-3 after its nested start
-  (``multilevel.init = nested``), with ``nested-tr`` as its control (TR after nested
-  iteration with as many steps per coarse level, ``multilevel.nested_steps``), and
-  ``rmtr-4``.
+  solver; ``apts-tr``: trust-region local solves on TR's curvature). Opt-in
+  (``--methods``): ``rmtr-3-nested``, RMTR-3 after its nested start (``multilevel.init =
+  nested``), with ``nested-tr`` as its control (TR after nested iteration with as many
+  steps per coarse level, ``multilevel.nested_steps``), and ``rmtr-4``.
 - **Cost three ways.** Work in fine-gradient equivalents at measured prices
   (``mltrain.optim.costs``; L-BFGS pays 1 per function evaluation), wall time at the run's
   rank count (evaluation excluded), and sequential steps; each to the target training loss
@@ -89,7 +89,8 @@ def tune(name: str, n: int, run_lr, extend: int = EXTEND) -> tuple[float, list]:
     grid = lr_grid(name, n)
     tried = [(lr, run_lr(lr)) for lr in grid]
     past = {1: 0, -1: 0}
-    while n >= 3:
+    ratio = grid[1] / grid[0] if n >= 3 else None
+    while ratio:
         tried.sort(key=lambda t: t[0])
         merits = [_merit(r) for _, r in tried]
         side = (1 if merits[-1] < min(merits[:-1]) else
@@ -97,7 +98,6 @@ def tune(name: str, n: int, run_lr, extend: int = EXTEND) -> tuple[float, list]:
         if side == 0 or past[side] >= extend:
             break
         past[side] += 1
-        ratio = grid[1] / grid[0]
         lr = tried[-1][0] * ratio if side > 0 else tried[0][0] / ratio
         tried.append((lr, run_lr(lr)))
     return _best_rate(tried), sorted(tried, key=lambda t: t[0])

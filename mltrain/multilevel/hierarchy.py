@@ -19,10 +19,23 @@ from mltrain.config import ConfigError
 from mltrain.nn import check_residual
 
 __all__ = ["check_protocol", "coarsen", "Hierarchy", "restrict_vec", "prolong_vec", "restrict_grad",
-           "to_finest", "finest_metric"]
+           "to_finest", "finest_metric", "coarse_first", "steps_per_level"]
 
 
 check_protocol = check_residual  # the residual-block protocol lives in mltrain.nn
+
+
+def coarse_first(step: int, per: int, levels: int) -> int:
+    """The level that step ``step`` trains when the coarse levels come first, ``per`` steps
+    each, coarsest first, then the finest (0) for good: nested iteration's phases and
+    RMTR's nested start. Not collective."""
+    return max(levels - 1 - step // per, 0)
+
+
+def steps_per_level(nested_steps: int, total_steps: int, levels: int) -> int:
+    """Steps on each coarse level of nested iteration: ``multilevel.nested_steps``, or (0)
+    the run's steps shared equally by the levels. Not collective."""
+    return nested_steps or max(total_steps // levels, 1)
 
 
 def _stacked(blocks) -> dict[str, torch.Tensor]:

@@ -47,7 +47,7 @@ import torch
 from mpi4py import MPI
 
 from mltrain.multilevel.base import LevelOptimizers
-from mltrain.multilevel.hierarchy import Hierarchy
+from mltrain.multilevel.hierarchy import Hierarchy, coarse_first
 from mltrain.multilevel.transfers import LayerTransfers, Transfers
 from mltrain.optim.costs import Prices, price
 from mltrain.optim.tr import (Objective, TrustRegion, ball_fraction, check_level_options,
@@ -165,10 +165,9 @@ class RMTR(LevelOptimizers):
     def init_level(self, step: int) -> int:
         """The level training step ``step`` cycles from (nested initialization: the
         coarsest first, ``init_cycles`` steps per level; then 0). Not collective."""
-        L = self.hierarchy.levels
-        if self.init_cycles <= 0 or L == 1:
+        if self.init_cycles <= 0:
             return 0
-        return max(L - 1 - step // self.init_cycles, 0)
+        return coarse_first(step, self.init_cycles, self.hierarchy.levels)
 
     def at_step(self, step: int) -> None:
         """Tells the optimizer the index of the step it takes next (the Trainer's step

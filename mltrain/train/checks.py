@@ -7,6 +7,7 @@ import torch
 
 from mltrain.config import ConfigError
 from mltrain.data import LABEL_PARTITIONS, partition, partition_options, steps_per_epoch
+from mltrain.multilevel.hierarchy import coarse_first, steps_per_level
 from mltrain.nn import build_model, stem_error
 from mltrain.utils import check_memory
 from mltrain.utils.device import select_device
@@ -83,18 +84,20 @@ def coarse_phases(cfg, total_steps: int) -> None:
     o = cfg.multilevel
     if cfg.checkpoint.dir:
         return
-    if o.nested and not o.nested_steps and total_steps < o.levels:
+    last = total_steps - 1  # the full network trains only if the last step is on level 0
+    if o.nested and not o.nested_steps and coarse_first(
+            last, steps_per_level(0, total_steps, o.levels), o.levels):
         raise ConfigError(f"run.steps: {total_steps} steps shared by {o.levels} levels of "
                           "nested iteration leave none for the full-depth network")
     for on, per, key in ((o.nested and o.nested_steps > 0, o.nested_steps, "nested_steps"),
                          (cfg.optim.name == "rmtr" and o.init == "nested", o.init_cycles,
                           "init_cycles")):
-        coarse = per * (o.levels - 1)
-        if on and coarse >= total_steps:
+        if on and coarse_first(last, per, o.levels):
             raise ConfigError(
-                f"multilevel.{key}: {o.levels - 1} coarse levels x {per} steps = {coarse} "
-                f"covers all {total_steps} steps of the run; the full-depth network would "
-                f"never train (raise run.steps or lower multilevel.{key})")
+                f"multilevel.{key}: {o.levels - 1} coarse levels x {per} steps = "
+                f"{per * (o.levels - 1)} covers all {total_steps} steps of the run; the "
+                f"full-depth network would never train (raise run.steps or lower "
+                f"multilevel.{key})")
 
 
 def my_partition(cfg, dataset, dp_size: int, dp_rank: int):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from mltrain.multilevel import Hierarchy
+from mltrain.multilevel.hierarchy import coarse_first, steps_per_level
 from mltrain.optim.costs import measure, time_levels
 
 __all__ = ["Nested", "OnePhase", "phases"]
@@ -75,9 +76,9 @@ class Nested:
     def phase_of(self, step: int) -> int:
         """The level that trains ``step``: ``multilevel.nested_steps`` on each coarse level
         (or run.steps shared equally), the coarsest first. Not collective."""
-        L = self.hierarchy.levels
-        per = self.per_level or max(self.t.total_steps // L, 1)
-        return max(L - 1 - step // per, 0)
+        return coarse_first(step, steps_per_level(self.per_level, self.t.total_steps,
+                                                  self.hierarchy.levels),
+                            self.hierarchy.levels)
 
     def start(self, step: int) -> None:
         """Enters the level that trains ``step`` (the coarsest for a new run), with the
