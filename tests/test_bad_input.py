@@ -41,7 +41,8 @@ def files(tmp_path_factory):
               "space_badkey": '["optim.lrr"]\nlog = [0.01, 0.1]\n',
               "space_empty": '["optim.momentum"]\nrange = [0.9, 0.5]\n',
               "space_badchoice": '["optim.name"]\nchoice = ["sgd", "lamb"]\n',
-              "space_pipe": '["parallel.pipe"]\nchoice = [1, 2]\n'}
+              "space_pipe": '["parallel.pipe"]\nchoice = [1, 2]\n',
+              "space_nested": '["multilevel.nested_steps"]\nint = [2, 10]\n'}
     for name, text in spaces.items():
         (d / f"{name}.toml").write_text(text)
     (d / "wrongbench.json").write_text('{"bench": "tr", "cells": []}')
@@ -133,6 +134,9 @@ MPI_CASES = [  # (ranks, arguments after `-m mltrain`, what the message must con
     (2, ["search", "--space", "{space_pipe}", "--set", "parallel.trial=2", "--set",
          "run.steps=5"], "['parallel.pipe']: the value 2 does not work with the base config on "
      "a trial group of 1 ranks"),
+    (2, ["search", "--space", "{space_nested}", "--set", "multilevel.nested=true", "--set",
+         "multilevel.levels=3", "--set", "run.steps=20"],
+     "['multilevel.nested_steps']: the value 10 does not work"),
     (2, ["search", "--space", "{space_ok}", "--set", "sync.name=ps", "--set",
          "run.steps=5"], "parameter servers do not run inside search trials yet"),
     (2, ["search", "--space", "{space_ok}", "--set", "parallel.trial=3", "--set",

@@ -73,6 +73,73 @@ def test_bad_spaces_are_refused_naming_the_key(text, match):
         parse_space(text)
 
 
+NESTED_BASE = ["data.name=digits", "model.name=resnet", "model.depth=8", "model.width=8"]
+SPACE_RMTR = """
+["optim.name"]
+choice = ["sgd", "rmtr"]
+["multilevel.init"]
+choice = ["nested"]
+when = { "optim.name" = "rmtr" }
+["multilevel.levels"]
+choice = [2, 3]
+["multilevel.init_cycles"]
+int = [5, 20]
+when = { "multilevel.init" = "nested" }
+"""
+
+
+@pytest.mark.parametrize("sets, space, match, fits", [
+    # one key at its high end: 2 coarse levels x 40 steps cover a 60-step trial
+    (["multilevel.nested=true", "multilevel.levels=3", "run.steps=60"],
+     '["multilevel.nested_steps"]\nint = [5, 40]',
+     r"\['multilevel.nested_steps'\]: the value 40 does not work .*covers all 60 steps", 81),
+    # the keys together: each end alone fits 50 steps, levels 3 with 25 steps each does not
+    (["multilevel.nested=true", "multilevel.levels=2", "run.steps=50"],
+     '["multilevel.levels"]\nchoice = [2, 3]\n["multilevel.nested_steps"]\nint = [5, 25]',
+     "multilevel.levels = 3, multilevel.nested_steps = 25 together do not work", 51),
+    # a trial counted in epochs: one epoch of digits is 22 steps at batch 64
+    (["optim.name=rmtr", "multilevel.init=nested", "multilevel.levels=3",
+      "multilevel.init_cycles=2", "run.steps=0", "run.epochs=1"], '["multilevel.init_cycles"]\nint = [2, 11]',
+     "the value 11 does not work .*covers all 22 steps", 23),
+    # RMTR's nested start where the space turns it on, its cycles at the top, 3 levels
+    (["multilevel.levels=2", "multilevel.init_cycles=5", "run.steps=40"], SPACE_RMTR,
+     "optim.name = 'rmtr', multilevel.init = 'nested', multilevel.levels = 3, "
+     "multilevel.init_cycles = 20 together do not work", 41),
+])
+def test_spaces_whose_coarse_phases_fill_a_trial_are_refused(tmp_path, sets, space, match,
+                                                             fits):
+    """A trial that would spend all its steps on coarse levels is refused when the space
+    is checked, before any trial runs, not as a failed trial; one step more and it is
+    accepted."""
+    from mltrain.search.driver import make_plan
+
+    path = tmp_path / "space.toml"
+    path.write_text(space)
+    with pytest.raises(ConfigError, match=match):
+        make_plan(None, NESTED_BASE + sets, str(path), 1, out=str(tmp_path / "o"))
+    longer = [s for s in sets if not s.startswith("run.")] + [f"run.steps={fits}"]
+    make_plan(None, NESTED_BASE + longer, str(path), 1, out=str(tmp_path / "o"))
+
+
+def test_coarse_corners_follow_the_conditions(tmp_path):
+    """Only combinations the space draws are checked together: the nested start's cycles
+    count with RMTR only (sgd with them is never drawn, nor checked), and a condition two
+    keys up holds when one key's ends are checked."""
+    from mltrain.search.driver import _coarse_corners, make_plan
+
+    path = tmp_path / "space.toml"
+    path.write_text(SPACE_RMTR.replace("[5, 20]", "[5, 19]"))
+    plan = make_plan(None, NESTED_BASE + ["multilevel.levels=2", "multilevel.init_cycles=5",
+                                          "run.steps=40"], str(path), 1,
+                     out=str(tmp_path / "o"))
+    rmtr = {"optim.name": "rmtr", "multilevel.init": "nested"}
+    assert _coarse_corners(plan.space) == [
+        {"optim.name": "sgd", "multilevel.levels": 2},
+        {"optim.name": "sgd", "multilevel.levels": 3},
+        {**rmtr, "multilevel.levels": 2, "multilevel.init_cycles": 19},
+        {**rmtr, "multilevel.levels": 3, "multilevel.init_cycles": 19}]
+
+
 def test_draws_respect_bounds_conditions_and_the_seed(space):
     rng = random.Random(3)
     draws = [space.draw(rng) for _ in range(300)]

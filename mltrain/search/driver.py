@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import itertools
 import math
 import os
 import signal
@@ -33,10 +34,11 @@ from mpi4py import MPI
 
 from mltrain.comm import CollectiveError, Grid, agree, local_cpu_masks, node_rank
 from mltrain.config import Config, ConfigError, config_from, read_text, writable_folder
+from mltrain.data import open_dataset
 from mltrain.io import MetricsWriter, Snapshot
 from mltrain.search import algorithms as algos
 from mltrain.search.space import Space, parse_space
-from mltrain.train import Trainer
+from mltrain.train import Trainer, checks
 from mltrain.train.signals import StopSignals
 from mltrain.utils import available_memory, get_logger
 
@@ -155,19 +157,36 @@ def make_plan(config: str | None, overrides: list[str], space_path: str, world_s
     return plan
 
 
+# The searched keys that decide how many of a trial's steps go to coarse levels first.
+COARSE_KEYS = ("optim.name", "multilevel.nested", "multilevel.init", "multilevel.levels",
+               "multilevel.nested_steps", "multilevel.init_cycles")
+
+
 def _check_space(plan: Plan) -> None:
     """Every value of every key (numbers: both ends), with its conditions holding, makes a
-    config the loader accepts and whose layout fits a trial group."""
+    config the loader accepts and whose layout fits a trial group, and whose coarse phases
+    (nested iteration, RMTR's nested start) leave the full-depth network steps to train;
+    the keys that set those phases are also checked together, each at its longest."""
+    datasets: dict = {}
+
     def fits(cfg) -> None:
         Grid.for_config(cfg, plan.group_size)
         if cfg.sync.name == "ps":  # servers outlive a rung's pause: not yet
             raise ConfigError("sync.name = 'ps': parameter servers do not run inside "
                               "search trials yet")
+        if checks.has_coarse_phases(cfg):  # the trial's length may need the dataset's size
+            steps = cfg.run.steps
+            if not steps:
+                where = (cfg.data.name, cfg.data.path, cfg.data.num_samples)
+                if where not in datasets:
+                    datasets[where] = open_dataset(*where)
+                steps = checks.run_steps(cfg, datasets[where])
+            checks.coarse_phases(cfg, steps)
 
     base = plan.trial_config({})
     fits(base)  # the base itself must fit a group
     for p in plan.space.params:
-        cond = {k: v[0] for k, v in p.when.items()}
+        cond = _conditions(plan.space, p)
         values = p.values if p.kind == "choice" else (p.low, p.high)
         for v in values:
             try:
@@ -177,6 +196,59 @@ def _check_space(plan: Plan) -> None:
                 raise ConfigError(f"--space [{p.key!r}]: the value {v!r} does not work "
                                   f"with the base config on a trial group of "
                                   f"{plan.group_size} ranks: {e}") from None
+    for values in _coarse_corners(plan.space):
+        try:
+            fits(plan.trial_config(values))
+        except ConfigError as e:
+            what = ", ".join(f"{k} = {v!r}" for k, v in values.items())
+            raise ConfigError(f"--space: {what} together do not work with the base config "
+                              f"on a trial group of {plan.group_size} ranks: {e}") from None
+
+
+def _conditions(space: Space, p) -> dict:
+    """Values that make ``p`` drawn: each key its condition names at its first allowed
+    value, and so on up the chain of conditions. Not collective."""
+    out: dict = {}
+    todo = [p]
+    while todo:
+        q = todo.pop()
+        for k, ok in q.when.items():
+            if k not in out:
+                out[k] = ok[0]
+                if k in space.by_key:
+                    todo.append(space.by_key[k])
+    return out
+
+
+def _coarse_corners(space: Space) -> list[dict]:
+    """The configurations that spend the most steps on coarse levels when two or more
+    ``COARSE_KEYS`` are searched (one alone is checked at its ends): numbers at their high
+    end, every choice; a key whose condition the others rule out keeps the base value.
+    Not collective."""
+    ps = [p for p in space.params if p.key in COARSE_KEYS]
+    if len(ps) < 2:
+        return []
+    longest = [p.values if p.kind == "choice"
+               else ((int(p.high) if p.kind == "int" else p.high),) for p in ps]
+    coarse = {p.key for p in ps}
+
+    def holds(values: dict, k: str, ok: tuple) -> bool:
+        # A coarse key left unset is inactive in this combination; another searched key
+        # is set to fit, as in the check of one key's ends.
+        return values[k] in ok if k in values else k not in coarse
+
+    out = []
+    for combo in itertools.product(*longest):
+        values: dict = {}
+        for p, v in zip(ps, combo):  # dependency order: a condition's key comes first
+            if not all(holds(values, k, ok) for k, ok in p.when.items()):
+                continue
+            for k, ok in p.when.items():
+                values.setdefault(k, ok[0])
+            values[p.key] = v
+        if values not in out:
+            out.append(values)
+    return out
 
 
 def _check_algorithm(plan: Plan) -> None:

@@ -12,7 +12,8 @@ from mltrain.nn import build_model, stem_error
 from mltrain.utils import check_memory
 from mltrain.utils.device import select_device
 
-__all__ = ["model_memory", "epoch_steps", "my_partition", "stem", "coarse_phases"]
+__all__ = ["model_memory", "epoch_steps", "run_steps", "my_partition", "stem", "coarse_phases",
+           "has_coarse_phases"]
 
 
 def stem(cfg, dataset) -> None:
@@ -73,6 +74,18 @@ def epoch_steps(cfg, dataset) -> int:
         raise ConfigError(f"data.batch_size: {b} is larger than the training set "
                           f"({dataset.num_train} samples)")
     return spe
+
+
+def run_steps(cfg, dataset) -> int:
+    """The run's length in steps: ``run.steps``, else ``run.epochs`` epochs."""
+    return cfg.run.steps or cfg.run.epochs * epoch_steps(cfg, dataset)
+
+
+def has_coarse_phases(cfg) -> bool:
+    """Whether the run starts on coarse levels (nested iteration or RMTR's nested start),
+    the runs ``coarse_phases`` checks."""
+    o = cfg.multilevel
+    return bool(o.nested or (cfg.optim.name == "rmtr" and o.init == "nested"))
 
 
 def coarse_phases(cfg, total_steps: int) -> None:
