@@ -16,8 +16,8 @@ snapshots a resumed search may need, results.csv, best.toml and the plots.
 from __future__ import annotations
 
 import hashlib
-import json
 import itertools
+import json
 import math
 import os
 import signal
