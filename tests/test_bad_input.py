@@ -136,7 +136,7 @@ MPI_CASES = [  # (ranks, arguments after `-m mltrain`, what the message must con
      "a trial group of 1 ranks"),
     (2, ["search", "--space", "{space_nested}", "--set", "multilevel.nested=true", "--set",
          "multilevel.levels=3", "--set", "run.steps=20"],
-     "['multilevel.nested_steps']: the value 10 does not work"),
+     "a trial with multilevel.nested_steps = 10 spends all its 20 steps on coarse levels"),
     (2, ["search", "--space", "{space_ok}", "--set", "sync.name=ps", "--set",
          "run.steps=5"], "parameter servers do not run inside search trials yet"),
     (2, ["search", "--space", "{space_ok}", "--set", "parallel.trial=3", "--set",

@@ -92,19 +92,29 @@ when = { "multilevel.init" = "nested" }
     # one key at its high end: 2 coarse levels x 40 steps cover a 60-step trial
     (["multilevel.nested=true", "multilevel.levels=3", "run.steps=60"],
      '["multilevel.nested_steps"]\nint = [5, 40]',
-     r"\['multilevel.nested_steps'\]: the value 40 does not work .*covers all 60 steps", 81),
+     r"a trial with multilevel.nested_steps = 40 spends all its 60 steps .*covers all 60", 81),
     # the keys together: each end alone fits 50 steps, levels 3 with 25 steps each does not
     (["multilevel.nested=true", "multilevel.levels=2", "run.steps=50"],
      '["multilevel.levels"]\nchoice = [2, 3]\n["multilevel.nested_steps"]\nint = [5, 25]',
-     "multilevel.levels = 3, multilevel.nested_steps = 25 together do not work", 51),
+     "multilevel.levels = 3, multilevel.nested_steps = 25 spends all", 51),
+    # a condition on a level count inside the range: levels 3 is the worst the space draws
+    (["multilevel.nested=true", "multilevel.levels=2", "run.steps=40"],
+     '["multilevel.levels"]\nint = [2, 4]\n["multilevel.nested_steps"]\nint = [5, 20]\n'
+     'when = { "multilevel.levels" = [2, 3] }',
+     "multilevel.levels = 3, multilevel.nested_steps = 20 spends all", 41),
     # a trial counted in epochs: one epoch of digits is 22 steps at batch 64
     (["optim.name=rmtr", "multilevel.init=nested", "multilevel.levels=3",
-      "multilevel.init_cycles=2", "run.steps=0", "run.epochs=1"], '["multilevel.init_cycles"]\nint = [2, 11]',
-     "the value 11 does not work .*covers all 22 steps", 23),
+      "multilevel.init_cycles=2", "run.steps=0", "run.epochs=1"],
+     '["multilevel.init_cycles"]\nint = [2, 11]',
+     "multilevel.init_cycles = 11 spends all its 22 steps", 23),
+    # ... and the searched batch size sets the epoch's steps: 44 at batch 32, 22 at 64
+    (["multilevel.nested=true", "multilevel.levels=3", "run.steps=0", "run.epochs=1"],
+     '["data.batch_size"]\nchoice = [32, 64]\n["multilevel.nested_steps"]\nint = [5, 11]',
+     "data.batch_size = 64, multilevel.nested_steps = 11 spends all its 22 steps", 23),
     # RMTR's nested start where the space turns it on, its cycles at the top, 3 levels
     (["multilevel.levels=2", "multilevel.init_cycles=5", "run.steps=40"], SPACE_RMTR,
      "optim.name = 'rmtr', multilevel.init = 'nested', multilevel.levels = 3, "
-     "multilevel.init_cycles = 20 together do not work", 41),
+     "multilevel.init_cycles = 20 spends all", 41),
 ])
 def test_spaces_whose_coarse_phases_fill_a_trial_are_refused(tmp_path, sets, space, match,
                                                              fits):
@@ -121,11 +131,33 @@ def test_spaces_whose_coarse_phases_fill_a_trial_are_refused(tmp_path, sets, spa
     make_plan(None, NESTED_BASE + longer, str(path), 1, out=str(tmp_path / "o"))
 
 
-def test_coarse_corners_follow_the_conditions(tmp_path):
+@pytest.mark.parametrize("sets, space", [
+    # the base's 4 levels would fail with 20 steps each, but the space never draws them
+    (["multilevel.nested=true", "multilevel.levels=4", "run.steps=50"],
+     '["multilevel.levels"]\nint = [2, 3]\n["multilevel.nested_steps"]\nint = [5, 20]'),
+    # nesting switched on by a choice, with its phases only then: 2 x 20 of 50 steps
+    (["multilevel.levels=3", "run.steps=50"],
+     '["multilevel.nested"]\nchoice = [false, true]\n["multilevel.nested_steps"]\n'
+     'int = [5, 20]\nwhen = { "multilevel.nested" = [true] }'),
+    # a combination the config refuses (Adam with RMTR's nested start) fails as a trial
+    (["optim.name=rmtr", "multilevel.levels=2", "multilevel.init_cycles=5", "run.steps=40"],
+     '["optim.name"]\nchoice = ["adam", "rmtr"]\n["multilevel.init"]\n'
+     'choice = ["none", "nested"]'),
+])
+def test_spaces_whose_drawn_trials_leave_the_full_network_steps_are_accepted(tmp_path, sets,
+                                                                            space):
+    from mltrain.search.driver import make_plan
+
+    path = tmp_path / "space.toml"
+    path.write_text(space)
+    make_plan(None, NESTED_BASE + sets, str(path), 1, out=str(tmp_path / "o"))
+
+
+def test_coarse_trials_follow_the_conditions(tmp_path):
     """Only combinations the space draws are checked together: the nested start's cycles
     count with RMTR only (sgd with them is never drawn, nor checked), and a condition two
     keys up holds when one key's ends are checked."""
-    from mltrain.search.driver import _coarse_corners, make_plan
+    from mltrain.search.driver import _coarse_trials, make_plan
 
     path = tmp_path / "space.toml"
     path.write_text(SPACE_RMTR.replace("[5, 20]", "[5, 19]"))
@@ -133,11 +165,14 @@ def test_coarse_corners_follow_the_conditions(tmp_path):
                                           "run.steps=40"], str(path), 1,
                      out=str(tmp_path / "o"))
     rmtr = {"optim.name": "rmtr", "multilevel.init": "nested"}
-    assert _coarse_corners(plan.space) == [
+    assert _coarse_trials(plan.space) == [
         {"optim.name": "sgd", "multilevel.levels": 2},
         {"optim.name": "sgd", "multilevel.levels": 3},
+        {**rmtr, "multilevel.levels": 2, "multilevel.init_cycles": 5},
         {**rmtr, "multilevel.levels": 2, "multilevel.init_cycles": 19},
+        {**rmtr, "multilevel.levels": 3, "multilevel.init_cycles": 5},
         {**rmtr, "multilevel.levels": 3, "multilevel.init_cycles": 19}]
+    assert _coarse_trials(parse_space('["optim.lr"]\nlog = [1e-3, 1e-1]')) == [{}]
 
 
 def test_draws_respect_bounds_conditions_and_the_seed(space):

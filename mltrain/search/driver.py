@@ -157,31 +157,26 @@ def make_plan(config: str | None, overrides: list[str], space_path: str, world_s
     return plan
 
 
-# The searched keys that decide how many of a trial's steps go to coarse levels first.
+# The searched keys that decide how many of a trial's steps go to coarse levels first,
+# and, for a trial counted in epochs, how many steps it has.
 COARSE_KEYS = ("optim.name", "multilevel.nested", "multilevel.init", "multilevel.levels",
-               "multilevel.nested_steps", "multilevel.init_cycles")
+               "multilevel.nested_steps", "multilevel.init_cycles", "data.batch_size",
+               "data.num_samples")
+# More coarse-key combinations than this and only each number's worst end is tried (more
+# coarse steps, fewer steps in all).
+MAX_COARSE_TRIALS = 1 << 16
 
 
 def _check_space(plan: Plan) -> None:
     """Every value of every key (numbers: both ends), with its conditions holding, makes a
-    config the loader accepts and whose layout fits a trial group, and whose coarse phases
-    (nested iteration, RMTR's nested start) leave the full-depth network steps to train;
-    the keys that set those phases are also checked together, each at its longest."""
-    datasets: dict = {}
-
+    config the loader accepts and whose layout fits a trial group; and no trial the space
+    can draw spends all its steps on coarse levels (nested iteration, RMTR's nested
+    start): the keys that decide it are checked together (``_coarse_trials``)."""
     def fits(cfg) -> None:
         Grid.for_config(cfg, plan.group_size)
         if cfg.sync.name == "ps":  # servers outlive a rung's pause: not yet
             raise ConfigError("sync.name = 'ps': parameter servers do not run inside "
                               "search trials yet")
-        if checks.has_coarse_phases(cfg):  # the trial's length may need the dataset's size
-            steps = cfg.run.steps
-            if not steps:
-                where = (cfg.data.name, cfg.data.path, cfg.data.num_samples)
-                if where not in datasets:
-                    datasets[where] = open_dataset(*where)
-                steps = checks.run_steps(cfg, datasets[where])
-            checks.coarse_phases(cfg, steps)
 
     base = plan.trial_config({})
     fits(base)  # the base itself must fit a group
@@ -196,13 +191,27 @@ def _check_space(plan: Plan) -> None:
                 raise ConfigError(f"--space [{p.key!r}]: the value {v!r} does not work "
                                   f"with the base config on a trial group of "
                                   f"{plan.group_size} ranks: {e}") from None
-    for values in _coarse_corners(plan.space):
+    datasets: dict = {}
+    for values in _coarse_trials(plan.space):
+        try:  # a combination the config refuses fails as a trial, as documented
+            cfg = plan.trial_config(values)
+            if not checks.has_coarse_phases(cfg):
+                continue
+            steps = cfg.run.steps
+            if not steps:  # counted in epochs: the trial's length needs the dataset's size
+                where = (cfg.data.name, cfg.data.path, cfg.data.num_samples)
+                if where not in datasets:
+                    datasets[where] = open_dataset(*where)
+                steps = checks.run_steps(cfg, datasets[where])
+        except ConfigError:
+            continue
         try:
-            fits(plan.trial_config(values))
+            checks.coarse_phases(cfg, steps)
         except ConfigError as e:
-            what = ", ".join(f"{k} = {v!r}" for k, v in values.items())
-            raise ConfigError(f"--space: {what} together do not work with the base config "
-                              f"on a trial group of {plan.group_size} ranks: {e}") from None
+            what = ", ".join(f"{k} = {v!r}" for k, v in values.items()) or "its base values"
+            raise ConfigError(f"--space: a trial with {what} spends all its {steps} steps "
+                              f"on coarse levels (search.max_resource or the base run.steps "
+                              f"or run.epochs set a trial's length): {e}") from None
 
 
 def _conditions(space: Space, p) -> dict:
@@ -220,33 +229,47 @@ def _conditions(space: Space, p) -> dict:
     return out
 
 
-def _coarse_corners(space: Space) -> list[dict]:
-    """The configurations that spend the most steps on coarse levels when two or more
-    ``COARSE_KEYS`` are searched (one alone is checked at its ends): numbers at their high
-    end, every choice; a key whose condition the others rule out keeps the base value.
-    Not collective."""
-    ps = [p for p in space.params if p.key in COARSE_KEYS]
-    if len(ps) < 2:
-        return []
-    longest = [p.values if p.kind == "choice"
-               else ((int(p.high) if p.kind == "int" else p.high),) for p in ps]
-    coarse = {p.key for p in ps}
+def _coarse_trials(space: Space) -> list[dict]:
+    """The searched values of ``COARSE_KEYS`` (and of the keys their conditions name) in
+    every combination the space can draw, each key's value dropped where its condition
+    does not hold: every choice, the ends of numbers and the values conditions name (in
+    between, more levels or coarse steps, or fewer steps in all, only make a trial worse
+    toward an end). ``[{}]`` (the base config) when none is searched. Not collective."""
+    keys = {k for k in COARSE_KEYS if k in space.by_key}
+    todo = list(keys)
+    while todo:  # the keys their conditions name, up the chain
+        for k in space.by_key[todo.pop()].when:
+            if k in space.by_key and k not in keys:
+                keys.add(k)
+                todo.append(k)
+    named: dict = {}
+    for p in space.params:
+        for k, ok in p.when.items():
+            named.setdefault(k, set()).update(ok)
+    ps = [p for p in space.params if p.key in keys]  # dependency order
 
-    def holds(values: dict, k: str, ok: tuple) -> bool:
-        # A coarse key left unset is inactive in this combination; another searched key
-        # is set to fit, as in the check of one key's ends.
-        return values[k] in ok if k in values else k not in coarse
+    def candidates(p, worst_only: bool) -> list:
+        if p.kind == "choice":
+            return list(p.values)
+        lo, hi = (int(p.low), int(p.high)) if p.kind == "int" else (p.low, p.high)
+        if worst_only:  # more coarse steps, or fewer steps in all, is worse
+            return [lo if p.key == "data.num_samples" else hi]
+        inside = {v for v in named.get(p.key, ()) if isinstance(v, (int, float))
+                  and not isinstance(v, bool) and lo <= v <= hi}
+        return sorted({lo, hi} | inside)
 
-    out = []
-    for combo in itertools.product(*longest):
+    options = [candidates(p, False) for p in ps]
+    if math.prod(len(o) for o in options) > MAX_COARSE_TRIALS:
+        options = [candidates(p, True) for p in ps]
+    out: list[dict] = []
+    seen: set = set()
+    for combo in itertools.product(*options):
         values: dict = {}
-        for p, v in zip(ps, combo):  # dependency order: a condition's key comes first
-            if not all(holds(values, k, ok) for k, ok in p.when.items()):
-                continue
-            for k, ok in p.when.items():
-                values.setdefault(k, ok[0])
-            values[p.key] = v
-        if values not in out:
+        for p, v in zip(ps, combo):  # a condition's key is decided before the key
+            if all(values.get(k) in ok for k, ok in p.when.items()):
+                values[p.key] = v
+        if (key := repr(sorted(values.items()))) not in seen:
+            seen.add(key)
             out.append(values)
     return out
 
