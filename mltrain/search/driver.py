@@ -242,10 +242,11 @@ def _coarse_trials(space: Space) -> list[dict]:
             if k in space.by_key and k not in keys:
                 keys.add(k)
                 todo.append(k)
-    named: dict = {}
+    named: dict = {}  # the numbers conditions name, per key
     for p in space.params:
         for k, ok in p.when.items():
-            named.setdefault(k, set()).update(ok)
+            named.setdefault(k, set()).update(
+                v for v in ok if isinstance(v, (int, float)) and not isinstance(v, bool))
     ps = [p for p in space.params if p.key in keys]  # dependency order
 
     def candidates(p, worst_only: bool) -> list:
@@ -254,9 +255,7 @@ def _coarse_trials(space: Space) -> list[dict]:
         lo, hi = (int(p.low), int(p.high)) if p.kind == "int" else (p.low, p.high)
         if worst_only:  # more coarse steps, or fewer steps in all, is worse
             return [lo if p.key == "data.num_samples" else hi]
-        inside = {v for v in named.get(p.key, ()) if isinstance(v, (int, float))
-                  and not isinstance(v, bool) and lo <= v <= hi}
-        return sorted({lo, hi} | inside)
+        return sorted({lo, hi} | {v for v in named.get(p.key, ()) if lo <= v <= hi})
 
     options = [candidates(p, False) for p in ps]
     if math.prod(len(o) for o in options) > MAX_COARSE_TRIALS:
