@@ -202,7 +202,7 @@ def _check_space(plan: Plan) -> None:
                 where = (cfg.data.name, cfg.data.path, cfg.data.num_samples)
                 if where not in datasets:
                     datasets[where] = open_dataset(*where)
-                steps = checks.run_steps(cfg, datasets[where])
+                steps = cfg.run.epochs * checks.epoch_steps(cfg, datasets[where])
         except ConfigError:
             continue
         try:
@@ -236,12 +236,8 @@ def _coarse_trials(space: Space) -> list[dict]:
     between, more levels or coarse steps, or fewer steps in all, only make a trial worse
     toward an end). ``[{}]`` (the base config) when none is searched. Not collective."""
     keys = {k for k in COARSE_KEYS if k in space.by_key}
-    todo = list(keys)
-    while todo:  # the keys their conditions name, up the chain
-        for k in space.by_key[todo.pop()].when:
-            if k in space.by_key and k not in keys:
-                keys.add(k)
-                todo.append(k)
+    for k in list(keys):  # and the keys their conditions name, up the chain
+        keys |= {c for c in _conditions(space, space.by_key[k]) if c in space.by_key}
     named: dict = {}  # the numbers conditions name, per key
     for p in space.params:
         for k, ok in p.when.items():

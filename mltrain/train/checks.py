@@ -12,7 +12,7 @@ from mltrain.nn import build_model, stem_error
 from mltrain.utils import check_memory
 from mltrain.utils.device import select_device
 
-__all__ = ["model_memory", "epoch_steps", "run_steps", "my_partition", "stem", "coarse_phases",
+__all__ = ["model_memory", "epoch_steps", "my_partition", "stem", "coarse_phases",
            "has_coarse_phases"]
 
 
@@ -76,11 +76,6 @@ def epoch_steps(cfg, dataset) -> int:
     return spe
 
 
-def run_steps(cfg, dataset) -> int:
-    """The run's length in steps: ``run.steps``, else ``run.epochs`` epochs."""
-    return cfg.run.steps or cfg.run.epochs * epoch_steps(cfg, dataset)
-
-
 def has_coarse_phases(cfg) -> bool:
     """Whether the run starts on coarse levels (nested iteration or RMTR's nested start),
     the runs ``coarse_phases`` checks."""
@@ -95,22 +90,21 @@ def coarse_phases(cfg, total_steps: int) -> None:
     (``checkpoint.dir``) may be the first leg of a longer one, resumed later, and is not
     refused. Not collective."""
     o = cfg.multilevel
-    if cfg.checkpoint.dir:
+    if cfg.checkpoint.dir or not has_coarse_phases(cfg):
         return
     last = total_steps - 1  # the full network trains only if the last step is on level 0
-    if o.nested and not o.nested_steps and coarse_first(
-            last, steps_per_level(0, total_steps, o.levels), o.levels):
-        raise ConfigError(f"run.steps: {total_steps} steps shared by {o.levels} levels of "
-                          "nested iteration leave none for the full-depth network")
-    for on, per, key in ((o.nested and o.nested_steps > 0, o.nested_steps, "nested_steps"),
-                         (cfg.optim.name == "rmtr" and o.init == "nested", o.init_cycles,
-                          "init_cycles")):
-        if on and coarse_first(last, per, o.levels):
-            raise ConfigError(
-                f"multilevel.{key}: {o.levels - 1} coarse levels x {per} steps = "
-                f"{per * (o.levels - 1)} covers all {total_steps} steps of the run; the "
-                f"full-depth network would never train (raise run.steps or lower "
-                f"multilevel.{key})")
+    if o.nested and not o.nested_steps:  # run.steps shared equally by the levels
+        if coarse_first(last, steps_per_level(0, total_steps, o.levels), o.levels):
+            raise ConfigError(f"run.steps: {total_steps} steps shared by {o.levels} levels "
+                              "of nested iteration leave none for the full-depth network")
+        return
+    per, key = (o.nested_steps, "nested_steps") if o.nested else (o.init_cycles, "init_cycles")
+    if coarse_first(last, per, o.levels):
+        raise ConfigError(
+            f"multilevel.{key}: {o.levels - 1} coarse levels x {per} steps = "
+            f"{per * (o.levels - 1)} covers all {total_steps} steps of the run; the "
+            f"full-depth network would never train (raise run.steps or lower "
+            f"multilevel.{key})")
 
 
 def my_partition(cfg, dataset, dp_size: int, dp_rank: int):
