@@ -77,6 +77,11 @@ def test_no_arguments_means_train(tmp_path):
     (2, ["--set", "multilevel.nested=true", "--set", "multilevel.levels=3", "--set",
          "multilevel.nested_steps=5", "--set", "run.steps=10"],
      "multilevel.nested_steps: 2 coarse levels x 5 steps = 10 covers all 10 steps"),
+    # A run counted in epochs is told to raise run.epochs, the key that set its length.
+    (2, ["--set", "multilevel.nested=true", "--set", "multilevel.levels=3", "--set",
+         "multilevel.nested_steps=20", "--set", "run.epochs=1"],
+     "the full-depth network would never train (raise run.epochs or lower "
+     "multilevel.nested_steps)"),
 ])
 def test_user_errors_exit_cleanly_on_every_rank(ranks, args, message):
     r = mpiexec(ranks, ["-m", "mltrain", "train", "--quiet", *args], timeout=120)

@@ -93,9 +93,10 @@ def coarse_phases(cfg, total_steps: int) -> None:
     if cfg.checkpoint.dir or not has_coarse_phases(cfg):
         return
     last = total_steps - 1  # the full network trains only if the last step is on level 0
-    if o.nested and not o.nested_steps:  # run.steps shared equally by the levels
+    length = "run.steps" if cfg.run.steps else "run.epochs"  # the key that set the length
+    if o.nested and not o.nested_steps:  # the run's steps shared equally by the levels
         if coarse_first(last, steps_per_level(0, total_steps, o.levels), o.levels):
-            raise ConfigError(f"run.steps: {total_steps} steps shared by {o.levels} levels "
+            raise ConfigError(f"{length}: {total_steps} steps shared by {o.levels} levels "
                               "of nested iteration leave none for the full-depth network")
         return
     per, key = (o.nested_steps, "nested_steps") if o.nested else (o.init_cycles, "init_cycles")
@@ -103,7 +104,7 @@ def coarse_phases(cfg, total_steps: int) -> None:
         raise ConfigError(
             f"multilevel.{key}: {o.levels - 1} coarse levels x {per} steps = "
             f"{per * (o.levels - 1)} covers all {total_steps} steps of the run; the "
-            f"full-depth network would never train (raise run.steps or lower "
+            f"full-depth network would never train (raise {length} or lower "
             f"multilevel.{key})")
 
 
