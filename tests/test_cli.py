@@ -76,12 +76,18 @@ def test_no_arguments_means_train(tmp_path):
     (2, ["--set", "model.stem_pool=3"], "model.stem_pool: 3 does not divide the 8 x 8 images"),
     (2, ["--set", "multilevel.nested=true", "--set", "multilevel.levels=3", "--set",
          "multilevel.nested_steps=5", "--set", "run.steps=10"],
-     "multilevel.nested_steps: 2 coarse levels x 5 steps = 10 covers all 10 steps"),
+     "multilevel.nested_steps: 2 coarse levels x 5 steps = 10 covers all 10 steps of the "
+     "run; the full-depth network would never train (raise run.steps or lower "
+     "multilevel.nested_steps)"),
     # A run counted in epochs is told to raise run.epochs, the key that set its length.
     (2, ["--set", "multilevel.nested=true", "--set", "multilevel.levels=3", "--set",
          "multilevel.nested_steps=20", "--set", "run.epochs=1"],
      "the full-depth network would never train (raise run.epochs or lower "
      "multilevel.nested_steps)"),
+    (2, ["--set", "multilevel.nested=true", "--set", "multilevel.levels=3", "--set",
+         "data.batch_size=1438", "--set", "run.epochs=2"],  # one step per epoch
+     "run.epochs: the run's 2 steps shared by 3 levels of nested iteration leave none for "
+     "the full-depth network (raise run.epochs)"),
 ])
 def test_user_errors_exit_cleanly_on_every_rank(ranks, args, message):
     r = mpiexec(ranks, ["-m", "mltrain", "train", "--quiet", *args], timeout=120)

@@ -523,7 +523,7 @@ def test_nested_run_shorter_than_its_levels_is_refused():
     from mltrain.comm import CollectiveError
 
     cfg = SMALL + ["optim.name=sgd", "multilevel.nested=true", "multilevel.levels=3"]
-    with pytest.raises(CollectiveError, match="run.steps: 2 steps shared by 3 levels"):
+    with pytest.raises(CollectiveError, match="run.steps: the run's 2 steps shared by 3 levels"):
         Trainer(load_config(None, cfg + ["run.steps=2"]), MPI.COMM_SELF, quiet=True,
                 metrics=False)
     t = Trainer(load_config(None, cfg + ["run.steps=3"]), MPI.COMM_SELF, quiet=True,

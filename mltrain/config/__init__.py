@@ -157,10 +157,10 @@ class MultilevelConfig:
     prolongation: str = _f("constant", "prolongation of block parameters",
                            choices=("constant", "linear"))
     nested: bool = _f(False, "nested iteration: train the coarsest network first, prolong "
-                      "its weights to the next finer, up to the full depth (run.steps "
+                      "its weights to the next finer, up to the full depth (the run's steps "
                       "shared equally by the levels, or see nested_steps; any optim.name)")
     nested_steps: int = _f(0, "nested iteration: steps on each coarse level, the rest on the "
-                           "full network (0: run.steps shared equally by the levels)", min=0)
+                           "full network (0: the run's steps shared equally by the levels)", min=0)
     cycle: str = _f("V", "rmtr: V- or W-cycle (one or two coarse corrections per level)",
                     choices=("V", "W"))
     pre_smooth: int = _f(3, "rmtr, mgopt: smoothing steps before the coarse correction "

@@ -96,8 +96,9 @@ def coarse_phases(cfg, total_steps: int) -> None:
     length = "run.steps" if cfg.run.steps else "run.epochs"  # the key that set the length
     if o.nested and not o.nested_steps:  # the run's steps shared equally by the levels
         if coarse_first(last, steps_per_level(0, total_steps, o.levels), o.levels):
-            raise ConfigError(f"{length}: {total_steps} steps shared by {o.levels} levels "
-                              "of nested iteration leave none for the full-depth network")
+            raise ConfigError(f"{length}: the run's {total_steps} steps shared by {o.levels} "
+                              "levels of nested iteration leave none for the full-depth "
+                              f"network (raise {length})")
         return
     per, key = (o.nested_steps, "nested_steps") if o.nested else (o.init_cycles, "init_cycles")
     if coarse_first(last, per, o.levels):

@@ -59,7 +59,7 @@ class Nested:
         self.coarse_work = 0.0  # work of the levels already trained, fine-gradient units
         self.fine = trainer.method
         self.phase = 0
-        self.per_level = o.nested_steps  # 0: run.steps shared equally
+        self.per_level = o.nested_steps  # 0: the run's steps shared equally
         # Each level's plain gradient in full-network gradients (``run.costs``), measured
         # on the first batch when the run starts.
         self.cost = [1.0] * self.hierarchy.levels
@@ -75,7 +75,7 @@ class Nested:
 
     def phase_of(self, step: int) -> int:
         """The level that trains ``step``: ``multilevel.nested_steps`` on each coarse level
-        (or run.steps shared equally), the coarsest first. Not collective."""
+        (or the run's steps shared equally), the coarsest first. Not collective."""
         return coarse_first(step, steps_per_level(self.per_level, self.t.total_steps,
                                                   self.hierarchy.levels),
                             self.hierarchy.levels)
