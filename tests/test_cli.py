@@ -342,7 +342,8 @@ def test_bench_prices_smoke(tmp_path):
 def test_bench_multilevel_smoke(tmp_path):
     out, png, md = tmp_path / "ml.json", tmp_path / "ml.png", tmp_path / "ml.md"
     r = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--budget", "1.0", "--target",
-                    "1.5", "--target-acc", "0.5", "--seeds", "2", "--lrs", "2", "--regimes",
+                    "1.5", "--milestones", "1.8,2.2", "--target-acc", "0.5", "--seeds", "2",
+                    "--lrs", "2", "--regimes",
                     "hybrid", "--json", str(out), "--plot", str(png), "--markdown", str(md),
                     "--set",
                     "model.name=resnet", "--set", "model.depth=8", "--set", "model.width=16",
@@ -361,10 +362,20 @@ def test_bench_multilevel_smoke(tmp_path):
             assert reached or run["work"] >= 1.0, run
         w = c["work_to_target"]
         assert w["reached"] == sum(run["work_to_target"] is not None for run in c["runs"])
+        for run in c["runs"]:  # the higher loss first, both on the way to the target
+            first, second = run["work_to_milestones"]
+            ends = [v for v in (first, second, run["work_to_target"]) if v is not None]
+            assert ends == sorted(ends), run
+            assert run["work_to_target"] is None or second is not None, run
+        for k, s in enumerate(c["work_to_milestones"]):
+            assert s["reached"] == sum(run["work_to_milestones"][k] is not None
+                                       for run in c["runs"])
         if w["median"] is not None:
             assert w["q25"] <= w["median"] <= w["q75"]
+    assert res["milestones"] == [2.2, 1.8]  # sorted from the first met
     tr = cells["independent", "tr"]
     assert tr["work_ratio_vs_tr"] in (1.0, None)
+    assert all(r in (1.0, None) for r in tr["milestone_ratios_vs_tr"])
     for key in cells:  # every second-order cell compared with Adam rerun to its steps
         eq = cells[key].get("vs_adam_equal_steps")
         if key[1] in ("tr", "rmtr-3", "apts", "apts-tr"):
@@ -379,7 +390,8 @@ def test_bench_multilevel_smoke(tmp_path):
     assert "rmtr-3" in r.stdout and "medians [IQR]" in r.stdout
     assert png.read_bytes()[:4] == b"\x89PNG"
     text = md.read_text()
-    assert text.count("| rmtr-3 |") == 2 and "hybrid batch, smooth initialization" in text
+    assert text.count("| rmtr-3 |") == 4 and "hybrid batch, smooth initialization" in text
+    assert "| method | loss 2.2 | loss 1.8 | loss 1.5 (target) |" in text
     # The saved run renders again without training: the same tables, the same plot panels.
     md2, png2 = tmp_path / "again.md", tmp_path / "again.png"
     again = mpiexec(2, ["-m", "mltrain", "bench", "multilevel", "--from-json", str(out),
@@ -434,11 +446,13 @@ def _saved_result() -> dict:
             "work_to_acc": stats, "steps_to_acc": dict(stats, median=None, q25=None),
             "test_accuracy": {"median": 0.9, "q25": 0.9, "q75": 0.9},
             "work_ratio_vs_tr": None, "steps_ratio_vs_adam": None,
-            "vs_adam_equal_steps": {"median": 1.0, "min": 0.0, "max": 2.0}}
+            "vs_adam_equal_steps": {"median": 1.0, "min": 0.0, "max": 2.0},
+            "work_to_milestones": [dict(stats, median=1.0, q25=1.0, q75=1.5)],
+            "milestone_ratios_vs_tr": [1.25]}
     return {"bench": "multilevel", "dataset": "digits", "data_path": "", "model": "resnet",
             "curvature": "lsr1", "ranks": 2, "seeds": 2, "batch": 64, "large_batch": 512,
             "budget": 1.0, "target": 0.1, "target_acc": None, "regimes": ["hybrid"],
-            "inits": ["smooth"], "cells": [cell]}
+            "inits": ["smooth"], "milestones": [0.5], "cells": [cell]}
 
 
 @pytest.mark.parametrize("spoil, message", [
@@ -459,6 +473,13 @@ def _saved_result() -> dict:
     (lambda r: r["cells"][0].update(rates=[0.1, -1.0]), "cells[0]: 'rates' must list"),
     (lambda r: r["cells"][0].update(rates=[0.1] * 101), "cells[0]: 'rates' must list"),
     (lambda r: r["cells"][0].update(lr=10 ** 400), "cells[0]: 'lr' is out of range"),
+    (lambda r: r.update(milestones=["0.5"]), "'milestones' must list at most 20 losses"),
+    (lambda r: r.update(milestones=[0.5] * 21), "'milestones' must list at most 20 losses"),
+    (lambda r: r["cells"][0].update(milestone_ratios_vs_tr=[]), "one work figure and one"),
+    (lambda r: r["cells"][0]["work_to_milestones"][0].update(q25=None),
+     "cells[0].work_to_milestones[0]: a median needs its quartiles"),
+    (lambda r: r["cells"][0].update(milestone_ratios_vs_tr=["1"]),
+     "cells[0].milestone_ratios_vs_tr[0]: must be a number or null"),
 ])
 def test_from_json_refuses_what_the_tables_could_not_read(tmp_path, spoil, message):
     """``--from-json`` reads an untrusted file: every field the tables and the plot read is
@@ -467,7 +488,13 @@ def test_from_json_refuses_what_the_tables_could_not_read(tmp_path, spoil, messa
 
     path = tmp_path / "run.json"
     path.write_text(json.dumps(_saved_result()))
-    assert "| rmtr-3 | - | 2.00 [2.00, inf] (1/2) |" in markdown(load_result(str(path)))
+    text = markdown(load_result(str(path)))
+    assert "| rmtr-3 | - | 2.00 [2.00, inf] (1/2) |" in text
+    assert "| rmtr-3 | 1.00 [1.00, 1.50] (1/2) (1.25) | 2.00 [2.00, inf] (1/2) |" in text
+    old = _saved_result()  # saved before milestones were recorded: no such table
+    del old["milestones"]
+    path.write_text(json.dumps(old))
+    assert "work to each training loss" not in markdown(load_result(str(path)))
     adam = _saved_result()  # a tuned rate at the end of the rates tried is marked
     adam["cells"][0].update(method="adam", lr=0.1, rates=[0.01, 0.1])
     path.write_text(json.dumps(adam))

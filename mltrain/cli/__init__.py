@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search: digits and/or mnist (mnist: --set data.path=IDX folder)")
     b.add_argument("--target", type=float, default=0.1,
                    help="multilevel: training loss each method races to")
+    b.add_argument("--milestones", default="",
+                   help="multilevel: comma-separated training losses above --target at which "
+                   "each method's work (and TR's over it) is reported too, from the same runs")
     b.add_argument("--target-acc", type=float, default=None,
                    help="multilevel: test accuracy whose sequential steps are compared")
     b.add_argument("--methods", default="", help="multilevel: a comma-separated subset of "

@@ -438,6 +438,13 @@ def _print_multilevel(res: dict) -> None:
               f"{cell(c['steps_to_target'], '{:.0f}'):>22}"
               f"{cell(c['steps_to_acc'], '{:.0f}'):>20}"
               f"{c['test_accuracy']['median']:>9.4f}{r1:>8}{r2:>16}")
+    if res.get("milestones"):
+        print("  work to each training loss (TR / this): "
+              + ", ".join(f"{v:g}" for v in res["milestones"]))
+        for c in res["cells"]:
+            print(f"  {c['regime'] + '/' + c['init']:<20}{c['method']:<12}" + "".join(
+                f"{cell(s) + (f' ({r:.2f})' if r else ''):>30}"
+                for s, r in zip(c["work_to_milestones"], c["milestone_ratios_vs_tr"])))
 
 
 def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
@@ -446,8 +453,8 @@ def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
     import os
 
     from mltrain.cli import check_writable
-    from mltrain.cli.bench_multilevel import (INITS, METHODS, REGIMES, bench_multilevel,
-                                              load_result, markdown, plot)
+    from mltrain.cli.bench_multilevel import (INITS, MAX_MILESTONES, METHODS, REGIMES,
+                                              bench_multilevel, load_result, markdown, plot)
     from mltrain.comm import agree
 
     def listed(text, choices, flag):
@@ -476,21 +483,33 @@ def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
             raise ConfigError(f"--resolution: must lie in [0, 1), got {args.resolution}")
         if not (args.budget > 0 and math.isfinite(args.budget)):
             raise ConfigError(f"--budget: must be positive and finite, got {args.budget}")
-        return (listed(args.methods, METHODS, "--methods"),
+        return (milestones(),) + (listed(args.methods, METHODS, "--methods"),
                 listed(args.regimes, REGIMES, "--regimes") or REGIMES,
                 listed(args.inits, INITS, "--inits") or INITS)
+    def milestones():
+        try:
+            levels = [float(v) for v in args.milestones.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--milestones: expected comma-separated losses, got "
+                              f"{args.milestones!r}") from None
+        if len(levels) > MAX_MILESTONES or len(set(levels)) != len(levels) or not all(
+                math.isfinite(v) and v > args.target for v in levels):
+            raise ConfigError(f"--milestones: at most {MAX_MILESTONES} distinct finite losses, "
+                              f"each above --target {args.target:g} (the runs stop there), "
+                              f"got {args.milestones!r}")
+        return tuple(sorted(levels, reverse=True))
     checked = agree(comm, check, what="config")
     rank0 = comm.Get_rank() == 0
     if args.from_json:
         res = checked
         res.pop("bench")
     else:
-        only, regimes, inits = checked
+        levels, only, regimes, inits = checked
         res = bench_multilevel(args.config, args.overrides, comm, budget=args.budget,
                                target=args.target, target_acc=args.target_acc,
                                regimes=regimes, inits=inits, seeds=args.seeds, lrs=args.lrs,
                                large_batch=args.large_batch, only=only or None,
-                               resolution=args.resolution,
+                               resolution=args.resolution, milestones=levels,
                                log=(lambda m: print(m, flush=True)) if rank0
                                else (lambda m: None))
     if rank0:

@@ -141,12 +141,13 @@ class _Reached(Exception):
 
 
 def lbfgs_race(cfg, comm, budget: float, target: float, target_acc: float | None,
-               history: int = 10) -> dict:
+               history: int = 10, milestones: tuple[float, ...] = ()) -> dict:
     """Full-batch L-BFGS (one ``torch.optim.LBFGS.step`` with a strong Wolfe line search
     and at most ``budget`` function evaluations) on ``cfg``'s network and training set;
     every function evaluation is one full gradient, averaged over ``comm`` (every rank takes
     the same steps), and the targets are checked at every evaluated point (not charged;
-    the wall time excludes the checks). Collective on ``comm``."""
+    the wall time excludes the checks; ``milestones`` as ``race``'s). Collective on
+    ``comm``."""
     import torch
     import torch.nn.functional as F
     from mpi4py import MPI
@@ -208,7 +209,9 @@ def lbfgs_race(cfg, comm, budget: float, target: float, target_acc: float | None
             "wall_to_target": hit["wall_s"] if hit else None,
             "steps_to_target": hit["step"] if hit else None,
             "work_to_acc": acc["work"] if acc else None,
-            "steps_to_acc": acc["step"] if acc else None}
+            "steps_to_acc": acc["step"] if acc else None,
+            "work_to_milestones": [next((p["work"] for p in curve if p["train_loss"] <= level),
+                                        None) for level in milestones]}
 
 
 def _stats(values: list, seeds: int) -> dict:
@@ -246,9 +249,11 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
                      regimes: list[str] | None = None, inits: list[str] | None = None,
                      seeds: int = 5, lrs: int = 6, large_batch: int = 512,
                      only: list[str] | None = None, resolution: float = 0.01,
-                     log=print) -> dict:
+                     milestones: tuple[float, ...] = (), log=print) -> dict:
     """Every cell (regime x initialization x method x seed); see the module docstring.
-    ``log`` reports progress on rank 0. Collective on ``comm``."""
+    ``milestones``: training losses above ``target`` at which the work is reported too
+    (the ratio to TR at several depths of the target, from the same runs). ``log``
+    reports progress on rank 0. Collective on ``comm``."""
     regimes, inits = regimes or REGIMES, inits or INITS
     methods = chosen(only)
     base = load_config(config, overrides)
@@ -271,7 +276,8 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
         if name == "lbfgs":
             if (init, seed) not in full_batch:
                 cfg = load_config(config, overrides + extra + ["optim.name=adam"])
-                full_batch[init, seed] = lbfgs_race(cfg, comm, budget, target, target_acc)
+                full_batch[init, seed] = lbfgs_race(cfg, comm, budget, target, target_acc,
+                                                    milestones=milestones)
             return full_batch[init, seed]
         cfg = load_config(config, overrides + extra
                           + _settings(name, lr, curvature, init_cycles)
@@ -279,7 +285,7 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
         if probes:  # Adam to exactly these step counts: no budget, no target
             return race(cfg, comm, math.inf, 1, probes=probes)
         return race(cfg, comm, budget, 16, target, resolution=resolution,
-                    target_acc=target_acc)
+                    target_acc=target_acc, milestones=milestones)
 
     cells = []
     for regime in regimes:
@@ -308,6 +314,8 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
                 for key in ("work_to_target", "wall_to_target", "steps_to_target",
                             "work_to_acc", "steps_to_acc"):
                     cell[key] = _stats([r[key] for r in done], seeds)
+                cell["work_to_milestones"] = [_stats([r["work_to_milestones"][i] for r in done],
+                                                     seeds) for i in range(len(milestones))]
                 acc = [r["test_accuracy"] for r in done]
                 cell["test_accuracy"] = {"median": float(np.median(acc)),
                                          "q25": float(np.percentile(acc, 25)),
@@ -327,7 +335,8 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
             "ranks": ranks, "budget": budget, "target": target, "target_acc": target_acc,
             "seeds": seeds, "lrs": lrs, "large_batch": large_batch,
             "batch": base.data.batch_size, "regimes": regimes, "inits": inits,
-            "resolution": resolution, "curvature": curvature, "cells": cells}
+            "resolution": resolution, "curvature": curvature, "milestones": list(milestones),
+            "cells": cells}
 
 
 def _equal_steps(cells: list[dict], adam_run) -> None:
@@ -354,7 +363,7 @@ def _equal_steps(cells: list[dict], adam_run) -> None:
 def _ratios(cells: list[dict]) -> None:
     """Per (regime, init): each method's median work to the target relative to TR's
     (TR / method: above 1 is less work) and its median sequential steps to the target
-    accuracy relative to Adam's (Adam / method)."""
+    accuracy relative to Adam's (Adam / method); and the first ratio at each milestone."""
     def med(c, key):
         return c[key]["median"]
 
@@ -368,6 +377,10 @@ def _ratios(cells: list[dict]) -> None:
         c["steps_ratio_vs_adam"] = (med(adam, "steps_to_acc") / med(c, "steps_to_acc")
                                     if adam and med(adam, "steps_to_acc")
                                     and med(c, "steps_to_acc") else None)
+        c["milestone_ratios_vs_tr"] = [
+            tr["work_to_milestones"][i]["median"] / m["median"]
+            if tr and tr["work_to_milestones"][i]["median"] and m["median"] else None
+            for i, m in enumerate(c["work_to_milestones"])]
         c["accuracy_vs_adam"] = (c["test_accuracy"]["median"]
                                  - adam["test_accuracy"]["median"] if adam else None)
 
@@ -432,6 +445,7 @@ def _field(obj, key: str, kinds: tuple, where: str):
 
 
 NUM, OPT_NUM = (int, float), (int, float, type(None))
+MAX_MILESTONES = 20
 
 
 def _check_stats(s, where: str, optional: bool) -> None:
@@ -460,6 +474,11 @@ def _check_result(res, where: str) -> None:
     for key in ("budget", "target"):
         _field(res, key, NUM, where)
     _field(res, "target_acc", OPT_NUM, where)
+    # milestones: absent from runs saved before they were recorded
+    levels = res.get("milestones", [])
+    if (not isinstance(levels, list) or len(levels) > MAX_MILESTONES
+            or not all(type(v) in NUM and abs(v) < 1e300 for v in levels)):
+        raise ConfigError(f"{where}: 'milestones' must list at most {MAX_MILESTONES} losses")
     for key, known in (("regimes", REGIMES), ("inits", INITS)):
         items = _field(res, key, (list,), where)
         if (not items or not all(isinstance(x, str) for x in items)
@@ -483,6 +502,16 @@ def _check_result(res, where: str) -> None:
         _check_stats(_field(c, "test_accuracy", (dict,), at), f"{at}.test_accuracy", False)
         for key in ("work_ratio_vs_tr", "steps_ratio_vs_adam"):
             _field(c, key, OPT_NUM, at)
+        if levels:
+            stats = _field(c, "work_to_milestones", (list,), at)
+            ratios = _field(c, "milestone_ratios_vs_tr", (list,), at)
+            if len(stats) != len(levels) or len(ratios) != len(levels):
+                raise ConfigError(f"{at}: one work figure and one ratio per milestone")
+            for k, (s, r) in enumerate(zip(stats, ratios)):
+                _check_stats(s, f"{at}.work_to_milestones[{k}]", optional=True)
+                if r is not None and (type(r) not in NUM or abs(r) > 1e300):
+                    raise ConfigError(f"{at}.milestone_ratios_vs_tr[{k}]: must be a number "
+                                      "or null")
         if c.get("vs_adam_equal_steps") is not None:
             for key in ("median", "min", "max"):
                 _field(c["vs_adam_equal_steps"], key, NUM, f"{at}.vs_adam_equal_steps")
@@ -510,6 +539,27 @@ def load_result(path: str) -> dict:
         raise ConfigError(f"{where}: not JSON ({e})") from None
     _check_result(res, where)
     return res
+
+
+def _milestone_table(res: dict, regime: str, init: str, fmt) -> list[str]:
+    """The work to each milestone loss and TR's over it, one column per milestone (and
+    the target last), as markdown lines; none without milestones. Not collective."""
+    levels = res.get("milestones") or []
+    if not levels:
+        return []
+    out = [f"*{regime} batch, {init} initialization: work to each training loss "
+           "(TR / method)*", "",
+           "| method | " + " | ".join(f"loss {v:g}" for v in levels)
+           + f" | loss {res['target']:g} (target) |",
+           "|---|" + "---|" * (len(levels) + 1)]
+    for c in res["cells"]:
+        if (c["regime"], c["init"]) != (regime, init):
+            continue
+        cols = [(s, r) for s, r in zip(c["work_to_milestones"], c["milestone_ratios_vs_tr"])]
+        cols.append((c["work_to_target"], c["work_ratio_vs_tr"]))
+        out.append(f"| {c['method']} | " + " | ".join(
+            fmt(s) + (f" ({r:.2f})" if r else "") for s, r in cols) + " |")
+    return out + [""]
 
 
 def markdown(res: dict) -> str:
@@ -550,4 +600,5 @@ def markdown(res: dict) -> str:
                            f"{fmt(c['steps_to_acc'], '{:.0f}')} | {acc['median']:.4f} "
                            f"[{acc['q25']:.4f}, {acc['q75']:.4f}] | {r1} | {r2} | {eq} |")
             out.append("")
+            out += _milestone_table(res, regime, init, fmt)
     return "\n".join(out)

@@ -13,7 +13,7 @@ __all__ = ["race", "plot"]
 
 def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
          resolution: float = 0.01, target_acc: float | None = None,
-         probes: frozenset[int] = frozenset()) -> dict:
+         probes: frozenset[int] = frozenset(), milestones: tuple[float, ...] = ()) -> dict:
     """Trains ``cfg`` until ``budget`` fine-gradient equivalents are spent or the training
     loss over the whole training set reaches ``target`` (and, with ``target_acc``, the test
     accuracy that); returns the curve (work, wall time without evaluation, steps, training
@@ -24,7 +24,9 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
     fraction ``resolution`` (so the work to the target is known to that relative
     resolution, and an expensive second-order step is always checked); checks are
     evaluations outside the optimizer, neither charged as work nor timed. The curve also
-    holds a point after each step count in ``probes`` (an equal-steps comparison)."""
+    holds a point after each step count in ``probes`` (an equal-steps comparison). The work
+    to each loss of ``milestones`` (losses above ``target``, met on the way to it) is
+    known at the same checks and resolution: ``work_to_milestones``, None where missed."""
     from mpi4py import MPI
 
     t = Trainer(cfg, comm, quiet=True, metrics=False, serve=False)
@@ -37,7 +39,8 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
     curve = [{"work": 0.0, "wall_s": 0.0, "step": 0, "train_loss": ev["train_loss"],
               "test_accuracy": ev["test_accuracy"]}]
     wall, mark, hit, acc_hit, checked = 0.0, budget / points, None, None, 0.0
-    checking = math.isfinite(target) or target_acc is not None
+    checking = math.isfinite(target) or target_acc is not None or bool(milestones)
+    passed: list[float | None] = [None] * len(milestones)
     if target_acc is None:
         acc_hit = {}  # nothing to reach
 
@@ -55,6 +58,9 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
             point = {"work": w, "wall_s": comm.allreduce(wall, op=MPI.MAX), "step": t.step,
                      "train_loss": ev["train_loss"], "test_accuracy": ev["test_accuracy"]}
             new = False
+            for i, level in enumerate(milestones):
+                if passed[i] is None and ev["train_loss"] <= level:
+                    passed[i] = w
             if hit is None and ev["train_loss"] <= target:
                 hit, new = point, True
             if acc_hit is None and ev["test_accuracy"] >= target_acc:
@@ -75,6 +81,7 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
                 "steps_to_target": hit["step"] if hit else None,
                 "work_to_acc": acc_hit.get("work") if acc_hit else None,
                 "steps_to_acc": acc_hit.get("step") if acc_hit else None,
+                "work_to_milestones": passed,
                 "level_steps": t.level_steps})
     rep = t.method.report(t.dataset.num_train)
     row.update({k: rep[k] for k in ("accepted_steps", "rejected_steps", "coarse_corrections",
