@@ -99,6 +99,8 @@ MPI_CASES = [  # (ranks, arguments after `-m mltrain`, what the message must con
     (2, ["bench", "multilevel", "--seeds", "0"], "--seeds"),
     (2, ["bench", "multilevel", "--target", "0.5", "--milestones", "0.8,0.4"],
      "--milestones: at most 20 distinct finite losses, each above --target 0.5"),
+    (2, ["bench", "multilevel", "--from-json", "{wrongbench}", "--milestones", "0.5"],
+     "--milestones: the work to a loss is recorded while training"),
     (2, ["bench", "multilevel", "--from-json", "{fifo}"], "not a regular file"),
     (2, ["bench", "multilevel", "--from-json", "{space_ok}"], "not JSON"),
     (2, ["bench", "multilevel", "--from-json", "{wrongbench}"], "a bench 'tr' result"),

@@ -370,6 +370,12 @@ def test_bench_multilevel_smoke(tmp_path):
         for k, s in enumerate(c["work_to_milestones"]):
             assert s["reached"] == sum(run["work_to_milestones"][k] is not None
                                        for run in c["runs"])
+        for run in c["runs"]:  # each milestone's work is the first point after a step below it
+            for level, at in zip(res["milestones"], run["work_to_milestones"]):
+                before = [p for p in run["curve"][1:] if at is None or p["work"] < at]
+                assert all(p["train_loss"] > level for p in before), (level, at, run["curve"])
+                assert at is None or any(p["work"] == at and p["train_loss"] <= level
+                                         for p in run["curve"]), (level, at, run["curve"])
         if w["median"] is not None:
             assert w["q25"] <= w["median"] <= w["q75"]
     assert res["milestones"] == [2.2, 1.8]  # sorted from the first met
@@ -388,6 +394,7 @@ def test_bench_multilevel_smoke(tmp_path):
         rates = cells[key]["rates"]
         assert len(rates) >= 2 and rates == sorted(rates) and cells[key]["lr"] in rates
     assert "rmtr-3" in r.stdout and "medians [IQR]" in r.stdout
+    assert "work to each training loss (TR / this): 2.2, 1.8" in r.stdout
     assert png.read_bytes()[:4] == b"\x89PNG"
     text = md.read_text()
     assert text.count("| rmtr-3 |") == 4 and "hybrid batch, smooth initialization" in text
@@ -473,13 +480,20 @@ def _saved_result() -> dict:
     (lambda r: r["cells"][0].update(rates=[0.1, -1.0]), "cells[0]: 'rates' must list"),
     (lambda r: r["cells"][0].update(rates=[0.1] * 101), "cells[0]: 'rates' must list"),
     (lambda r: r["cells"][0].update(lr=10 ** 400), "cells[0]: 'lr' is out of range"),
-    (lambda r: r.update(milestones=["0.5"]), "'milestones' must list at most 20 losses"),
-    (lambda r: r.update(milestones=[0.5] * 21), "'milestones' must list at most 20 losses"),
+    (lambda r: r.update(milestones=["0.5"]), "'milestones' must list at most 20 finite"),
+    (lambda r: r.update(milestones=[0.5] * 21), "'milestones' must list at most 20 finite"),
+    (lambda r: r.update(milestones=[math.nan]), "'milestones' must list at most 20 finite"),
+    (lambda r: r["cells"][0].update(milestone_ratios_vs_tr=[math.nan]),
+     "milestone_ratios_vs_tr[0]: must be a positive finite number or null"),
+    (lambda r: r["cells"][0]["work_to_target"].update(reached=-1),
+     "cells[0].work_to_target: 'reached' must lie in [0, 2]"),
+    (lambda r: r["cells"][0]["work_to_milestones"][0].update(median=math.nan),
+     "cells[0].work_to_milestones[0]: 'median' must be finite"),
     (lambda r: r["cells"][0].update(milestone_ratios_vs_tr=[]), "one work figure and one"),
     (lambda r: r["cells"][0]["work_to_milestones"][0].update(q25=None),
      "cells[0].work_to_milestones[0]: a median needs its quartiles"),
     (lambda r: r["cells"][0].update(milestone_ratios_vs_tr=["1"]),
-     "cells[0].milestone_ratios_vs_tr[0]: must be a number or null"),
+     "cells[0].milestone_ratios_vs_tr[0]: must be a positive finite number or null"),
 ])
 def test_from_json_refuses_what_the_tables_could_not_read(tmp_path, spoil, message):
     """``--from-json`` reads an untrusted file: every field the tables and the plot read is
@@ -490,7 +504,7 @@ def test_from_json_refuses_what_the_tables_could_not_read(tmp_path, spoil, messa
     path.write_text(json.dumps(_saved_result()))
     text = markdown(load_result(str(path)))
     assert "| rmtr-3 | - | 2.00 [2.00, inf] (1/2) |" in text
-    assert "| rmtr-3 | 1.00 [1.00, 1.50] (1/2) (1.25) | 2.00 [2.00, inf] (1/2) |" in text
+    assert "| rmtr-3 | 1.00 [1.00, 1.50] (1/2), 1.25x | 2.00 [2.00, inf] (1/2) |" in text
     old = _saved_result()  # saved before milestones were recorded: no such table
     del old["milestones"]
     path.write_text(json.dumps(old))

@@ -425,7 +425,8 @@ def _print_multilevel(res: dict) -> None:
         if s["median"] is None:
             return f"- ({s['reached']}/{res['seeds']})"
         return (fmt.format(s["median"]) + " [" + fmt.format(s["q25"]) + ", "
-                + (fmt.format(s["q75"]) if math.isfinite(s["q75"]) else "inf") + "]")
+                + (fmt.format(s["q75"]) if math.isfinite(s["q75"]) else "inf") + "]"
+                + ("" if s["reached"] == res["seeds"] else f" ({s['reached']}/{res['seeds']})"))
 
     print(f"  {'regime/init':<20}{'method':<12}{'work@target':>24}{'wall s@target':>24}"
           f"{'steps@target':>22}{'steps@acc':>20}{'test acc':>9}{'TR/this':>8}"
@@ -443,7 +444,7 @@ def _print_multilevel(res: dict) -> None:
               + ", ".join(f"{v:g}" for v in res["milestones"]))
         for c in res["cells"]:
             print(f"  {c['regime'] + '/' + c['init']:<20}{c['method']:<12}" + "".join(
-                f"{cell(s) + (f' ({r:.2f})' if r else ''):>30}"
+                f"{cell(s) + (f', {r:.2f}x' if r else ''):>32}"
                 for s, r in zip(c["work_to_milestones"], c["milestone_ratios_vs_tr"])))
 
 
@@ -469,6 +470,10 @@ def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
         check_writable(args.plot, "--plot")
         check_writable(args.markdown, "--markdown")
         if args.from_json:
+            if args.milestones:
+                raise ConfigError("--milestones: the work to a loss is recorded while "
+                                  "training; a saved run (--from-json) has the milestones "
+                                  "it was run with")
             for flag, out in (("--json", args.json), ("--plot", args.plot),
                               ("--markdown", args.markdown)):
                 if out and os.path.exists(out) and os.path.samefile(out, args.from_json):
@@ -495,8 +500,8 @@ def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
         if len(levels) > MAX_MILESTONES or len(set(levels)) != len(levels) or not all(
                 math.isfinite(v) and v > args.target for v in levels):
             raise ConfigError(f"--milestones: at most {MAX_MILESTONES} distinct finite losses, "
-                              f"each above --target {args.target:g} (the runs stop there), "
-                              f"got {args.milestones!r}")
+                              f"each above --target {args.target:g} (a run may end once it "
+                              f"reaches the target), got {args.milestones!r}")
         return tuple(sorted(levels, reverse=True))
     checked = agree(comm, check, what="config")
     rank0 = comm.Get_rank() == 0

@@ -210,8 +210,10 @@ def lbfgs_race(cfg, comm, budget: float, target: float, target_acc: float | None
             "steps_to_target": hit["step"] if hit else None,
             "work_to_acc": acc["work"] if acc else None,
             "steps_to_acc": acc["step"] if acc else None,
-            "work_to_milestones": [next((p["work"] for p in curve if p["train_loss"] <= level),
-                                        None) for level in milestones]}
+            # After a step, as race's checks (the starting point is no step's work).
+            "work_to_milestones": [next((p["work"] for p in curve[1:]
+                                         if p["train_loss"] <= level), None)
+                                   for level in milestones]}
 
 
 def _stats(values: list, seeds: int) -> dict:
@@ -448,11 +450,16 @@ NUM, OPT_NUM = (int, float), (int, float, type(None))
 MAX_MILESTONES = 20
 
 
-def _check_stats(s, where: str, optional: bool) -> None:
+def _check_stats(s, where: str, optional: bool, seeds: int | None = None) -> None:
     for key in ("median", "q25", "q75"):
-        _field(s, key, OPT_NUM if optional else NUM, where)
+        v = _field(s, key, OPT_NUM if optional else NUM, where)
+        if v is not None and (math.isnan(v) or v == -math.inf
+                              or (key != "q75" and v == math.inf)):
+            raise ConfigError(f"{where}: {key!r} must be finite (q75: or inf)")
     if optional:
-        _field(s, "reached", (int,), where)
+        reached = _field(s, "reached", (int,), where)
+        if seeds is not None and not 0 <= reached <= seeds:
+            raise ConfigError(f"{where}: 'reached' must lie in [0, {seeds}]")
         if s["median"] is not None and (s["q25"] is None or s["q75"] is None):
             raise ConfigError(f"{where}: a median needs its quartiles")
 
@@ -477,8 +484,10 @@ def _check_result(res, where: str) -> None:
     # milestones: absent from runs saved before they were recorded
     levels = res.get("milestones", [])
     if (not isinstance(levels, list) or len(levels) > MAX_MILESTONES
-            or not all(type(v) in NUM and abs(v) < 1e300 for v in levels)):
-        raise ConfigError(f"{where}: 'milestones' must list at most {MAX_MILESTONES} losses")
+            or not all(type(v) in NUM and math.isfinite(v) and abs(v) < 1e300
+                       for v in levels)):
+        raise ConfigError(f"{where}: 'milestones' must list at most {MAX_MILESTONES} finite "
+                          "numbers (losses)")
     for key, known in (("regimes", REGIMES), ("inits", INITS)):
         items = _field(res, key, (list,), where)
         if (not items or not all(isinstance(x, str) for x in items)
@@ -498,7 +507,8 @@ def _check_result(res, where: str) -> None:
                                              for r in rates)):
             raise ConfigError(f"{at}: 'rates' must list at most 100 positive learning rates")
         for key in ("work_to_target", "wall_to_target", "steps_to_target", "steps_to_acc"):
-            _check_stats(_field(c, key, (dict,), at), f"{at}.{key}", optional=True)
+            _check_stats(_field(c, key, (dict,), at), f"{at}.{key}", optional=True,
+                         seeds=res["seeds"])
         _check_stats(_field(c, "test_accuracy", (dict,), at), f"{at}.test_accuracy", False)
         for key in ("work_ratio_vs_tr", "steps_ratio_vs_adam"):
             _field(c, key, OPT_NUM, at)
@@ -508,10 +518,11 @@ def _check_result(res, where: str) -> None:
             if len(stats) != len(levels) or len(ratios) != len(levels):
                 raise ConfigError(f"{at}: one work figure and one ratio per milestone")
             for k, (s, r) in enumerate(zip(stats, ratios)):
-                _check_stats(s, f"{at}.work_to_milestones[{k}]", optional=True)
-                if r is not None and (type(r) not in NUM or abs(r) > 1e300):
-                    raise ConfigError(f"{at}.milestone_ratios_vs_tr[{k}]: must be a number "
-                                      "or null")
+                _check_stats(s, f"{at}.work_to_milestones[{k}]", optional=True,
+                             seeds=res["seeds"])
+                if r is not None and (type(r) not in NUM or not 0 < r < 1e300):
+                    raise ConfigError(f"{at}.milestone_ratios_vs_tr[{k}]: must be a positive "
+                                      "finite number or null")
         if c.get("vs_adam_equal_steps") is not None:
             for key in ("median", "min", "max"):
                 _field(c["vs_adam_equal_steps"], key, NUM, f"{at}.vs_adam_equal_steps")
@@ -547,8 +558,8 @@ def _milestone_table(res: dict, regime: str, init: str, fmt) -> list[str]:
     levels = res.get("milestones") or []
     if not levels:
         return []
-    out = [f"*{regime} batch, {init} initialization: work to each training loss "
-           "(TR / method)*", "",
+    out = [f"*{regime} batch, {init} initialization: work to each training loss, "
+           "TR's over the method's (Nx)*", "",
            "| method | " + " | ".join(f"loss {v:g}" for v in levels)
            + f" | loss {res['target']:g} (target) |",
            "|---|" + "---|" * (len(levels) + 1)]
@@ -558,7 +569,7 @@ def _milestone_table(res: dict, regime: str, init: str, fmt) -> list[str]:
         cols = [(s, r) for s, r in zip(c["work_to_milestones"], c["milestone_ratios_vs_tr"])]
         cols.append((c["work_to_target"], c["work_ratio_vs_tr"]))
         out.append(f"| {c['method']} | " + " | ".join(
-            fmt(s) + (f" ({r:.2f})" if r else "") for s, r in cols) + " |")
+            fmt(s) + (f", {r:.2f}x" if r else "") for s, r in cols) + " |")
     return out + [""]
 
 

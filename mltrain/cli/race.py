@@ -60,7 +60,7 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
             new = False
             for i, level in enumerate(milestones):
                 if passed[i] is None and ev["train_loss"] <= level:
-                    passed[i] = w
+                    passed[i], new = w, True  # on the curve, as a target's hit
             if hit is None and ev["train_loss"] <= target:
                 hit, new = point, True
             if acc_hit is None and ev["test_accuracy"] >= target_acc:
