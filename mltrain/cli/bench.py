@@ -415,6 +415,8 @@ def _dp(what: str, cfg, args, comm: MPI.Comm) -> int:
 
 def _print_multilevel(res: dict) -> None:
     """The console table of a bench multilevel result. Not collective."""
+    from mltrain.cli.bench_multilevel import stats_text
+
     print(f"bench multilevel: {res['dataset']}, {res['model']}, batch {res['batch']} "
           f"(large {res['large_batch']}), {res['ranks']} rank(s), {res['seeds']} seeds; "
           f"target training loss {res['target']:g}"
@@ -422,11 +424,7 @@ def _print_multilevel(res: dict) -> None:
           + f"; budget {res['budget']:g} fine-gradient equivalents; medians [IQR]")
 
     def cell(s, fmt="{:.2f}"):
-        if s["median"] is None:
-            return f"- ({s['reached']}/{res['seeds']})"
-        return (fmt.format(s["median"]) + " [" + fmt.format(s["q25"]) + ", "
-                + (fmt.format(s["q75"]) if math.isfinite(s["q75"]) else "inf") + "]"
-                + ("" if s["reached"] == res["seeds"] else f" ({s['reached']}/{res['seeds']})"))
+        return stats_text(s, res["seeds"], fmt)
 
     print(f"  {'regime/init':<20}{'method':<12}{'work@target':>24}{'wall s@target':>24}"
           f"{'steps@target':>22}{'steps@acc':>20}{'test acc':>9}{'TR/this':>8}"
@@ -491,6 +489,7 @@ def _multilevel(what: str, cfg, args, comm: MPI.Comm) -> int:
         return (milestones(),) + (listed(args.methods, METHODS, "--methods"),
                 listed(args.regimes, REGIMES, "--regimes") or REGIMES,
                 listed(args.inits, INITS, "--inits") or INITS)
+
     def milestones():
         try:
             levels = [float(v) for v in args.milestones.split(",") if v.strip()]

@@ -50,7 +50,7 @@ from mltrain.cli.race import race
 from mltrain.config import ConfigError, load_config, model_label
 
 __all__ = ["METHODS", "REGIMES", "INITS", "bench_multilevel", "plot", "lbfgs_race", "markdown",
-           "load_result"]
+           "load_result", "stats_text"]
 
 METHODS = ["sgd", "adam", "lbfgs", "tr", "rmtr-3", "rmtr-3-nested", "nested-tr", "rmtr-4", "apts",
            "apts-tr", "nested-adam"]
@@ -552,7 +552,17 @@ def load_result(path: str) -> dict:
     return res
 
 
-def _milestone_table(res: dict, regime: str, init: str, fmt) -> list[str]:
+def stats_text(s: dict, seeds: int, f: str = "{:.2f}") -> str:
+    """A cost's statistics as "median [q25, q75]", "(k/n)" after it when some seeds missed,
+    "- (k/n)" when most did. Not collective."""
+    if s["median"] is None:
+        return f"- ({s['reached']}/{seeds})"
+    q75 = f.format(s["q75"]) if math.isfinite(s["q75"]) else "inf"
+    extra = "" if s["reached"] == seeds else f" ({s['reached']}/{seeds})"
+    return f"{f.format(s['median'])} [{f.format(s['q25'])}, {q75}]{extra}"
+
+
+def _milestone_table(res: dict, regime: str, init: str) -> list[str]:
     """The work to each milestone loss and TR's over it, one column per milestone (and
     the target last), as markdown lines; none without milestones. Not collective."""
     levels = res.get("milestones") or []
@@ -566,23 +576,18 @@ def _milestone_table(res: dict, regime: str, init: str, fmt) -> list[str]:
     for c in res["cells"]:
         if (c["regime"], c["init"]) != (regime, init):
             continue
-        cols = [(s, r) for s, r in zip(c["work_to_milestones"], c["milestone_ratios_vs_tr"])]
+        cols = list(zip(c["work_to_milestones"], c["milestone_ratios_vs_tr"]))
         cols.append((c["work_to_target"], c["work_ratio_vs_tr"]))
         out.append(f"| {c['method']} | " + " | ".join(
-            fmt(s) + (f", {r:.2f}x" if r else "") for s, r in cols) + " |")
+            stats_text(s, res["seeds"]) + (f", {r:.2f}x" if r else "") for s, r in cols)
+            + " |")
     return out + [""]
 
 
 def markdown(res: dict) -> str:
     """The cells as markdown tables, one per regime and initialization."""
-    seeds = res["seeds"]
-
     def fmt(s, f="{:.2f}"):
-        if s["median"] is None:
-            return f"- ({s['reached']}/{seeds})"
-        q75 = f.format(s["q75"]) if math.isfinite(s["q75"]) else "inf"
-        extra = "" if s["reached"] == seeds else f" ({s['reached']}/{seeds})"
-        return f"{f.format(s['median'])} [{f.format(s['q25'])}, {q75}]{extra}"
+        return stats_text(s, res["seeds"], f)
 
     out = []
     for regime in res["regimes"]:
@@ -611,5 +616,5 @@ def markdown(res: dict) -> str:
                            f"{fmt(c['steps_to_acc'], '{:.0f}')} | {acc['median']:.4f} "
                            f"[{acc['q25']:.4f}, {acc['q75']:.4f}] | {r1} | {r2} | {eq} |")
             out.append("")
-            out += _milestone_table(res, regime, init, fmt)
+            out += _milestone_table(res, regime, init)
     return "\n".join(out)
