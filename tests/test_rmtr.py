@@ -586,3 +586,34 @@ def test_metrics_records_carry_each_cycles_coarse_corrections(tmp_path):
     assert len(diag) == 2 and diag[0]["corrections"] >= 6
     # a correction that reached the coarse level was accepted, rejected, or made no progress
     assert diag[0]["accepted"] + diag[0]["rejected"] <= diag[0]["corrections"]
+
+
+def test_hybrid_batch_grows_per_cycle_or_per_step():
+    """multilevel.grow_per: with ``cycle`` a cycle is one step of the hybrid batch rule,
+    failed exactly when the finest iterate did not move (tr.grow_after = 1: the batch
+    doubles after every such cycle and only then); with ``step`` every rejected fine step
+    or correction inside a cycle counts, so the batch grows at least as often, here more."""
+    require("petsc4py")
+    base = SMALL + ["optim.name=rmtr", "multilevel.levels=3", "tr.batch=hybrid",
+                    "tr.grow_after=1", "tr.radius=4", "run.steps=12"]
+    grown = {}
+    for per in ("cycle", "step"):
+        t = Trainer(load_config(None, base + [f"multilevel.grow_per={per}"]), MPI.COMM_SELF,
+                    quiet=True, metrics=False)
+        r = t.optimizer
+        moved = []
+        for _ in range(12):
+            factor = r.batch_factor
+            t.advance()
+            moved.append(r.last["accepted"])
+            if per == "cycle":
+                assert r.batch_factor == factor * (1 if moved[-1] else 2), (moved, factor)
+        grown[per] = r.batch_factor
+        rejected = r.parts[0].counts["rejected"] + r.corrections["rejected"][0]
+        t.close()
+        if per == "cycle":
+            # a cycle that moved despite a rejected step inside it: the case the modes differ
+            assert rejected > moved.count(False), (rejected, moved)
+    assert grown["step"] > grown["cycle"], grown
+    with pytest.raises(Exception, match="grow_per"):
+        load_config(None, ["multilevel.grow_per=epoch"])

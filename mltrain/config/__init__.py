@@ -176,6 +176,11 @@ class MultilevelConfig:
                             "subproblem (0 = tr.max_it)", min=0)
     stop_on_success: bool = _f(True, "rmtr: a smoothing phase and a coarsest-level solve "
                                "end at their first accepted step")
+    grow_per: str = _f("step", "rmtr with tr.batch = hybrid: what counts toward "
+                       "tr.grow_after: every fine trust-region step and coarse correction "
+                       "(step), or each cycle, failed when the finest iterate did not move "
+                       "(cycle, as a trust-region step counts for TR)",
+                       choices=("step", "cycle"))
     coarse_model: str = _f("additive", "rmtr: the first-order consistent coarse model: "
                            "additive (f_H + linear term), multiplicative ((a0 + a.s) f_H, also "
                            "matching the fine value) or hybrid (their mean; Kopanicakova 2022)",

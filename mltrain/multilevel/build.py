@@ -36,6 +36,7 @@ def rmtr(ctx: Context) -> Method:
     opt = RMTR(h, layout.data, cycle=o.cycle, kappa=o.kappa, layered=layered,
                smooth_max_it=o.smooth_max_it or None, coarse_max_it=o.coarse_max_it or None,
                stop_on_success=o.stop_on_success, coarse_model=o.coarse_model,
+               grow_per=o.grow_per,
                init_cycles=o.init_cycles if o.init == "nested" else 0,
                **_common(o), **tr_settings(ctx.cfg.tr))
     return SecondOrder(opt, SyncStrategy(ctx.model, layout.data), ctx.straggler, ctx.model,

@@ -73,7 +73,7 @@ class RMTR(LevelOptimizers):
                  kappa: float = 1e-3, boundary: float = 0.05, layered: list | None = None,
                  smooth_max_it: int | None = None, coarse_max_it: int | None = None,
                  stop_on_success: bool = True, coarse_model: str = "additive",
-                 init_cycles: int = 0, **tr):
+                 init_cycles: int = 0, grow_per: str = "step", **tr):
         """``tr``: the TrustRegion keywords (radius, eta1, ..., curvature), every level.
 
         ``smooth_max_it``, ``coarse_max_it``: the Krylov budget of a smoothing step's and of a
@@ -91,12 +91,20 @@ class RMTR(LevelOptimizers):
         ``coarse_model``: how a coarse objective is made consistent with its finer one at
         the restricted point (``COARSE_MODELS``).
 
+        ``grow_per``: what counts toward the hybrid batch's ``grow_after`` failures in a row:
+        every fine trust-region step and coarse correction (``"step"``), or each cycle from
+        the finest level, failed when its finest iterate did not move (``"cycle"``: the
+        cycle is RMTR's iteration, as the step is TR's).
+
         ``layered``: layer-parallel training, one ``LayerParallel`` per level (wrapping
         ``hierarchy.models``, the coarse ones split where the finest is): each level's
         vector is distributed over their layer communicator and every level's network runs
         through MGRIT."""
         if cycle not in ("V", "W"):
             raise ValueError(f"cycle must be V or W, not {cycle!r}")
+        if grow_per not in ("step", "cycle"):
+            raise ValueError(f"grow_per must be step or cycle, not {grow_per!r}")
+        self.grow_per = grow_per
         if coarse_model not in COARSE_MODELS:
             raise ValueError(f"coarse_model must be one of {sorted(COARSE_MODELS)}")
         self.gamma_model = COARSE_MODELS[coarse_model]
@@ -214,10 +222,16 @@ class RMTR(LevelOptimizers):
         if top == 0:
             fine = self.parts[0]
             before = fine.counts["accepted"] + self.corrections["accepted"][0]
-            start, end = self._cycle(0, obj, math.inf, None)
+            fine.defer_growth = self.grow_per == "cycle"
+            try:
+                start, end = self._cycle(0, obj, math.inf, None)
+            finally:
+                fine.defer_growth = False
             # Whether the finest iterate moved: any of its steps or corrections accepted.
-            self.last = {"accepted": fine.counts["accepted"] + self.corrections["accepted"][0]
-                         > before, "start": start, "value": end}
+            moved = fine.counts["accepted"] + self.corrections["accepted"][0] > before
+            self.last = {"accepted": moved, "start": start, "value": end}
+            if self.grow_per == "cycle":
+                fine.after_step(moved)
             return start
         self.last = None
         start, _ = self._cycle(top, obj.on(self.nets[top]), math.inf, None)

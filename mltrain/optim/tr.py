@@ -156,6 +156,9 @@ class TrustRegion(torch.optim.Optimizer):
         # Set by the caller for one step: an accepted step then counts as failed or not by
         # its held-out verdict (``verdict``), not as a success by itself.
         self.holdout = False
+        # Set by a multilevel caller for one cycle: the steps inside it do not count toward
+        # the batch growth; the caller counts the cycle as one step (``after_step``).
+        self.defer_growth = False
         self._first = first
         if self.layer_comm is not None and curvature != "lsr1":
             from mltrain.config import ConfigError
@@ -241,8 +244,9 @@ class TrustRegion(torch.optim.Optimizer):
     def after_step(self, accepted: bool) -> None:
         """Counts a step of the run (accepted or not) for the hybrid batch: after
         ``grow_after`` failed steps in a row the batch doubles. With ``holdout`` set, an
-        accepted step waits for ``verdict``. Not collective."""
-        if accepted and self.holdout:
+        accepted step waits for ``verdict``; with ``defer_growth`` set nothing counts. Not
+        collective."""
+        if self.defer_growth or (accepted and self.holdout):
             return
         self._after(accepted)
 
