@@ -350,6 +350,12 @@ def test_bench_multilevel_smoke(tmp_path):
                     "--set", "tr.max_it=5", "--set", "apts.subdomains=2"], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
+    from mltrain.cli.info import cpu_model
+
+    # What produced the figures: this CPU and the overrides, in the order given.
+    assert res["cpu"] == cpu_model() and res["cpu"].isprintable(), res["cpu"]
+    assert res["overrides"] == ["model.name=resnet", "model.depth=8", "model.width=16",
+                                "tr.max_it=5", "apts.subdomains=2"], res["overrides"]
     cells = {(c["init"], c["method"]): c for c in res["cells"]}
     assert set(cells) == {(i, m) for i in ("independent", "smooth") for m in
                           ("sgd", "adam", "lbfgs", "tr", "rmtr-3", "apts", "apts-tr",
@@ -494,6 +500,11 @@ def _saved_result() -> dict:
      "cells[0].work_to_milestones[0]: a median needs its quartiles"),
     (lambda r: r["cells"][0].update(milestone_ratios_vs_tr=["1"]),
      "cells[0].milestone_ratios_vs_tr[0]: must be a positive finite number or null"),
+    (lambda r: r.update(cpu="AMD\n| injected |"), "'cpu' must be a short printable name"),
+    (lambda r: r.update(cpu=7), "'cpu' must be str, got int"),
+    (lambda r: r.update(overrides="a=b"), "'overrides' must list at most 200"),
+    (lambda r: r.update(overrides=["a=b\n| x |"]), "'overrides' must list at most 200"),
+    (lambda r: r.update(overrides=["a=b"] * 201), "'overrides' must list at most 200"),
 ])
 def test_from_json_refuses_what_the_tables_could_not_read(tmp_path, spoil, message):
     """``--from-json`` reads an untrusted file: every field the tables and the plot read is
@@ -509,6 +520,11 @@ def test_from_json_refuses_what_the_tables_could_not_read(tmp_path, spoil, messa
     del old["milestones"]
     path.write_text(json.dumps(old))
     assert "work to each training loss" not in markdown(load_result(str(path)))
+    assert "rank(s) on" not in markdown(load_result(str(path)))  # nor a CPU line
+    named = dict(_saved_result(), cpu="AMD EPYC", overrides=["model.depth=64"])
+    path.write_text(json.dumps(named))
+    assert markdown(load_result(str(path))).startswith(
+        "2 rank(s) on AMD EPYC; overrides: `model.depth=64`\n")
     adam = _saved_result()  # a tuned rate at the end of the rates tried is marked
     adam["cells"][0].update(method="adam", lr=0.1, rates=[0.01, 0.1])
     path.write_text(json.dumps(adam))

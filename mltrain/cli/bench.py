@@ -421,7 +421,8 @@ def _print_multilevel(res: dict) -> None:
           f"(large {res['large_batch']}), {res['ranks']} rank(s), {res['seeds']} seeds; "
           f"target training loss {res['target']:g}"
           + (f", test accuracy {res['target_acc']:g}" if res["target_acc"] else "")
-          + f"; budget {res['budget']:g} fine-gradient equivalents; medians [IQR]")
+          + f"; budget {res['budget']:g} fine-gradient equivalents; medians [IQR]"
+          + (f"; CPU {res['cpu']}" if res.get("cpu") else ""))
 
     def cell(s, fmt="{:.2f}"):
         return stats_text(s, res["seeds"], fmt)

@@ -332,8 +332,12 @@ def bench_multilevel(config: str | None, overrides: list[str], comm, *, budget: 
                              lambda seed, probes: run("adam", regime, init, seed,
                                                       rates["adam"], frozenset(probes)))
     _ratios(cells)
+    from mltrain.cli.info import cpu_model
+
     model = model_label(base.model)
+    # The CPU and the overrides, so that a figure can be traced to what produced it.
     return {"dataset": base.data.name, "data_path": base.data.path, "model": model,
+            "cpu": cpu_model(), "overrides": list(overrides),
             "ranks": ranks, "budget": budget, "target": target, "target_acc": target_acc,
             "seeds": seeds, "lrs": lrs, "large_batch": large_batch,
             "batch": base.data.batch_size, "regimes": regimes, "inits": inits,
@@ -481,6 +485,17 @@ def _check_result(res, where: str) -> None:
     for key in ("budget", "target"):
         _field(res, key, NUM, where)
     _field(res, "target_acc", OPT_NUM, where)
+    # cpu, overrides: absent from runs saved before they were recorded
+    if "cpu" in res:
+        text = _field(res, "cpu", (str,), where)
+        if len(text) > 1000 or not text.isprintable():
+            raise ConfigError(f"{where}: 'cpu' must be a short printable name")
+    overrides = res.get("overrides", [])
+    if (not isinstance(overrides, list) or len(overrides) > 200
+            or not all(isinstance(o, str) and len(o) <= 1000 and o.isprintable()
+                       for o in overrides)):
+        raise ConfigError(f"{where}: 'overrides' must list at most 200 short printable "
+                          "key=value settings")
     # milestones: absent from runs saved before they were recorded
     levels = res.get("milestones", [])
     if (not isinstance(levels, list) or len(levels) > MAX_MILESTONES
@@ -590,6 +605,10 @@ def markdown(res: dict) -> str:
         return stats_text(s, res["seeds"], f)
 
     out = []
+    if res.get("cpu") or res.get("overrides"):
+        out += [f"{res['ranks']} rank(s) on {res.get('cpu') or 'an unrecorded CPU'}; "
+                + ("overrides: " + ", ".join(f"`{o}`" for o in res["overrides"])
+                   if res.get("overrides") else "no overrides"), ""]
     for regime in res["regimes"]:
         for init in res["inits"]:
             out += [f"**{regime} batch, {init} initialization**", "",

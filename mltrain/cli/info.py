@@ -34,6 +34,24 @@ def mapped_libraries(*needles: str) -> list[str]:
     return out
 
 
+def cpu_model() -> str:
+    """This machine's CPU model ("AMD EPYC 7B13", "Intel(R) Xeon(R) ..."): benchmark
+    figures of chaotic trajectories differ between CPUs that round differently, so a result
+    names the one it came from. From /proc/cpuinfo (its first ``model name``), else the
+    platform's word for it. Not collective."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", errors="replace") as f:
+            for _, line in zip(range(200), f):  # the first processor's block
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return " ".join(value.split())[:200]
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def _mpi_of(paths: list[str]) -> str | None:
     for p in paths:
         if os.path.basename(p).startswith("libmpi"):
@@ -76,6 +94,7 @@ def gather_info() -> dict:
     info = {
         "mltrain": __version__,
         "python": sys.version.split()[0],
+        "cpu": cpu_model(),
         # Open MPI's version string ends in a NUL byte.
         "mpi_library": MPI.Get_library_version().strip("\0 \n").splitlines()[0],
         "mpi_mode": mpi_record().get("mode", "unknown"),
