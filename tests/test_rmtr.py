@@ -626,3 +626,22 @@ def test_hybrid_batch_grows_per_cycle_or_per_step():
     assert grown["step"] > grown["cycle"], grown
     with pytest.raises(Exception, match="grow_per"):
         load_config(None, ["multilevel.grow_per=epoch"])
+
+
+def test_hybrid_batch_factor_stops_at_its_cap():
+    """A run whose steps keep failing doubles its batch factor far past the full batch;
+    the counter stops at MAX_BATCH_FACTOR instead of overflowing its float32 to inf (which
+    ``batch_factor`` could not turn into an int)."""
+    require("petsc4py")
+    from mltrain.optim.tr import MAX_BATCH_FACTOR
+
+    t = Trainer(load_config(None, SMALL + ["optim.name=rmtr", "multilevel.levels=3",
+                                           "run.steps=2"] + GROWING), MPI.COMM_SELF,
+                quiet=True, metrics=False)
+    fine = t.optimizer.parts[0]
+    for _ in range(200):  # 200 doublings: 2^200 is past float32's range
+        fine.after_step(False)
+    assert fine.batch_factor == int(MAX_BATCH_FACTOR)
+    t.advance()  # a step at the capped factor trains on the full batch
+    assert t.optimizer.batch_factor == int(MAX_BATCH_FACTOR)
+    t.close()

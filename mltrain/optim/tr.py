@@ -38,7 +38,12 @@ from mltrain.optim.costs import Prices, price
 from mltrain.optim.evals import EvalCache
 from mltrain.utils.decisions import DecisionLog
 
-__all__ = ["TrustRegion", "Objective", "NonFiniteError", "check_level_options", "ball_fraction"]
+__all__ = ["TrustRegion", "Objective", "NonFiniteError", "check_level_options", "ball_fraction",
+           "MAX_BATCH_FACTOR"]
+
+# The hybrid batch stops doubling here: far past any dataset's mini-batches per epoch (a
+# larger factor is the full batch already), and exact in float32 and as an int.
+MAX_BATCH_FACTOR = 2.0 ** 40
 
 
 class _TorchSolver:
@@ -259,7 +264,9 @@ class TrustRegion(torch.optim.Optimizer):
         st = self.state[self._first]
         st["rejected_streak"].fill_(0 if accepted else float(st["rejected_streak"]) + 1)
         if self.grow_after and int(st["rejected_streak"]) >= self.grow_after:
-            st["batch_factor"].mul_(2)  # progress stalls: a larger, less noisy batch
+            # Progress stalls: a larger, less noisy batch. Capped, since a float32 counter
+            # doubled 128 times is inf (any factor past the epoch is the full batch).
+            st["batch_factor"].fill_(min(float(st["batch_factor"]) * 2, MAX_BATCH_FACTOR))
             st["rejected_streak"].fill_(0)
 
     def _mean(self, t: torch.Tensor) -> torch.Tensor:
