@@ -99,14 +99,49 @@ def test_hierarchy_errors_and_user_models():
         Trainer(load_config(None, ["multilevel.nested=true", "multilevel.levels=2", "model.name=mlp"]),
                 MPI.COMM_SELF, quiet=True, metrics=False)
     # The example's convolutional ODE network follows the protocol.
+    h = Hierarchy(_conv_ode_net(4), levels=2, cf=2)
+    assert len(h.models[1].blocks) == 2
+    assert h.models[1](torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def _conv_ode_net(depth):
     from conftest import ROOT
 
     src = (ROOT / "examples" / "custom_model.py").read_text().split("\nap = argparse")[0]
     ns = {}
-    exec(compile(src, "custom_model.py", "exec"), ns)  # the model classes only, no training
-    h = Hierarchy(ns["ConvODENet"](depth=4), levels=2, cf=2)
-    assert len(h.models[1].blocks) == 2
-    assert h.models[1](torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    exec(compile(src, "custom_model.py", "exec"), ns)  # the model classes only
+    return ns["ConvODENet"](depth=depth)
+
+
+@pytest.mark.parametrize("restriction, prolongation", [("injection", "constant"),
+                                                       ("full_weighting", "linear")])
+def test_sliced_transfers_equal_the_per_parameter_ones(restriction, prolongation):
+    """R, P and P^T of flat vectors slice the blocks' range as a (blocks x per-block)
+    matrix (the layout read once per model); they equal the per-parameter path bit for
+    bit, with the pooled stem and with the example's convolutional blocks too."""
+    import mltrain.multilevel.hierarchy as H
+    from mltrain.nn import build_model
+
+    torch.manual_seed(0)
+    nets = [build_model("resnet", (1, 28, 28), 10, width=8, depth=16),
+            build_model("resnet", (1, 28, 28), 10, width=8, depth=16, stem_pool=4),
+            _conv_ode_net(8)]
+    for net in nets:
+        h = Hierarchy(net, levels=3, cf=2, restriction=restriction, prolongation=prolongation)
+        for lv in range(2):
+            sizes = [sum(p.numel() for p in h.models[k].parameters()) for k in (lv, lv + 1)]
+            v, w = (torch.randn(n, dtype=torch.float64) for n in sizes)
+            assert H._fast_transfer(h.models[lv], h.models[lv + 1], v,
+                                    lambda t: t[::2]) is not None  # the sliced path ran
+            sliced = [H.restrict_vec(h, lv, v), H.prolong_vec(h, lv, w),
+                      H.restrict_grad(h, lv, v)]
+            try:
+                H._fast_transfer, fast = (lambda *a: None), H._fast_transfer
+                general = [H.restrict_vec(h, lv, v), H.prolong_vec(h, lv, w),
+                           H.restrict_grad(h, lv, v)]
+            finally:
+                H._fast_transfer = fast
+            assert all(torch.equal(a, b) for a, b in zip(sliced, general)), (net, lv)
 
 
 NESTED = ["multilevel.nested=true", "multilevel.levels=3", "model.depth=8", "model.width=16",

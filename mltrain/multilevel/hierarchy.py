@@ -11,6 +11,7 @@ linear). Not collective.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 
@@ -123,10 +124,78 @@ def _named_split(model: torch.nn.Module, flat: torch.Tensor) -> dict[str, torch.
     return out
 
 
+class _Layout:
+    """Where a model's parameters lie in its flat vector, read once: every transfer of a
+    cycle used to walk ``named_parameters`` (a third of an RMTR run's time on a 64-block
+    network). ``blocks`` is (start, per-block size, [(offset in a block, numel, shape)])
+    when the blocks' parameters are one block-major range, else None."""
+
+    def __init__(self, model: torch.nn.Module):
+        entries, off = [], 0
+        for n, p in model.named_parameters():
+            entries.append((n, off, p.numel(), tuple(p.shape)))
+            off += p.numel()
+        self.size, self.nblocks = off, len(model.blocks)
+        names = [n for n, _ in model.blocks[0].named_parameters()]
+        at = {n: (o, k, sh) for n, o, k, sh in entries}
+        first = [at.get(f"blocks.0.{bn}") for bn in names]
+        self.blocks = None
+        if names and all(first):
+            start = first[0][0]
+            inner = [(o - start, k, sh) for o, k, sh in first]
+            per = sum(k for _, k, _ in inner)
+            ok = [o for o, _, _ in inner] == [sum(k for _, k, _ in inner[:j])
+                                              for j in range(len(inner))]
+            ok = ok and all(at.get(f"blocks.{i}.{bn}") == (start + i * per + o, k, sh)
+                            for i in range(self.nblocks)
+                            for bn, (o, k, sh) in zip(names, inner))
+            if ok:
+                self.blocks = (start, per, inner)
+        # Non-block parameters, for the check that two levels share them as they are.
+        self.rest = [(n, o, k) for n, o, k, _ in entries if not n.startswith("blocks.")]
+
+    def head_tail(self) -> tuple[int, int]:
+        start, per, _ = self.blocks
+        return start, start + per * self.nblocks
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[torch.nn.Module, _Layout]" = weakref.WeakKeyDictionary()
+
+
+def _layout(model: torch.nn.Module) -> _Layout:
+    lay = _LAYOUTS.get(model)
+    # Read again if the model's blocks were replaced by another count since (a vector of
+    # another size is refused by ``_fast_transfer``'s size check).
+    if lay is None or lay.nblocks != len(model.blocks):
+        lay = _LAYOUTS[model] = _Layout(model)
+    return lay
+
+
+def _fast_transfer(src_model, dst_model, flat: torch.Tensor, fn) -> torch.Tensor | None:
+    """``_transfer_vec`` by slicing the block range as a (blocks x per-block) matrix, when
+    both models lay their blocks out block-major with the same parameters around them;
+    None otherwise. The same values in the same order: bit for bit the general path."""
+    src, dst = _layout(src_model), _layout(dst_model)
+    if src.blocks is None or dst.blocks is None or flat.numel() != src.size:
+        return None
+    (s0, s1), (d0, d1) = src.head_tail(), dst.head_tail()
+    if (s0, src.size - s1) != (d0, dst.size - d1) or src.blocks[1:] != dst.blocks[1:] or [
+            (n, k) for n, _, k in src.rest] != [(n, k) for n, _, k in dst.rest]:
+        return None
+    _, per, inner = src.blocks
+    grid = flat[s0:s1].view(src.nblocks, per)
+    moved = [fn(grid[:, o:o + k].reshape(src.nblocks, *sh)).reshape(dst.nblocks, k)
+             for o, k, sh in inner]
+    return torch.cat([flat[:s0], torch.cat(moved, dim=1).reshape(-1), flat[s1:]])
+
+
 def _transfer_vec(src_model, dst_model, flat: torch.Tensor, fn) -> torch.Tensor:
     """Maps a flat vector over ``src_model``'s parameters to ``dst_model``'s: block
     parameters (``blocks.<i>.<name>``) stacked over depth and passed through ``fn``, the
     opening and closing layers unchanged."""
+    fast = _fast_transfer(src_model, dst_model, flat, fn)
+    if fast is not None:
+        return fast
     src = _named_split(src_model, flat)
     block_names = [n for n, _ in src_model.blocks[0].named_parameters()]
     moved = {}
