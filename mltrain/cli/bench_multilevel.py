@@ -473,9 +473,9 @@ def _check_result(res, where: str) -> None:
     plot could not read. Not collective."""
     if _field(res, "bench", (str,), where) != "multilevel":
         raise ConfigError(f"{where}: a bench {res['bench']!r} result, not bench multilevel")
-    # data_path: absent from runs saved before it was recorded
-    for key in ("dataset", "model", "curvature") + (("data_path",) if "data_path" in res
-                                                     else ()):
+    # data_path, cpu: absent from runs saved before they were recorded
+    for key in ("dataset", "model", "curvature") + tuple(k for k in ("data_path", "cpu")
+                                                         if k in res):
         text = _field(res, key, (str,), where)
         if len(text) > 1000 or not text.isprintable():
             raise ConfigError(f"{where}: {key!r} must be a short printable name")
@@ -485,12 +485,7 @@ def _check_result(res, where: str) -> None:
     for key in ("budget", "target"):
         _field(res, key, NUM, where)
     _field(res, "target_acc", OPT_NUM, where)
-    # cpu, overrides: absent from runs saved before they were recorded
-    if "cpu" in res:
-        text = _field(res, "cpu", (str,), where)
-        if len(text) > 1000 or not text.isprintable():
-            raise ConfigError(f"{where}: 'cpu' must be a short printable name")
-    overrides = res.get("overrides", [])
+    overrides = res.get("overrides", [])  # absent from runs saved before it was recorded
     if (not isinstance(overrides, list) or len(overrides) > 200
             or not all(isinstance(o, str) and len(o) <= 1000 and o.isprintable()
                        for o in overrides)):
