@@ -326,6 +326,12 @@ def test_bench_prices_smoke(tmp_path):
         assert med["level 2 gradient"] < med["level 0 gradient"], med
         assert all(s >= 0 for s in p["spread"]) and p["worst_spread"] == max(p["spread"])
     assert res["spread_ratio"] > 0
+    # Batch scaling: every factor timed, the first batch's charge equal to its time.
+    scaling = res["batch_scaling"]
+    assert [b["factor"] for b in scaling] == [1, 4, 16, 64]
+    assert [b["samples"] for b in scaling] == [32 * b["factor"] for b in scaling]
+    assert scaling[0]["charged_over_time"] == pytest.approx(1.0)
+    assert all(b["seconds"] > 0 for b in scaling) and "batch scaling" in r.stdout
     # It prices what the run's optimizer prices: APTS with Hessian products pays for them.
     # At 3 ranks as well (one subdomain each, prices averaged over the ranks).
     r = mpiexec(3, ["-m", "mltrain", "bench", "prices", "--reps", "2", "--json", str(out),

@@ -11,19 +11,30 @@ first batch, as a run does at start-up, under two protocols:
 
 Per price (level, kind) the median over the repetitions and the spread (max - min) /
 median; the table's last line gives each protocol's worst spread and their ratio.
-Measured prices are averaged over the ranks, as in a run. Collective on the world
-communicator."""
+
+A price is per sample: an evaluation on f times the first batch is charged f times its
+price. ``batch scaling`` tests that against the clock: level 0's plain gradient on the
+first batch repeated f times (``FACTORS``), timed in interleaved rounds, and per factor
+the charge over the time, f t(1) / t(f) (1 where time is linear in the batch; above 1
+where a larger batch costs less per sample than the priced one, as it does while
+per-layer overhead dominates).
+
+Measured prices and times are averaged over the ranks, as in a run. Collective on the
+world communicator."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 from mltrain.config import load_config, model_label
-from mltrain.optim.costs import KINDS, measure, time_levels
+from mltrain.linalg.curvature import Curvature
+from mltrain.optim.costs import KINDS, _seconds, measure, time_levels
 
-__all__ = ["PROTOCOLS", "bench_prices", "markdown"]
+__all__ = ["PROTOCOLS", "FACTORS", "bench_prices", "markdown"]
 
 PROTOCOLS = {"blocks": (3, False), "interleaved": (15, True)}
+FACTORS = (1, 4, 16, 64)  # batch scaling: multiples of the first batch
 
 
 def bench_prices(config, overrides: list[str], comm, reps: int = 12) -> dict:
@@ -61,10 +72,31 @@ def _measure(t, cfg, comm, reps: int) -> dict:
         out["protocols"][name] = {"rounds": rounds, "interleaved": interleaved,
                                   "median": med.tolist(), "spread": spread.tolist(),
                                   "worst_spread": float(spread.max())}
+    out["batch_scaling"] = _scaling(levels[0], x, y, comm)
     blocks, inter = (out["protocols"][k]["worst_spread"] for k in PROTOCOLS)
     out["spread_ratio"] = blocks / inter if inter > 0 else None
     out["prices"] = [f"level {lv} {k}" for lv in range(len(levels)) for k in KINDS]
     return out
+
+
+def _scaling(level, x, y, comm, rounds: int = 7) -> list[dict]:
+    """Level 0's plain gradient on ``x`` repeated f times for each f of ``FACTORS``: the
+    median over interleaved rounds of its seconds (averaged over the ranks) and the
+    charge over the time, f t(1) / t(f). Collective on ``comm`` (and on the network's
+    axes, as its forward pass is)."""
+    model, _, params = level
+    batches = [(torch.cat([x] * f), torch.cat([y] * f)) for f in FACTORS]
+
+    def grad(xb, yb):
+        Curvature(model, F.cross_entropy, xb, yb, "lsr1", params).loss_and_grad()
+
+    for xb, yb in batches:  # warm-up: allocator and kernels for every size
+        grad(xb, yb)
+    times = np.array([[_seconds(lambda: grad(xb, yb), x.device) for xb, yb in batches]
+                      for _ in range(rounds)])
+    med = comm.allreduce(np.median(times, axis=0)) / comm.Get_size()
+    return [{"factor": f, "samples": f * len(x), "seconds": float(t),
+             "charged_over_time": float(f * med[0] / t)} for f, t in zip(FACTORS, med)]
 
 
 def markdown(res: dict) -> str:
@@ -84,4 +116,9 @@ def markdown(res: dict) -> str:
     lines += ["", "worst spread: " + ", ".join(
         f"{n} {100 * res['protocols'][n]['worst_spread']:.0f}%" for n in names)
         + (f"; blocks / interleaved = {ratio:.3g}x" if ratio else "")]
+    lines += ["", "batch scaling (level 0 gradient on f x the first batch; charged / time = "
+              "f t(1) / t(f), 1 if time were linear in the batch):", "",
+              "| f | samples per rank | ms | charged / time |", "|---|---|---|---|"]
+    lines += [f"| {b['factor']} | {b['samples']} | {1e3 * b['seconds']:.2f} | "
+              f"{b['charged_over_time']:.2f} |" for b in res["batch_scaling"]]
     return "\n".join(lines)
