@@ -14,12 +14,12 @@ median; the table's last line gives each protocol's worst spread and their ratio
 
 A price is per sample: an evaluation on f times the first batch is charged f times its
 price. ``batch scaling`` tests that against the clock: level 0's plain gradient on the
-first batch repeated f times (``FACTORS``), timed in interleaved rounds, and per factor
-the charge over the time, f t(1) / t(f) (1 where time is linear in the batch; above 1
+first batch repeated f times (``FACTORS``), timed in interleaved rounds on the slowest
+rank (``mltrain.cli.timing.interleaved_medians``), and per factor the charge over the time, f t(1) / t(f) (1 where time is linear in the batch; above 1
 where a larger batch costs less per sample than the priced one, as it does while
 per-layer overhead dominates).
 
-Measured prices and times are averaged over the ranks, as in a run. Collective on the
+Measured prices are averaged over the ranks, as in a run. Collective on the
 world communicator."""
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from mltrain.config import load_config, model_label
+from mltrain.cli.timing import interleaved_medians
 from mltrain.linalg.curvature import Curvature
-from mltrain.optim.costs import KINDS, _seconds, measure, time_levels
+from mltrain.optim.costs import KINDS, measure, time_levels
 
 __all__ = ["PROTOCOLS", "FACTORS", "bench_prices", "markdown"]
 
@@ -79,24 +80,25 @@ def _measure(t, cfg, comm, reps: int) -> dict:
     return out
 
 
-def _scaling(level, x, y, comm, rounds: int = 7) -> list[dict]:
+def _scaling(level, x, y, comm, rounds: int = 15) -> list[dict]:
     """Level 0's plain gradient on ``x`` repeated f times for each f of ``FACTORS``: the
-    median over interleaved rounds of its seconds (averaged over the ranks) and the
-    charge over the time, f t(1) / t(f). Collective on ``comm`` (and on the network's
-    axes, as its forward pass is)."""
+    median over interleaved rounds of its seconds on the slowest rank and the charge
+    over the time, f t(1) / t(f). Collective on ``comm`` (and on the network's axes, as
+    its forward pass is)."""
     model, _, params = level
-    batches = [(torch.cat([x] * f), torch.cat([y] * f)) for f in FACTORS]
 
-    def grad(xb, yb):
-        Curvature(model, F.cross_entropy, xb, yb, "lsr1", params).loss_and_grad()
+    def grad(f):
+        xb, yb = torch.cat([x] * f), torch.cat([y] * f)
 
-    for xb, yb in batches:  # warm-up: allocator and kernels for every size
-        grad(xb, yb)
-    times = np.array([[_seconds(lambda: grad(xb, yb), x.device) for xb, yb in batches]
-                      for _ in range(rounds)])
-    med = comm.allreduce(np.median(times, axis=0)) / comm.Get_size()
-    return [{"factor": f, "samples": f * len(x), "seconds": float(t),
-             "charged_over_time": float(f * med[0] / t)} for f, t in zip(FACTORS, med)]
+        def step():
+            Curvature(model, F.cross_entropy, xb, yb, "lsr1", params).loss_and_grad()
+            if xb.device.type == "cuda":  # kernels are queued: wait for them
+                torch.cuda.synchronize(xb.device)
+        return step
+
+    med = interleaved_medians(comm, {f: grad(f) for f in FACTORS}, 1, rounds)
+    return [{"factor": f, "samples": f * len(x), "seconds": med[f],
+             "charged_over_time": f * med[1] / med[f]} for f in FACTORS]
 
 
 def markdown(res: dict) -> str:
