@@ -301,6 +301,16 @@ def test_the_race_finds_the_first_step_at_the_target(resolution):
     else:
         assert first <= row["work_to_target"] <= first * (1 + resolution) + losses[0][0]
     assert row["curve"][-1]["work"] == row["work_to_target"]
+    if resolution == 0.0:
+        # The step that reaches the target takes the work past a smaller budget: it is
+        # on the curve but the target counts as missed; a budget of exactly its work pays.
+        before = max(w for w, _ in losses if w < first)
+        for budget, counted in (((before + first) / 2, False), (first, True)):
+            row = race(load_config(None, cfg), MPI.COMM_SELF, budget=budget, points=4,
+                       target=target, resolution=0.0)
+            assert row["curve"][-1]["work"] == first
+            assert (row["work_to_target"] == first) if counted else \
+                (row["work_to_target"] is None and row["steps_to_target"] is None)
 
 
 @pytest.mark.parametrize("interleaved", [True, False])

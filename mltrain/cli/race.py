@@ -26,7 +26,8 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
     evaluations outside the optimizer, neither charged as work nor timed. The curve also
     holds a point after each step count in ``probes`` (an equal-steps comparison). The work
     to each loss of ``milestones`` (losses above ``target``, met on the way to it) is
-    known at the same checks and resolution: ``work_to_milestones``, None where missed."""
+    known at the same checks and resolution: ``work_to_milestones``, None where missed.
+    A target first met by the step that took the work past ``budget`` counts as missed."""
     from mpi4py import MPI
 
     t = Trainer(cfg, comm, quiet=True, metrics=False, serve=False)
@@ -58,12 +59,15 @@ def race(cfg, comm, budget: float, points: int, target: float = -math.inf,
             point = {"work": w, "wall_s": comm.allreduce(wall, op=MPI.MAX), "step": t.step,
                      "train_loss": ev["train_loss"], "test_accuracy": ev["test_accuracy"]}
             new = False
+            # A step is atomic, so the last one may end past the budget: what it reaches
+            # there is recorded on the curve but not counted as reached.
+            paid = w <= budget
             for i, level in enumerate(milestones):
-                if passed[i] is None and ev["train_loss"] <= level:
+                if paid and passed[i] is None and ev["train_loss"] <= level:
                     passed[i], new = w, True  # on the curve, as a target's hit
-            if hit is None and ev["train_loss"] <= target:
+            if paid and hit is None and ev["train_loss"] <= target:
                 hit, new = point, True
-            if acc_hit is None and ev["test_accuracy"] >= target_acc:
+            if paid and acc_hit is None and ev["test_accuracy"] >= target_acc:
                 acc_hit, new = point, True
             if at_mark or new:
                 curve.append(point)
