@@ -161,6 +161,9 @@ def test_multilevel_optimizers_descend_and_are_deterministic(extra):
                                     "tr.grow_on=holdout", "tr.grow_after=1"],
                                    ["optim.name=rmtr", "multilevel.levels=3",
                                     "multilevel.grow_per=cycle"] + GROWING,
+                                   ["optim.name=rmtr", "multilevel.levels=3",
+                                    "multilevel.init=nested", "multilevel.init_cycles=2",
+                                    "tr.grow_on=work", "tr.grow_every=2", "run.costs=unit"],
                                    ["optim.name=mgopt", "multilevel.levels=2",
                                     "mgopt.smoother=adam"],
                                    ["optim.name=rmtr", "multilevel.levels=3",
@@ -176,7 +179,7 @@ def test_multilevel_optimizers_descend_and_are_deterministic(extra):
                                    ["optim.name=mgopt", "multilevel.levels=2",
                                     "mgopt.smoother=tr", "tr.max_it=5"]],
                          ids=["rmtr", "rmtr-hybrid", "rmtr-init-holdout",
-                              "rmtr-grow-per-cycle", "mgopt",
+                              "rmtr-grow-per-cycle", "rmtr-init-grow-on-work", "mgopt",
                               "rmtr-depth-penalty", "rmtr-stem", "mgopt-depth-penalty",
                               "mgopt-tr"])
 @pytest.mark.exactness

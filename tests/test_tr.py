@@ -239,6 +239,7 @@ def test_tr_non_finite_loss_is_a_clear_error():
     (["tr.eta1=0.9", "tr.eta2=0.5"], "tr.eta1"), (["tr.gamma1=1.0"], "tr.gamma1"),
     (["sync.name=localsgd"], "sync.name"), (["tr.curvature=exact"], "tr.curvature"),
     (["tr.ksp_type=gmres"], "tr.ksp_type"),
+    (["tr.grow_on=work", "tr.grow_every=0"], "tr.grow_every"),
 ])
 def test_tr_config_errors(extra, match):
     with pytest.raises(ConfigError, match=match):
@@ -352,8 +353,10 @@ def test_lsr1_recovers_a_quadratic():
 @pytest.mark.parametrize("extra", [["tr.curvature=lsr1"], ["tr.batch=full"],
                                    ["tr.batch=hybrid", "tr.grow_on=holdout",
                                     "tr.grow_after=1"],
-                                   ["tr.curvature=ggn", "model.depth_penalty=0.05"]],
-                         ids=["lsr1", "full", "holdout", "ggn-depth-penalty"])
+                                   ["tr.curvature=ggn", "model.depth_penalty=0.05"],
+                                   ["tr.batch=hybrid", "tr.grow_on=work", "tr.grow_every=3",
+                                    "run.costs=unit"]],
+                         ids=["lsr1", "full", "holdout", "ggn-depth-penalty", "grow-on-work"])
 @pytest.mark.exactness
 def test_tr_modes_rank_count_invariant(comm, extra):
     require("petsc4py")
@@ -374,6 +377,61 @@ def test_tr_hybrid_batch_grows_when_steps_fail(comm):
     all_ranks(comm, s["rejected_steps"] == 4 and s["batch_factor"] == 4, str(s))
     all_ranks(comm, s["grad_evals"] == pytest.approx((1 + 1 + 2 + 2) * 24 / 1438))
     t.close()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_tr_hybrid_batch_grows_on_work_alone(comm):
+    """tr.grow_on = work: steps are rejected here (each would double the batch on
+    rejections with grow_after = 1), yet the batch doubles only when the work spent at it
+    reaches grow_every gradients of the current global batch (priced at 1 per sample,
+    run.costs = unit), and each step trains on the factor it grew to."""
+    require("petsc4py")
+    from mltrain.optim.base import STAGE_SLACK
+
+    every, batch = 10.0, 24
+    cfg = load_config(None, TR + ["tr.batch=hybrid", "tr.grow_on=work", "tr.grow_after=1",
+                                  f"tr.grow_every={every}", "run.costs=unit",
+                                  "run.steps=12"])
+    t = Trainer(cfg, comm, quiet=True, metrics=False)
+    n = t.dataset.num_train
+
+    def gradients():
+        c = t.optimizer.samples()
+        return c["gradient"] + c["graph_gradient"]
+
+    seen = []  # (the step's work, its gradient samples, the factor after it)
+    for _ in range(12):
+        w, g = t.work(), gradients()
+        t.advance()
+        seen.append((t.work() - w, gradients() - g, t.optimizer.batch_factor))
+    s = t.method.report(n)
+    t.close()
+    factor, spent = 1, 0.0
+    for w, g, f in seen:
+        all_ranks(comm, g == factor * batch, f"{seen}")  # the factor it grew to before
+        spent += w
+        if spent >= (1 - STAGE_SLACK) * every * factor * batch / n:
+            factor, spent = factor * 2, 0.0
+        all_ranks(comm, f == factor, f"{seen}")
+    all_ranks(comm, s["rejected_steps"] >= 2 and factor >= 4, f"{s}")
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.exactness
+def test_tr_resume_keeps_the_work_schedule(comm, shared_tmp):
+    """The work at the last growth is checkpointed in float64: a float32 run resumed half
+    way grows its batch at the same steps as the straight run."""
+    require("petsc4py")
+    base = [x for x in TR if not x.startswith(("run.steps", "run.dtype"))] + [
+        "run.dtype=float32", "tr.curvature=lsr1", "tr.batch=hybrid", "tr.grow_on=work",
+        "tr.grow_every=2", "run.costs=unit"]
+    straight, second = straight_and_resumed(comm, base, shared_tmp / "tr-grow-on-work")
+    a, b = straight.optimizer, second.optimizer
+    all_ranks(comm, torch.equal(flat_params(straight.model), flat_params(second.model))
+              and a.batch_factor == b.batch_factor > 1 and a.stage_work == b.stage_work,
+              f"{a.batch_factor} {b.batch_factor} {a.stage_work} {b.stage_work}")
+    for t in (straight, second):
+        t.close()
 
 
 def test_holdout_verdicts_count_as_the_steps_they_judge():

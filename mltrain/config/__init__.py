@@ -136,12 +136,19 @@ class TrConfig:
                     "or hybrid (mini-batches grown when steps keep failing); auto: hybrid "
                     "for rmtr and apts, minibatch otherwise", choices=("auto", "minibatch", "full", "hybrid"))
     grow_after: int = _f(3, "with batch = hybrid: double the batch after this many "
-                         "failed steps in a row (see grow_on)", min=1)
-    grow_on: str = _f("auto", "with batch = hybrid: what fails a step: rejection only, or "
-                      "(holdout) also an accepted step that keeps less than eta1 of its "
-                      "decrease on the next, unseen mini-batch (two loss evaluations of a "
-                      "mini-batch per step); auto: holdout for apts, rejections otherwise",
-                      choices=("auto", "rejections", "holdout"))
+                         "failed steps in a row (see grow_on; not with grow_on = work)", min=1)
+    grow_on: str = _f("auto", "with batch = hybrid: what doubles the batch: grow_after "
+                      "failed steps in a row, a step failing when rejected (rejections) or "
+                      "also when accepted but keeping less than eta1 of its decrease on "
+                      "the next, unseen mini-batch (holdout: two loss evaluations of a "
+                      "mini-batch per step); or the work spent at the current batch "
+                      "whatever is rejected (work, see grow_every); auto: holdout for "
+                      "apts, rejections otherwise",
+                      choices=("auto", "rejections", "holdout", "work"))
+    grow_every: float = _f(64.0, "with batch = hybrid and grow_on = work: double the batch "
+                           "each time the work spent at it reaches this many gradients of "
+                           "the current global batch (priced as run.costs; unit makes the "
+                           "schedule reproducible to the bit)", min=0.0)
     ksp_type: str = _f("stcg", "PETSc Krylov method for the subproblem",
                        choices=("stcg", "nash", "gltr"))
     max_it: int = _f(50, "most Krylov iterations per step", min=1)
@@ -596,8 +603,9 @@ RULES = [
                           (c.multilevel.init == "nested" and c.multilevel.nested,
                            "multilevel.init: 'nested' and multilevel.nested = true both train "
                            "the coarse levels first; choose one"))),
-    Rule("tr.radius, tr.radius_max, tr.eta1, tr.eta2, tr.gamma1",
-         "0 < radius <= radius_max, eta1 <= eta2, 0 < gamma1 < 1 (when a trust region runs)",
+    Rule("tr.radius, tr.radius_max, tr.eta1, tr.eta2, tr.gamma1, tr.grow_every",
+         "0 < radius <= radius_max, eta1 <= eta2, 0 < gamma1 < 1, grow_every > 0 with "
+         "grow_on = work (when a trust region runs)",
          lambda c: _first(
              (_uses_tr(c) and not 0 < c.tr.radius <= c.tr.radius_max,
               f"tr.radius: need 0 < radius <= radius_max, got {c.tr.radius} and "
@@ -605,7 +613,10 @@ RULES = [
              (_uses_tr(c) and c.tr.eta1 > c.tr.eta2,
               f"tr.eta1: {c.tr.eta1} is above tr.eta2 = {c.tr.eta2}"),
              (_uses_tr(c) and not 0 < c.tr.gamma1 < 1,
-              f"tr.gamma1: must lie strictly between 0 and 1, got {c.tr.gamma1}"))),
+              f"tr.gamma1: must lie strictly between 0 and 1, got {c.tr.gamma1}"),
+             (_uses_tr(c) and c.tr.grow_on == "work" and not c.tr.grow_every > 0,
+              f"tr.grow_every: must be positive with tr.grow_on = 'work', got "
+              f"{c.tr.grow_every}"))),
     Rule("optim.name, sync.*", "tr, rmtr, mgopt and apts average their own gradients: "
          "sync.name = allreduce, no compression",
          lambda c: _first((c.optim.name in _SELF_AVERAGING

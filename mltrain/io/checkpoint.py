@@ -187,8 +187,9 @@ class Snapshot:
 # What each optimizer keeps per parameter: a checkpoint may hold these and nothing else,
 # shaped like its parameter or scalar, so loading allocates what the optimizer needs.
 _STATE = {"SGD": {"momentum_buffer"}, "Adam": {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"},
-          "TrustRegion": {"radius", "batch_factor", "rejected_streak", "lsr1_gamma"}}
-_SCALARS = {"step", "radius", "batch_factor", "rejected_streak", "lsr1_gamma"}
+          "TrustRegion": {"radius", "batch_factor", "rejected_streak", "stage_work",
+                          "lsr1_gamma"}}
+_SCALARS = {"step", "radius", "batch_factor", "rejected_streak", "stage_work", "lsr1_gamma"}
 _SECOND_MOMENTS = {"exp_avg_sq", "max_exp_avg_sq"}
 _LSR1 = re.compile(r"^lsr1_[sy](\d{1,6})$")
 _LEVEL = re.compile(r"^level(\d{1,7})\.(.+)$")

@@ -40,7 +40,7 @@ def rmtr(ctx: Context) -> Method:
                init_cycles=o.init_cycles if o.init == "nested" else 0,
                **_common(o), **tr_settings(ctx.cfg.tr))
     return SecondOrder(opt, SyncStrategy(ctx.model, layout.data), ctx.straggler, ctx.model,
-                       ctx.cfg.tr.batch, ctx.cfg.run.costs, ctx.cfg.tr.grow_on)
+                       ctx.cfg)
 
 
 def mgopt(ctx: Context) -> Method:
@@ -50,4 +50,4 @@ def mgopt(ctx: Context) -> Method:
     opt = MGOpt(_hierarchy(ctx), layout.data, lr=o.lr, smoother=ctx.cfg.mgopt.smoother,
                 momentum=o.momentum, tr=tr_settings(ctx.cfg.tr), **_common(ctx.cfg.multilevel))
     return SecondOrder(opt, SyncStrategy(ctx.model, layout.data), ctx.straggler, ctx.model,
-                       ctx.cfg.tr.batch, ctx.cfg.run.costs)
+                       ctx.cfg)

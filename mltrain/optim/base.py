@@ -22,6 +22,11 @@ from mltrain.optim import build_optimizer
 from mltrain.optim.tr import Objective, TrustRegion
 from mltrain.sync import SyncStrategy, build_sync
 
+# tr.grow_on = work: the relative slack by which a stage's work may fall short of its
+# length and still end it: the round-off of a running sum, so that an exact tie (prices of
+# 1 count whole samples) ends the stage on every CPU. A real shortfall is a whole sample.
+STAGE_SLACK = 1e-9
+
 __all__ = ["Batches", "Context", "Method", "Straggler", "first_order", "trust_region", "apts",
            "tr_settings"]
 
@@ -213,17 +218,23 @@ class SecondOrder(Method):
     """An optimizer that evaluates its own objective on the batch (trust region, RMTR,
     MG/OPT, APTS): ``state.tr_step``; it averages gradients and products itself."""
 
-    def __init__(self, state, sync, straggler, model, batch_mode: str, costs: str = "measured",
-                 grow_on: str = "rejections"):
-        """``costs``: ``run.costs``; measured prices are timed on the first step's batch
-        (``mltrain.optim.costs``). ``grow_on``: ``tr.grow_on`` (hybrid batches)."""
+    def __init__(self, state, sync, straggler, model, cfg):
+        """``cfg``: the run's config: ``tr.batch``, ``tr.grow_on`` and ``tr.grow_every``
+        (hybrid batches), ``run.costs`` (measured prices are timed on the first step's
+        batch, ``mltrain.optim.costs``) and ``data.batch_size``."""
         super().__init__(state, sync, straggler)
-        self.model, self.batch_mode = model, batch_mode
-        self.holdout = grow_on == "holdout" and batch_mode == "hybrid"
+        self.model, self.batch_mode = model, cfg.tr.batch
+        hybrid = self.batch_mode == "hybrid"
+        self.holdout = cfg.tr.grow_on == "holdout" and hybrid
+        # tr.grow_on = work: a stage at batch factor f lasts grow_every gradients of the
+        # global batch f x data.batch_size, in fine-gradient equivalents (work's unit).
+        self.stage = cfg.tr.grow_every * cfg.data.batch_size \
+            if cfg.tr.grow_on == "work" and hybrid else 0.0
         self.flat_state = bool(getattr(state, "flat_state", False))
-        self.to_measure = costs == "measured"
+        self.to_measure = cfg.run.costs == "measured"
 
     def step(self, batches: Batches) -> torch.Tensor:
+        before = self.state.work(batches.num_train) if self.stage else 0.0
         factor = self.state.batch_factor if self.batch_mode == "hybrid" else 1
         x, y, weight = batches.grown(self.batch_mode, factor)
         at_step = getattr(self.state, "at_step", None)
@@ -237,7 +248,28 @@ class SecondOrder(Method):
         with self.straggler.timed():
             value = self._held_out_step(obj, batches, factor) if self.holdout \
                 else self.state.tr_step(obj)
+        if self.stage:
+            self._grow_on_work(self.state.work(batches.num_train) - before, batches.num_train)
         return torch.tensor(value)  # host: a Python float already; the loop reads .item()
+
+    def _grow_on_work(self, spent: float, num_train: int) -> None:
+        """``tr.grow_on = work``, after a step that spent ``spent``: doubles the hybrid
+        batch once the work spent at it reaches ``tr.grow_every`` gradients of the current
+        batch, so the schedule is the same for every method at equal work and ignores what
+        steps are rejected. Work is priced (``run.costs``; ``unit`` makes the schedule
+        reproducible to the bit) and equal on every rank. The stage's work so far is
+        optimizer state (a resumed run continues it); nothing counts while RMTR's nested
+        start cycles from a coarse level. Not collective."""
+        tr = getattr(self.state, "grower", None)
+        if tr is None:
+            return
+        spent += tr.stage_work
+        # Prices of 1 make exact ties (work is then samples / num_train): they grow,
+        # whatever the last bit of the running sum.
+        if spent >= (1 - STAGE_SLACK) * self.stage * tr.batch_factor / num_train:
+            tr.grow()
+            spent = 0.0
+        tr.stage_work = spent
 
     def _held_out_step(self, obj: Objective, batches: Batches, factor: int) -> float:
         """A step whose acceptance also faces unseen samples (``tr.grow_on = holdout``):
@@ -284,7 +316,7 @@ def tr_settings(o) -> dict:
     return dict(radius=o.radius, radius_max=o.radius_max, eta1=o.eta1, eta2=o.eta2,
                 gamma1=o.gamma1, gamma2=o.gamma2, curvature=o.curvature, ksp_type=o.ksp_type,
                 max_it=o.max_it, memory=o.memory,
-                grow_after=o.grow_after if o.batch == "hybrid" else 0)
+                grow_after=o.grow_after if o.batch == "hybrid" and o.grow_on != "work" else 0)
 
 
 def first_order(ctx: Context) -> Method:
@@ -317,7 +349,7 @@ def trust_region(ctx: Context) -> Method:
     else:
         opt = TrustRegion(ctx.model.parameters(), layout.data, **tr_settings(o))
     return SecondOrder(opt, SyncStrategy(ctx.model, layout.data), ctx.straggler, ctx.model,
-                       o.batch, ctx.cfg.run.costs, o.grow_on)
+                       ctx.cfg)
 
 
 def apts(ctx: Context) -> Method:
@@ -331,4 +363,4 @@ def apts(ctx: Context) -> Method:
                global_iters=a.global_iters, window=a.window, local_solver=a.local_solver,
                **tr_settings(o))
     return SecondOrder(opt, SyncStrategy(ctx.model, ctx.layout.data), ctx.straggler,
-                       ctx.model, o.batch, ctx.cfg.run.costs, o.grow_on)
+                       ctx.model, ctx.cfg)

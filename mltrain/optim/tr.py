@@ -209,6 +209,23 @@ class TrustRegion(torch.optim.Optimizer):
         return int(self.state[self._first]["batch_factor"])
 
     @property
+    def stage_work(self) -> float:
+        """``tr.grow_on = work``: the work spent since the hybrid batch last grew, in
+        fine-gradient equivalents. Checkpointed with the radius."""
+        t = self.state[self._first].get("stage_work")
+        return 0.0 if t is None else float(t)
+
+    @stage_work.setter
+    def stage_work(self, value: float) -> None:
+        self.state[self._first]["stage_work"] = torch.tensor(value, dtype=torch.float64)
+
+    def grow(self) -> None:
+        """Doubles the hybrid batch. Capped, since a float32 counter doubled 128 times is
+        inf (any factor past the epoch is the full batch). Not collective."""
+        st = self.state[self._first]
+        st["batch_factor"].fill_(min(float(st["batch_factor"]) * 2, MAX_BATCH_FACTOR))
+
+    @property
     def grower(self) -> "TrustRegion":
         """The trust region whose failed steps grow the hybrid batch: this one."""
         return self
@@ -264,9 +281,7 @@ class TrustRegion(torch.optim.Optimizer):
         st = self.state[self._first]
         st["rejected_streak"].fill_(0 if accepted else float(st["rejected_streak"]) + 1)
         if self.grow_after and int(st["rejected_streak"]) >= self.grow_after:
-            # Progress stalls: a larger, less noisy batch. Capped, since a float32 counter
-            # doubled 128 times is inf (any factor past the epoch is the full batch).
-            st["batch_factor"].fill_(min(float(st["batch_factor"]) * 2, MAX_BATCH_FACTOR))
+            self.grow()  # progress stalls: a larger, less noisy batch
             st["rejected_streak"].fill_(0)
 
     def _mean(self, t: torch.Tensor) -> torch.Tensor:
@@ -466,16 +481,18 @@ class TrustRegion(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict) -> None:
-        """As torch's, but the radius and the L-SR1 memory keep float64 (torch casts state
-        to the parameters' dtype, which would change the bits of a float32 run's radius
-        on resume), and the scalars stay in host memory (torch moves state to the
-        parameters' device); the memory goes to the parameters' device."""
+        """As torch's, but the radius, the work at the last batch growth and the L-SR1
+        memory keep float64 (torch casts state to the parameters' dtype, which would change
+        the bits of a float32 run's radius on resume), and the scalars stay in host
+        memory (torch moves state to the parameters' device); the memory goes to the
+        parameters' device."""
         raw = state_dict["state"]
-        saved = raw.get(0, {}).get("radius")
+        saved = {key: raw.get(0, {}).get(key) for key in ("radius", "stage_work")}
         super().load_state_dict(state_dict)
-        if saved is not None:
-            self.state[self._first]["radius"] = torch.as_tensor(
-                saved, dtype=torch.float64, device="cpu").clone()
+        for key, value in saved.items():
+            if value is not None:
+                self.state[self._first][key] = torch.as_tensor(
+                    value, dtype=torch.float64, device="cpu").clone()
         for key in ("batch_factor", "rejected_streak"):
             if key in self.state.get(self._first, {}):
                 self.state[self._first][key] = self.state[self._first][key].cpu()
