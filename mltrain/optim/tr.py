@@ -481,10 +481,10 @@ class TrustRegion(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict) -> None:
-        """As torch's, but the radius, the work at the last batch growth and the L-SR1
-        memory keep float64 (torch casts state to the parameters' dtype, which would change
-        the bits of a float32 run's radius on resume), and the scalars stay in host
-        memory (torch moves state to the parameters' device); the memory goes to the
+        """As torch's, but the radius, the work spent since the batch last grew and the
+        L-SR1 memory keep float64 (torch casts state to the parameters' dtype, which would
+        change the bits of a float32 run's radius on resume), and the scalars stay in
+        host memory (torch moves state to the parameters' device); the memory goes to the
         parameters' device."""
         raw = state_dict["state"]
         saved = {key: raw.get(0, {}).get(key) for key in ("radius", "stage_work")}
