@@ -15,9 +15,10 @@ median; the table's last line gives each protocol's worst spread and their ratio
 A price is per sample: an evaluation on f times the first batch is charged f times its
 price. ``batch scaling`` tests that against the clock: level 0's plain gradient on the
 first batch repeated f times (``FACTORS``), timed in interleaved rounds on the slowest
-rank (``mltrain.cli.timing.interleaved_medians``), and per factor the charge over the time, f t(1) / t(f) (1 where time is linear in the batch; above 1
-where a larger batch costs less per sample than the priced one, as it does while
-per-layer overhead dominates).
+rank (``mltrain.cli.timing.interleaved_medians``), and per factor the charge over the
+time, f t(1) / t(f) (1 where time is linear in the batch; above 1 where a larger batch
+costs less per sample than the priced one, as it does while per-layer overhead
+dominates).
 
 Measured prices are averaged over the ranks, as in a run. Collective on the
 world communicator."""

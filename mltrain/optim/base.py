@@ -226,15 +226,15 @@ class SecondOrder(Method):
         self.model, self.batch_mode = model, cfg.tr.batch
         hybrid = self.batch_mode == "hybrid"
         self.holdout = cfg.tr.grow_on == "holdout" and hybrid
-        # tr.grow_on = work: a stage at batch factor f lasts grow_every gradients of the
-        # global batch f x data.batch_size, in fine-gradient equivalents (work's unit).
-        self.stage = cfg.tr.grow_every * cfg.data.batch_size \
+        # tr.grow_on = work: a stage at batch factor f lasts f x this many samples' worth
+        # of work (grow_every gradients of the global batch f x data.batch_size).
+        self.stage_samples = cfg.tr.grow_every * cfg.data.batch_size \
             if cfg.tr.grow_on == "work" and hybrid else 0.0
         self.flat_state = bool(getattr(state, "flat_state", False))
         self.to_measure = cfg.run.costs == "measured"
 
     def step(self, batches: Batches) -> torch.Tensor:
-        before = self.state.work(batches.num_train) if self.stage else 0.0
+        before = self.state.work(batches.num_train) if self.stage_samples else 0.0
         factor = self.state.batch_factor if self.batch_mode == "hybrid" else 1
         x, y, weight = batches.grown(self.batch_mode, factor)
         at_step = getattr(self.state, "at_step", None)
@@ -248,7 +248,7 @@ class SecondOrder(Method):
         with self.straggler.timed():
             value = self._held_out_step(obj, batches, factor) if self.holdout \
                 else self.state.tr_step(obj)
-        if self.stage:
+        if self.stage_samples:
             self._grow_on_work(self.state.work(batches.num_train) - before, batches.num_train)
         return torch.tensor(value)  # host: a Python float already; the loop reads .item()
 
@@ -266,7 +266,7 @@ class SecondOrder(Method):
         spent += tr.stage_work
         # Prices of 1 make exact ties (work is then samples / num_train): they grow,
         # whatever the last bit of the running sum.
-        if spent >= (1 - STAGE_SLACK) * self.stage * tr.batch_factor / num_train:
+        if spent >= (1 - STAGE_SLACK) * self.stage_samples * tr.batch_factor / num_train:
             tr.grow()
             spent = 0.0
         tr.stage_work = spent
