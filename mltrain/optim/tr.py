@@ -217,7 +217,8 @@ class TrustRegion(torch.optim.Optimizer):
 
     @stage_work.setter
     def stage_work(self, value: float) -> None:
-        self.state[self._first]["stage_work"] = torch.tensor(value, dtype=torch.float64)
+        st = self.state[self._first]
+        st["stage_work"] = torch.tensor(value, dtype=torch.float64)  # host: a counter
 
     def grow(self) -> None:
         """Doubles the hybrid batch. Capped, since a float32 counter doubled 128 times is
